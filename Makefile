@@ -1,0 +1,42 @@
+# Two commands on a fresh machine with only Python 3.11+ and make:
+#   make run   — embedded nats-server + all services + simulated workers + a short replay
+#   make test  — the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install run test unit integration lock schemas bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+	@$(BIN)/python -m uv pip sync --quiet --python $(BIN)/python requirements.lock
+	@$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@rm -f $(VENV)/.installed-*; touch $(STAMP)
+	@echo "environment ready in $(VENV)"
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/kvr dev
+
+test: $(STAMP)
+	$(BIN)/kvr schemas check
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+unit: $(STAMP)
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+schemas: $(STAMP)
+	$(BIN)/kvr schemas export
+
+lock:
+	$(BIN)/python -m uv pip compile --quiet pyproject.toml --extra dev -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,261 @@
+"""Request/reply messages of the service endpoints (PROTOCOL.md §5) and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .events import RouterEvent
+from .types import (
+    MAX_BLOCK_HASHES,
+    MAX_TAINTS,
+    MAX_TOKENS,
+    MAX_WORKER_IDS,
+    DpRank,
+    FiniteFloat,
+    Hash,
+    NonNegInt,
+    RequestId,
+    TokenId,
+    WorkerId,
+    U64_MASK,
+    to_u64,
+)
+
+ErrorCode = Literal[
+    "invalid_request", "not_found", "no_workers", "constraints_unsatisfied", "overloaded", "timeout", "internal"
+]
+ERROR_HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "not_found": 404,
+    "no_workers": 503,
+    "constraints_unsatisfied": 503,
+    "overloaded": 429,
+    "timeout": 504,
+    "internal": 500,
+}
+
+Mode = Literal["auto", "aggregated", "disaggregated"]
+Policy = Literal["kv", "round_robin", "random", "least_loaded"]
+TokenList = Annotated[list[TokenId], Meta(max_length=MAX_TOKENS)]
+HashList = Annotated[list[Hash], Meta(max_length=MAX_BLOCK_HASHES)]
+OptStr = Annotated[str, Meta(max_length=1024)] | None
+
+
+def _normalize_hashes(hashes: list[int] | None) -> None:
+    if hashes:
+        for i, h in enumerate(hashes):
+            if not 0 <= h <= U64_MASK:
+                hashes[i] = to_u64(h)
+
+
+# --- error envelope -------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: ErrorCode
+    message: str
+    path: str | None = None
+
+
+class ErrorReply(msgspec.Struct):
+    error: ErrorBody
+    status: Literal["error"] = "error"
+
+
+# --- indexer --------------------------------------------------------------------------------
+
+
+class MatchRequest(msgspec.Struct, omit_defaults=True):
+    block_hashes: HashList | None = None
+    token_ids: TokenList | None = None
+    lora_name: OptStr = None
+    cache_salt: OptStr = None
+    early_exit: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.block_hashes is None) == (self.token_ids is None):
+            raise ValueError('exactly one of "block_hashes" or "token_ids" must be given')
+        _normalize_hashes(self.block_hashes)
+
+
+class WorkerScore(msgspec.Struct, array_like=False):
+    worker_id: WorkerId
+    dp_rank: DpRank
+    blocks: NonNegInt
+
+
+class MatchReply(msgspec.Struct, omit_defaults=False):
+    block_size: int
+    scores: list[WorkerScore]
+    tier_scores: dict[str, list[WorkerScore]]
+    tree_sizes: list[WorkerScore]
+    stream_seq: int
+    status: Literal["ok"] = "ok"
+
+
+class DumpRequest(msgspec.Struct):
+    pass
+
+
+class DumpReply(msgspec.Struct):
+    stream_seq: int
+    events: list[RouterEvent]
+    status: Literal["ok"] = "ok"
+
+
+# --- scheduler ------------------------------------------------------------------------------
+
+
+class RoutingConstraints(msgspec.Struct, omit_defaults=True):
+    required_taints: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=MAX_TAINTS)] = []
+    preferred_taints: dict[Annotated[str, Meta(min_length=1, max_length=253)], FiniteFloat] = {}
+
+
+class Overrides(msgspec.Struct, omit_defaults=True):
+    overlap_score_credit: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    prefill_load_scale: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    host_cache_hit_weight: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+    disk_cache_hit_weight: Annotated[float, Meta(ge=0, le=1e6)] | None = None
+
+
+class SelectRequest(msgspec.Struct, omit_defaults=True):
+    request_id: RequestId
+    token_ids: TokenList | None = None
+    block_hashes: HashList | None = None
+    isl_tokens: NonNegInt | None = None
+    lora_name: OptStr = None
+    cache_salt: OptStr = None
+    allowed_worker_ids: Annotated[list[WorkerId], Meta(max_length=MAX_WORKER_IDS)] | None = None
+    pinned_worker_id: WorkerId | None = None
+    pinned_dp_rank: DpRank | None = None
+    routing_constraints: RoutingConstraints | None = None
+    mode: Mode = "auto"
+    priority: Annotated[int, Meta(ge=-(1 << 31), lt=1 << 31)] = 0
+    expected_output_tokens: NonNegInt | None = None
+    overrides: Overrides | None = None
+    policy: Policy | None = None
+    book: bool = True
+
+    def __post_init__(self) -> None:
+        if self.token_ids is None and self.block_hashes is None:
+            raise ValueError('one of "token_ids" or "block_hashes" must be given')
+        _normalize_hashes(self.block_hashes)
+
+
+class Target(msgspec.Struct):
+    worker_id: WorkerId
+    dp_rank: DpRank
+    pod_name: str | None = None
+    endpoint: str | None = None
+
+
+class SelectReply(msgspec.Struct):
+    decode: Target
+    prefill: Target | None
+    overlap_blocks: int
+    isl_tokens: int
+    block_size: int
+    cost: float
+    status: Literal["ok"] = "ok"
+    mode: Literal["aggregated", "disaggregated"] = "aggregated"
+    policy: str = "kv"
+
+
+class StateRequest(msgspec.Struct):
+    """Extension (not in PROTOCOL.md v1): ask a scheduler replica for its load view."""
+
+
+class WorkerLoad(msgspec.Struct):
+    worker_id: WorkerId
+    dp_rank: DpRank
+    active_prefill_tokens: int
+    active_blocks: int
+    active_requests: int
+
+
+class StateReply(msgspec.Struct):
+    router_id: str
+    stream_seq: int
+    loads: list[WorkerLoad]
+    bookings: list[str]
+    workers: list[int]
+    status: Literal["ok"] = "ok"
+
+
+# --- EPP bridge -----------------------------------------------------------------------------
+
+
+class EppPod(msgspec.Struct, omit_defaults=True):
+    """A candidate endpoint from the gateway; GAIE and Dynamo shapes are both accepted."""
+
+    name: str | None = None
+    address: str | None = None
+    port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+    labels: dict[str, str] = {}
+    podName: str | None = None  # noqa: N815 - Dynamo's shape
+    pod: dict[str, Any] | None = None
+
+    @property
+    def pod_name(self) -> str | None:
+        if self.name:
+            return self.name
+        if self.podName:
+            return self.podName
+        if self.pod and isinstance(self.pod.get("podName"), str):
+            return self.pod["podName"]
+        return None
+
+    @property
+    def endpoint(self) -> str | None:
+        address, port = self.address, self.port
+        if self.pod:
+            address = address or self.pod.get("address")
+            port = port if port is not None else self.pod.get("port")
+        if address and port is not None:
+            return f"{address}:{port}"
+        return None
+
+
+class EppQueryRequest(msgspec.Struct, omit_defaults=True):
+    request_id: RequestId
+    body: dict[str, Any]
+    headers: dict[str, str] = {}
+    pods: Annotated[list[EppPod], Meta(max_length=MAX_WORKER_IDS)] | None = None
+    mode: Mode = "auto"
+    book: bool = True
+    return_token_ids: bool = False
+    policy: Policy | None = None
+
+
+class EppQueryReply(msgspec.Struct):
+    request_id: str
+    decode: Target
+    prefill: Target | None
+    overlap_blocks: int
+    isl_tokens: int
+    block_size: int
+    cost: float
+    headers: dict[str, str]
+    token_ids: list[int] | None = None
+    status: Literal["ok"] = "ok"
+    mode: Literal["aggregated", "disaggregated"] = "aggregated"
+
+
+class CleanupRequest(msgspec.Struct):
+    request_id: RequestId
+    phase: Literal["prefill_complete", "free"]
+
+
+class CleanupReply(msgspec.Struct):
+    request_id: str
+    known: bool
+    status: Literal["ok"] = "ok"
+
+
+# Scheduler-side booking lifecycle (epp_bridge → scheduler), same shape as epp.cleanup.
+BookingUpdateRequest = CleanupRequest
+BookingUpdateReply = CleanupReply

@@ -1,0 +1,55 @@
+"""Booking events on stream KVR_BOOKINGS: the replicated in-flight load (PROTOCOL.md §4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+from .types import MAX_TOKENS, DpRank, Hash, NonNegInt, Pool, RequestId, WorkerId, U64_MASK, to_u64
+
+
+class _BookingBase(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    request_id: RequestId
+    router_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    pool: Pool
+    ts_ms: NonNegInt = 0
+
+
+class BookingAdd(_BookingBase, tag="add", kw_only=True):
+    worker_id: WorkerId
+    dp_rank: DpRank = 0
+    isl_tokens: NonNegInt = 0
+    overlap_blocks: NonNegInt = 0
+    sequence_hashes: Annotated[list[Hash], Meta(max_length=MAX_TOKENS)] = []
+    expected_output_tokens: NonNegInt | None = None
+    # Which leg of a disaggregated request this booking is ("" = aggregated / decode).
+    leg: str = ""
+    # Block size the sequence hashes were computed with (needed to turn tokens into blocks).
+    block_size: Annotated[int, Meta(ge=1, le=65536)] = 16
+    # When false the request contributes no prefill tokens (decode leg of disaggregated mode).
+    track_prefill_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        hashes = self.sequence_hashes
+        for i, h in enumerate(hashes):
+            if not 0 <= h <= U64_MASK:
+                hashes[i] = to_u64(h)
+
+
+class BookingPrefillComplete(_BookingBase, tag="prefill_complete", kw_only=True):
+    pass
+
+
+class BookingFree(_BookingBase, tag="free", kw_only=True):
+    pass
+
+
+BookingEvent = Union[BookingAdd, BookingPrefillComplete, BookingFree]
+
+
+def booking_msg_id(pool: str, request_id: str, type_: str, leg: str = "") -> str:
+    """`Nats-Msg-Id: {pool}:{request_id}:{type}`; a disaggregated prefill leg appends `:prefill`."""
+    base = f"{pool}:{request_id}:{type_}"
+    return f"{base}:{leg}" if leg else base

@@ -1,0 +1,132 @@
+"""The one place payloads are encoded and decoded (JSON by default, msgpack by header)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import msgspec
+
+from .api import ErrorBody, ErrorReply
+
+T = TypeVar("T")
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+CONTENT_TYPE_HEADER = "Content-Type"
+
+_PATH_RE = re.compile(r" - at `(?P<path>[^`]*)`$")
+
+
+class SchemaError(ValueError):
+    """A payload that does not match the wire contract. `path` points at the offending field."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(f"{message} (at {path})" if path else message)
+        self.message = message
+        self.path = path
+
+
+@lru_cache(maxsize=None)
+def _json_decoder(type_: Any) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(type_)
+
+
+@lru_cache(maxsize=None)
+def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(type_)
+
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.split(";")[0].strip().lower() == MSGPACK  # type: ignore[union-attr]
+
+
+def content_type_of(headers: dict[str, str] | None) -> str | None:
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if key.lower() == "content-type":
+            return value
+    return None
+
+
+def decode(data: bytes | bytearray | memoryview, type_: type[T] | Any, content_type: str | None = None) -> T:
+    """Decode `data` as `type_`; raises `SchemaError` (with a field path) on any mismatch."""
+    try:
+        if is_msgpack(content_type):
+            return _msgpack_decoder(type_).decode(data)
+        return _json_decoder(type_).decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _PATH_RE.search(text)
+        if m:
+            raise SchemaError(text[: m.start()], m.group("path")) from None
+        raise SchemaError(text, "$") from None
+    except msgspec.DecodeError as exc:
+        kind = "msgpack" if is_msgpack(content_type) else "JSON"
+        raise SchemaError(f"malformed {kind}: {exc}", None) from None
+
+
+def encode(obj: Any, content_type: str | None = None) -> bytes:
+    if is_msgpack(content_type):
+        return _msgpack_encoder.encode(obj)
+    return _json_encoder.encode(obj)
+
+
+def encode_json(obj: Any) -> bytes:
+    return _json_encoder.encode(obj)
+
+
+def encode_msgpack(obj: Any) -> bytes:
+    return _msgpack_encoder.encode(obj)
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)
+
+
+def convert(obj: Any, type_: type[T] | Any) -> T:
+    """Validate already-decoded builtins (e.g. a dict from a JSON body) against `type_`."""
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _PATH_RE.search(text)
+        if m:
+            raise SchemaError(text[: m.start()], m.group("path")) from None
+        raise SchemaError(text, "$") from None
+
+
+def error_reply(code: str, message: str, path: str | None = None) -> ErrorReply:
+    return ErrorReply(error=ErrorBody(code=code, message=message, path=path))  # type: ignore[arg-type]
+
+
+class _StatusProbe(msgspec.Struct):
+    status: str = "ok"
+    error: ErrorBody | None = None
+
+
+class RemoteError(Exception):
+    """An error envelope received from another service."""
+
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.path = path
+
+
+def decode_reply(data: bytes, type_: type[T], content_type: str | None = None) -> T:
+    """Decode a reply, raising `RemoteError` if it is an error envelope."""
+    probe = decode(data, _StatusProbe, content_type)
+    if probe.status == "error":
+        err = probe.error or ErrorBody(code="internal", message="error reply without body")
+        raise RemoteError(err.code, err.message, err.path)
+    return decode(data, type_, content_type)

@@ -1,0 +1,108 @@
+"""KV-cache events carried on stream KVR_KV (PROTOCOL.md §2), Dynamo-compatible."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from .types import MAX_BLOCKS_PER_EVENT, DpRank, Hash, NonNegInt, WorkerId, U64_MASK, to_u64
+
+StorageTier = Literal["device", "host_pinned", "disk", "external"]
+STORAGE_TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
+
+
+class StoredBlock(msgspec.Struct, omit_defaults=True):
+    block_hash: Hash
+    tokens_hash: Hash
+    mm_extra_info: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.block_hash <= U64_MASK:
+            self.block_hash = to_u64(self.block_hash)
+        if not 0 <= self.tokens_hash <= U64_MASK:
+            self.tokens_hash = to_u64(self.tokens_hash)
+
+
+class StoreData(msgspec.Struct, omit_defaults=True):
+    blocks: Annotated[list[StoredBlock], Meta(min_length=1, max_length=MAX_BLOCKS_PER_EVENT)]
+    parent_hash: Hash | None = None
+    start_position: NonNegInt | None = None
+
+    def __post_init__(self) -> None:
+        if self.parent_hash is not None and not 0 <= self.parent_hash <= U64_MASK:
+            self.parent_hash = to_u64(self.parent_hash)
+
+
+class RemoveData(msgspec.Struct):
+    block_hashes: Annotated[list[Hash], Meta(min_length=1, max_length=MAX_BLOCKS_PER_EVENT)]
+
+    def __post_init__(self) -> None:
+        hashes = self.block_hashes
+        for i, h in enumerate(hashes):
+            if not 0 <= h <= U64_MASK:
+                hashes[i] = to_u64(h)
+
+
+class EventData(msgspec.Struct, omit_defaults=True):
+    """Externally tagged payload: exactly one of `stored` / `removed` (or the string "cleared")."""
+
+    stored: StoreData | None = None
+    removed: RemoveData | None = None
+
+    def __post_init__(self) -> None:
+        if (self.stored is None) == (self.removed is None):
+            raise ValueError('exactly one of "stored" or "removed" must be present')
+
+
+CLEARED = "cleared"
+EventPayload = Union[EventData, Literal["cleared"]]
+
+
+class KvCacheEvent(msgspec.Struct, omit_defaults=True):
+    event_id: NonNegInt
+    data: EventPayload
+    dp_rank: DpRank = 0
+
+
+class RouterEvent(msgspec.Struct, omit_defaults=True):
+    worker_id: WorkerId
+    event: KvCacheEvent
+    storage_tier: StorageTier = "device"
+
+    @property
+    def kind(self) -> str:
+        data = self.event.data
+        if isinstance(data, str):
+            return "cleared"
+        return "stored" if data.stored is not None else "removed"
+
+
+def stored_event(
+    worker_id: int,
+    event_id: int,
+    blocks: list[tuple[int, int]],
+    parent_hash: int | None = None,
+    dp_rank: int = 0,
+    storage_tier: str = "device",
+) -> RouterEvent:
+    """Build a stored event from (block_hash, tokens_hash) pairs."""
+    data = EventData(stored=StoreData(blocks=[StoredBlock(b, t) for b, t in blocks], parent_hash=parent_hash))
+    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)  # type: ignore[arg-type]
+
+
+def removed_event(
+    worker_id: int, event_id: int, block_hashes: list[int], dp_rank: int = 0, storage_tier: str = "device"
+) -> RouterEvent:
+    data = EventData(removed=RemoveData(block_hashes=list(block_hashes)))
+    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)  # type: ignore[arg-type]
+
+
+def cleared_event(worker_id: int, event_id: int, dp_rank: int = 0, storage_tier: str = "device") -> RouterEvent:
+    return RouterEvent(worker_id, KvCacheEvent(event_id, CLEARED, dp_rank), storage_tier)  # type: ignore[arg-type]
+
+
+def kv_msg_id(pool: str, worker_id: int, dp_rank: int, first_event_id: int) -> str:
+    """The `Nats-Msg-Id` publishers set so JetStream de-duplicates retries."""
+    return f"{pool}:{worker_id}:{dp_rank}:{first_event_id}"

@@ -1,0 +1,46 @@
+"""`kvr` — one console entry point with a subcommand per service and tool."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand → (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "indexer": ("services.indexer.__main__", "prefix index over KVR_KV; answers indexer.match / indexer.dump"),
+    "scheduler": ("services.scheduler.__main__", "worker selection with replicated load (scheduler.select)"),
+    "epp-bridge": ("services.epp_bridge.__main__", "GAIE endpoint-picker bridge (epp.query / epp.cleanup)"),
+    "epp": ("services.epp_bridge.client", "send epp.query / epp.cleanup requests (operator client)"),
+    "relay": ("services.relay.__main__", "vLLM ZMQ KV events → KVR_KV, with discovery heartbeat"),
+    "mock-workers": ("services.mock_worker.__main__", "simulated engine fleet publishing real KV events"),
+    "replay": ("services.replay.__main__", "replay a Mooncake trace through the router and report"),
+    "dev": ("services.dev", "embedded nats-server + all services + mock fleet + a short replay"),
+    "schemas": ("schemas.cli", "export / check the JSON Schema files of the wire messages"),
+    "config-table": ("services.config_table", "print the configuration table (markdown)"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: kvr <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `kvr <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"kvr: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

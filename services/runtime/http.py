@@ -1,0 +1,57 @@
+"""`/healthz`, `/readyz` and Prometheus `/metrics` on one small aiohttp server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+
+class HealthServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        healthy: Callable[[], bool] = lambda: True,
+        registry: CollectorRegistry = REGISTRY,
+        status: Callable[[], dict] | None = None,
+    ) -> None:
+        self._host, self._port = host, port
+        self._ready, self._healthy, self._registry = ready, healthy, registry
+        self._status = status
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def _healthz(self, _req: web.Request) -> web.Response:
+        ok = self._healthy()
+        return web.json_response({"status": "ok" if ok else "unhealthy"}, status=200 if ok else 503)
+
+    async def _readyz(self, _req: web.Request) -> web.Response:
+        ok = self._ready()
+        body = {"status": "ready" if ok else "not_ready"}
+        if self._status is not None:
+            body.update(self._status())
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, _req: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        return self.port  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

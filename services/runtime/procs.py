@@ -1,0 +1,105 @@
+"""Start `kvr` services as child processes and wait until they are ready (tests, benches, `kvr dev`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .embedded import free_port
+
+
+@dataclass
+class ServiceProcess:
+    command: str  # kvr subcommand, e.g. "indexer"
+    args: Sequence[str] = ()
+    nats_url: str = "nats://127.0.0.1:4222"
+    pools: Sequence[str] = ("default",)
+    env: dict[str, str] = field(default_factory=dict)
+    http_port: int = 0
+    log_path: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        if not self.http_port:
+            self.http_port = free_port()
+        env = {**os.environ, "KVR_LOG_FORMAT": "json", **self.env}
+        argv = [
+            sys.executable, "-m", "services.cli", self.command,
+            "--nats-url", self.nats_url,
+            "--pool", ",".join(self.pools),
+            "--http-port", str(self.http_port),
+            "--http-host", "127.0.0.1",
+            *self.args,
+        ]  # fmt: skip
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str, timeout: float = 1.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def readyz(self) -> dict:
+        status, body = self.get("/readyz")
+        data = json.loads(body) if body else {}
+        data["_http_status"] = status
+        return data
+
+    def wait_ready(self, timeout: float = 30.0) -> ServiceProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"kvr {self.command} exited with {self.proc.returncode} before becoming ready")
+            try:
+                status, _ = self.get("/readyz", timeout=0.5)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"kvr {self.command} not ready after {timeout}s")
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1]
+
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (0 = clean drain)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()

@@ -1,0 +1,140 @@
+"""Request/reply plumbing: decode → handler → encode, with every exception mapped to the envelope.
+
+A bad request gets `invalid_request` with the field path; a handler's `ServiceError` keeps its code;
+anything unexpected becomes `internal` and is logged. The subscription itself never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Histogram
+
+from schemas import codec
+from schemas.codec import RemoteError, SchemaError
+
+from .logs import get_logger
+from .tracing import inject_headers, server_span, tracer
+
+log = get_logger("kvr.responder")
+T = TypeVar("T")
+
+REQUESTS = Counter("kvr_requests_total", "Requests answered, by subject and outcome", ["endpoint", "outcome"])
+LATENCY = Histogram(
+    "kvr_request_seconds",
+    "Request handling time by endpoint",
+    ["endpoint"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+
+
+class ServiceError(Exception):
+    """A failure with a protocol error code (PROTOCOL.md §5)."""
+
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.path = path
+
+
+Handler = Callable[[Any, Msg], Awaitable[Any]]
+
+
+def error_for(exc: BaseException) -> tuple[str, str, str | None]:
+    if isinstance(exc, SchemaError):
+        return "invalid_request", exc.message, exc.path
+    if isinstance(exc, (ServiceError, RemoteError)):
+        return exc.code, exc.message, exc.path
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout", "upstream did not answer in time", None
+    return "internal", f"{type(exc).__name__}: {exc}", None
+
+
+async def serve(
+    nc: NATS,
+    subject: str,
+    request_type: Any,
+    handler: Handler,
+    *,
+    queue: str = "",
+    endpoint: str | None = None,
+    max_inflight: int = 1,
+) -> Subscription:
+    """Answer requests on `subject`. `max_inflight` > 1 runs handlers concurrently (for handlers that
+    await other services); 1 keeps strict arrival order and the lowest overhead for CPU-only handlers."""
+    label = endpoint or subject
+    sem = asyncio.Semaphore(max_inflight) if max_inflight > 1 else None
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(msg: Msg) -> None:
+        started = time.perf_counter()
+        ctype = codec.content_type_of(msg.headers)
+        outcome = "ok"
+        with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as span:
+            try:
+                req = codec.decode(msg.data, request_type, ctype)
+                reply = await handler(req, msg)
+                payload = codec.encode(reply, ctype)
+            except BaseException as exc:  # noqa: BLE001 - map everything to the envelope
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                code, message, path = error_for(exc)
+                outcome = code
+                if code == "internal":
+                    log.exception("request.failed", endpoint=label)
+                else:
+                    log.debug("request.rejected", endpoint=label, code=code, message=message, path=path)
+                span.set_attribute("error.code", code)
+                payload = codec.encode(codec.error_reply(code, message, path), ctype)
+        if msg.reply:
+            headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if codec.is_msgpack(ctype) else None
+            try:
+                await nc.publish(msg.reply, payload, headers=headers)
+            except Exception as exc:  # noqa: BLE001 - connection trouble: the requester will time out
+                log.warning("reply.failed", endpoint=label, error=str(exc))
+        REQUESTS.labels(label, outcome).inc()
+        LATENCY.labels(label).observe(time.perf_counter() - started)
+
+    async def on_msg(msg: Msg) -> None:
+        if sem is None:
+            await answer(msg)
+            return
+        await sem.acquire()
+
+        async def run() -> None:
+            try:
+                await answer(msg)
+            finally:
+                sem.release()
+
+        task = asyncio.create_task(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    payload: Any,
+    reply_type: type[T],
+    *,
+    timeout: float = 2.0,
+    msgpack: bool = False,
+    span_name: str | None = None,
+) -> T:
+    """Send a typed request and decode the typed reply; error envelopes raise `RemoteError`."""
+    ctype = codec.MSGPACK if msgpack else None
+    with tracer().start_as_current_span(span_name or subject):
+        headers = inject_headers({codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None)
+        data = payload if isinstance(payload, (bytes, bytearray)) else codec.encode(payload, ctype)
+        msg = await nc.request(subject, data, timeout=timeout, headers=headers or None)
+    return codec.decode_reply(msg.data, reply_type, codec.content_type_of(msg.headers) or ctype)

@@ -1,0 +1,148 @@
+"""The lifecycle every service shares: config → logging/tracing → NATS → provision → HTTP → run → drain.
+
+A service implements `ServiceApp` (start/stop/ready); `run_app` does everything else, including a
+clean exit 0 on SIGTERM/SIGINT after draining the NATS connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from schemas.subjects import Names
+
+from .config import COMMON, Setting, add_settings, names_of, resolve
+from .http import HealthServer
+from .logs import get_logger, setup_logging
+from .natsio import StreamSettings, connect, provision
+from .tracing import setup_tracing, shutdown_tracing
+
+
+class Runtime:
+    """What a running service gets handed: config, names, connection, logger."""
+
+    def __init__(self, name: str, cfg: SimpleNamespace, nc: NATS) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.names: Names = names_of(cfg)
+        self.log = get_logger(f"kvr.{name}")
+        self.stopping = asyncio.Event()
+
+    @property
+    def pools(self) -> list[str]:
+        return list(self.cfg.pool)
+
+
+class ServiceApp(Protocol):
+    async def start(self, rt: Runtime) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def stream_settings(cfg: SimpleNamespace) -> StreamSettings:
+    return StreamSettings(
+        kv_max_age_s=cfg.kv_max_age_s, bookings_max_age_s=cfg.bookings_max_age_s, replicas=cfg.stream_replicas
+    )
+
+
+def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_settings(parser, settings)
+    return parser
+
+
+async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
+    setup_logging(cfg.log_format, cfg.log_level, service=name)
+    setup_tracing(f"kvr-{name}", cfg.otlp_endpoint, cfg.trace_file)
+    log = get_logger(f"kvr.{name}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    started = False
+    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=app.status)
+    port = await http.start()
+    log.info("http.listening", port=port, endpoints=["/healthz", "/readyz", "/metrics"])
+
+    nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop)
+    if nc is None:
+        await http.stop()
+        return 0
+    rt = Runtime(name, cfg, nc)
+    rt.stopping = stop
+    try:
+        if cfg.provision:
+            result = await provision(rt.js, rt.names, stream_settings(cfg))
+            log.info("provision.done", **result)
+        await app.start(rt)
+        started = True
+        log.info("service.started", pools=rt.pools, nats=cfg.nats_url)
+        await stop.wait()
+        log.info("service.stopping")
+    except Exception:
+        log.exception("service.failed")
+        await _close(nc, app, http)
+        return 1
+    await _close(nc, app, http)
+    log.info("service.stopped")
+    return 0
+
+
+async def _connect_or_stop(url: str, name: str, stop: asyncio.Event) -> NATS | None:
+    connect_task = asyncio.create_task(connect(url, name))
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({connect_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if connect_task in done:
+        stop_task.cancel()
+        return connect_task.result()
+    connect_task.cancel()
+    return None
+
+
+async def _close(nc: NATS, app: ServiceApp, http: HealthServer) -> None:
+    try:
+        await asyncio.wait_for(app.stop(), 10)
+    except Exception:  # noqa: BLE001
+        get_logger("kvr").exception("service.stop_failed")
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), 5)
+    await http.stop()
+    shutdown_tracing()
+
+
+def main_for(
+    name: str,
+    description: str,
+    settings: Sequence[Setting],
+    make_app: Callable[[SimpleNamespace], ServiceApp],
+    argv: Sequence[str] | None = None,
+) -> int:
+    all_settings = [*COMMON, *settings]
+    parser = build_parser(f"kvr {name}", description, all_settings)
+    args = parser.parse_args(argv)
+    cfg = resolve(args, all_settings)
+    try:
+        return asyncio.run(run_app(name, cfg, make_app(cfg)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)

@@ -1,0 +1,206 @@
+"""Worker discovery shared by every service: a pure directory plus a JetStream adapter.
+
+`WorkerDirectory` folds the records of KV bucket KVR_WORKERS (PROTOCOL.md §3). `WorkerWatcher`
+feeds it from the bucket's underlying stream with a `StreamFollower` (so it resumes after outages
+like every other consumer) and turns expiries into key deletes: the replica that notices first
+deletes the key (guarded by the revision it saw), and every replica then sees the same removal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+
+from schemas import codec
+from schemas.codec import SchemaError
+from schemas.discovery import WorkerRecord
+
+from .follower import StreamFollower
+from .logs import get_logger
+
+log = get_logger("kvr.workers")
+
+KV_OP = "KV-Operation"
+MARKER_REASON = "Nats-Marker-Reason"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class WorkerEntry:
+    record: WorkerRecord
+    revision: int
+    seen_ms: int
+
+    def age_ms(self, now: int) -> int:
+        # heartbeat_ms = 0 (hand-written record) → age counts from when we saw it.
+        ref = self.record.heartbeat_ms or self.seen_ms
+        return now - ref
+
+
+class WorkerDirectory:
+    """Live workers per pool. Pure: time is passed in."""
+
+    def __init__(self) -> None:
+        self.workers: dict[tuple[str, int], WorkerEntry] = {}
+
+    def put(self, record: WorkerRecord, revision: int, now: int) -> bool:
+        """Returns True when the worker is new (was not known before)."""
+        key = (record.pool, record.worker_id)
+        is_new = key not in self.workers
+        self.workers[key] = WorkerEntry(record, revision, now)
+        return is_new
+
+    def delete(self, pool: str, worker_id: int) -> WorkerRecord | None:
+        entry = self.workers.pop((pool, worker_id), None)
+        return entry.record if entry else None
+
+    def get(self, pool: str, worker_id: int) -> WorkerRecord | None:
+        entry = self.workers.get((pool, worker_id))
+        return entry.record if entry else None
+
+    def expired(self, now: int) -> list[WorkerEntry]:
+        return [e for e in self.workers.values() if e.age_ms(now) >= e.record.ttl_s * 1000.0]
+
+    def live(self, pool: str, now: int | None = None) -> list[WorkerRecord]:
+        out = []
+        for (p, _), entry in self.workers.items():
+            if p != pool:
+                continue
+            if now is not None and entry.age_ms(now) >= entry.record.ttl_s * 1000.0:
+                continue
+            out.append(entry.record)
+        out.sort(key=lambda r: r.worker_id)
+        return out
+
+    def pools(self) -> set[str]:
+        return {p for p, _ in self.workers}
+
+
+def parse_key(key: str) -> tuple[str, int] | None:
+    pool, _, wid = key.rpartition(".")
+    if not pool or not wid.isdigit():
+        return None
+    return pool, int(wid)
+
+
+class WorkerWatcher:
+    """Follow KVR_WORKERS for some pools; call back on added/updated/removed workers."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        bucket: str,
+        pools: list[str],
+        *,
+        on_put: Callable[[WorkerRecord, bool], None] | None = None,
+        on_remove: Callable[[str, int], None] | None = None,
+        expire: bool = True,
+        sweep_interval_s: float = 0.5,
+    ) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.pools = pools
+        self.directory = WorkerDirectory()
+        self._on_put = on_put
+        self._on_remove = on_remove
+        self._expire = expire
+        self._sweep_interval_s = sweep_interval_s
+        self._prefix = f"$KV.{bucket}."
+        self.follower = StreamFollower(
+            nc,
+            f"KV_{bucket}",
+            [f"$KV.{bucket}.{pool}.>" for pool in pools] if "*" not in pools else [f"$KV.{bucket}.>"],
+            self._apply,
+            name=f"workers-{bucket}",
+            batch=256,
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+        self.invalid_records = 0
+
+    @property
+    def caught_up(self) -> asyncio.Event:
+        return self.follower.caught_up
+
+    def start(self) -> None:
+        self.follower.start()
+        if self._expire:
+            self._sweeper = asyncio.create_task(self._sweep(), name="workers-sweep")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        await self.follower.stop()
+
+    def _apply(self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        key = subject[len(self._prefix) :]
+        parsed = parse_key(key)
+        if parsed is None:
+            self.invalid_records += 1
+            log.warning("workers.bad_key", key=key)
+            return
+        pool, worker_id = parsed
+        op = (headers or {}).get(KV_OP)
+        if op is None and headers and MARKER_REASON in headers:
+            op = "PURGE"
+        if op in ("DEL", "PURGE"):
+            if self.directory.delete(pool, worker_id) is not None:
+                log.info("workers.removed", pool=pool, worker_id=worker_id)
+                if self._on_remove:
+                    self._on_remove(pool, worker_id)
+            return
+        try:
+            record = codec.decode(data, WorkerRecord)
+        except SchemaError as exc:
+            self.invalid_records += 1
+            log.warning("workers.bad_record", key=key, error=str(exc))
+            return
+        if record.pool != pool or record.worker_id != worker_id:
+            self.invalid_records += 1
+            log.warning("workers.key_mismatch", key=key, pool=record.pool, worker_id=record.worker_id)
+            return
+        is_new = self.directory.put(record, seq, now_ms())
+        if is_new:
+            log.info("workers.added", pool=pool, worker_id=worker_id, role=record.role, dp_size=record.dp_size)
+        if self._on_put:
+            self._on_put(record, is_new)
+
+    async def _sweep(self) -> None:
+        js = self.nc.jetstream()
+        kv = None
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            try:
+                expired = self.directory.expired(now_ms())
+                if not expired:
+                    continue
+                if kv is None:
+                    kv = await js.key_value(self.bucket)
+                for entry in expired:
+                    key = f"{entry.record.pool}.{entry.record.worker_id}"
+                    try:
+                        await kv.delete(key, last=entry.revision)
+                        log.info("workers.expired", key=key, ttl_s=entry.record.ttl_s)
+                    except Exception as exc:  # noqa: BLE001 - someone re-put or deleted it first
+                        log.debug("workers.expire_skipped", key=key, error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.warning("workers.sweep_failed", error=str(exc))
+
+
+async def put_worker(nc: NATS, bucket: str, record: WorkerRecord) -> int:
+    """Write (or heartbeat) a discovery record; returns the KV revision."""
+    kv = await nc.jetstream().key_value(bucket)
+    return await kv.put(f"{record.pool}.{record.worker_id}", codec.encode_json(record))
+
+
+async def delete_worker(nc: NATS, bucket: str, pool: str, worker_id: int) -> None:
+    kv = await nc.jetstream().key_value(bucket)
+    await kv.delete(f"{pool}.{worker_id}")

@@ -1,0 +1,114 @@
+"""Shared runtime against a real nats-server: provisioning, responder error mapping, follower."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from nats.js.api import StreamConfig
+
+from schemas import MatchReply, MatchRequest, RemoteError, codec
+from schemas.subjects import Names
+from services.runtime.follower import StreamFollower
+from services.runtime.natsio import ProvisioningError, StreamSettings, ensure_stream, provision, stream_configs
+from services.runtime.responder import ServiceError, request, serve
+
+NAMES = Names()
+
+
+async def publish_with_retry(js, subject: str, data: bytes, attempts: int = 100) -> None:
+    # A publisher's retry loop: the same Nats-Msg-Id makes a retried publish land once.
+    for _ in range(attempts):
+        try:
+            await js.publish(subject, data, timeout=0.5, headers={"Nats-Msg-Id": f"{subject}:{data.decode()}"})
+            return
+        except Exception:  # noqa: BLE001 - server still restarting
+            await asyncio.sleep(0.1)
+    raise AssertionError("could not publish after restart")
+
+
+async def test_provisioning_is_idempotent(nc):
+    js = nc.jetstream()
+    first = await provision(js, NAMES, StreamSettings())
+    assert set(first.values()) == {"created"}
+    second = await provision(js, NAMES, StreamSettings())
+    assert set(second.values()) == {"exists"}
+    info = await js.stream_info("KVR_KV")
+    assert info.config.subjects == ["kvr.*.kv.>"]
+    assert info.config.max_age == pytest.approx(3600)
+    assert info.config.duplicate_window == pytest.approx(120)
+
+
+async def test_conflicting_stream_is_reported_not_changed(nc):
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="KVR_KV", subjects=["kvr.*.kv.>"], max_age=60))
+    with pytest.raises(ProvisioningError) as err:
+        await provision(js, NAMES, StreamSettings())
+    assert "KVR_KV" in str(err.value) and "max_age" in str(err.value)
+    info = await js.stream_info("KVR_KV")
+    assert info.config.max_age == pytest.approx(60)  # untouched
+
+
+async def test_conflicting_subjects_named_in_error(nc):
+    js = nc.jetstream()
+    want = stream_configs(NAMES, StreamSettings())[1]
+    await js.add_stream(StreamConfig(name=want.name, subjects=["other.>"], max_age=600, duplicate_window=120))
+    with pytest.raises(ProvisioningError, match="subjects"):
+        await ensure_stream(js, want)
+
+
+async def test_responder_maps_errors_and_stays_up(nc):
+    async def handler(req: MatchRequest, _msg):
+        if req.block_hashes == [13]:
+            raise ServiceError("not_found", "unlucky")
+        if req.block_hashes == [666]:
+            raise RuntimeError("boom")
+        return MatchReply(block_size=16, scores=[], tier_scores={}, tree_sizes=[], stream_seq=len(req.block_hashes or []))
+
+    await serve(nc, "t.match", MatchRequest, handler, queue="t")
+    bad_payloads = [b"{not json", b"[]", b'{"block_hashes": ["x"]}', b'{"block_hashes": [1], "token_ids": [1]}', b"\xff\xfe"]
+    for payload in bad_payloads:
+        msg = await nc.request("t.match", payload, timeout=2)
+        reply = msgspec.json.decode(msg.data)
+        assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request", reply
+    msg = await nc.request("t.match", b'{"block_hashes": ["x"]}', timeout=2)
+    assert msgspec.json.decode(msg.data)["error"]["path"] == "$.block_hashes[0]"
+
+    with pytest.raises(RemoteError) as err:
+        await request(nc, "t.match", MatchRequest(block_hashes=[13]), MatchReply)
+    assert err.value.code == "not_found"
+    with pytest.raises(RemoteError) as err:
+        await request(nc, "t.match", MatchRequest(block_hashes=[666]), MatchReply)
+    assert err.value.code == "internal"
+
+    # still serving, in JSON and msgpack
+    reply = await request(nc, "t.match", MatchRequest(block_hashes=[1, 2, 3]), MatchReply)
+    assert reply.stream_seq == 3
+    reply = await request(nc, "t.match", MatchRequest(block_hashes=[1, 2]), MatchReply, msgpack=True)
+    assert reply.stream_seq == 2
+    bad = await nc.request("t.match", b"\xc1", timeout=2, headers={"Content-Type": codec.MSGPACK})
+    assert msgspec.msgpack.decode(bad.data)["error"]["code"] == "invalid_request"
+
+
+async def test_follower_applies_in_order_and_resumes_after_server_restart(nats_server, nc):
+    js = nc.jetstream()
+    await provision(js, NAMES, StreamSettings())
+    for i in range(50):
+        await js.publish(NAMES.kv_subject("p", 1, 0), str(i).encode())
+    seen: list[tuple[int, bytes]] = []
+    follower = StreamFollower(nc, "KVR_KV", [NAMES.kv_filter("p")], lambda s, _subj, d, _h: seen.append((s, d)), batch=16)
+    follower.start()
+    await asyncio.wait_for(follower.caught_up.wait(), 10)
+    assert [d for _, d in seen] == [str(i).encode() for i in range(50)]
+
+    nats_server.restart()  # same port, same store
+    for i in range(50, 80):
+        await publish_with_retry(js, NAMES.kv_subject("p", 1, 0), str(i).encode())
+    for _ in range(100):
+        if len(seen) >= 80:
+            break
+        await asyncio.sleep(0.1)
+    await follower.stop()
+    assert [s for s, _ in seen] == list(range(1, 81))
+    assert [d for _, d in seen] == [str(i).encode() for i in range(80)]
