@@ -112,3 +112,46 @@ async def test_follower_applies_in_order_and_resumes_after_server_restart(nats_s
     await follower.stop()
     assert [s for s, _ in seen] == list(range(1, 81))
     assert [d for _, d in seen] == [str(i).encode() for i in range(80)]
+
+
+REQUEST_TYPES = {
+    "match": (schemas_api := __import__("schemas.api", fromlist=["x"])).MatchRequest,
+    "dump": schemas_api.DumpRequest,
+    "select": schemas_api.SelectRequest,
+    "state": schemas_api.StateRequest,
+    "query": schemas_api.EppQueryRequest,
+    "cleanup": schemas_api.CleanupRequest,
+}
+MALFORMED = {
+    "match": (b'{"token_ids": [1, "two"]}', "$.token_ids[1]"),
+    "dump": (b"[1]", "$"),
+    "select": (b'{"request_id": "r", "token_ids": [1], "allowed_worker_ids": [-1]}', "$.allowed_worker_ids[0]"),
+    "state": (b'"x"', "$"),
+    "query": (b'{"request_id": "r", "body": {}, "pods": [{"port": 70000}]}', "$.pods[0].port"),
+    "cleanup": (b'{"request_id": 5, "phase": "free"}', "$.request_id"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REQUEST_TYPES))
+async def test_malformed_request_of_each_type_gets_path_and_service_survives(nc, kind):
+    calls = []
+
+    async def handler(req, _msg):
+        calls.append(req)
+        return schemas_api.CleanupReply(request_id="ok", known=True)
+
+    subject = f"t.{kind}"
+    await serve(nc, subject, REQUEST_TYPES[kind], handler, queue="q")
+    payload, path = MALFORMED[kind]
+    for ctype in (None, codec.MSGPACK):
+        data = payload if ctype is None else codec.encode_msgpack(msgspec.json.decode(payload))
+        headers = {"Content-Type": ctype} if ctype else None
+        msg = await nc.request(subject, data, timeout=2, headers=headers)
+        reply = (msgspec.msgpack if ctype else msgspec.json).decode(msg.data)
+        assert reply["status"] == "error"
+        assert reply["error"]["code"] == "invalid_request"
+        assert reply["error"]["path"] == path
+    for garbage in (b"", b"\x00\x01", b"{" * 10_000):
+        msg = await nc.request(subject, garbage, timeout=2)
+        assert msgspec.json.decode(msg.data)["error"]["code"] == "invalid_request"
+    assert calls == []  # the handler never saw a bad request

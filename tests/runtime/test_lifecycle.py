@@ -1,0 +1,118 @@
+"""The shared service lifecycle in a real process: NATS retry at start, readiness, /metrics, SIGTERM → exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import nats
+import pytest
+
+from services.runtime.embedded import NatsServer, free_port
+
+APP = textwrap.dedent(
+    """
+    import sys
+    from schemas import CleanupReply, CleanupRequest
+    from services.runtime.responder import serve
+    from services.runtime.service import main_for
+
+    class Echo:
+        def __init__(self, cfg): self.ok = False
+        async def start(self, rt):
+            async def handle(req, _msg): return CleanupReply(request_id=req.request_id, known=True)
+            await serve(rt.nc, "echo." + rt.pools[0], CleanupRequest, handle, queue="echo")
+            self.ok = True
+        async def stop(self): pass
+        def ready(self): return self.ok
+        def status(self): return {"echo": True}
+
+    sys.exit(main_for("echo", "test service", [], Echo))
+    """
+)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_for(cond, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.integration
+def test_service_waits_for_nats_then_serves_and_drains_on_sigterm(tmp_path):
+    script = tmp_path / "echo_service.py"
+    script.write_text(APP)
+    nats_port, http_port = free_port(), free_port()
+    env = {**os.environ, "KVR_NATS_URL": f"nats://127.0.0.1:{nats_port}", "KVR_HTTP_PORT": str(http_port),
+           "KVR_POOL": "p1", "KVR_LOG_FORMAT": "json", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = NatsServer(port=nats_port)
+    try:
+        wait_for(lambda: get(http_port, "/healthz")[0] == 200)
+        assert get(http_port, "/readyz")[0] == 503  # no NATS yet: alive but not ready
+        server.start()  # NATS arrives late; the service must connect by itself
+        wait_for(lambda: get(http_port, "/readyz")[0] == 200)
+
+        async def call() -> bytes:
+            nc = await nats.connect(server.url)
+            try:
+                msg = await nc.request("echo.p1", b'{"request_id": "r-9", "phase": "free"}', timeout=2)
+                return msg.data
+            finally:
+                await nc.close()
+
+        assert b'"known":true' in asyncio.run(call())
+        status, metrics = get(http_port, "/metrics")
+        assert status == 200 and 'kvr_requests_total{endpoint="echo.p1",outcome="ok"} 1.0' in metrics
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        output = proc.stdout.read().decode()  # type: ignore[union-attr]
+        assert '"event": "service.stopped"' in output
+        assert "nats.error" in output or "nats.connect_failed" in output  # it retried before NATS existed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.cleanup()
+
+
+def test_cluster_helper_provisions_replicated_streams(nats_cluster):
+    from services.runtime.natsio import StreamSettings, provision
+    from schemas.subjects import Names
+
+    async def run() -> dict:
+        nc = await nats.connect(nats_cluster.url.split(","))
+        try:
+            js = nc.jetstream()
+            for _ in range(100):  # wait for the JetStream meta leader
+                try:
+                    return await provision(js, Names(), StreamSettings(replicas=3))
+                except Exception:  # noqa: BLE001
+                    await asyncio.sleep(0.2)
+            raise AssertionError("cluster never became ready")
+        finally:
+            await nc.close()
+
+    result = asyncio.run(run())
+    assert result["KVR_KV"] in ("created", "exists")
