@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from . import api, bookings, discovery, events
+from . import api, bookings, discovery, events, worker
 
 MESSAGES: dict[str, Any] = {
     "RouterEvent": events.RouterEvent,
@@ -29,6 +29,8 @@ MESSAGES: dict[str, Any] = {
     "CleanupRequest": api.CleanupRequest,
     "CleanupReply": api.CleanupReply,
     "ErrorReply": api.ErrorReply,
+    "GenerateRequest": worker.GenerateRequest,
+    "GenerateProgress": worker.GenerateProgress,
 }
 
 JSON_DIR = Path(__file__).parent / "json"
