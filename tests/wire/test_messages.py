@@ -11,6 +11,7 @@ import pytest
 import schemas
 from schemas import codec
 from schemas.export import MESSAGES, render_all, stale_files
+from schemas.worker import GenerateDone, GenerateRequest
 
 SAMPLES = {
     "RouterEvent": schemas.stored_event(7, 42, [(1111, 16863443419780771464), (2222, 2287610619914608821)]),
@@ -55,6 +56,10 @@ SAMPLES = {
     "CleanupRequest": schemas.CleanupRequest(request_id="r-1", phase="free"),
     "CleanupReply": schemas.CleanupReply(request_id="r-1", known=False),
     "ErrorReply": codec.error_reply("invalid_request", "bad", "$.x"),
+    "GenerateRequest": GenerateRequest(request_id="r-1", token_ids=[1, 2, 3], max_tokens=4),
+    "GenerateProgress": GenerateDone(
+        request_id="r-1", worker_id=7, prompt_tokens=3, cached_tokens=0, output_tokens=4, ttft_ms=20.0, e2e_ms=50.0
+    ),
 }
 
 
