@@ -1,0 +1,95 @@
+"""The parts of OpenAI `/v1/completions` and `/v1/chat/completions` bodies the EPP bridge reads.
+
+Only what routing needs is typed; every other field of the body (sampling parameters, `stream`, ...)
+is ignored, so a real client body passes unchanged. `nvext` follows Dynamo's request extension
+(`lib/llm/src/protocols/openai/nvext.rs`): pre-tokenized prompt, pinned worker, constraints, hints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from .api import OptStr, RoutingConstraints, TokenList
+from .types import MAX_TOKENS, DpRank, NonNegInt, TokenId, WorkerId
+
+MAX_MESSAGES = 65_536
+MAX_PROMPTS = 4_096
+MAX_TOOLS = 4_096
+
+I32 = Annotated[int, Meta(ge=-(1 << 31), lt=1 << 31)]
+
+
+class ContentPart(msgspec.Struct, omit_defaults=True):
+    """One part of a multi-part chat message; only `text` parts contribute tokens to routing."""
+
+    type: Annotated[str, Meta(min_length=1, max_length=64)]
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str | Annotated[list[ContentPart], Meta(max_length=MAX_MESSAGES)] | None = None
+    name: OptStr = None
+    tool_call_id: OptStr = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ToolFunction(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=1024)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(msgspec.Struct, omit_defaults=True):
+    type: Annotated[str, Meta(min_length=1, max_length=64)] = "function"
+    function: ToolFunction | None = None
+
+
+class AgentHints(msgspec.Struct, omit_defaults=True):
+    priority: I32 | None = None
+    osl: NonNegInt | None = None
+    latency_sensitivity: Annotated[float, Meta(ge=-1e6, le=1e6)] | None = None
+
+
+class NvExt(msgspec.Struct, omit_defaults=True):
+    token_data: TokenList | None = None
+    routing_constraints: RoutingConstraints | None = None
+    backend_instance_id: WorkerId | None = None
+    dp_rank: DpRank | None = None
+    lora_name: OptStr = None
+    cache_salt: OptStr = None
+    expected_output_tokens: NonNegInt | None = None
+    agent_hints: AgentHints | None = None
+
+
+# A completions prompt: a string, a batch of strings, token ids, or a batch of token-id lists.
+PromptItem = str | TokenId | Annotated[list[TokenId], Meta(max_length=MAX_TOKENS)]
+Prompt = str | Annotated[list[PromptItem], Meta(max_length=MAX_TOKENS)]
+
+
+class OpenAiBody(msgspec.Struct, omit_defaults=True):
+    """A completions body (`prompt`) or a chat body (`messages`); exactly one must be present."""
+
+    model: OptStr = None
+    prompt: Prompt | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[ToolDef], Meta(max_length=MAX_TOOLS)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    cache_salt: OptStr = None  # vLLM accepts it at top level; nvext.cache_salt wins
+    nvext: NvExt | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError('exactly one of "prompt" (completions) or "messages" (chat) must be given')
+        if isinstance(self.prompt, list):
+            kinds = {type(p) for p in self.prompt}
+            if len(kinds) > 1:
+                raise ValueError('"prompt" must be a string, a list of strings, a list of token ids or a list of token-id lists')
+            if not self.prompt:
+                raise ValueError('"prompt" must not be an empty list')

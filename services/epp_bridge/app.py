@@ -1,0 +1,266 @@
+"""The EPP bridge adapter: epp.query / epp.cleanup responders in front of the scheduler.
+
+Query = size check → parse body → tokens (nvext.token_data, token-id prompt, or the pool's tokenizer)
+→ pods ∩ discovery → scheduler.select (book as asked) → reply with routing headers. Every check runs
+before the scheduler is called, so a rejected query books nothing. The one failure that can follow a
+booking is a select deadline passing while the scheduler still books; the bridge then frees that
+request id in the background (a few attempts, since the late booking may land after the first free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+
+from schemas import codec
+from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply
+from schemas.discovery import WorkerRecord
+from services.runtime.logs import get_logger
+from services.runtime.responder import ServiceError, error_for, request, serve
+from services.runtime.service import Runtime
+from services.runtime.tracing import tracer
+from services.runtime.workers import WorkerWatcher
+
+from . import metrics
+from .decision import query_reply, select_request
+from .pods import PodIndex
+from .prompt import parse_body, prompt_tokens
+from .tokenizer import PoolTokenizer, parse_tokenizer_dirs
+
+log = get_logger("kvr.epp_bridge")
+
+QUEUE = "epp_bridge"
+# Delays of the background frees after a select timeout: the late booking may not be applied yet.
+COMPENSATION_DELAYS_S = (0.0, 0.5, 2.0)
+
+
+class EppBridgeApp:
+    def __init__(self, cfg: SimpleNamespace) -> None:
+        self.cfg = cfg
+        self.max_body_bytes: int = cfg.epp_max_body_bytes
+        self.max_prompt_tokens: int = cfg.epp_max_prompt_tokens
+        self.select_timeout_s: float = cfg.epp_select_timeout_s
+        self.cleanup_timeout_s: float = cfg.epp_cleanup_timeout_s
+        self.tokenizers: dict[str, PoolTokenizer] = {}
+        self.watcher: WorkerWatcher | None = None
+        self._indexes: dict[str, PodIndex] = {}
+        self._subs: list[Subscription] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._rt: Runtime | None = None
+        self._ready = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        for pool, directory in parse_tokenizer_dirs(self.cfg.epp_tokenizer_dir, rt.pools).items():
+            if pool in rt.pools:
+                self.tokenizers[pool] = PoolTokenizer.load(directory, self.cfg.epp_chat_content_format)
+                log.info("tokenizer.loaded", pool=pool, directory=directory, chat_template=self.tokenizers[pool].template is not None)
+        self.watcher = WorkerWatcher(
+            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove, expire=False
+        )
+        self.watcher.start()
+        for pool in rt.pools:
+            self._subs.append(
+                await serve(
+                    rt.nc,
+                    rt.names.epp_query(pool),
+                    msgspec.Raw,
+                    self._query_handler(pool),
+                    queue=QUEUE,
+                    endpoint="epp.query",
+                    max_inflight=self.cfg.epp_max_inflight,
+                )
+            )
+            self._subs.append(
+                await serve(
+                    rt.nc,
+                    rt.names.epp_cleanup(pool),
+                    CleanupRequest,
+                    self._cleanup_handler(pool),
+                    queue=QUEUE,
+                    endpoint="epp.cleanup",
+                    max_inflight=self.cfg.epp_max_inflight,
+                )
+            )
+        await asyncio.wait_for(self.watcher.caught_up.wait(), 60)
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - connection already closing
+                pass
+        if self._background:
+            await asyncio.wait(self._background, timeout=3)
+        if self.watcher:
+            await self.watcher.stop()
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        directory = self.watcher.directory if self.watcher else None
+        return {
+            "pools": list(self._rt.pools) if self._rt else [],
+            "tokenizers": {pool: str(t.directory) for pool, t in self.tokenizers.items()},
+            "workers": {pool: len(directory.live(pool)) for pool in (self._rt.pools if self._rt else [])} if directory else {},
+            "pending_compensations": len(self._background),
+        }
+
+    # --- discovery -------------------------------------------------------------------------------
+
+    def _on_worker_put(self, record: WorkerRecord, _is_new: bool) -> None:
+        self._indexes.pop(record.pool, None)
+
+    def _on_worker_remove(self, pool: str, _worker_id: int) -> None:
+        self._indexes.pop(pool, None)
+
+    def pod_index(self, pool: str) -> PodIndex:
+        index = self._indexes.get(pool)
+        if index is None:
+            assert self.watcher is not None
+            index = PodIndex(self.watcher.directory.live(pool))
+            self._indexes[pool] = index
+        return index
+
+    # --- epp.query -------------------------------------------------------------------------------
+
+    def _query_handler(self, pool: str):
+        async def handle(_raw: msgspec.Raw, msg: Msg) -> EppQueryReply:
+            started = time.perf_counter()
+            mode, routed, outcome = "unknown", "none", "ok"
+            try:
+                req = self._decode_query(msg)
+                mode = req.mode
+                reply = await self.query(pool, req, msg.data)
+                routed = reply.mode
+                return reply
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                outcome = _code_of(exc)
+                raise
+            finally:
+                metrics.QUERIES.labels(outcome, mode, routed).inc()
+                metrics.PHASE_SECONDS.labels("total").observe(time.perf_counter() - started)
+
+        return handle
+
+    def _decode_query(self, msg: Msg) -> EppQueryRequest:
+        if len(msg.data) > self.max_body_bytes:
+            raise ServiceError("invalid_request", f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$")
+        return codec.decode(msg.data, EppQueryRequest, codec.content_type_of(msg.headers))
+
+    async def query(self, pool: str, req: EppQueryRequest, _payload: bytes = b"") -> EppQueryReply:
+        t0 = time.perf_counter()
+        body = parse_body(req.body)
+        t1 = time.perf_counter()
+        metrics.PHASE_SECONDS.labels("parse").observe(t1 - t0)
+
+        with tracer().start_as_current_span("epp.tokenize"):
+            prompt = prompt_tokens(req.body, body, self.tokenizers.get(pool), self.max_prompt_tokens)
+        t2 = time.perf_counter()
+        metrics.PHASE_SECONDS.labels("tokenize").observe(t2 - t1)
+        metrics.TOKEN_SOURCE.labels(prompt.source).inc()
+        metrics.PROMPT_TOKENS.observe(prompt.isl_tokens)
+
+        index = self.pod_index(pool)
+        allowed = index.allowed(req.pods)
+        if allowed is not None and not allowed:
+            raise ServiceError("no_workers", f"none of the {len(req.pods or [])} candidate pods is a known worker of pool {pool!r}")
+        constraints = body.nvext.routing_constraints if body.nvext else None
+        if constraints and constraints.required_taints:
+            candidates = allowed if allowed is not None else list(index.records)
+            if candidates and not index.required_taints_met(candidates, constraints.required_taints):
+                raise ServiceError(
+                    "constraints_unsatisfied",
+                    f"no candidate worker carries every required taint {sorted(constraints.required_taints)}",
+                )
+
+        sreq = select_request(req, body, prompt, allowed)
+        reply = await self._select(pool, sreq)
+        metrics.PHASE_SECONDS.labels("select").observe(time.perf_counter() - t2)
+        return query_reply(req, reply, prompt)
+
+    async def _select(self, pool: str, sreq) -> SelectReply:
+        assert self._rt is not None
+        try:
+            return await request(self._rt.nc, self._rt.names.select(pool), sreq, SelectReply, timeout=self.select_timeout_s)
+        except NoRespondersError:
+            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
+        except TimeoutError:
+            if sreq.book:
+                self._compensate(pool, sreq.request_id)
+            raise ServiceError("timeout", f"the scheduler of pool {pool!r} did not answer within {self.select_timeout_s}s") from None
+
+    def _compensate(self, pool: str, request_id: str) -> None:
+        task = asyncio.create_task(self._free_late_booking(pool, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _free_late_booking(self, pool: str, request_id: str) -> None:
+        assert self._rt is not None
+        for delay in COMPENSATION_DELAYS_S:
+            await asyncio.sleep(delay)
+            try:
+                reply = await request(
+                    self._rt.nc,
+                    self._rt.names.booking(pool),
+                    CleanupRequest(request_id=request_id, phase="free"),
+                    CleanupReply,
+                    timeout=self.cleanup_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - best effort; the booking TTL is the backstop
+                log.warning("epp.compensating_free_failed", pool=pool, request_id=request_id, error=str(exc))
+                metrics.COMPENSATING_FREES.labels("error").inc()
+                continue
+            if reply.known:
+                metrics.COMPENSATING_FREES.labels("freed").inc()
+                log.info("epp.late_booking_freed", pool=pool, request_id=request_id)
+                return
+        metrics.COMPENSATING_FREES.labels("not_booked").inc()
+
+    # --- epp.cleanup -----------------------------------------------------------------------------
+
+    def _cleanup_handler(self, pool: str):
+        async def handle(req: CleanupRequest, _msg: Msg) -> CleanupReply:
+            try:
+                reply = await self.cleanup(pool, req)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                metrics.CLEANUPS.labels(req.phase, _code_of(exc)).inc()
+                raise
+            metrics.CLEANUPS.labels(req.phase, "known" if reply.known else "unknown").inc()
+            return reply
+
+        return handle
+
+    async def cleanup(self, pool: str, req: CleanupRequest) -> CleanupReply:
+        assert self._rt is not None
+        try:
+            reply = await request(self._rt.nc, self._rt.names.booking(pool), req, CleanupReply, timeout=self.cleanup_timeout_s)
+        except NoRespondersError:
+            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
+        except TimeoutError:
+            raise ServiceError("timeout", f"the scheduler of pool {pool!r} did not answer within {self.cleanup_timeout_s}s") from None
+        return CleanupReply(request_id=req.request_id, known=reply.known)
+
+
+def _code_of(exc: BaseException) -> str:
+    return error_for(exc)[0]
+
+
+def make_app(cfg: SimpleNamespace) -> EppBridgeApp:
+    return EppBridgeApp(cfg)

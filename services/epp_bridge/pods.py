@@ -1,0 +1,61 @@
+"""Map the gateway's candidate pods onto discovered workers (PROTOCOL.md §5, Dynamo's pods filter).
+
+A pod matches a worker by name (`WorkerRecord.pod_name`; GAIE's data-parallel "virtual pods"
+`<pod>-rank-N` match their base pod) or else by `address:port` of any of the worker's ranks.
+The pods filter restricts discovery, it never adds workers: a pod no record describes is ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from schemas.api import EppPod
+from schemas.discovery import WorkerRecord
+
+_RANK_SUFFIX = re.compile(r"^(?P<base>.+)-rank-(?P<rank>\d+)$")
+
+
+class PodIndex:
+    """Name → worker ids and endpoint → worker ids for one pool's known workers."""
+
+    def __init__(self, records: Iterable[WorkerRecord]) -> None:
+        self.by_name: dict[str, set[int]] = {}
+        self.by_endpoint: dict[str, set[int]] = {}
+        self.records: dict[int, WorkerRecord] = {}
+        for rec in records:
+            self.records[rec.worker_id] = rec
+            if rec.pod_name:
+                self.by_name.setdefault(rec.pod_name, set()).add(rec.worker_id)
+            for rank in rec.dp_ranks:
+                endpoint = rec.endpoint(rank)
+                if endpoint:
+                    self.by_endpoint.setdefault(endpoint, set()).add(rec.worker_id)
+
+    def match(self, pod: EppPod) -> set[int]:
+        name = pod.pod_name
+        if name:
+            ids = self.by_name.get(name)
+            if ids:
+                return ids
+            m = _RANK_SUFFIX.match(name)
+            if m and m.group("base") in self.by_name:
+                return self.by_name[m.group("base")]
+        endpoint = pod.endpoint
+        if endpoint:
+            return self.by_endpoint.get(endpoint, set())
+        return set()
+
+    def allowed(self, pods: Sequence[EppPod] | None) -> list[int] | None:
+        """Worker ids the pods allow, sorted; None when there is no filter (missing or empty pods)."""
+        if not pods:
+            return None
+        allowed: set[int] = set()
+        for pod in pods:
+            allowed |= self.match(pod)
+        return sorted(allowed)
+
+    def required_taints_met(self, worker_ids: Iterable[int], required: Sequence[str]) -> bool:
+        """Whether any of these known workers carries every required taint."""
+        need = set(required)
+        return any(need <= set(self.records[w].taints) for w in worker_ids if w in self.records)

@@ -1,0 +1,91 @@
+"""Turn an OpenAI body into the prompt's token ids: `nvext.token_data`, prompt ids, or the pool's tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from schemas import codec
+from schemas.codec import SchemaError
+from schemas.openai import OpenAiBody
+from services.runtime.responder import ServiceError
+
+from .tokenizer import PoolTokenizer, TemplateInputError
+
+TokenSource = Literal["token_data", "prompt_ids", "tokenizer"]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    kind: Literal["chat", "completions"]
+    token_ids: list[int]
+    # Tokens the engine will prefill; larger than len(token_ids) only for a batch of prompts,
+    # which is routed on its first prompt (the others rarely share its cache prefix anyway).
+    isl_tokens: int
+    source: TokenSource
+
+
+def parse_body(body: dict[str, Any]) -> OpenAiBody:
+    """Validate the routing-relevant part of the body; field paths are reported from `$.body`."""
+    try:
+        return codec.convert(body, OpenAiBody)
+    except SchemaError as exc:
+        path = "$.body" + (exc.path[1:] if exc.path and exc.path.startswith("$") else "")
+        raise SchemaError(exc.message, path) from None
+
+
+def _check_size(tokens: list[int], isl: int, max_tokens: int, path: str) -> None:
+    if not tokens:
+        raise ServiceError("invalid_request", "the prompt is empty (no tokens)", path)
+    if isl > max_tokens:
+        raise ServiceError("invalid_request", f"the prompt has {isl} tokens, more than the limit of {max_tokens}", path)
+
+
+def prompt_tokens(raw: dict[str, Any], body: OpenAiBody, tokenizer: PoolTokenizer | None, max_tokens: int) -> PromptTokens:
+    """`raw` is the body as received (its message dicts go to the chat template unchanged)."""
+    kind: Literal["chat", "completions"] = "chat" if body.messages is not None else "completions"
+    nvext = body.nvext
+    if nvext is not None and nvext.token_data is not None:
+        tokens = nvext.token_data
+        _check_size(tokens, len(tokens), max_tokens, "$.body.nvext.token_data")
+        return PromptTokens(kind, tokens, len(tokens), "token_data")
+
+    prompt = body.prompt
+    if isinstance(prompt, list) and isinstance(prompt[0], int):
+        _check_size(prompt, len(prompt), max_tokens, "$.body.prompt")  # type: ignore[arg-type]
+        return PromptTokens(kind, prompt, len(prompt), "prompt_ids")  # type: ignore[arg-type]
+    if isinstance(prompt, list) and isinstance(prompt[0], list):
+        total = sum(len(p) for p in prompt)  # type: ignore[arg-type]
+        _check_size(prompt[0], total, max_tokens, "$.body.prompt")  # type: ignore[arg-type]
+        return PromptTokens(kind, prompt[0], total, "prompt_ids")  # type: ignore[arg-type]
+
+    if tokenizer is None:
+        raise ServiceError(
+            "invalid_request", "no tokenizer is configured for this pool; send token ids in nvext.token_data", "$.body"
+        )
+    if prompt is not None:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        if isinstance(prompt, str):
+            tokens = tokenizer.encode_text(prompt, add_special)
+            _check_size(tokens, len(tokens), max_tokens, "$.body.prompt")
+            return PromptTokens(kind, tokens, len(tokens), "tokenizer")
+        batch = tokenizer.encode_batch(prompt, add_special)  # type: ignore[arg-type]
+        total = sum(len(t) for t in batch)
+        _check_size(batch[0], total, max_tokens, "$.body.prompt")
+        return PromptTokens(kind, batch[0], total, "tokenizer")
+
+    extra = dict(body.chat_template_kwargs or {})
+    if body.continue_final_message:
+        extra.setdefault("continue_final_message", True)
+    try:
+        tokens = tokenizer.encode_chat(
+            raw["messages"],
+            raw.get("tools"),
+            add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            extra=extra,
+            add_special_tokens=bool(body.add_special_tokens),
+        )
+    except TemplateInputError as exc:
+        raise ServiceError("invalid_request", str(exc), "$.body.messages") from None
+    _check_size(tokens, len(tokens), max_tokens, "$.body.messages")
+    return PromptTokens(kind, tokens, len(tokens), "tokenizer")

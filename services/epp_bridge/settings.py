@@ -1,0 +1,29 @@
+"""Settings of `kvr epp-bridge` (env `KVR_EPP_*`); the COMMON settings come from services.runtime.config."""
+
+from __future__ import annotations
+
+from services.runtime.config import REGISTRY, Setting
+
+SETTINGS = REGISTRY.register(
+    "epp-bridge",
+    [
+        Setting(
+            "epp_tokenizer_dir",
+            [],
+            "local tokenizer directory per pool, `pool=/dir` or `/dir` for every pool (tokenizer.json + tokenizer_config.json); "
+            "without one, requests must carry nvext.token_data or token-id prompts",
+            is_list=True,
+        ),
+        Setting(
+            "epp_chat_content_format",
+            "string",
+            "how list-of-parts message content reaches the chat template: `string` (text parts joined by newlines) or `openai` (parts as is)",
+            choices=("string", "openai"),
+        ),
+        Setting("epp_max_body_bytes", 1_048_576, "largest epp.query payload accepted (bytes)", int),
+        Setting("epp_max_prompt_tokens", 131_072, "largest prompt accepted (tokens)", int),
+        Setting("epp_select_timeout_s", 1.0, "deadline for the scheduler's select reply; past it the query answers `timeout`", float),
+        Setting("epp_cleanup_timeout_s", 2.0, "deadline for the scheduler's booking reply to epp.cleanup", float),
+        Setting("epp_max_inflight", 512, "queries handled concurrently per pool", int),
+    ],
+)

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.epp_bridge.tokenizer import PoolTokenizer
+
+from .tokenizer_fixture import build_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def pool_tokenizer(tokenizer_dir: Path) -> PoolTokenizer:
+    return PoolTokenizer.load(tokenizer_dir)
