@@ -184,6 +184,9 @@ class StateReply(msgspec.Struct):
     bookings: list[str]
     workers: list[int]
     status: Literal["ok"] = "ok"
+    # Fingerprint of the whole load view (every leg, its tokens, blocks and expiry) on live workers;
+    # equal digests = replicas converged.
+    digest: str = ""
 
 
 # --- EPP bridge -----------------------------------------------------------------------------
