@@ -1,0 +1,1 @@
+"""Scheduler service: worker selection with replicated in-flight load (issue #4)."""

@@ -1,0 +1,34 @@
+"""`kvr scheduler` / `python -m services.scheduler`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from services.runtime.service import main_for
+
+from .settings import SETTINGS
+
+
+def _settings() -> tuple:
+    """The scheduler's settings, plus the indexer's when it can run embedded (one process)."""
+    try:
+        from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
+    except ImportError:
+        return SETTINGS
+    names = {s.name for s in SETTINGS}
+    return (*SETTINGS, *(s for s in INDEXER_SETTINGS if s.name not in names))
+
+
+def make_app(cfg):  # type: ignore[no-untyped-def]
+    from .app import SchedulerApp
+
+    return SchedulerApp(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_for("scheduler", "worker selection with replicated load (scheduler.select)", _settings(), make_app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""The scheduler's imperative shell: discovery + bookings stream in, select/booking/state out.
+
+Every replica applies every booking from KVR_BOOKINGS (its own too) in stream order, so all
+replicas converge on one load view. A replica that books a request replies only after it has
+applied its own booking from the stream, so its next decision already sees that load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+import uuid
+from collections import deque
+from types import SimpleNamespace
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from schemas import codec
+from schemas.api import (
+    CleanupReply,
+    CleanupRequest,
+    SelectReply,
+    SelectRequest,
+    StateReply,
+    StateRequest,
+    Target as WireTarget,
+    WorkerLoad,
+)
+from schemas.bookings import BookingAdd, BookingEvent, BookingFree, BookingPrefillComplete, booking_msg_id
+from schemas.codec import RemoteError, SchemaError
+from schemas.discovery import WorkerRecord
+from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from services.runtime.follower import StreamFollower
+from services.runtime.logs import get_logger
+from services.runtime.responder import ServiceError, serve
+from services.runtime.service import Runtime
+from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
+
+from . import metrics as m
+from .candidates import Candidate, candidates_of
+from .load import PREFILL_LEG, LoadTracker
+from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
+from .selector import BusyThresholds, CostConfig, Decision, Overlaps, SelectionError, SelectionInput, Selector
+
+log = get_logger("kvr.scheduler")
+QUEUE = "scheduler"
+LAG_WINDOW = 20_000
+
+
+def _policy_table(entries: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in entries:
+        pool, sep, policy = item.partition("=")
+        if not sep or policy not in ("kv", "round_robin", "random", "least_loaded"):
+            raise ValueError(f"bad --pool-policy entry {item!r} (want pool=kv|round_robin|random|least_loaded)")
+        out[pool] = policy
+    return out
+
+
+class SchedulerApp:
+    def __init__(self, cfg: SimpleNamespace) -> None:
+        self.cfg = cfg
+        self.router_id: str = cfg.router_id or f"sched-{uuid.uuid4().hex[:10]}"
+        self.cost = CostConfig(
+            overlap_score_credit=cfg.overlap_score_credit,
+            prefill_load_scale=cfg.prefill_load_scale,
+            host_cache_hit_weight=cfg.host_cache_hit_weight,
+            disk_cache_hit_weight=cfg.disk_cache_hit_weight,
+            temperature=cfg.router_temperature,
+        )
+        busy = BusyThresholds(
+            active_decode_blocks=cfg.active_decode_blocks_threshold,
+            active_prefill_tokens=cfg.active_prefill_tokens_threshold,
+            active_prefill_tokens_frac=cfg.active_prefill_tokens_threshold_frac,
+        )
+        rng = random.Random(cfg.seed) if cfg.seed >= 0 else random.Random()
+        self.selector = Selector(busy, rng)
+        self.pool_policy = _policy_table(list(getattr(cfg, "pool_policy", []) or []))
+        self.ttl_ms = int(cfg.booking_ttl_s * 1000)
+        self.trackers: dict[str, LoadTracker] = {}
+        self.predicted: PredictedCache | None = None
+        self.overlap: OverlapSource | None = None
+        self.watcher: WorkerWatcher | None = None
+        self.follower: StreamFollower | None = None
+        self.rt: Runtime | None = None
+        self._cand_cache: dict[str, list[tuple[WorkerEntry, list[Candidate]]]] = {}
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_n = 0
+        self._applied_seq = 0
+        self._tail_floor = 0
+        self._ready = False
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._gauge_labels: set[tuple[str, str, str]] = set()
+        self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
+        self.sync_timeouts = 0
+        self.match_failures = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.trackers = {pool: LoadTracker(self.ttl_ms) for pool in rt.pools}
+        if self.cfg.no_kv_events:
+            self.predicted = PredictedCache(int(self.cfg.approx_ttl_s * 1000), self.cfg.approx_max_blocks, self.cfg.block_size)
+            self.overlap = PredictedOverlap(self.predicted, now_ms)
+        elif self.cfg.embedded_indexer:
+            embedded = EmbeddedOverlap(self.cfg)
+            await embedded.start(rt)
+            self.overlap = embedded
+        else:
+            self.overlap = NatsOverlap(rt.nc, rt.names, self.cfg.match_timeout_s)
+        self.watcher = WorkerWatcher(
+            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove
+        )
+        self.follower = StreamFollower(
+            rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings"
+        )
+        self._tasks.append(asyncio.create_task(self._catch_up(), name="scheduler-catch-up"))
+        log.info("scheduler.starting", router_id=self.router_id, pools=rt.pools, overlap=type(self.overlap).__name__)
+
+    async def _catch_up(self) -> None:
+        assert self.rt is not None and self.watcher is not None and self.follower is not None
+        rt = self.rt
+        # Workers first: replayed bookings are then applied against the same directory as live ones.
+        self.watcher.start()
+        await self.watcher.caught_up.wait()
+        self.follower.start()
+        await self.follower.caught_up.wait()
+        await self._note_tail()
+        for pool in rt.pools:
+            self._subs.append(await serve(rt.nc, rt.names.select(pool), SelectRequest, self._handler(pool, self._select),
+                                          queue=QUEUE, endpoint="scheduler.select", max_inflight=self.cfg.max_inflight))  # fmt: skip
+            self._subs.append(await serve(rt.nc, rt.names.booking(pool), CleanupRequest, self._handler(pool, self._booking),
+                                          queue=QUEUE, endpoint="scheduler.booking", max_inflight=self.cfg.max_inflight))  # fmt: skip
+            state = rt.names.scheduler_state(pool)
+            for subject in (state, f"{state}.{self.router_id}"):
+                self._subs.append(await serve(rt.nc, subject, StateRequest, self._handler(pool, self._state), endpoint="scheduler.state"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="scheduler-sweep"))
+        self._ready = True
+        log.info("scheduler.ready", router_id=self.router_id, applied_seq=self._applied_seq, workers=self._worker_count())
+
+    async def stop(self) -> None:
+        self._ready = False
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - connection already closing
+                pass
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.follower:
+            await self.follower.stop()
+        if self.watcher:
+            await self.watcher.stop()
+        if self.overlap:
+            await self.overlap.stop()
+
+    def ready(self) -> bool:
+        return self._ready and (self.overlap is None or self.overlap.ready())
+
+    def status(self) -> dict[str, Any]:
+        lags = sorted(self.lags_ms)
+
+        def q(p: float) -> float | None:
+            return round(lags[min(len(lags) - 1, int(p * len(lags)))], 3) if lags else None
+
+        return {
+            "router_id": self.router_id,
+            "applied_seq": self._applied_seq,
+            "workers": self._worker_count(),
+            "bookings": {pool: len(t.by_request) for pool, t in self.trackers.items()},
+            "booking_lag_ms": {"n": len(lags), "p50": q(0.5), "p99": q(0.99), "max": lags[-1] if lags else None},
+            "sync_timeouts": self.sync_timeouts,
+            "match_failures": self.match_failures,
+            "predicted_blocks": self.predicted.size() if self.predicted else None,
+        }
+
+    def _handler(self, pool: str, fn: Any) -> Any:
+        async def handle(req: Any, msg: Msg) -> Any:
+            return await fn(pool, req)
+
+        return handle
+
+    # --- discovery ---------------------------------------------------------------------------
+
+    def _worker_count(self) -> int:
+        return len(self.watcher.directory.workers) if self.watcher else 0
+
+    def _on_worker_put(self, record: WorkerRecord, is_new: bool) -> None:
+        self._cand_cache.pop(record.pool, None)
+        self._worker_gauges(record.pool)
+
+    def _on_worker_remove(self, pool: str, worker_id: int) -> None:
+        self._cand_cache.pop(pool, None)
+        tracker = self.trackers.get(pool)
+        if tracker is not None:
+            dropped = tracker.drop_worker(worker_id)
+            if dropped:
+                m.BOOKINGS_DROPPED_WORKER.inc(len(dropped))
+                log.info("scheduler.worker_bookings_dropped", pool=pool, worker_id=worker_id, requests=len(dropped))
+        if self.predicted is not None:
+            self.predicted.drop_worker(pool, worker_id)
+        self._worker_gauges(pool)
+
+    def _worker_gauges(self, pool: str) -> None:
+        assert self.watcher is not None
+        counts = {"aggregated": 0, "prefill": 0, "decode": 0}
+        for record in self.watcher.directory.live(pool):
+            counts[record.role] += 1
+        for role, n in counts.items():
+            m.WORKERS.labels(pool, role).set(n)
+
+    def candidates(self, pool: str) -> list[Candidate]:
+        assert self.watcher is not None
+        cached = self._cand_cache.get(pool)
+        if cached is None:
+            entries = [e for (p, _), e in self.watcher.directory.workers.items() if p == pool]
+            entries.sort(key=lambda e: e.record.worker_id)
+            cached = [(e, candidates_of(e.record)) for e in entries]
+            self._cand_cache[pool] = cached
+        now = now_ms()
+        out: list[Candidate] = []
+        for entry, cands in cached:
+            if entry.age_ms(now) < entry.record.ttl_s * 1000.0:
+                out.extend(cands)
+        return out
+
+    # --- bookings stream ---------------------------------------------------------------------
+
+    def _apply_booking(self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            self._apply_event(data)
+        finally:
+            self._applied_seq = seq
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= seq:
+                _, _, fut = heapq.heappop(waiters)
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _apply_event(self, data: bytes) -> None:
+        try:
+            ev = codec.decode(data, BookingEvent)
+        except SchemaError as exc:
+            m.BOOKINGS_INVALID.inc()
+            log.warning("scheduler.booking_invalid", error=str(exc))
+            return
+        tracker = self.trackers.get(ev.pool)
+        if tracker is None:
+            return  # a pool this replica does not serve
+        now = now_ms()
+        if ev.ts_ms:
+            lag = max(now - ev.ts_ms, 0)
+            self.lags_ms.append(lag)
+            m.BOOKING_LAG.observe(lag / 1000.0)
+        if isinstance(ev, BookingAdd):
+            ok = tracker.add(ev, now)
+            kind = "add"
+        elif isinstance(ev, BookingPrefillComplete):
+            ok = tracker.prefill_complete(ev.request_id)
+            kind = "prefill_complete"
+        else:
+            ok = tracker.free(ev.request_id)
+            kind = "free"
+        m.BOOKINGS_APPLIED.labels(kind, "applied" if ok else "noop").inc()
+
+    async def _wait_applied(self, seq: int) -> bool:
+        if max(self._applied_seq, self._tail_floor) >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter_n += 1
+        heapq.heappush(self._waiters, (seq, self._waiter_n, fut))
+        try:
+            await asyncio.wait_for(fut, self.cfg.booking_sync_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            self.sync_timeouts += 1
+            log.warning("scheduler.sync_timeout", want_seq=seq, applied_seq=self._applied_seq)
+            return False
+
+    async def _note_tail(self) -> None:
+        """After catch-up: if the stream's tail has aged out, nothing older is left to wait for."""
+        assert self.rt is not None
+        info = await self.rt.js.stream_info(self.rt.names.bookings_stream)
+        if info.state.messages == 0:
+            self._tail_floor = max(self._tail_floor, info.state.last_seq)
+
+    async def _sync_to_tail(self) -> None:
+        """Apply the stream up to its last sequence as of now (bounded), e.g. before answering
+        about a booking another replica may have made a few ms ago."""
+        assert self.rt is not None
+        info = await self.rt.js.stream_info(self.rt.names.bookings_stream)
+        if info.state.messages == 0:
+            self._tail_floor = max(self._tail_floor, info.state.last_seq)
+            return
+        await self._wait_applied(info.state.last_seq)
+
+    async def _publish(self, pool: str, event: BookingAdd | BookingPrefillComplete | BookingFree, type_: str, leg: str = "") -> int:
+        assert self.rt is not None
+        ack = await self.rt.js.publish(
+            self.rt.names.bookings_subject(pool, self.router_id),
+            codec.encode_json(event),
+            headers={"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg)},
+        )
+        return ack.seq
+
+    # --- periodic ----------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.expiry_sweep_s)
+            try:
+                self.expire_now()
+                self._load_gauges()
+            except Exception:  # noqa: BLE001 - never let the sweeper die
+                log.exception("scheduler.sweep_failed")
+
+    def expire_now(self) -> None:
+        now = now_ms()
+        for pool, tracker in self.trackers.items():
+            gone = tracker.expire(now)
+            if gone:
+                m.BOOKINGS_EXPIRED.inc(len(gone))
+                log.info("scheduler.bookings_expired", pool=pool, requests=len(gone))
+        if self.predicted is not None:
+            self.predicted.expire(now)
+            m.PREDICTED_BLOCKS.set(self.predicted.size())
+
+    def _load_gauges(self) -> None:
+        seen: set[tuple[str, str, str]] = set()
+        for pool, tracker in self.trackers.items():
+            for target in tracker.targets():
+                labels = (pool, str(target[0]), str(target[1]))
+                view = tracker.view(target)
+                m.ACTIVE_BLOCKS.labels(*labels).set(view.active_blocks)
+                m.ACTIVE_PREFILL_TOKENS.labels(*labels).set(view.active_prefill_tokens)
+                m.ACTIVE_REQUESTS.labels(*labels).set(view.active_requests)
+                seen.add(labels)
+        for labels in self._gauge_labels - seen:
+            for gauge in (m.ACTIVE_BLOCKS, m.ACTIVE_PREFILL_TOKENS, m.ACTIVE_REQUESTS):
+                gauge.remove(*labels)
+        self._gauge_labels = seen
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    def _wire_target(self, c: Candidate) -> WireTarget:
+        return WireTarget(worker_id=c.worker_id, dp_rank=c.dp_rank, pod_name=c.pod_name, endpoint=c.endpoint)
+
+    def _existing_reply(self, pool: str, req: SelectRequest, tracker: LoadTracker, block_size: int) -> SelectReply | None:
+        """A retried select of a request that is already booked answers with the booked targets."""
+        legs = {leg.leg: leg for leg in tracker.legs_of(req.request_id)}
+        decode = legs.get("")
+        if decode is None:
+            return None
+        by_target = {c.target: c for c in self.candidates(pool)}
+
+        def wire(target: tuple[int, int]) -> WireTarget:
+            c = by_target.get(target)
+            return self._wire_target(c) if c else WireTarget(worker_id=target[0], dp_rank=target[1])
+
+        prefill = legs.get(PREFILL_LEG)
+        return SelectReply(
+            decode=wire(decode.target),
+            prefill=wire(prefill.target) if prefill else None,
+            overlap_blocks=(prefill or decode).overlap_blocks,
+            isl_tokens=decode.isl_tokens,
+            block_size=block_size,
+            cost=0.0,
+            mode="disaggregated" if prefill else "aggregated",
+            policy="booked",
+        )
+
+    async def _select(self, pool: str, req: SelectRequest) -> SelectReply:
+        policy = req.policy or self.pool_policy.get(pool) or self.cfg.selection_policy
+        try:
+            reply = await self._select_inner(pool, req, policy)
+        except SelectionError as exc:
+            m.DECISIONS.labels(pool, policy, exc.code).inc()
+            raise ServiceError(exc.code, exc.message) from None
+        except ServiceError as exc:
+            m.DECISIONS.labels(pool, policy, exc.code).inc()
+            raise
+        m.DECISIONS.labels(pool, policy, "ok").inc()
+        return reply
+
+    async def _select_inner(self, pool: str, req: SelectRequest, policy: str) -> SelectReply:
+        t0 = time.perf_counter()
+        tracker = self.trackers[pool]
+        cands = self.candidates(pool)
+        block_size = cands[0].block_size if cands else self.cfg.block_size
+        limit = self.cfg.max_request_tokens
+        if req.token_ids is not None and len(req.token_ids) > limit:
+            raise ServiceError("invalid_request", f"{len(req.token_ids)} tokens exceed the limit of {limit}", "$.token_ids")
+        if req.block_hashes is not None and len(req.block_hashes) * block_size > limit:
+            raise ServiceError(
+                "invalid_request", f"{len(req.block_hashes)} blocks exceed the limit of {limit} tokens", "$.block_hashes"
+            )
+        if req.isl_tokens is not None and req.isl_tokens > limit:
+            raise ServiceError("invalid_request", f"isl_tokens {req.isl_tokens} exceeds the limit of {limit}", "$.isl_tokens")
+        if req.book and tracker.is_active(req.request_id):
+            existing = self._existing_reply(pool, req, tracker, block_size)
+            if existing is not None:
+                return existing
+        if req.token_ids is not None:
+            local = local_block_hashes(req.token_ids, block_size, salt_seed(req.lora_name, req.cache_salt))
+            isl = req.isl_tokens if req.isl_tokens is not None else len(req.token_ids)
+        else:
+            local = list(req.block_hashes or [])
+            isl = req.isl_tokens if req.isl_tokens is not None else len(local) * block_size
+        seq = sequence_hashes(local)
+        t1 = time.perf_counter()
+        m.PHASE_SECONDS.labels("hashing").observe(t1 - t0)
+
+        overlaps = Overlaps()
+        if local and cands:
+            assert self.overlap is not None
+            try:
+                overlaps = Overlaps.from_match(await self.overlap.match(pool, local, seq))
+            except (RemoteError, asyncio.TimeoutError, TimeoutError) as exc:
+                # No index answer: decide on load alone rather than fail the request.
+                self.match_failures += 1
+                log.warning("scheduler.match_failed", pool=pool, error=str(exc))
+        t2 = time.perf_counter()
+        m.PHASE_SECONDS.labels("match").observe(t2 - t1)
+
+        constraints = req.routing_constraints
+        inp = SelectionInput(
+            isl_tokens=isl,
+            block_size=block_size,
+            hashes=seq,
+            allowed_worker_ids=frozenset(req.allowed_worker_ids) if req.allowed_worker_ids is not None else None,
+            pinned_worker_id=req.pinned_worker_id,
+            pinned_dp_rank=req.pinned_dp_rank,
+            required_taints=frozenset(constraints.required_taints) if constraints else frozenset(),
+            preferred_taints=dict(constraints.preferred_taints) if constraints else {},
+            mode=req.mode,
+            policy=policy,
+            cost=self.cost.with_overrides(req.overrides),
+        )
+        decision = self.selector.select(cands, tracker, overlaps, inp)
+        t3 = time.perf_counter()
+        m.PHASE_SECONDS.labels("scoring").observe(t3 - t2)
+
+        if self.predicted is not None:
+            now = now_ms()
+            self.predicted.record(pool, decision.decode.candidate.target, seq, now)
+            if decision.prefill is not None:
+                self.predicted.record(pool, decision.prefill.candidate.target, seq, now)
+        if req.book:
+            await self._book(pool, req, decision, isl, seq, block_size)
+            m.PHASE_SECONDS.labels("booking").observe(time.perf_counter() - t3)
+        if local:
+            m.KV_HIT_RATE.labels(pool).observe(min(decision.overlap_blocks / len(local), 1.0))
+        return SelectReply(
+            decode=self._wire_target(decision.decode.candidate),
+            prefill=self._wire_target(decision.prefill.candidate) if decision.prefill else None,
+            overlap_blocks=decision.overlap_blocks,
+            isl_tokens=isl,
+            block_size=block_size,
+            cost=decision.cost,
+            mode=decision.mode,  # type: ignore[arg-type]
+            policy=decision.policy,
+        )
+
+    async def _book(self, pool: str, req: SelectRequest, d: Decision, isl: int, seq: list[int], block_size: int) -> None:
+        ts = now_ms()
+        common = dict(
+            request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, isl_tokens=isl,
+            sequence_hashes=seq, expected_output_tokens=req.expected_output_tokens, block_size=block_size,
+        )  # fmt: skip
+        pubs = []
+        if d.prefill is not None:
+            c = d.prefill.candidate
+            ev = BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.prefill.overlap_blocks,
+                            leg=PREFILL_LEG, track_prefill_tokens=True, **common)  # type: ignore[arg-type]  # fmt: skip
+            pubs.append(self._publish(pool, ev, "add", PREFILL_LEG))
+        c = d.decode.candidate
+        ev = BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.decode.overlap_blocks,
+                        leg="", track_prefill_tokens=d.prefill is None, **common)  # type: ignore[arg-type]  # fmt: skip
+        pubs.append(self._publish(pool, ev, "add"))
+        seqs = await asyncio.gather(*pubs)
+        await self._wait_applied(max(seqs))
+
+    async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
+        tracker = self.trackers[pool]
+        if not tracker.is_active(req.request_id):
+            await self._sync_to_tail()
+            if not tracker.is_active(req.request_id):
+                return CleanupReply(request_id=req.request_id, known=False)
+        cls = BookingPrefillComplete if req.phase == "prefill_complete" else BookingFree
+        ev = cls(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=now_ms())
+        seq = await self._publish(pool, ev, req.phase)
+        await self._wait_applied(seq)
+        return CleanupReply(request_id=req.request_id, known=True)
+
+    async def _state(self, pool: str, req: StateRequest) -> StateReply:
+        return self.export_state(pool)
+
+    def export_state(self, pool: str) -> StateReply:
+        self.expire_now()
+        tracker = self.trackers[pool]
+        workers = sorted({c.worker_id for c in self.candidates(pool)})
+        known = set(workers)
+        loads = []
+        for target in tracker.targets():
+            if target[0] not in known:
+                continue
+            v = tracker.view(target)
+            loads.append(WorkerLoad(worker_id=target[0], dp_rank=target[1], active_prefill_tokens=v.active_prefill_tokens,
+                                    active_blocks=v.active_blocks, active_requests=v.active_requests))  # fmt: skip
+        bookings = sorted({leg.request_id for leg in tracker.legs.values() if leg.target[0] in known})
+        return StateReply(
+            router_id=self.router_id,
+            stream_seq=self._applied_seq,
+            loads=loads,
+            bookings=bookings,
+            workers=workers,
+            digest=tracker.digest(known),
+        )

@@ -1,0 +1,266 @@
+"""Worker selection: eligibility filters, the cost rule of PROTOCOL.md §7, and A/B policies.
+
+Pure: inputs are the candidates, a load view, the indexer's overlaps and the request; randomness
+comes from the `random.Random` handed in, so a seeded selector is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from schemas.api import MatchReply, Overrides
+
+from .candidates import Candidate
+from .load import LoadView, Target
+
+POLICIES = ("kv", "round_robin", "random", "least_loaded")
+TIE_EPS = 1e-9
+
+
+class SelectionError(Exception):
+    """No target: `code` is a PROTOCOL.md §5 error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LoadSource(Protocol):
+    def view(self, target: Target) -> LoadView: ...
+
+    def new_blocks(self, target: Target, hashes: Sequence[int]) -> int: ...
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    overlap_score_credit: float = 1.0
+    prefill_load_scale: float = 1.0
+    host_cache_hit_weight: float = 0.75
+    disk_cache_hit_weight: float = 0.25
+    temperature: float = 0.0
+
+    def with_overrides(self, o: Overrides | None) -> CostConfig:
+        if o is None:
+            return self
+        changes = {k: getattr(o, k) for k in (
+            "overlap_score_credit", "prefill_load_scale", "temperature", "host_cache_hit_weight", "disk_cache_hit_weight"
+        ) if getattr(o, k) is not None}  # fmt: skip
+        return replace(self, **changes) if changes else self
+
+
+@dataclass(frozen=True)
+class BusyThresholds:
+    """Dynamo §4.6; None = off. A (worker, dp_rank) over any enabled threshold is not eligible."""
+
+    active_decode_blocks: float | None = None  # fraction of total_kv_blocks
+    active_prefill_tokens: float | None = None  # absolute tokens
+    active_prefill_tokens_frac: float | None = None  # fraction of max_num_batched_tokens
+
+    def busy(self, c: Candidate, load: LoadView) -> bool:
+        if self.active_decode_blocks is not None and c.total_kv_blocks:
+            if load.active_blocks / c.total_kv_blocks > self.active_decode_blocks:
+                return True
+        if self.active_prefill_tokens is not None and load.active_prefill_tokens > self.active_prefill_tokens:
+            return True
+        if self.active_prefill_tokens_frac is not None and c.max_num_batched_tokens:
+            if load.active_prefill_tokens > self.active_prefill_tokens_frac * c.max_num_batched_tokens:
+                return True
+        return False
+
+
+@dataclass
+class Overlaps:
+    """Leading cached blocks per target and tier, plus tree sizes (tie-break)."""
+
+    device: dict[Target, int] = field(default_factory=dict)
+    host: dict[Target, int] = field(default_factory=dict)
+    disk: dict[Target, int] = field(default_factory=dict)
+    tree_sizes: dict[Target, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_match(cls, reply: MatchReply) -> Overlaps:
+        def table(scores) -> dict[Target, int]:  # type: ignore[no-untyped-def]
+            return {(s.worker_id, s.dp_rank): s.blocks for s in scores}
+
+        tiers = reply.tier_scores or {}
+        return cls(
+            device=table(reply.scores),
+            host=table(tiers.get("host_pinned", ())),
+            disk=table(tiers.get("disk", ())),
+            tree_sizes=table(reply.tree_sizes),
+        )
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    isl_tokens: int
+    block_size: int
+    hashes: Sequence[int]  # the request's sequence hashes (its blocks)
+    allowed_worker_ids: frozenset[int] | None = None
+    pinned_worker_id: int | None = None
+    pinned_dp_rank: int | None = None
+    required_taints: frozenset[str] = frozenset()
+    preferred_taints: Mapping[str, float] = field(default_factory=dict)
+    mode: str = "auto"
+    policy: str = "kv"
+    cost: CostConfig = CostConfig()
+
+
+@dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    cost: float
+    overlap_blocks: int
+    prefill_blocks: float
+    decode_blocks: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    decode: Scored
+    prefill: Scored | None
+    mode: str
+    policy: str
+
+    @property
+    def overlap_blocks(self) -> int:
+        return (self.prefill or self.decode).overlap_blocks
+
+    @property
+    def cost(self) -> float:
+        return (self.prefill or self.decode).cost
+
+
+def taint_multiplier(taints: frozenset[str], preferred: Mapping[str, float]) -> float:
+    """exp(−tanh(Σ weights of matched preferred taints)); 1 when the request prefers nothing."""
+    if not preferred:
+        return 1.0
+    return math.exp(-math.tanh(sum(w for t, w in preferred.items() if t in taints)))
+
+
+def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
+    """Dynamo §4.4: p_i ∝ exp(−(c_i − c_min) / ((c_max − c_min) · T))."""
+    if len(costs) == 1:
+        return 0
+    lo, hi = min(costs), max(costs)
+    if hi - lo <= TIE_EPS * max(1.0, abs(hi)):
+        return rng.randrange(len(costs))
+    span = (hi - lo) * temperature
+    weights = [math.exp(-(c - lo) / span) for c in costs]
+    total = sum(weights)
+    u = rng.random() * total
+    acc = 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if acc >= u:
+            return i
+    return len(costs) - 1
+
+
+class Selector:
+    def __init__(self, busy: BusyThresholds | None = None, rng: random.Random | None = None) -> None:
+        self.busy = busy or BusyThresholds()
+        self.rng = rng or random.Random()
+        self._rr: dict[str, int] = {}
+
+    # --- eligibility ---------------------------------------------------------------------------
+
+    def eligible(self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput, roles: tuple[str, ...], leg: str) -> list[Candidate]:
+        """Filters in the order of issue #4, each with its own error."""
+        if not cands:
+            raise SelectionError("no_workers", "no live workers in the pool")
+        pool = list(cands)
+        if leg != "prefill" and inp.pinned_worker_id is not None:
+            pool = [c for c in pool if c.worker_id == inp.pinned_worker_id]
+            if not pool:
+                raise SelectionError("not_found", f"pinned worker {inp.pinned_worker_id} is not a live worker")
+            if inp.pinned_dp_rank is not None:
+                pool = [c for c in pool if c.dp_rank == inp.pinned_dp_rank]
+                if not pool:
+                    raise SelectionError(
+                        "not_found", f"pinned worker {inp.pinned_worker_id} does not serve dp rank {inp.pinned_dp_rank}"
+                    )
+        if inp.allowed_worker_ids is not None:
+            pool = [c for c in pool if c.worker_id in inp.allowed_worker_ids]
+            if not pool:
+                raise SelectionError("constraints_unsatisfied", "no live worker is in allowed_worker_ids")
+        if inp.required_taints:
+            pool = [c for c in pool if inp.required_taints <= c.taints]
+            if not pool:
+                raise SelectionError(
+                    "constraints_unsatisfied", f"no eligible worker carries every required taint {sorted(inp.required_taints)}"
+                )
+        pool = [c for c in pool if c.role in roles]
+        if not pool:
+            raise SelectionError("no_workers", f"no eligible {'/'.join(roles)} workers for the {leg} target")
+        not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target))]
+        if not not_busy:
+            raise SelectionError("overloaded", f"all {len(pool)} eligible workers are over the busy thresholds")
+        return not_busy
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def score(self, c: Candidate, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        cfg = inp.cost
+        t = c.target
+        view = load.view(t)
+        device = ov.device.get(t, 0)
+        decode_blocks = view.active_blocks + load.new_blocks(t, inp.hashes)
+        if leg == "decode":
+            # Disaggregated decode leg (Dynamo §4.9): credit 0, no prefill tracking.
+            prefill_blocks = 0.0
+            cost = float(decode_blocks)
+        else:
+            host_extra = max(ov.host.get(t, 0) - device, 0)
+            disk_extra = max(ov.disk.get(t, 0) - max(device, ov.host.get(t, 0)), 0)
+            prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
+            credit = cfg.overlap_score_credit * device + cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
+            cost = cfg.prefill_load_scale * max(prefill_blocks - credit, 0.0) + decode_blocks
+        cost *= taint_multiplier(c.taints, inp.preferred_taints)
+        return Scored(c, cost, device, prefill_blocks, decode_blocks)
+
+    def choose(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        policy = inp.policy
+        if policy == "kv":
+            scored = [self.score(c, load, ov, inp, leg) for c in pool]
+            if inp.cost.temperature > 0:
+                return scored[softmax_pick([s.cost for s in scored], inp.cost.temperature, self.rng)]
+            best = min(s.cost for s in scored)
+            tol = TIE_EPS * max(1.0, abs(best))
+            ties = [s for s in scored if s.cost - best <= tol]
+            return min(ties, key=lambda s: (ov.tree_sizes.get(s.candidate.target, 0), s.candidate.target))
+        if policy == "round_robin":
+            key = f"{leg}"
+            i = self._rr.get(key, 0)
+            self._rr[key] = i + 1
+            return self.score(pool[i % len(pool)], load, ov, inp, leg)
+        if policy == "random":
+            return self.score(pool[self.rng.randrange(len(pool))], load, ov, inp, leg)
+        if policy == "least_loaded":
+
+            def current(c: Candidate) -> tuple[float, tuple[int, int]]:
+                v = load.view(c.target)
+                return (v.active_blocks + v.active_prefill_tokens / inp.block_size, c.target)
+
+            return self.score(min(pool, key=current), load, ov, inp, leg)
+        raise SelectionError("invalid_request", f"unknown policy {policy!r}")
+
+    def select(self, cands: Sequence[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput) -> Decision:
+        mode = inp.mode
+        if mode == "auto":
+            has_prefill = any(c.role == "prefill" for c in cands)
+            pinned_role = next((c.role for c in cands if c.worker_id == inp.pinned_worker_id), None)
+            mode = "disaggregated" if has_prefill and pinned_role in (None, "decode") else "aggregated"
+        if mode == "aggregated":
+            pool = self.eligible(cands, load, inp, ("aggregated", "decode"), "aggregated")
+            return Decision(self.choose(pool, load, ov, inp, "aggregated"), None, mode, inp.policy)
+        prefill_pool = self.eligible(cands, load, inp, ("prefill",), "prefill")
+        decode_pool = self.eligible(cands, load, inp, ("decode",), "decode")
+        prefill = self.choose(prefill_pool, load, ov, inp, "prefill")
+        decode = self.choose(decode_pool, load, ov, inp, "decode")
+        return Decision(decode, prefill, mode, inp.policy)

@@ -1,0 +1,47 @@
+"""Settings of `kvr scheduler` (env `KVR_<NAME>`); the common ones come from `services.runtime.config`."""
+
+from __future__ import annotations
+
+from services.runtime.config import REGISTRY, Setting
+
+
+def _opt_float(raw: str) -> float | None:
+    raw = str(raw).strip().lower()
+    if raw in ("", "none", "off"):
+        return None
+    return float(raw)
+
+
+SETTINGS = REGISTRY.register(
+    "scheduler",
+    [
+        Setting("router_id", "", "this replica's id in booking events (empty = random)"),
+        Setting("block_size", 16, "block size used when no live worker reports one", int),
+        Setting("overlap_score_credit", 1.0, "credit per device-cached block in the cost rule", float),
+        Setting("prefill_load_scale", 1.0, "weight of the prefill term in the cost rule", float),
+        Setting("host_cache_hit_weight", 0.75, "credit per host-tier cached block", float),
+        Setting("disk_cache_hit_weight", 0.25, "credit per disk-tier cached block", float),
+        Setting("router_temperature", 0.0, "softmax temperature (0 = lowest cost wins)", float),
+        Setting("selection_policy", "kv", "default policy", choices=("kv", "round_robin", "random", "least_loaded")),
+        Setting("pool_policy", [], "per-pool default policy, e.g. llama=round_robin (repeatable)", is_list=True),
+        Setting("seed", -1, "RNG seed for temperature sampling / random policy (-1 = from the OS)", int),
+        Setting("active_decode_blocks_threshold", None, "busy when active blocks / total_kv_blocks exceeds this (off)", _opt_float),
+        Setting("active_prefill_tokens_threshold", None, "busy when active prefill tokens exceed this (off)", _opt_float),
+        Setting(
+            "active_prefill_tokens_threshold_frac",
+            None,
+            "busy when active prefill tokens exceed this × max_num_batched_tokens (off)",
+            _opt_float,
+        ),
+        Setting("booking_ttl_s", 300.0, "a booking without free expires after this many seconds", float),
+        Setting("expiry_sweep_s", 1.0, "how often expired bookings are swept", float),
+        Setting("max_request_tokens", 131072, "largest prompt (tokens) accepted by select", int),
+        Setting("match_timeout_s", 1.0, "timeout of indexer.match requests", float),
+        Setting("booking_sync_timeout_s", 1.0, "bounded wait for the bookings stream before answering", float),
+        Setting("max_inflight", 64, "concurrent select handlers per pool", int),
+        Setting("embedded_indexer", False, "run the indexer inside this process (one-process deployment)", bool),
+        Setting("no_kv_events", False, "approximate mode: workers publish no KV events, predict cache from decisions", bool),
+        Setting("approx_ttl_s", 120.0, "approximate mode: lifetime of a predicted cached block", float),
+        Setting("approx_max_blocks", 1 << 20, "approximate mode: size cap of the predicted cache (blocks)", int),
+    ],
+)
