@@ -1,0 +1,155 @@
+"""`kvr epp query|cleanup` — send real epp.query / epp.cleanup requests and print the reply.
+
+Exit status: 0 = ok reply, 1 = error reply (printed), 2 = usage error or no answer.
+
+    kvr epp query --pool llama --prompt "Hello"                      # completions prompt
+    kvr epp query --pool llama --message user:"Hi" --pod vllm-0      # chat, restricted to one pod
+    kvr epp query --pool llama --token-ids 1,2,3 --no-book --return-token-ids
+    kvr epp query --pool llama --body-file request.json              # a full OpenAI body ('-' = stdin)
+    kvr epp cleanup --pool llama --request-id r-1 --phase free
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from schemas import codec
+from schemas.subjects import Names
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError("token ids must be comma-separated integers") from None
+
+
+def _message(text: str) -> dict[str, str]:
+    role, sep, content = text.partition(":")
+    if not sep or not role:
+        raise argparse.ArgumentTypeError("a message is ROLE:TEXT, e.g. user:Hello")
+    return {"role": role, "content": content}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvr epp", description="send epp.query / epp.cleanup requests to the EPP bridge")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL")
+    common.add_argument("--pool", default="default", help="pool to ask")
+    common.add_argument("--subject-prefix", default="kvr", help="subject prefix")
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    common.add_argument("--request-id", default=None, help="request id (query: default a fresh uuid)")
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    q = sub.add_parser("query", parents=[common], help="ask where to send a request")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="completions prompt text")
+    src.add_argument("--message", action="append", type=_message, help="chat message ROLE:TEXT (repeatable, in order)")
+    src.add_argument("--messages", type=_json_arg, help="chat messages as a JSON array")
+    src.add_argument("--token-ids", type=_token_ids, help="pre-tokenized prompt, sent as nvext.token_data")
+    src.add_argument("--body-file", help="file with a full OpenAI request body (JSON); '-' reads stdin")
+    q.add_argument("--model", default=None, help="model field of the body")
+    q.add_argument("--tools", type=_json_arg, default=None, help="chat tools as a JSON array")
+    q.add_argument("--nvext", type=_json_arg, default=None, help="nvext object (JSON) merged into the body")
+    q.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
+    q.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
+    q.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto")
+    q.add_argument("--policy", choices=["kv", "round_robin", "random", "least_loaded"], default=None)
+    q.add_argument("--no-book", action="store_true", help="do not book the request (dry run)")
+    q.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
+    q.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
+
+    c = sub.add_parser("cleanup", parents=[common], help="report prefill completion or free a booked request")
+    c.add_argument("--phase", choices=["prefill_complete", "free"], required=True)
+    c.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
+    return parser
+
+
+def query_payload(args: argparse.Namespace) -> dict[str, Any]:
+    if args.body_file:
+        text = sys.stdin.read() if args.body_file == "-" else open(args.body_file, encoding="utf-8").read()
+        body = json.loads(text)
+    elif args.prompt is not None:
+        body = {"prompt": args.prompt}
+    elif args.token_ids is not None:
+        body = {"prompt": "", "nvext": {"token_data": args.token_ids}}
+    else:
+        body = {"messages": args.messages if args.messages is not None else args.message}
+    if args.model:
+        body["model"] = args.model
+    if args.tools is not None:
+        body["tools"] = args.tools
+    if args.nvext:
+        body["nvext"] = {**(body.get("nvext") or {}), **args.nvext}
+    pods = [{"name": name} for name in args.pod] + list(args.pod_json)
+    payload: dict[str, Any] = {
+        "request_id": args.request_id or f"epp-cli-{uuid.uuid4().hex[:12]}",
+        "body": body,
+        "mode": args.mode,
+        "book": not args.no_book,
+        "return_token_ids": args.return_token_ids,
+    }
+    if pods:
+        payload["pods"] = pods
+    if args.policy:
+        payload["policy"] = args.policy
+    return payload
+
+
+async def send(nats_url: str, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0)
+    try:
+        ctype = codec.MSGPACK if msgpack else None
+        headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None
+        msg = await nc.request(subject, codec.encode(payload, ctype), timeout=timeout, headers=headers)
+        if codec.is_msgpack(codec.content_type_of(msg.headers)):
+            return msgspec.msgpack.decode(msg.data)
+        return msgspec.json.decode(msg.data)
+    finally:
+        await nc.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = Names(prefix=args.subject_prefix)
+    if args.action == "query":
+        try:
+            payload = query_payload(args)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"kvr epp: cannot read the body: {exc}", file=sys.stderr)
+            return 2
+        subject = names.epp_query(args.pool)
+    else:
+        if not args.request_id:
+            parser.error("cleanup needs --request-id")
+        payload = {"request_id": args.request_id, "phase": args.phase}
+        subject = names.epp_cleanup(args.pool)
+    try:
+        reply = asyncio.run(send(args.nats_url, subject, payload, args.timeout, args.msgpack))
+    except Exception as exc:  # noqa: BLE001 - connection refused, no responders, timeout
+        print(f"kvr epp: no answer on {subject}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0 if isinstance(reply, dict) and reply.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The bridge adapter against a real nats-server, with a scripted scheduler responder.
+
+The scripted scheduler lets these tests reach failure modes a healthy scheduler never shows
+(late answers, error envelopes). Decisions with the real scheduler and indexer processes are in
+test_acceptance.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from schemas import codec
+from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest, Target
+from schemas.subjects import Names
+from services.runtime.responder import ServiceError, serve
+
+from .helpers import record, register, start_bridge
+
+NAMES = Names()
+POOL = "p"
+
+
+class ScriptedScheduler:
+    def __init__(self) -> None:
+        self.selects: list[SelectRequest] = []
+        self.bookings: dict[str, str] = {}
+        self.cleanups: list[CleanupRequest] = []
+        self.delay_s = 0.0
+        self.error: ServiceError | None = None
+
+    async def start(self, nc) -> None:
+        await serve(nc, NAMES.select(POOL), SelectRequest, self.select, queue="scheduler", max_inflight=64)
+        await serve(nc, NAMES.booking(POOL), CleanupRequest, self.booking, queue="scheduler", max_inflight=64)
+
+    async def select(self, req: SelectRequest, _msg) -> SelectReply:
+        self.selects.append(req)
+        await asyncio.sleep(self.delay_s)
+        if self.error:
+            raise self.error
+        wid = (req.pinned_worker_id if req.pinned_worker_id is not None else (req.allowed_worker_ids or [1])[0])
+        if req.book:
+            self.bookings[req.request_id] = "active"
+        prefill = Target(9, 0, "vllm-9", "10.0.0.9:8000") if req.mode == "disaggregated" else None
+        return SelectReply(
+            decode=Target(wid, 0, f"vllm-{wid}", None), prefill=prefill, overlap_blocks=0,
+            isl_tokens=req.isl_tokens or 0, block_size=16, cost=1.0,
+            mode="disaggregated" if prefill else "aggregated",
+        )  # fmt: skip
+
+    async def booking(self, req: CleanupRequest, _msg) -> CleanupReply:
+        self.cleanups.append(req)
+        known = req.request_id in self.bookings
+        if known and req.phase == "free":
+            del self.bookings[req.request_id]
+        return CleanupReply(request_id=req.request_id, known=known)
+
+
+async def ask(nc, subject: str, payload, msgpack: bool = False) -> dict:
+    if msgpack:
+        msg = await nc.request(subject, codec.encode_msgpack(payload), timeout=5, headers={"Content-Type": codec.MSGPACK})
+        return msgspec.msgpack.decode(msg.data)
+    data = payload if isinstance(payload, bytes) else codec.encode_json(payload)
+    msg = await nc.request(subject, data, timeout=5)
+    return msgspec.json.decode(msg.data)
+
+
+@pytest.fixture
+async def setup(nc, nats_url):
+    sched = ScriptedScheduler()
+    await sched.start(nc)
+    bridge = await start_bridge(nc, nats_url, "--pool", POOL, "--epp-select-timeout-s", "0.3", "--epp-max-body-bytes", "20000")
+    await register(nc, [record(1), record(2, taints=["zone=a"]), record(3, dp_size=2, dp_ports=[9000, 9001])])
+    for _ in range(100):
+        if len(bridge.watcher.directory.live(POOL)) == 3:
+            break
+        await asyncio.sleep(0.02)
+    yield sched, bridge
+    await bridge.stop()
+
+
+async def test_query_maps_pods_nvext_and_headers(nc, setup):
+    sched, bridge = setup
+    payload = {
+        "request_id": "r-1",
+        "body": {"prompt": [1, 2, 3], "nvext": {"lora_name": "l", "agent_hints": {"priority": 2}, "expected_output_tokens": 9}},
+        "pods": [{"pod": {"podName": "vllm-2"}}, {"podName": "ghost"}, {"address": "10.0.0.3", "port": 9001}],
+        "return_token_ids": True,
+    }
+    reply = await ask(nc, NAMES.epp_query(POOL), payload)
+    assert reply["status"] == "ok", reply
+    sent = sched.selects[-1]
+    assert sent.allowed_worker_ids == [2, 3] and sent.lora_name == "l" and sent.priority == 2
+    assert sent.expected_output_tokens == 9 and sent.token_ids == [1, 2, 3] and sent.book
+    assert reply["token_ids"] == [1, 2, 3]
+    # The scheduler gave no endpoint; the bridge fills it from the matching pod when it has one.
+    assert reply["headers"]["x-worker-instance-id"] == "2" and reply["headers"]["x-dp-rank"] == "0"
+
+    dis = await ask(nc, NAMES.epp_query(POOL), {"request_id": "r-2", "body": {"prompt": [1]}, "mode": "disaggregated"}, msgpack=True)
+    assert dis["status"] == "ok" and dis["mode"] == "disaggregated"
+    assert dis["headers"]["x-prefill-instance-id"] == "9" and dis["headers"]["x-prefiller-host-port"] == "10.0.0.9:8000"
+
+
+async def test_rejections_never_reach_the_scheduler(nc, setup):
+    sched, _ = setup
+    cases = [
+        ({"request_id": "a", "body": {"prompt": [1]}, "pods": [{"name": "ghost"}]}, "no_workers"),
+        ({"request_id": "b", "body": {"prompt": [1], "nvext": {"routing_constraints": {"required_taints": ["zone=b"]}}}}, "constraints_unsatisfied"),
+        ({"request_id": "c", "body": {"prompt": [1], "nvext": {"routing_constraints": {"required_taints": ["zone=a"]}}}, "pods": [{"name": "vllm-1"}]}, "constraints_unsatisfied"),
+        ({"request_id": "d", "body": {"prompt": "text needs a tokenizer"}}, "invalid_request"),
+        ({"request_id": "e", "body": {"prompt": [1] * 12000}}, "invalid_request"),  # > max body bytes
+        ({"request_id": "f", "body": {}}, "invalid_request"),
+        ({"request_id": "", "body": {"prompt": [1]}}, "invalid_request"),
+    ]
+    for payload, code in cases:
+        reply = await ask(nc, NAMES.epp_query(POOL), payload)
+        assert reply["status"] == "error" and reply["error"]["code"] == code, (payload, reply)
+    assert sched.selects == []
+    big = await ask(nc, NAMES.epp_query(POOL), {"request_id": "e", "body": {"prompt": [1] * 12000}})
+    assert "limit of 20000" in big["error"]["message"]
+
+
+async def test_scheduler_errors_keep_their_code(nc, setup):
+    sched, _ = setup
+    sched.error = ServiceError("overloaded", "queue full")
+    reply = await ask(nc, NAMES.epp_query(POOL), {"request_id": "r-9", "body": {"prompt": [1]}})
+    assert reply["error"] == {"code": "overloaded", "message": "queue full"}
+
+
+async def test_late_scheduler_is_a_timeout_and_its_booking_is_freed(nc, setup):
+    sched, bridge = setup
+    sched.delay_s = 0.6  # the bridge waits 0.3 s
+    reply = await ask(nc, NAMES.epp_query(POOL), {"request_id": "late-1", "body": {"prompt": [1, 2]}})
+    assert reply["status"] == "error" and reply["error"]["code"] == "timeout"
+    for _ in range(100):
+        if "late-1" not in sched.bookings and any(c.request_id == "late-1" for c in sched.cleanups):
+            break
+        await asyncio.sleep(0.05)
+    assert "late-1" not in sched.bookings
+    assert [c.phase for c in sched.cleanups if c.request_id == "late-1"][-1] == "free"
+    # A dry run (book=false) that times out needs no compensation.
+    await ask(nc, NAMES.epp_query(POOL), {"request_id": "late-2", "body": {"prompt": [1]}, "book": False})
+    await asyncio.sleep(0.7)
+    assert not any(c.request_id == "late-2" for c in sched.cleanups)
+
+
+async def test_cleanup_forwards_and_is_idempotent(nc, setup):
+    sched, _ = setup
+    assert (await ask(nc, NAMES.epp_query(POOL), {"request_id": "c-1", "body": {"prompt": [1]}}))["status"] == "ok"
+    subj = NAMES.epp_cleanup(POOL)
+    assert (await ask(nc, subj, {"request_id": "c-1", "phase": "prefill_complete"}))["known"] is True
+    assert (await ask(nc, subj, {"request_id": "c-1", "phase": "free"})) == {"request_id": "c-1", "known": True, "status": "ok"}
+    assert (await ask(nc, subj, {"request_id": "c-1", "phase": "free"}))["known"] is False
+    assert (await ask(nc, subj, {"request_id": "nope", "phase": "free"}))["known"] is False
+    bad = await ask(nc, subj, {"request_id": "c-1", "phase": "done"})
+    assert bad["error"]["code"] == "invalid_request" and bad["error"]["path"] == "$.phase"
+
+
+async def test_no_scheduler_answers_timeout(nc, nats_url):
+    bridge = await start_bridge(nc, nats_url, "--pool", "lonely", "--epp-select-timeout-s", "0.2")
+    try:
+        reply = await ask(nc, NAMES.epp_query("lonely"), {"request_id": "x", "body": {"prompt": [1]}})
+        assert reply["error"]["code"] == "timeout"
+        reply = await ask(nc, NAMES.epp_cleanup("lonely"), {"request_id": "x", "phase": "free"})
+        assert reply["error"]["code"] == "timeout"
+    finally:
+        await bridge.stop()
