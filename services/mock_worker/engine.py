@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from schemas.events import RouterEvent, removed_event, stored_event
+from schemas.events import RouterEvent, cleared_event, removed_event, stored_event
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
 
 # --- timing model (evaluation-notes §2.2, Dynamo's default polynomial) ---------------------------
@@ -66,6 +66,7 @@ class FirstToken:
     request_id: str
     at_ms: float
     queue_ms: float  # from arrival to first admission
+    arrival_ms: float = 0.0
 
 
 @dataclass
@@ -335,7 +336,7 @@ class EngineStats:
 class Engine:
     """vLLM-style continuous batching over a `BlockPool` (evaluation-notes §2.1)."""
 
-    def __init__(self, config: EngineConfig, worker_id: int = 0, dp_rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, worker_id: int = 0, dp_rank: int = 0, first_event_id: int = 0) -> None:
         self.cfg = config
         self.worker_id = worker_id
         self.dp_rank = dp_rank
@@ -344,7 +345,9 @@ class Engine:
         self.running: list[SeqState] = []
         self.stats = EngineStats()
         self._events: list[RouterEvent] = []
-        self._next_event_id = 0
+        # A restarted worker with the same id must not reuse old event ids (the router would drop
+        # them as duplicates), so the adapter passes a clock-derived first id.
+        self._next_event_id = first_event_id
         self._admissions = 0
         self._known: set[str] = set()
 
@@ -399,6 +402,10 @@ class Engine:
         self._next_event_id += 1
         self.stats.events += 1
         return eid
+
+    def announce_cleared(self) -> None:
+        """Emit a `cleared` event: the router forgets whatever a previous incarnation stored."""
+        self._events.append(cleared_event(self.worker_id, self._event_id(), self.dp_rank))
 
     def _on_evict(self, hashes: list[int]) -> None:
         last = self._events[-1] if self._events else None
@@ -576,7 +583,7 @@ class Engine:
         if seq.first_token_ms is None:
             seq.first_token_ms = at_ms
             queue = (seq.first_admit_ms or seq.arrival_ms) - seq.arrival_ms
-            result.first_tokens.append(FirstToken(seq.request_id, at_ms, queue))
+            result.first_tokens.append(FirstToken(seq.request_id, at_ms, queue, seq.arrival_ms))
         if seq.generated >= seq.max_tokens:
             self._release(seq)
             self.running.remove(seq)

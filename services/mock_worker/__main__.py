@@ -1,0 +1,24 @@
+"""`kvr mock-workers`: a simulated engine fleet that registers, serves generate and publishes KV events."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from services.runtime.service import main_for
+
+from .settings import SETTINGS
+
+
+def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays fast
+    from .app import MockFleetApp
+
+    return MockFleetApp(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_for("mock-workers", "simulated engine fleet publishing real KV events", SETTINGS, make_app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

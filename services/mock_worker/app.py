@@ -1,0 +1,353 @@
+"""Adapter: N simulated engines in one process, each a discovery record + generate endpoint + KV events.
+
+Each `MockWorker` runs its `Engine` against the wall clock: a pass that the timing model says takes
+`d` simulated ms ends `d / speedup` real seconds after it started. Deadlines are absolute, so the
+event loop's sleep jitter does not accumulate; when the process falls behind, the next pass starts
+at the current time (the lag shows up as extra latency, as it would on an overloaded engine).
+
+Generate protocol (docs/simulation.md): request `kvr.{pool}.worker.{id}.generate` with a reply
+inbox; the worker publishes `first_token` then `done` (or one error envelope) to that inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from schemas import codec
+from schemas.codec import SchemaError
+from schemas.discovery import LoadReport, WorkerRecord
+from schemas.subjects import Names
+from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
+from services.runtime.logs import get_logger
+from services.runtime.service import Runtime
+from services.runtime.workers import delete_worker, put_worker
+
+from . import metrics as m
+from .engine import Engine, EngineConfig, PassResult
+from .publisher import KvEventPublisher
+
+log = get_logger("kvr.mock_worker")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    pool: str = "default"
+    count: int = 4
+    worker_id_base: int = 0
+    engine: EngineConfig = EngineConfig()
+    speedup: float = 1.0
+    model: str = "mock-model"
+    ttl_s: float = 15.0
+    load_interval_s: float = 1.0
+    event_batch: int = 64
+    max_inflight_acks: int = 256
+
+    @classmethod
+    def from_cfg(cls, cfg: SimpleNamespace) -> FleetConfig:
+        return cls(
+            pool=cfg.pool[0],
+            count=cfg.count,
+            worker_id_base=cfg.worker_id_base,
+            engine=EngineConfig(
+                block_size=cfg.block_size,
+                kv_blocks=cfg.kv_blocks,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_num_seqs=cfg.max_num_seqs,
+                watermark=cfg.watermark,
+            ),
+            speedup=cfg.speedup,
+            model=cfg.model,
+            ttl_s=cfg.worker_ttl_s,
+            load_interval_s=cfg.load_interval_s,
+            event_batch=cfg.event_batch,
+            max_inflight_acks=cfg.max_inflight_acks,
+        )
+
+
+def clock_worker_id_base() -> int:
+    """Fresh ids per start (multiples of 1000, below 2**53) so a restarted fleet never aliases old state."""
+    return (int(time.time() * 10) % 9_000_000_000) * 1000 + 1000
+
+
+class MockWorker:
+    def __init__(self, nc: NATS, names: Names, fleet: FleetConfig, worker_id: int) -> None:
+        if fleet.speedup <= 0:
+            raise ValueError("speedup must be > 0")
+        self.nc = nc
+        self.names = names
+        self.fleet = fleet
+        self.pool = fleet.pool
+        self.worker_id = worker_id
+        self.speedup = fleet.speedup
+        self.engine = Engine(fleet.engine, worker_id, 0, first_event_id=time.time_ns() // 1000)
+        self.publisher = KvEventPublisher(
+            nc.jetstream(),
+            names,
+            fleet.pool,
+            worker_id,
+            0,
+            max_batch=fleet.event_batch,
+            max_inflight=fleet.max_inflight_acks,
+        )
+        self._replies: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub = None
+        self._t0 = 0.0
+        self._sim_ms = 0.0
+        self.registered = False
+        self.label = str(worker_id)
+
+    @property
+    def record(self) -> WorkerRecord:
+        cfg = self.fleet.engine
+        return WorkerRecord(
+            worker_id=self.worker_id,
+            pool=self.pool,
+            model=self.fleet.model,
+            pod_name=f"mock-{self.worker_id}",
+            address="127.0.0.1",
+            port=10_000 + self.worker_id % 50_000,  # synthetic: mock workers speak NATS, not HTTP
+            block_size=cfg.block_size,
+            total_kv_blocks=cfg.kv_blocks,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+            labels={"kvr.dev/mock": "true"},
+            heartbeat_ms=int(time.time() * 1000),
+            ttl_s=self.fleet.ttl_s,
+        )
+
+    def sim_now(self) -> float:
+        return (asyncio.get_running_loop().time() - self._t0) * 1000.0 * self.speedup
+
+    async def start(self) -> None:
+        self._t0 = asyncio.get_running_loop().time()
+        self.engine.announce_cleared()
+        await self.publisher.publish(self.engine.drain_events())
+        self._sub = await self.nc.subscribe(
+            self.names.generate(self.pool, self.worker_id), cb=self._on_generate, pending_msgs_limit=1_000_000
+        )
+        await put_worker(self.nc, self.names.workers_bucket, self.record)
+        self.registered = True
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"mock-{self.worker_id}-engine"),
+            asyncio.create_task(self._heartbeat(), name=f"mock-{self.worker_id}-heartbeat"),
+        ]
+        if self.fleet.load_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._load_reports(), name=f"mock-{self.worker_id}-load"))
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.publisher.flush(5)
+        if self.registered:
+            with contextlib.suppress(Exception):
+                await delete_worker(self.nc, self.names.workers_bucket, self.pool, self.worker_id)
+            self.registered = False
+        for gauge in (m.KV_USED_BLOCKS, m.KV_ACTIVE_BLOCKS, m.RUNNING, m.WAITING):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.label)
+
+    # -- generate endpoint
+    async def _on_generate(self, msg: Msg) -> None:
+        ctype = codec.content_type_of(msg.headers)
+        try:
+            req = codec.decode(msg.data, GenerateRequest, ctype)
+        except SchemaError as exc:
+            m.REQUESTS.labels("invalid_request").inc()
+            await self._reply_error(msg.reply, "invalid_request", exc.message, exc.path)
+            return
+        if req.dp_rank != 0:
+            m.REQUESTS.labels("invalid_request").inc()
+            await self._reply_error(msg.reply, "invalid_request", f"dp_rank {req.dp_rank} not served (dp_size 1)", "$.dp_rank")
+            return
+        if not msg.reply:
+            m.REQUESTS.labels("no_reply").inc()
+            return
+        rejected = self.engine.submit(
+            req.request_id, req.token_ids, req.max_tokens, self.sim_now(), req.lora_name, req.cache_salt
+        )
+        if rejected is not None:
+            m.REQUESTS.labels("rejected").inc()
+            await self._reply_error(msg.reply, "invalid_request", rejected.reason, None)
+            return
+        self._replies[req.request_id] = msg.reply
+        self._wake.set()
+
+    async def _reply_error(self, reply: str | None, code: str, message: str, path: str | None) -> None:
+        if reply:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(reply, codec.encode_json(codec.error_reply(code, message, path)))
+
+    # -- engine loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.engine.idle:
+                self._wake.clear()
+                await self._wake.wait()
+            start = max(self._sim_ms, self.sim_now())
+            result = self.engine.step(start)
+            if result.duration_ms <= 0:
+                await self._deliver(result)
+                # nothing could be scheduled (should not happen); do not spin
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.01)
+                continue
+            self._sim_ms = result.end_ms
+            delay = self._t0 + result.end_ms / 1000.0 / self.speedup - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)  # let request handlers run even when behind
+            await self._deliver(result)
+
+    async def _deliver(self, result: PassResult) -> None:
+        if result.events:
+            await self.publisher.publish(result.events)
+        for ft in result.first_tokens:
+            reply = self._replies.get(ft.request_id)
+            if reply:
+                msg = GenerateFirstToken(
+                    request_id=ft.request_id,
+                    worker_id=self.worker_id,
+                    queue_ms=ft.queue_ms,
+                    ttft_ms=ft.at_ms - ft.arrival_ms,
+                )
+                await self.nc.publish(reply, codec.encode_json(msg))
+        for fin in result.finished:
+            reply = self._replies.pop(fin.request_id, None)
+            ttft = fin.first_token_ms - fin.arrival_ms
+            m.REQUESTS.labels("ok").inc()
+            m.PROMPT_TOKENS.inc(fin.prompt_tokens)
+            m.CACHED_TOKENS.inc(fin.cached_tokens)
+            m.OUTPUT_TOKENS.inc(fin.output_tokens)
+            m.PREEMPTIONS.inc(fin.preemptions)
+            m.TTFT.observe(ttft / 1000.0)
+            if reply:
+                done = GenerateDone(
+                    request_id=fin.request_id,
+                    worker_id=self.worker_id,
+                    prompt_tokens=fin.prompt_tokens,
+                    cached_tokens=fin.cached_tokens,
+                    output_tokens=fin.output_tokens,
+                    ttft_ms=ttft,
+                    e2e_ms=fin.at_ms - fin.arrival_ms,
+                    preemptions=fin.preemptions,
+                )
+                await self.nc.publish(reply, codec.encode_json(done))
+        eng = self.engine
+        m.KV_USED_BLOCKS.labels(self.label).set(eng.pool.used)
+        m.KV_ACTIVE_BLOCKS.labels(self.label).set(eng.pool.active)
+        m.RUNNING.labels(self.label).set(len(eng.running))
+        m.WAITING.labels(self.label).set(len(eng.waiting))
+
+    # -- discovery and load
+    async def _heartbeat(self) -> None:
+        period = max(self.fleet.ttl_s / 3.0, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await put_worker(self.nc, self.names.workers_bucket, self.record)
+            except Exception as exc:  # noqa: BLE001 - keep beating; the next put may succeed
+                log.warning("mock.heartbeat_failed", worker_id=self.worker_id, error=str(exc))
+
+    async def _load_reports(self) -> None:
+        subject = self.names.load_subject(self.pool, self.worker_id)
+        while True:
+            await asyncio.sleep(self.fleet.load_interval_s)
+            eng = self.engine
+            report = LoadReport(
+                worker_id=self.worker_id,
+                active_decode_blocks=eng.pool.active,
+                active_prefill_tokens=sum(s.target - s.computed for s in eng.running if s.prefilling),
+                kv_used_blocks=eng.pool.used,
+                kv_total_blocks=eng.pool.capacity,
+                num_requests_running=len(eng.running),
+                num_requests_waiting=len(eng.waiting),
+                ts_ms=int(time.time() * 1000),
+            )
+            with contextlib.suppress(Exception):
+                await self.nc.publish(subject, codec.encode_json(report))
+
+    def status(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, **self.engine.status(), "kv_publish_failures": self.publisher.failures}
+
+
+class MockFleet:
+    """N workers sharing one NATS connection; usable in-process (replay, tests) or via MockFleetApp."""
+
+    def __init__(self, nc: NATS, names: Names, fleet: FleetConfig) -> None:
+        base = fleet.worker_id_base or clock_worker_id_base()
+        self.fleet = fleet
+        self.workers = [MockWorker(nc, names, fleet, base + i) for i in range(fleet.count)]
+
+    @property
+    def worker_ids(self) -> list[int]:
+        return [w.worker_id for w in self.workers]
+
+    async def start(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.workers))
+        log.info("mock.fleet_started", pool=self.fleet.pool, workers=self.worker_ids, speedup=self.fleet.speedup)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        log.info("mock.fleet_stopped", pool=self.fleet.pool, workers=self.worker_ids)
+
+    def totals(self) -> dict[str, int]:
+        keys = ("requests", "finished", "prompt_tokens", "cached_tokens", "preemptions", "evictions")
+        out = dict.fromkeys(keys, 0)
+        for w in self.workers:
+            st = w.engine.status()
+            for k in keys:
+                out[k] += int(st[k])
+        return out
+
+
+class MockFleetApp:
+    """`ServiceApp` for `kvr mock-workers`."""
+
+    def __init__(self, cfg: SimpleNamespace) -> None:
+        self.cfg = cfg
+        self.fleet_cfg = FleetConfig.from_cfg(cfg)
+        self.fleet: MockFleet | None = None
+        self._ready = False
+
+    async def start(self, rt: Runtime) -> None:
+        self.fleet = MockFleet(rt.nc, rt.names, self.fleet_cfg)
+        await self.fleet.start()
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self.fleet is not None:
+            await self.fleet.stop()
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        if self.fleet is None:
+            return {}
+        return {
+            "pool": self.fleet_cfg.pool,
+            "worker_ids": self.fleet.worker_ids,
+            "totals": self.fleet.totals(),
+            "workers": [w.status() for w in self.fleet.workers],
+        }
