@@ -1,0 +1,273 @@
+"""`kvr relay`: vLLM/SGLang ZMQ KV events → KVR_KV RouterEvents, plus the worker's discovery heartbeat.
+
+Flow per dp rank: `RankIntake` (ZMQ SUB + replay) → `decode_batch` → `Converter` (RouterEvents with
+ids) → `Publisher` (bounded drop-oldest buffer → JetStream with Nats-Msg-Id). Start-up order matters:
+the per-rank event-id high-water marks are loaded *before* the sockets open, so ids never go back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import xxhash
+import zmq
+import zmq.asyncio
+
+from schemas.discovery import WorkerRecord
+from schemas.events import RouterEvent
+from services.runtime.service import Runtime
+from services.runtime.workers import delete_worker, put_worker
+
+from . import metrics
+from .convert import Converter
+from .decode import BadBatch, decode_batch
+from .ingest import RankIntake, rank_endpoints
+from .publisher import IdReservations, OutBuffer, OutMessage, Publisher
+
+WORKER_ID_MASK = (1 << 53) - 1
+
+
+def worker_id_for(pod_name: str) -> int:
+    """Deterministic worker id of a pod: xxh3_64(pod_name, seed 0) & (2**53 - 1) (JSON-safe)."""
+    return xxhash.xxh3_64_intdigest(pod_name.encode()) & WORKER_ID_MASK
+
+
+def resolve_identity(cfg: SimpleNamespace, env: dict[str, str] | None = None) -> tuple[str, int, str | None]:
+    """(pod_name, worker_id, address) from flags, then the Downward API env (POD_NAME, POD_IP)."""
+    env = dict(os.environ) if env is None else env
+    pod_name = cfg.pod_name or env.get("POD_NAME") or socket.gethostname()
+    worker_id = cfg.worker_id if cfg.worker_id >= 0 else worker_id_for(pod_name)
+    address = cfg.address or env.get("POD_IP") or None
+    return pod_name, worker_id, address
+
+
+def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int, address: str | None) -> WorkerRecord:
+    labels = {}
+    for item in cfg.labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key] = value
+    return WorkerRecord(
+        worker_id=worker_id,
+        pool=pool,
+        model=cfg.model,
+        pod_name=pod_name,
+        address=address,
+        port=cfg.port,
+        dp_start_rank=cfg.dp_start_rank,
+        dp_size=cfg.dp_size,
+        dp_ports=list(cfg.dp_ports) or None,
+        role=cfg.role,
+        block_size=cfg.block_size,
+        total_kv_blocks=cfg.total_kv_blocks or None,
+        max_num_batched_tokens=cfg.max_num_batched_tokens or None,
+        max_num_seqs=cfg.max_num_seqs or None,
+        taints=list(cfg.taints),
+        labels=labels,
+        heartbeat_ms=0,
+        ttl_s=cfg.heartbeat_ttl_s,
+    )
+
+
+class RelayApp:
+    def __init__(self, cfg: SimpleNamespace) -> None:
+        self.cfg = cfg
+        if len(cfg.pool) != 1:
+            raise ValueError(f"the relay serves exactly one pool, got {cfg.pool}")
+        self.pool = cfg.pool[0]
+        self.pod_name, self.worker_id, self.address = resolve_identity(cfg)
+        self.record = worker_record(cfg, self.pool, self.pod_name, self.worker_id, self.address)  # validates flags
+        self.endpoints = rank_endpoints(list(cfg.zmq), cfg.dp_start_rank, cfg.dp_size)
+        self.replay_endpoints = rank_endpoints(list(cfg.replay), cfg.dp_start_rank, cfg.dp_size)
+        if not self.endpoints:
+            raise ValueError("no --zmq endpoint given")
+        self.converter = Converter(
+            self.worker_id,
+            cfg.block_size,
+            max_batch_blocks=cfg.max_batch_blocks,
+            hash_map_capacity=cfg.hash_map_capacity,
+            salt_from_extra_keys=cfg.salt_from_extra_keys,
+        )
+        self.rt: Runtime | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.intakes: list[RankIntake] = []
+        self.publisher: Publisher | None = None
+        self.ids: IdReservations | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._ready = False
+        self._registered = False
+        self.invalid_batches = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        cfg = self.cfg
+        self.ids = IdReservations(rt.nc, cfg.relay_bucket, self.pool, self.worker_id, cfg.id_reserve_step)
+        for rank in self.endpoints:
+            self.converter.set_next_id(rank, await self.ids.load(rank))
+        self.publisher = Publisher(
+            rt.nc,
+            OutBuffer(cfg.buffer_messages),
+            pool=self.pool,
+            worker_id=self.worker_id,
+            reserve=self.ids.ensure,
+            timeout_s=cfg.publish_timeout_s,
+            msgpack=cfg.publish_encoding == "msgpack",
+            max_events=cfg.max_events_per_message,
+        )
+        self.publisher.start()
+        if cfg.discovery:
+            await self._heartbeat_once()
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
+        self.ctx = zmq.asyncio.Context()
+        for rank, endpoint in self.endpoints.items():
+            intake = RankIntake(
+                self.ctx,
+                rank,
+                endpoint,
+                self.replay_endpoints.get(rank),
+                topic=cfg.topic,
+                apply=self.apply_batch,
+                clear=self.clear_rank,
+                clear_on_start=cfg.clear_on_start,
+                replay_timeout_s=cfg.replay_timeout_s,
+                hwm=cfg.zmq_hwm,
+            )
+            intake.start()
+            self.intakes.append(intake)
+        rt.log.info(
+            "relay.started",
+            pool=self.pool,
+            worker_id=self.worker_id,
+            pod_name=self.pod_name,
+            zmq=self.endpoints,
+            replay=self.replay_endpoints,
+            next_ids={r: self.converter.next_id(r) for r in self.endpoints},
+        )
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        for intake in self.intakes:
+            await intake.stop()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self.publisher is not None:
+            if not await self.publisher.flushed(5.0) and self.rt is not None:
+                self.rt.log.warning("relay.unflushed_at_stop", pending=self.publisher.pending())
+            await self.publisher.stop()
+        if self._registered and self.rt is not None:
+            try:
+                await asyncio.wait_for(delete_worker(self.rt.nc, self.rt.names.workers_bucket, self.pool, self.worker_id), 3)
+                self.rt.log.info("relay.deregistered", worker_id=self.worker_id)
+            except Exception as exc:  # noqa: BLE001 - the record then expires by TTL
+                self.rt.log.warning("relay.deregister_failed", error=str(exc))
+        if self.ctx is not None:
+            self.ctx.term()
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "worker_id": self.worker_id,
+            "pod_name": self.pod_name,
+            "ranks": {
+                str(i.dp_rank): {"last_seq": i.tracker.last, "batches": i.live_batches, "replays": i.replays}
+                for i in self.intakes
+            },
+            "next_event_ids": {str(r): s.next_id for r, s in self.converter.ranks.items()},
+            "buffered": self.publisher.pending() if self.publisher else 0,
+            "published_events": self.publisher.published_events if self.publisher else 0,
+            "invalid_batches": self.invalid_batches,
+        }
+
+    # -- events --------------------------------------------------------------------------------
+
+    def apply_batch(self, dp_rank: int, seq: int, payload: bytes, source: str) -> None:
+        try:
+            batch = decode_batch(payload)
+        except BadBatch as exc:
+            self.invalid_batches += 1
+            metrics.INVALID.labels(exc.reason).inc()
+            if self.rt is not None:
+                self.rt.log.warning("relay.bad_batch", dp_rank=dp_rank, seq=seq, reason=exc.reason, detail=exc.detail[:200])
+            return
+        # The socket a batch arrived on decides its rank (the envelope's rank is informational).
+        self._emit(dp_rank, self.converter.convert(dp_rank, batch.events))
+
+    def clear_rank(self, dp_rank: int, cause: str) -> None:
+        metrics.CLEARED_SENT.labels(cause).inc()
+        self._emit(dp_rank, self.converter.clear(dp_rank), unbounded=True)
+
+    def _emit(self, dp_rank: int, events: list[RouterEvent], unbounded: bool = False) -> None:
+        self._count()
+        if not events or self.publisher is None or self.rt is None:
+            return
+        n_blocks = 0
+        for ev in events:
+            data = ev.event.data
+            if not isinstance(data, str):
+                n_blocks += len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
+        msg = OutMessage(self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank), dp_rank, events, n_blocks)
+        if unbounded:
+            self.publisher.push_unbounded(msg)
+            return
+        dropped = self.publisher.offer(msg)
+        if dropped:
+            self._on_dropped(dropped)
+
+    def _on_dropped(self, dropped: list[OutMessage]) -> None:
+        """Dropped removes would leave stale blocks in the index: clear each affected rank once."""
+        ranks = set()
+        for msg in dropped:
+            metrics.DROPPED_MESSAGES.inc()
+            metrics.DROPPED_EVENTS.inc(len(msg.events))
+            ranks.add(msg.dp_rank)
+        if self.rt is not None:
+            self.rt.log.warning("relay.buffer_dropped", messages=len(dropped), ranks=sorted(ranks))
+        for rank in sorted(ranks):
+            self.clear_rank(rank, "buffer_overflow")
+
+    def _count(self) -> None:
+        counts = self.converter.drain_counts()
+        if not counts:
+            return
+        for name, n in counts.items():
+            if name == "events_in":
+                metrics.EVENTS_IN.inc(n)
+            elif name == "blocks_out":
+                metrics.BLOCKS_OUT.inc(n)
+            elif name.startswith("out_"):
+                metrics.EVENTS_OUT.labels(name[4:]).inc(n)
+            elif name.startswith("invalid_"):
+                metrics.INVALID.labels(name[8:]).inc(n)
+            else:
+                metrics.CONVERT.labels(name).inc(n)
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    async def _heartbeat_once(self) -> None:
+        assert self.rt is not None
+        self.record.heartbeat_ms = int(time.time() * 1000)
+        try:
+            await asyncio.wait_for(put_worker(self.rt.nc, self.rt.names.workers_bucket, self.record), 5)
+            self._registered = True
+            metrics.HEARTBEATS.inc()
+        except Exception as exc:  # noqa: BLE001 - retried on the next tick
+            metrics.HEARTBEAT_FAILURES.inc()
+            self.rt.log.warning("relay.heartbeat_failed", error=str(exc) or type(exc).__name__)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.05, self.cfg.heartbeat_ttl_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            await self._heartbeat_once()

@@ -1,0 +1,49 @@
+"""Prometheus metrics of `kvr relay` (names prefixed `kvr_relay_`)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ZMQ_BATCHES = Counter("kvr_relay_zmq_batches_total", "engine batches received (live and replayed)", ["dp_rank", "source"])
+INVALID = Counter(
+    "kvr_relay_invalid_total",
+    "frames / batches / events skipped as unreadable, by reason "
+    "(frames, seq, bad_msgpack, bad_envelope, bad_event, unknown_event)",
+    ["reason"],
+)
+EVENTS_IN = Counter("kvr_relay_engine_events_total", "engine events decoded (all types)")
+EVENTS_OUT = Counter("kvr_relay_router_events_total", "RouterEvents produced, by kind", ["kind"])
+BLOCKS_OUT = Counter("kvr_relay_router_blocks_total", "blocks in produced stored/removed RouterEvents")
+CONVERT = Counter(
+    "kvr_relay_convert_total",
+    "conversion outcomes, by what happened "
+    "(stores_cut, unresolved_stores, dedup_stores, dedup_removes, block_size_mismatch, unknown_medium)",
+    ["what"],
+)
+SEQ_GAPS = Counter("kvr_relay_seq_gaps_total", "forward jumps in the ZMQ sequence", ["dp_rank"])
+REPLAY_REQUESTS = Counter("kvr_relay_replay_requests_total", "replay requests sent", ["dp_rank"])
+REPLAYED_BATCHES = Counter("kvr_relay_replayed_batches_total", "batches recovered through the replay socket", ["dp_rank"])
+UNRECOVERABLE_GAPS = Counter(
+    "kvr_relay_unrecoverable_gaps_total", "gaps replay could not fill (a cleared was published)", ["dp_rank"]
+)
+ENGINE_RESTARTS = Counter(
+    "kvr_relay_engine_restarts_total", "ZMQ sequence went backwards (a cleared was published)", ["dp_rank"]
+)
+DUPLICATES = Counter("kvr_relay_duplicate_batches_total", "live batches already applied by a replay", ["dp_rank"])
+CLEARED_SENT = Counter("kvr_relay_cleared_total", "cleared events emitted by the relay itself, by cause", ["cause"])
+
+PUBLISHED_MESSAGES = Counter("kvr_relay_published_messages_total", "messages acknowledged by JetStream")
+PUBLISHED_EVENTS = Counter("kvr_relay_published_events_total", "RouterEvents acknowledged by JetStream")
+PUBLISHED_BLOCKS = Counter("kvr_relay_published_blocks_total", "blocks acknowledged by JetStream")
+PUBLISH_DUPLICATES = Counter("kvr_relay_publish_duplicates_total", "publishes JetStream reported as duplicates")
+PUBLISH_FAILURES = Counter("kvr_relay_publish_failures_total", "failed publish attempts (retried)")
+DROPPED_MESSAGES = Counter("kvr_relay_dropped_messages_total", "messages dropped from a full buffer (oldest first)")
+DROPPED_EVENTS = Counter("kvr_relay_dropped_events_total", "RouterEvents dropped from a full buffer")
+BUFFERED = Gauge("kvr_relay_buffer_messages", "messages waiting to be published")
+PUBLISH_SECONDS = Histogram(
+    "kvr_relay_publish_seconds", "JetStream publish round trip", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+)
+ID_RESERVATIONS = Counter("kvr_relay_id_reservations_total", "event-id high-water marks written to the relay bucket")
+
+HEARTBEATS = Counter("kvr_relay_heartbeats_total", "discovery record puts")
+HEARTBEAT_FAILURES = Counter("kvr_relay_heartbeat_failures_total", "failed discovery record puts")

@@ -1,0 +1,261 @@
+"""A fake vLLM engine speaking vLLM's exact KV-event wire format (peer-routers-notes.md §B).
+
+- PUB socket (an XPUB, which subscribers cannot tell apart, so tests can wait for the subscription)
+  sending `[topic, seq (8-byte big-endian), msgpack payload]`, seq from 0 per process;
+- envelope `KVEventBatch(ts, events, data_parallel_rank)` as msgspec `array_like=True, omit_defaults`;
+- events in both encodings: "legacy" (vLLM ≤ 0.25: tagged positional arrays) and "map"
+  (≥ 0.26: maps with `"type"`), declared as msgspec structs exactly like vLLM's;
+- ROUTER replay socket: request `[identity, b"", start_seq]`, reply one frame set per buffered
+  batch with seq ≥ start, then the end marker seq = -1 with an empty payload; `replay_with_topic`
+  selects the ≥ 0.26 reply shape `[topic, seq, payload]` over the older `[seq, payload]`.
+
+Engine block hashes are the low 64 bits of sha256(parent, tokens, extra) — opaque to the relay,
+like vLLM's. `hash_bytes=True` sends the full 32-byte digests instead (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+ExternalBlockHash = bytes | int
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+# vLLM ≤ 0.25: tagged, array-like events.
+class LegacyEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class LegacyBlockStored(LegacyEvent, tag="BlockStored"):
+    block_hashes: list[ExternalBlockHash]
+    parent_block_hash: ExternalBlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None = None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+
+
+class LegacyBlockRemoved(LegacyEvent, tag="BlockRemoved"):
+    block_hashes: list[ExternalBlockHash]
+    medium: str | None
+
+
+class LegacyAllBlocksCleared(LegacyEvent, tag="AllBlocksCleared"):
+    pass
+
+
+# vLLM ≥ 0.26 (PR #42892): tagged maps with "type".
+class MapEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True, tag_field="type"):
+    pass
+
+
+class MapBlockStored(MapEvent, tag="BlockStored"):
+    block_hashes: list[ExternalBlockHash]
+    parent_block_hash: ExternalBlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+
+
+class MapBlockRemoved(MapEvent, tag="BlockRemoved"):
+    block_hashes: list[ExternalBlockHash]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+
+
+class MapAllBlocksCleared(MapEvent, tag="AllBlocksCleared"):
+    pass
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def engine_hash(parent: bytes | None, tokens: list[int], extra: Any = None) -> bytes:
+    h = hashlib.sha256()
+    h.update(parent or b"NONE_HASH")
+    h.update(repr((tuple(tokens), extra)).encode())
+    return h.digest()
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        pub_port: int,
+        replay_port: int | None = None,
+        *,
+        topic: str = "",
+        encoding: str = "legacy",
+        dp_rank: int = 0,
+        block_size: int = 16,
+        buffer_steps: int = 10_000,
+        hash_bytes: bool = False,
+        replay_with_topic: bool = True,
+    ) -> None:
+        assert encoding in ("legacy", "map")
+        self.pub_port = pub_port
+        self.replay_port = replay_port
+        self.topic = topic.encode()
+        self.encoding = encoding
+        self.dp_rank = dp_rank
+        self.block_size = block_size
+        self.buffer_steps = buffer_steps
+        self.hash_bytes = hash_bytes
+        self.replay_with_topic = replay_with_topic
+        self.seq = 0
+        self.buffer: list[tuple[int, bytes]] = []
+        self.drop_next = 0  # batches to number and buffer but not send (a PUB-side drop)
+        self.ctx = zmq.asyncio.Context()
+        self.pub: zmq.asyncio.Socket | None = None
+        self.router: zmq.asyncio.Socket | None = None
+        self._replay_task: asyncio.Task[None] | None = None
+        self.replay_requests: list[int] = []
+        # digest of every cached block → its tokens, to emit realistic chained hashes
+        self.blocks: dict[bytes, list[int]] = {}
+
+    # -- sockets -------------------------------------------------------------------------------
+
+    def start(self) -> FakeEngine:
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
+        if self.replay_port is not None:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.bind(f"tcp://127.0.0.1:{self.replay_port}")
+            self._replay_task = asyncio.create_task(self._serve_replay())
+        return self
+
+    async def wait_subscribed(self, timeout: float = 5.0) -> None:
+        assert self.pub is not None
+        if not await self.pub.poll(int(timeout * 1000)):
+            raise TimeoutError("no subscriber connected to the fake engine")
+        await self.pub.recv()  # the subscription message
+
+    async def close(self) -> None:
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            try:
+                await self._replay_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        for sock in (self.pub, self.router):
+            if sock is not None:
+                sock.close(linger=0)
+        self.ctx.term()
+
+    def restart_numbering(self) -> None:
+        """What a process restart looks like on the wire: seq from 0, empty replay buffer and cache."""
+        self.seq = 0
+        self.buffer.clear()
+        self.blocks.clear()
+
+    async def _serve_replay(self) -> None:
+        assert self.router is not None
+        while True:
+            frames = await self.router.recv_multipart()
+            if len(frames) != 3:
+                continue
+            client, _, start_b = frames
+            start = int.from_bytes(start_b, "big")
+            self.replay_requests.append(start)
+            for seq, payload in list(self.buffer):
+                if seq >= start:
+                    seq_b = seq.to_bytes(8, "big")
+                    head = [client, b"", self.topic] if self.replay_with_topic else [client, b""]
+                    await self.router.send_multipart([*head, seq_b, payload])
+            head = [client, b"", self.topic] if self.replay_with_topic else [client, b""]
+            await self.router.send_multipart([*head, END_SEQ, b""])
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def send_raw(self, frames: list[bytes]) -> None:
+        assert self.pub is not None
+        await self.pub.send_multipart(frames)
+
+    async def publish(self, events: list[Any]) -> int:
+        """Publish one batch of already-built event structs; returns its seq."""
+        payload = _encoder.encode(EventBatch(ts=time.time(), events=events, data_parallel_rank=self.dp_rank))
+        return await self.publish_payload(payload)
+
+    async def publish_payload(self, payload: bytes) -> int:
+        seq = self.seq
+        self.seq += 1
+        self.buffer.append((seq, payload))
+        del self.buffer[: -self.buffer_steps]
+        if self.drop_next > 0:
+            self.drop_next -= 1
+        else:
+            await self.send_raw([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def _ext(self, digest: bytes) -> ExternalBlockHash:
+        return digest if self.hash_bytes else int.from_bytes(digest[-8:], "big")
+
+    def stored(
+        self,
+        tokens: list[int],
+        parent: bytes | None = None,
+        *,
+        medium: str | None = "GPU",
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        group_idx: int | None = None,
+        token_less: bool = False,
+    ) -> tuple[Any, list[bytes]]:
+        """A BlockStored for the full blocks of `tokens` after `parent`; returns (event, digests)."""
+        bs = self.block_size
+        digests: list[bytes] = []
+        prev = parent
+        extra_keys: list[tuple[Any, ...] | None] = []
+        for i in range(len(tokens) // bs):
+            chunk = tokens[i * bs : (i + 1) * bs]
+            keys: tuple[Any, ...] = ()
+            if lora_name:
+                keys += (lora_name,)
+            if cache_salt and i == 0 and parent is None:
+                keys += (cache_salt,)
+            extra_keys.append(keys or None)
+            prev = engine_hash(prev, chunk, keys)
+            self.blocks[prev] = chunk
+            digests.append(prev)
+        hashes = [self._ext(d) for d in digests]
+        parent_ext = None if parent is None else self._ext(parent)
+        ids = [] if token_less else tokens[: len(digests) * bs]
+        extra = extra_keys if any(extra_keys) else None
+        if self.encoding == "legacy":
+            ev: Any = LegacyBlockStored(hashes, parent_ext, ids, bs, None, medium, lora_name, extra)
+        else:
+            ev = MapBlockStored(hashes, parent_ext, ids, bs, None, medium, lora_name, extra, group_idx, "full_attention")
+        return ev, digests
+
+    def removed(self, digests: list[bytes], medium: str | None = "GPU") -> Any:
+        hashes = [self._ext(d) for d in digests]
+        return LegacyBlockRemoved(hashes, medium) if self.encoding == "legacy" else MapBlockRemoved(hashes, medium)
+
+    def cleared(self) -> Any:
+        return LegacyAllBlocksCleared() if self.encoding == "legacy" else MapAllBlocksCleared()
