@@ -1,0 +1,601 @@
+"""The prefix index: a radix tree over local block hashes, folded from KV-cache events (PROTOCOL.md §2).
+
+Pure and deterministic: no I/O, no clocks. The same event sequence always gives the same tree, and
+`dump()` / `to_snapshot()` are canonical, so replicas and restored processes can be compared.
+
+Layout (chosen for speed and memory in CPython):
+- A node is one *path* of local hashes from the root; `children` maps local hash → node and is
+  allocated only when the node gets a child (most nodes are leaves).
+- Membership is a bitmask over small per-(worker_id, dp_rank) *slots*: one int per node and tier,
+  so `find_matches` narrows the active worker set with one `&` per block.
+- Each (worker, dp_rank) keeps, per storage tier, `engine block hash → node`: parent lookups and
+  removals are O(1), and the tree size of a worker is the length of its device map.
+- A node lives as long as some worker holds it in some tier or it has children, so a worker that
+  still holds a deep block whose middle ancestor was evicted keeps it (its leading prefix simply
+  stops at the gap), and a re-stored ancestor reconnects it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from schemas.events import RouterEvent, StoredBlock, cleared_event, removed_event, stored_event
+
+TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
+LOWER_TIERS: tuple[str, ...] = TIERS[1:]
+EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
+OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block")
+DEVICE = "device"
+SNAPSHOT_VERSION = 1
+
+WorkerKey = tuple[int, int]  # (worker_id, dp_rank)
+
+
+@dataclass
+class OverlapScores:
+    scores: dict[WorkerKey, int] = field(default_factory=dict)
+    tier_scores: dict[str, dict[WorkerKey, int]] = field(default_factory=dict)
+    tree_sizes: dict[WorkerKey, int] = field(default_factory=dict)
+
+
+class _Node:
+    __slots__ = ("children", "mask", "parent", "key", "tiers", "alias")
+
+    def __init__(self, parent: _Node | None, key: int) -> None:
+        self.children: dict[int, _Node] | None = None
+        self.mask = 0  # device-tier membership, one bit per worker slot
+        self.parent = parent
+        self.key = key  # local (tokens) hash of this block
+        self.tiers: dict[str, int] | None = None  # lower-tier membership masks
+        # Extra references when one worker maps several engine hashes onto the same node of a tier;
+        # the bit is cleared only when the last one goes.
+        self.alias: dict[tuple[str, int], int] | None = None
+
+
+class _Worker:
+    __slots__ = ("key", "slot", "bit", "blocks")
+
+    def __init__(self, key: WorkerKey, slot: int) -> None:
+        self.key = key
+        self.slot = slot
+        self.bit = 1 << slot
+        self.blocks: dict[str, dict[int, _Node]] = {DEVICE: {}}
+
+    def resolve(self, block_hash: int, tier: str) -> _Node | None:
+        """A parent reference: the event's own tier first, then device, then the slower tiers."""
+        own = self.blocks.get(tier)
+        if own is not None:
+            node = own.get(block_hash)
+            if node is not None:
+                return node
+        for t in TIERS:
+            if t == tier:
+                continue
+            lk = self.blocks.get(t)
+            if lk is not None:
+                node = lk.get(block_hash)
+                if node is not None:
+                    return node
+        return None
+
+    def total(self) -> int:
+        return sum(len(lk) for lk in self.blocks.values())
+
+
+class PrefixIndex:
+    def __init__(self) -> None:
+        self.root = _Node(None, 0)
+        self._workers: dict[WorkerKey, _Worker] = {}
+        self._slot_keys: list[WorkerKey | None] = []
+        self._free_slots: list[int] = []
+        self.cursors: dict[WorkerKey, int] = {}
+        self.counters: dict[tuple[str, str], int] = {(t, o): 0 for t in EVENT_TYPES for o in OUTCOMES}
+        self.gaps = 0  # events applied after a forward jump of the event id (also counted when the apply failed)
+        self.nodes = 0  # live nodes, root excluded
+        self.lower_tier_blocks = 0  # entries in host_pinned/disk/external; 0 keeps find_matches device-only
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def apply(self, event: RouterEvent) -> str:
+        ev = event.event
+        key = (event.worker_id, ev.dp_rank)
+        data = ev.data
+        if isinstance(data, str):
+            kind = "cleared"
+        elif data.stored is not None:
+            kind = "stored"
+        else:
+            kind = "removed"
+        eid = ev.event_id
+        last = self.cursors.get(key)
+        gap = False
+        if last is not None:
+            if eid <= last:
+                self.counters[(kind, "duplicate")] += 1
+                return "duplicate"
+            gap = eid != last + 1
+        self.cursors[key] = eid
+        if kind == "stored":
+            outcome = self._store(key, event.storage_tier, data.stored)  # type: ignore[union-attr, arg-type]
+        elif kind == "removed":
+            outcome = self._remove(key, event.storage_tier, data.removed.block_hashes)  # type: ignore[union-attr]
+        else:
+            self._clear(key)
+            outcome = "ok"
+        if gap:
+            self.gaps += 1
+            if outcome == "ok":
+                outcome = "gap"
+        self.counters[(kind, outcome)] += 1
+        return outcome
+
+    def apply_all(self, events: Iterable[RouterEvent]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def _worker(self, key: WorkerKey) -> _Worker:
+        w = self._workers.get(key)
+        if w is None:
+            if self._free_slots:
+                slot = heapq.heappop(self._free_slots)  # lowest free slot keeps masks short
+                self._slot_keys[slot] = key
+            else:
+                slot = len(self._slot_keys)
+                self._slot_keys.append(key)
+            w = self._workers[key] = _Worker(key, slot)
+        return w
+
+    def _release_if_empty(self, w: _Worker) -> None:
+        if w.total() == 0:
+            del self._workers[w.key]
+            self._slot_keys[w.slot] = None
+            heapq.heappush(self._free_slots, w.slot)
+
+    def _store(self, key: WorkerKey, tier: str, stored: Any) -> str:
+        blocks: list[StoredBlock] = stored.blocks
+        parent_hash = stored.parent_hash
+        prev = parent_hash
+        for b in blocks:
+            if b.block_hash == prev:  # a block cannot be its own parent (Dynamo: InvalidBlockSequence)
+                return "invalid_block"
+            prev = b.block_hash
+        if parent_hash is None:
+            parent = self.root
+        else:
+            existing = self._workers.get(key)
+            parent = existing.resolve(parent_hash, tier) if existing is not None else None
+            if parent is None:
+                return "parent_not_found"
+        w = self._worker(key)
+        lk = w.blocks.get(tier)
+        if lk is None:
+            lk = w.blocks[tier] = {}
+        bit = w.bit
+        device = tier == DEVICE
+        for b in blocks:
+            t = b.tokens_hash
+            ch = parent.children
+            if ch is None:
+                ch = parent.children = {}
+                node = None
+            else:
+                node = ch.get(t)
+            if node is None:
+                node = ch[t] = _Node(parent, t)
+                self.nodes += 1
+            e = b.block_hash
+            old = lk.get(e)
+            if old is not node:
+                lk[e] = node
+                if device:
+                    if node.mask & bit:
+                        self._add_alias(node, tier, w.slot)
+                    else:
+                        node.mask |= bit
+                else:
+                    self._link_lower(node, tier, w)
+                # Unlink the old position only after linking the new one: the old node may be a
+                # descendant of `node`, and pruning it must not take `node` along.
+                if old is not None:
+                    self._unlink(old, tier, w)
+                elif not device:
+                    self.lower_tier_blocks += 1
+            parent = node
+        return "ok"
+
+    def _add_alias(self, node: _Node, tier: str, slot: int) -> None:
+        if node.alias is None:
+            node.alias = {}
+        k = (tier, slot)
+        node.alias[k] = node.alias.get(k, 0) + 1
+
+    def _link_lower(self, node: _Node, tier: str, w: _Worker) -> None:
+        if node.tiers is None:
+            node.tiers = {}
+        m = node.tiers.get(tier, 0)
+        if m & w.bit:
+            self._add_alias(node, tier, w.slot)
+        else:
+            node.tiers[tier] = m | w.bit
+
+    def _unlink(self, node: _Node, tier: str, w: _Worker) -> None:
+        """Drop one reference of worker `w` to `node` in `tier`; prune nodes nobody needs."""
+        alias = node.alias
+        if alias is not None:
+            k = (tier, w.slot)
+            n = alias.get(k)
+            if n:
+                if n == 1:
+                    del alias[k]
+                    if not alias:
+                        node.alias = None
+                else:
+                    alias[k] = n - 1
+                return
+        if tier == DEVICE:
+            node.mask &= ~w.bit
+        else:
+            tiers = node.tiers
+            m = tiers[tier] & ~w.bit  # type: ignore[index]
+            if m:
+                tiers[tier] = m  # type: ignore[index]
+            else:
+                del tiers[tier]  # type: ignore[union-attr]
+                if not tiers:
+                    node.tiers = None
+        root = self.root
+        while node is not root and not node.mask and node.tiers is None and not node.children:
+            parent = node.parent
+            del parent.children[node.key]  # type: ignore[union-attr]
+            if not parent.children:
+                parent.children = None
+            self.nodes -= 1
+            node = parent  # type: ignore[assignment]
+
+    def _remove(self, key: WorkerKey, tier: str, hashes: Sequence[int]) -> str:
+        w = self._workers.get(key)
+        lk = w.blocks.get(tier) if w is not None else None
+        if lk is None:
+            return "block_not_found"
+        outcome = "ok"
+        device = tier == DEVICE
+        for e in hashes:
+            node = lk.pop(e, None)
+            if node is None:
+                outcome = "block_not_found"
+                continue
+            if not device:
+                self.lower_tier_blocks -= 1
+            self._unlink(node, tier, w)  # type: ignore[arg-type]
+        self._release_if_empty(w)  # type: ignore[arg-type]
+        return outcome
+
+    def _clear(self, key: WorkerKey) -> int:
+        """Drop every block of one (worker, dp_rank) in every tier; returns how many."""
+        w = self._workers.get(key)
+        if w is None:
+            return 0
+        dropped = 0
+        for tier, lk in w.blocks.items():
+            dropped += len(lk)
+            if tier != DEVICE:
+                self.lower_tier_blocks -= len(lk)
+            for node in lk.values():
+                self._unlink(node, tier, w)
+            lk.clear()
+        self._release_if_empty(w)
+        return dropped
+
+    def remove_worker(self, worker_id: int) -> int:
+        """Discovery says the worker is gone: drop all its dp ranks, blocks and event-id cursors."""
+        dropped = 0
+        for key in [k for k in self._workers if k[0] == worker_id]:
+            dropped += self._clear(key)
+        for key in [k for k in self.cursors if k[0] == worker_id]:
+            del self.cursors[key]
+        return dropped
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def find_matches(self, local_hashes: Sequence[int], early_exit: bool = False) -> OverlapScores:
+        out = OverlapScores(tree_sizes=self.tree_sizes())
+        scores = out.scores
+        slot_keys = self._slot_keys
+        children = self.root.children
+        active = 0
+        depth = 0
+        for h in local_hashes:
+            if children is None:
+                break
+            child = children.get(h)
+            if child is None:
+                break
+            m = child.mask
+            if depth:
+                narrowed = active & m
+                if narrowed != active:
+                    dropped = active ^ narrowed
+                    while dropped:
+                        low = dropped & -dropped
+                        scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
+                        dropped ^= low
+                    active = narrowed
+            else:
+                active = m
+            if not active:
+                break
+            depth += 1
+            if early_exit and not active & (active - 1):
+                break
+            children = child.children
+        while active:
+            low = active & -active
+            scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
+            active ^= low
+        if self.lower_tier_blocks:
+            out.tier_scores = self._tier_scores(local_hashes, scores)
+        return out
+
+    def _tier_scores(self, local_hashes: Sequence[int], device_scores: dict[WorkerKey, int]) -> dict[str, dict[WorkerKey, int]]:
+        """Per lower tier: leading blocks held in this tier or a faster one, minus what faster tiers
+        already cover (Dynamo §4.3: lower-tier counts exclude blocks counted in faster tiers)."""
+        result: dict[str, dict[WorkerKey, int]] = {}
+        covered = dict(device_scores)
+        for i in range(1, len(TIERS)):
+            tiers = TIERS[1 : i + 1]
+            cumulative = self._prefix_depths(local_hashes, tiers)
+            beyond = {}
+            for k, d in cumulative.items():
+                extra = d - covered.get(k, 0)
+                if extra > 0:
+                    beyond[k] = extra
+            if beyond:
+                result[TIERS[i]] = beyond
+            covered = cumulative
+        return result
+
+    def _prefix_depths(self, local_hashes: Sequence[int], lower: tuple[str, ...]) -> dict[WorkerKey, int]:
+        depths: dict[WorkerKey, int] = {}
+        children = self.root.children
+        active = 0
+        depth = 0
+        for h in local_hashes:
+            child = children.get(h) if children is not None else None
+            if child is None:
+                break
+            m = child.mask
+            if child.tiers is not None:
+                for t in lower:
+                    m |= child.tiers.get(t, 0)
+            narrowed = active & m if depth else m
+            dropped = active ^ narrowed if depth else 0
+            while dropped:
+                low = dropped & -dropped
+                depths[self._slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
+                dropped ^= low
+            active = narrowed
+            if not active:
+                break
+            depth += 1
+            children = child.children
+        while active:
+            low = active & -active
+            depths[self._slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
+            active ^= low
+        return depths
+
+    def tree_sizes(self) -> dict[WorkerKey, int]:
+        """Device blocks per (worker, dp_rank), for every worker holding any."""
+        return {k: n for k, w in self._workers.items() if (n := len(w.blocks[DEVICE]))}
+
+    # ---- sizes ------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> int:
+        """(block, worker) entries over all tiers."""
+        return sum(w.total() for w in self._workers.values())
+
+    def worker_keys(self) -> list[WorkerKey]:
+        return sorted(self._workers)
+
+    def tier_blocks(self) -> dict[str, int]:
+        out = {t: 0 for t in TIERS}
+        for w in self._workers.values():
+            for t, lk in w.blocks.items():
+                out[t] += len(lk)
+        return out
+
+    # ---- canonical dump ---------------------------------------------------------------------
+
+    def _bfs(self) -> list[_Node]:
+        """Nodes in breadth-first order, children by local hash: independent of insertion order."""
+        order: list[_Node] = []
+        frontier = [self.root]
+        while frontier:
+            nxt: list[_Node] = []
+            for node in frontier:
+                if node.children:
+                    for k in sorted(node.children):
+                        nxt.append(node.children[k])
+            order.extend(nxt)
+            frontier = nxt
+        return order
+
+    def _entries_by_node(self) -> dict[int, list[tuple[WorkerKey, str, int]]]:
+        by_node: dict[int, list[tuple[WorkerKey, str, int]]] = {}
+        for key, w in self._workers.items():
+            for tier, lk in w.blocks.items():
+                for e, node in lk.items():
+                    by_node.setdefault(id(node), []).append((key, tier, e))
+        for entries in by_node.values():
+            entries.sort(key=lambda x: (x[0], TIERS.index(x[1]), x[2]))
+        return by_node
+
+    def dump(self) -> list[RouterEvent]:
+        """Single-block stored events, breadth first, that rebuild this tree in an empty index.
+
+        A worker that holds a block but none of its ancestor's (evicted middle block) cannot be
+        expressed with stores alone: the dump stores the missing ancestors under synthetic engine
+        hashes the worker does not use and removes them right after, which leaves exactly the
+        original memberships. Event ids are synthetic, consecutive from 0 per (worker, dp_rank).
+        """
+        by_node = self._entries_by_node()
+        next_id: dict[WorkerKey, int] = {}
+        out: list[RouterEvent] = []
+
+        def eid(key: WorkerKey) -> int:
+            n = next_id.get(key, 0)
+            next_id[key] = n + 1
+            return n
+
+        synthetic_next: dict[WorkerKey, int] = {}
+
+        def synthetic(w: _Worker) -> int:
+            h = synthetic_next.get(w.key, (1 << 64) - 1)
+            while w.resolve(h, DEVICE) is not None or any(h in lk for lk in w.blocks.values()):
+                h -= 1
+            synthetic_next[w.key] = h - 1
+            return h
+
+        for node in self._bfs():
+            for key, tier, e in by_node.get(id(node), ()):
+                w = self._workers[key]
+                parent = node.parent
+                if parent is self.root:
+                    out.append(stored_event(key[0], eid(key), [(e, node.key)], None, key[1], tier))
+                    continue
+                ref = self._parent_ref(w, parent, tier, by_node)  # type: ignore[arg-type]
+                if ref is not None:
+                    out.append(stored_event(key[0], eid(key), [(e, node.key)], ref, key[1], tier))
+                    continue
+                # orphan: rebuild the missing ancestors under synthetic hashes, then drop them
+                chain: list[_Node] = []
+                anc = parent
+                ref = None
+                while anc is not self.root:
+                    ref = self._parent_ref(w, anc, tier, by_node)  # type: ignore[arg-type]
+                    if ref is not None:
+                        break
+                    chain.append(anc)  # type: ignore[arg-type]
+                    anc = anc.parent  # type: ignore[union-attr]
+                chain.reverse()
+                fakes: list[int] = []
+                for a in chain:
+                    s = synthetic(w)
+                    out.append(stored_event(key[0], eid(key), [(s, a.key)], ref, key[1], tier))
+                    fakes.append(s)
+                    ref = s
+                out.append(stored_event(key[0], eid(key), [(e, node.key)], ref, key[1], tier))
+                out.append(removed_event(key[0], eid(key), fakes, key[1], tier))
+        return out
+
+    def _parent_ref(
+        self, w: _Worker, parent: _Node, tier: str, by_node: dict[int, list[tuple[WorkerKey, str, int]]]
+    ) -> int | None:
+        """An engine hash of `w` that resolves to `parent` when looked up from `tier`."""
+        cands = [(t, e) for k, t, e in by_node.get(id(parent), ()) if k == w.key]
+        order = [tier, *[t for t in TIERS if t != tier]]
+        for t in order:
+            for ct, e in cands:
+                if ct == t and w.resolve(e, tier) is parent:
+                    return e
+        return None
+
+    # ---- snapshots --------------------------------------------------------------------------
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """Compact builtins (msgpack-friendly): nodes as parallel arrays, entries as flat pairs."""
+        order = self._bfs()
+        index = {id(n): i + 1 for i, n in enumerate(order)}  # 0 = root
+        index[id(self.root)] = 0
+        parents = [index[id(n.parent)] for n in order]
+        keys = [n.key for n in order]
+        workers = []
+        for key in sorted(self._workers):
+            w = self._workers[key]
+            for tier in TIERS:
+                lk = w.blocks.get(tier)
+                if not lk:
+                    continue
+                flat: list[int] = []
+                for e, node in lk.items():
+                    flat.append(index[id(node)])
+                    flat.append(e)
+                workers.append([key[0], key[1], tier, flat])
+        cursors = [[k[0], k[1], v] for k, v in sorted(self.cursors.items())]
+        return {"v": SNAPSHOT_VERSION, "parents": parents, "keys": keys, "workers": workers, "cursors": cursors}
+
+    @classmethod
+    def from_snapshot(cls, state: dict[str, Any]) -> PrefixIndex:
+        if state.get("v") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {state.get('v')!r}")
+        idx = cls()
+        nodes: list[_Node] = [idx.root]
+        append = nodes.append
+        for p, k in zip(state["parents"], state["keys"]):
+            parent = nodes[p]
+            node = _Node(parent, k)
+            if parent.children is None:
+                parent.children = {}
+            parent.children[k] = node
+            append(node)
+        idx.nodes = len(nodes) - 1
+        for wid, dp, tier, flat in state["workers"]:
+            if tier not in TIERS:
+                raise ValueError(f"unknown tier {tier!r} in snapshot")
+            w = idx._worker((wid, dp))
+            lk = w.blocks.setdefault(tier, {})
+            bit = w.bit
+            device = tier == DEVICE
+            for i in range(0, len(flat), 2):
+                node = nodes[flat[i]]
+                lk[flat[i + 1]] = node
+                if device:
+                    if node.mask & bit:
+                        idx._add_alias(node, tier, w.slot)
+                    else:
+                        node.mask |= bit
+                else:
+                    idx._link_lower(node, tier, w)
+                    idx.lower_tier_blocks += 1
+        idx.cursors = {(a, b): c for a, b, c in state["cursors"]}
+        # A snapshot holds no dangling nodes (they are pruned as they empty); prune defensively anyway.
+        for node in reversed(nodes[1:]):
+            if not node.mask and node.tiers is None and not node.children and node.parent is not None:
+                del node.parent.children[node.key]  # type: ignore[union-attr]
+                if not node.parent.children:
+                    node.parent.children = None
+                idx.nodes -= 1
+        return idx
+
+
+def encode_snapshot(index: PrefixIndex, stream_seq: int, extra: dict[str, Any] | None = None) -> bytes:
+    state = index.to_snapshot()
+    state["stream_seq"] = stream_seq
+    if extra:
+        state.update(extra)
+    return msgspec.msgpack.encode(state)
+
+
+def decode_snapshot(data: bytes) -> tuple[PrefixIndex, int, dict[str, Any]]:
+    state = msgspec.msgpack.decode(data)
+    if not isinstance(state, dict) or "stream_seq" not in state:
+        raise ValueError("not an index snapshot")
+    return PrefixIndex.from_snapshot(state), int(state["stream_seq"]), state
+
+
+__all__ = [
+    "EVENT_TYPES",
+    "OUTCOMES",
+    "TIERS",
+    "OverlapScores",
+    "PrefixIndex",
+    "cleared_event",
+    "decode_snapshot",
+    "encode_snapshot",
+]

@@ -1,0 +1,110 @@
+"""Property tests: the radix tree agrees with a brute-force model on any event sequence, and its
+dump and snapshot rebuild an identical index."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from schemas.events import cleared_event, removed_event, stored_event
+from services.indexer.index import PrefixIndex, decode_snapshot, encode_snapshot
+
+from .model import ModelIndex
+
+WORKERS = st.integers(1, 2)
+DP = st.sampled_from([0, 0, 1])
+ENGINE = st.integers(1, 6)
+LOCAL = st.integers(1, 3)
+TIER = st.sampled_from(["device", "device", "device", "host_pinned", "disk"])
+
+store_op = st.tuples(
+    st.just("store"), WORKERS, DP, TIER, st.one_of(st.none(), ENGINE), st.lists(st.tuples(ENGINE, LOCAL), min_size=1, max_size=4)
+)
+remove_op = st.tuples(st.just("remove"), WORKERS, DP, TIER, st.lists(ENGINE, min_size=1, max_size=3))
+clear_op = st.tuples(st.just("clear"), WORKERS, DP)
+drop_op = st.tuples(st.just("drop_worker"), WORKERS)
+id_jump = st.sampled_from([1, 1, 1, 1, 1, 1, 0, -1, 2])  # mostly consecutive; some repeats, stale ids and gaps
+OPS = st.lists(st.tuples(st.one_of(store_op, store_op, remove_op, clear_op, drop_op), id_jump), max_size=40)
+QUERIES = st.lists(st.lists(LOCAL, min_size=1, max_size=5), min_size=1, max_size=6)
+
+
+def build(ops):
+    next_id: dict[tuple[int, int], int] = {}
+    out = []
+    for op, jump in ops:
+        if op[0] == "drop_worker":
+            out.append(("drop_worker", op[1]))
+            for k in [k for k in next_id if k[0] == op[1]]:
+                del next_id[k]
+            continue
+        key = (op[1], op[2])
+        eid = max(0, next_id.get(key, 0) + jump - 1)
+        next_id[key] = eid + 1
+        if op[0] == "store":
+            out.append(stored_event(op[1], eid, op[5], op[4], op[2], op[3]))
+        elif op[0] == "remove":
+            out.append(removed_event(op[1], eid, op[4], op[2], op[3]))
+        else:
+            out.append(cleared_event(op[1], eid, op[2]))
+    return out
+
+
+def run(events):
+    index, model = PrefixIndex(), ModelIndex()
+    for ev in events:
+        if isinstance(ev, tuple):
+            index.remove_worker(ev[1])
+            model.remove_worker(ev[1])
+        else:
+            assert index.apply(ev) == model.apply(ev)
+    return index, model
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, QUERIES)
+@example(  # one worker maps two engine hashes onto one path, then drops one of them
+    [(("store", 1, 0, "device", None, [(1, 1)]), 1), (("store", 1, 0, "device", None, [(2, 1)]), 1), (("remove", 1, 0, "device", [1]), 1)],
+    [[1]],
+)
+def test_matches_agree_with_brute_force_model(ops, queries):
+    index, model = run(build(ops))
+    paths = sorted({p for by_tier in model.workers.values() for lk in by_tier.values() for p in lk.values()})
+    for q in [*queries, *[list(p) + [9] for p in paths]]:
+        got = index.find_matches(q)
+        assert got.scores == model.scores(q)
+        assert got.tier_scores == model.tier_scores(q)
+        assert got.tree_sizes == model.tree_sizes()
+        lower = index.find_matches(q, early_exit=True).scores
+        for k, v in lower.items():  # early exit gives lower bounds of the exact scores
+            assert 0 < v <= got.scores[k]
+    assert index.cursors == model.cursors
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, QUERIES)
+def test_dump_replay_and_snapshot_rebuild_identical_index(ops, queries):
+    index, _ = run(build(ops))
+    dump = index.dump()
+    replayed = PrefixIndex()
+    for ev in dump:
+        assert replayed.apply(ev) == "ok"
+    assert replayed.dump() == dump
+    restored, seq, _ = decode_snapshot(encode_snapshot(index, 42))
+    assert seq == 42
+    assert restored.dump() == dump
+    assert restored.cursors == index.cursors
+    assert restored.nodes == index.nodes == replayed.nodes
+    for q in queries:
+        want = index.find_matches(q)
+        assert replayed.find_matches(q) == want
+        assert restored.find_matches(q) == want
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS)
+def test_no_dangling_nodes_after_everything_is_removed(ops):
+    index, _ = run(build(ops))
+    for key in index.worker_keys():
+        index.remove_worker(key[0])
+    assert index.nodes == 0 and index.root.children is None and index.blocks == 0
+    assert index.lower_tier_blocks == 0
