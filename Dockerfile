@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# One image for every kvr service; the command picks the service:
+#   docker run kvr:dev indexer | scheduler | epp-bridge | relay | mock-workers | replay ...
+# Configuration is by KVR_* environment variables (see `kvr config-table`).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: resolve and install into a self-contained virtualenv ------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# Compilers live only in this stage: every dependency ships wheels for amd64/arm64 today, but a
+# platform without one must still build, and none of this reaches the runtime image.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/kvr
+WORKDIR /src
+# Dependencies first (cached layer): the runtime dependencies of pyproject.toml, pinned to the
+# versions of requirements.lock (the lock also pins the dev extras, which stay out of the image).
+COPY pyproject.toml requirements.lock README.md ./
+COPY schemas ./schemas
+COPY services ./services
+RUN /opt/kvr/bin/pip install --constraint requirements.lock . \
+ && /opt/kvr/bin/kvr --help >/dev/null \
+ && /opt/kvr/bin/kvr schemas check
+
+# ---- runtime: slim base, no compilers, non-root ---------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="kvr" \
+      org.opencontainers.image.description="KV-cache-aware router for LLM inference fleets (NATS JetStream)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 kvr \
+ && useradd --system --uid 10001 --gid kvr --home-dir /home/kvr --create-home --shell /usr/sbin/nologin kvr
+COPY --from=build /opt/kvr /opt/kvr
+ENV PATH=/opt/kvr/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    KVR_HTTP_PORT=8080 \
+    KVR_LOG_FORMAT=json
+WORKDIR /home/kvr
+USER 10001:10001
+EXPOSE 8080
+# Liveness of the process's HTTP server (/healthz on KVR_HTTP_PORT); readiness (/readyz) is left
+# to the orchestrator because a service is healthy long before it has caught up with its streams.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('KVR_HTTP_PORT', '8080'), timeout=2)"]
+ENTRYPOINT ["kvr"]
+CMD ["--help"]
