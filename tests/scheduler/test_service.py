@@ -1,0 +1,212 @@
+"""The scheduler adapter on a real nats-server: discovery, booking lifecycle, bad input, modes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import msgspec
+import pytest
+
+from schemas import codec
+from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
+from schemas.codec import RemoteError
+from services.runtime.responder import request
+from services.runtime.workers import delete_worker, put_worker
+
+from .conftest import NAMES, POOL, running_scheduler, state_of
+from .helpers import record
+
+TOKENS = list(range(1, 65))  # 4 blocks of 16
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def eventually(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def put(nc, wid: int, **kw) -> None:  # type: ignore[no-untyped-def]
+    kw.setdefault("heartbeat_ms", now_ms())
+    await put_worker(nc, NAMES.workers_bucket, record(wid, pool=POOL, **kw))
+
+
+async def select(nc, **kw) -> SelectReply:  # type: ignore[no-untyped-def]
+    kw.setdefault("token_ids", TOKENS)
+    return await request(nc, NAMES.select(POOL), SelectRequest(**kw), SelectReply)
+
+
+async def cleanup(nc, rid: str, phase: str) -> CleanupReply:  # type: ignore[no-untyped-def]
+    return await request(nc, NAMES.booking(POOL), CleanupRequest(request_id=rid, phase=phase), CleanupReply)  # type: ignore[arg-type]
+
+
+def worker_ids(app) -> set[int]:  # type: ignore[no-untyped-def]
+    return {c.worker_id for c in app.candidates(POOL)}
+
+
+async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await put(nc, 2, dp_size=2, dp_ports=[9000, 9001])
+        await eventually(lambda: len(app.candidates(POOL)) == 3)
+        indexer.scores = {(2, 1): 2}
+        r = await select(nc, request_id="r1")
+        assert (r.decode.worker_id, r.decode.dp_rank, r.decode.endpoint, r.decode.pod_name) == (2, 1, "10.0.0.2:9001", "pod-2")
+        assert (r.overlap_blocks, r.isl_tokens, r.block_size, r.mode, r.policy) == (2, 64, 16, "aggregated", "kv")
+        assert r.cost == pytest.approx((64 / 16 - 2) + 4)
+        assert indexer.requests[-1].block_hashes and len(indexer.requests[-1].block_hashes) == 4
+        st = await state_of(nc, "s1")
+        assert st.bookings == ["r1"] and st.workers == [1, 2]
+        assert [(lo.worker_id, lo.dp_rank, lo.active_prefill_tokens, lo.active_blocks) for lo in st.loads] == [(2, 1, 32, 4)]
+
+        assert (await cleanup(nc, "r1", "prefill_complete")).known
+        st = await state_of(nc, "s1")
+        assert [(lo.active_prefill_tokens, lo.active_blocks) for lo in st.loads] == [(0, 4)]
+
+        # An update (new taints) changes candidates; a required taint then selects worker 1.
+        await put(nc, 1, taints=["zone=a"])
+        await eventually(lambda: any("zone=a" in c.taints for c in app.candidates(POOL)))
+        r = await select(nc, request_id="r2", book=False, routing_constraints={"required_taints": ["zone=a"]})
+        assert r.decode.worker_id == 1
+
+        # Deleting worker 2 removes its candidates and releases its bookings.
+        await delete_worker(nc, NAMES.workers_bucket, POOL, 2)
+        await eventually(lambda: worker_ids(app) == {1})
+        st = await state_of(nc, "s1")
+        assert st.bookings == [] and st.loads == [] and st.workers == [1]
+        assert not app.trackers[POOL].is_active("r1")
+        assert not (await cleanup(nc, "r1", "free")).known
+
+        # A record past its TTL is deleted from the bucket by the replica that notices it.
+        await put(nc, 3, ttl_s=1.0)
+        await eventually(lambda: 3 in worker_ids(app))
+        await eventually(lambda: app.watcher.directory.get(POOL, 3) is None, 4)
+        kv = await nc.jetstream().key_value(NAMES.workers_bucket)
+        with pytest.raises(Exception):
+            await kv.get(f"{POOL}.3")
+
+
+async def test_booking_endpoint_semantics(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        assert not (await cleanup(nc, "ghost", "free")).known
+        info = await nc.jetstream().stream_info(NAMES.bookings_stream)
+        assert info.state.messages == 0  # unknown ids publish nothing
+        first = await select(nc, request_id="a")
+        # A retried select of a booked request answers with the booked target, books nothing new.
+        again = await select(nc, request_id="a", token_ids=list(range(500, 600)))
+        assert again.decode.worker_id == first.decode.worker_id and again.policy == "booked"
+        assert (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.messages == 1
+        assert (await cleanup(nc, "a", "free")).known
+        assert not (await cleanup(nc, "a", "free")).known
+        assert (await state_of(nc, "s1")).bookings == []
+
+
+async def test_disaggregated_select_books_both_legs(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        for wid, role in ((1, "prefill"), (2, "prefill"), (3, "decode")):
+            await put(nc, wid, role=role)
+        await eventually(lambda: worker_ids(app) == {1, 2, 3})
+        indexer.scores = {(2, 0): 3}
+        r = await select(nc, request_id="d1")
+        assert r.mode == "disaggregated" and r.prefill is not None
+        assert (r.prefill.worker_id, r.decode.worker_id, r.overlap_blocks) == (2, 3, 3)
+        loads = {lo.worker_id: (lo.active_prefill_tokens, lo.active_blocks) for lo in (await state_of(nc, "s1")).loads}
+        assert loads == {2: (16, 4), 3: (0, 4)}
+        await cleanup(nc, "d1", "prefill_complete")
+        loads = {lo.worker_id: (lo.active_prefill_tokens, lo.active_blocks) for lo in (await state_of(nc, "s1")).loads}
+        assert loads == {3: (0, 4)}
+        r = await select(nc, request_id="d2", mode="aggregated", book=False)
+        assert r.prefill is None and r.decode.worker_id == 3
+
+
+async def raw_select(nc, payload: bytes, msgpack: bool = False) -> dict:  # type: ignore[no-untyped-def]
+    headers = {"Content-Type": "application/msgpack"} if msgpack else None
+    msg = await nc.request(NAMES.select(POOL), payload, timeout=5, headers=headers)
+    return (msgspec.msgpack.decode if msgpack else msgspec.json.decode)(msg.data)
+
+
+async def test_bad_input_gets_structured_errors_and_changes_nothing(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        await select(nc, request_id="keep")
+        before = await state_of(nc, "s1")
+        seq_before = (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.last_seq
+
+        j = msgspec.json.encode
+        cases = [
+            (b"{not json", "invalid_request", None),
+            (j({"request_id": "x", "token_ids": ["a", "b"]}), "invalid_request", "$.token_ids[0]"),
+            (j({"request_id": "x", "token_ids": [1, -2]}), "invalid_request", "$.token_ids[1]"),
+            (j({"request_id": "x", "token_ids": [1], "isl_tokens": -5}), "invalid_request", "$.isl_tokens"),
+            (j({"request_id": "x", "token_ids": [1], "overrides": {"temperature": -1}}), "invalid_request", "$.overrides.temperature"),
+            (b'{"request_id": "x", "token_ids": [1], "routing_constraints": {"preferred_taints": {"a": 1e999}}}',
+             "invalid_request", "$.routing_constraints.preferred_taints[...]"),  # fmt: skip
+            (j({"request_id": "x", "token_ids": [1], "allowed_worker_ids": [-3]}), "invalid_request", "$.allowed_worker_ids[0]"),
+            (j({"request_id": "x y", "token_ids": [1]}), "invalid_request", "$.request_id"),
+            (j({"request_id": "x"}), "invalid_request", None),
+            (j({"request_id": "x", "token_ids": [1], "policy": "bogus"}), "invalid_request", "$.policy"),
+            (j({"request_id": "x", "token_ids": [1], "mode": "weird"}), "invalid_request", "$.mode"),
+            (j({"request_id": "x", "token_ids": list(range(16)), "pinned_worker_id": 999}), "not_found", None),
+            (j({"request_id": "x", "token_ids": [1], "allowed_worker_ids": [5]}), "constraints_unsatisfied", None),
+            (j({"request_id": "x", "block_hashes": [1] * 20_000}), "invalid_request", "$.block_hashes"),
+        ]
+        for payload, code, path in cases:
+            reply = await raw_select(nc, payload)
+            assert reply["status"] == "error", payload[:80]
+            assert reply["error"]["code"] == code, (payload[:80], reply)
+            if path is not None:
+                assert reply["error"].get("path") == path, (payload[:80], reply)
+        # NaN (msgpack can carry it) and 10^6 tokens (over the 131072 limit) — in msgpack.
+        mp = msgspec.msgpack.encode
+        nan = await raw_select(nc, mp({"request_id": "x", "token_ids": [1], "routing_constraints": {"preferred_taints": {"a": math.nan}}}), True)
+        assert nan["error"]["code"] == "invalid_request"
+        big = await raw_select(nc, mp({"request_id": "x", "token_ids": [0] * 1_000_000}), True)
+        assert big["error"]["code"] == "invalid_request" and big["error"]["path"] == "$.token_ids"
+        assert "exceed" in big["error"]["message"]
+        with pytest.raises(RemoteError) as err:
+            await request(nc, NAMES.booking(POOL), b'{"request_id": "k", "phase": "done"}', CleanupReply)
+        assert err.value.code == "invalid_request"
+
+        after = await state_of(nc, "s1")
+        assert after.digest == before.digest and after.bookings == ["keep"]
+        assert (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.last_seq == seq_before
+
+
+async def test_policies_over_nats(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1", "--pool-policy", f"{POOL}=round_robin") as app:
+        await put(nc, 1)
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(app) == {1, 2})
+        indexer.scores = {(2, 0): 4}
+        picks = [(await select(nc, request_id=f"q{i}", book=False)) for i in range(4)]
+        assert [p.decode.worker_id for p in picks] == [1, 2, 1, 2] and {p.policy for p in picks} == {"round_robin"}
+        kv = await select(nc, request_id="k", book=False, policy="kv")
+        assert kv.decode.worker_id == 2 and kv.policy == "kv"
+
+
+async def test_approximate_mode_predicts_cache_from_decisions(nats_url, nc):
+    # No indexer at all: overlaps come from the scheduler's own past decisions.
+    async with running_scheduler(nats_url, "--router-id", "s1", "--no-kv-events", "--approx-ttl-s", "60") as app:
+        await put(nc, 1)
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(app) == {1, 2})
+        first = await select(nc, request_id="a1")
+        assert first.overlap_blocks == 0
+        # (While a1's prefill is still active the cached worker ties with the idle one: 8 vs 8.)
+        assert (await cleanup(nc, "a1", "prefill_complete")).known
+        again = await select(nc, request_id="a2")  # same prompt: predicted hit beats the idle worker
+        assert again.decode.worker_id == first.decode.worker_id and again.overlap_blocks == 4
+        other = await select(nc, request_id="a3", token_ids=list(range(1000, 1064)))
+        assert other.decode.worker_id != first.decode.worker_id and other.overlap_blocks == 0
+        assert app.status()["predicted_blocks"] == 8
