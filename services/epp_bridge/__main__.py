@@ -5,14 +5,31 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from services.runtime.config import Setting
 from services.runtime.service import main_for
 
 from .app import make_app
 from .settings import SETTINGS
 
 
+def all_settings() -> tuple[Setting, ...]:
+    """The bridge's settings, plus the scheduler's and indexer's for one-process mode."""
+    out = list(SETTINGS)
+    names = {s.name for s in out}
+    for module in ("services.scheduler.settings", "services.indexer.settings"):
+        try:
+            extra = __import__(module, fromlist=["SETTINGS"]).SETTINGS
+        except ImportError:
+            continue
+        for s in extra:
+            if s.name not in names:
+                out.append(s)
+                names.add(s.name)
+    return tuple(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", SETTINGS, make_app, argv)
+    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", all_settings(), make_app, argv)
 
 
 if __name__ == "__main__":

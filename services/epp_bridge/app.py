@@ -17,19 +17,18 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-
 from schemas import codec
-from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply
+from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest
 from schemas.discovery import WorkerRecord
 from services.runtime.logs import get_logger
-from services.runtime.responder import ServiceError, error_for, request, serve
+from services.runtime.responder import ServiceError, error_for, serve
 from services.runtime.service import Runtime
 from services.runtime.tracing import tracer
 from services.runtime.workers import WorkerWatcher
 
 from . import metrics
 from .decision import query_reply, select_request
+from .link import DeadlinePassed, EmbeddedSchedulerLink, NatsSchedulerLink, SchedulerLink
 from .pods import PodIndex
 from .prompt import parse_body, prompt_tokens
 from .tokenizer import PoolTokenizer, parse_tokenizer_dirs
@@ -54,6 +53,8 @@ class EppBridgeApp:
         self._subs: list[Subscription] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rt: Runtime | None = None
+        self._embedded: EmbeddedSchedulerLink | None = None
+        self.link: SchedulerLink | None = None
         self._ready = False
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -64,6 +65,12 @@ class EppBridgeApp:
             if pool in rt.pools:
                 self.tokenizers[pool] = PoolTokenizer.load(directory, self.cfg.epp_chat_content_format)
                 log.info("tokenizer.loaded", pool=pool, directory=directory, chat_template=self.tokenizers[pool].template is not None)
+        if getattr(self.cfg, "epp_embedded_scheduler", False):
+            self._embedded = EmbeddedSchedulerLink(self.cfg)
+            await self._embedded.start(rt)
+            self.link = self._embedded
+        else:
+            self.link = NatsSchedulerLink(rt)
         self.watcher = WorkerWatcher(
             rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove, expire=False
         )
@@ -105,9 +112,11 @@ class EppBridgeApp:
             await asyncio.wait(self._background, timeout=3)
         if self.watcher:
             await self.watcher.stop()
+        if self._embedded:
+            await self._embedded.stop()
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and (self._embedded is None or self._embedded.ready())
 
     def status(self) -> dict[str, Any]:
         directory = self.watcher.directory if self.watcher else None
@@ -116,6 +125,7 @@ class EppBridgeApp:
             "tokenizers": {pool: str(t.directory) for pool, t in self.tokenizers.items()},
             "workers": {pool: len(directory.live(pool)) for pool in (self._rt.pools if self._rt else [])} if directory else {},
             "pending_compensations": len(self._background),
+            "scheduler": "embedded" if self._embedded else "nats",
         }
 
     # --- discovery -------------------------------------------------------------------------------
@@ -193,16 +203,14 @@ class EppBridgeApp:
         metrics.PHASE_SECONDS.labels("select").observe(time.perf_counter() - t2)
         return query_reply(req, reply, prompt)
 
-    async def _select(self, pool: str, sreq) -> SelectReply:
-        assert self._rt is not None
+    async def _select(self, pool: str, sreq: SelectRequest) -> SelectReply:
+        assert self.link is not None
         try:
-            return await request(self._rt.nc, self._rt.names.select(pool), sreq, SelectReply, timeout=self.select_timeout_s)
-        except NoRespondersError:
-            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
-        except TimeoutError:
+            return await self.link.select(pool, sreq, self.select_timeout_s)
+        except DeadlinePassed:
             if sreq.book:
                 self._compensate(pool, sreq.request_id)
-            raise ServiceError("timeout", f"the scheduler of pool {pool!r} did not answer within {self.select_timeout_s}s") from None
+            raise
 
     def _compensate(self, pool: str, request_id: str) -> None:
         task = asyncio.create_task(self._free_late_booking(pool, request_id))
@@ -214,13 +222,8 @@ class EppBridgeApp:
         for delay in COMPENSATION_DELAYS_S:
             await asyncio.sleep(delay)
             try:
-                reply = await request(
-                    self._rt.nc,
-                    self._rt.names.booking(pool),
-                    CleanupRequest(request_id=request_id, phase="free"),
-                    CleanupReply,
-                    timeout=self.cleanup_timeout_s,
-                )
+                assert self.link is not None
+                reply = await self.link.booking(pool, CleanupRequest(request_id=request_id, phase="free"), self.cleanup_timeout_s)
             except Exception as exc:  # noqa: BLE001 - best effort; the booking TTL is the backstop
                 log.warning("epp.compensating_free_failed", pool=pool, request_id=request_id, error=str(exc))
                 metrics.COMPENSATING_FREES.labels("error").inc()
@@ -248,13 +251,8 @@ class EppBridgeApp:
         return handle
 
     async def cleanup(self, pool: str, req: CleanupRequest) -> CleanupReply:
-        assert self._rt is not None
-        try:
-            reply = await request(self._rt.nc, self._rt.names.booking(pool), req, CleanupReply, timeout=self.cleanup_timeout_s)
-        except NoRespondersError:
-            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
-        except TimeoutError:
-            raise ServiceError("timeout", f"the scheduler of pool {pool!r} did not answer within {self.cleanup_timeout_s}s") from None
+        assert self.link is not None
+        reply = await self.link.booking(pool, req, self.cleanup_timeout_s)
         return CleanupReply(request_id=req.request_id, known=reply.known)
 
 

@@ -25,5 +25,12 @@ SETTINGS = REGISTRY.register(
         Setting("epp_select_timeout_s", 1.0, "deadline for the scheduler's select reply; past it the query answers `timeout`", float),
         Setting("epp_cleanup_timeout_s", 2.0, "deadline for the scheduler's booking reply to epp.cleanup", float),
         Setting("epp_max_inflight", 512, "queries handled concurrently per pool", int),
+        Setting(
+            "epp_embedded_scheduler",
+            False,
+            "one-process mode: run the scheduler inside the bridge and call it directly (its settings apply; "
+            "add --embedded-indexer for the indexer too)",
+            bool,
+        ),
     ],
 )

@@ -167,3 +167,31 @@ async def test_no_scheduler_answers_timeout(nc, nats_url):
         assert reply["error"]["code"] == "timeout"
     finally:
         await bridge.stop()
+
+
+async def kvr_epp(nats_url: str, *args: str) -> tuple[int, dict]:
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "epp", args[0], "--nats-url", nats_url, "--pool", POOL, *args[1:],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, (msgspec.json.decode(out) if out.strip() else {"stderr": err.decode()})
+
+
+async def test_operator_client_sends_real_requests(nats_url, setup, tmp_path):
+    sched, _ = setup
+    code, reply = await kvr_epp(nats_url, "query", "--token-ids", "1,2,3", "--pod", "vllm-2", "--request-id", "cli-1", "--return-token-ids")
+    assert code == 0 and reply["headers"]["x-worker-instance-id"] == "2" and reply["token_ids"] == [1, 2, 3]
+    assert sched.selects[-1].request_id == "cli-1" and sched.selects[-1].allowed_worker_ids == [2]
+    body = tmp_path / "body.json"
+    body.write_text('{"prompt": [4, 5], "nvext": {"backend_instance_id": 3}}')
+    code, reply = await kvr_epp(nats_url, "query", "--body-file", str(body), "--no-book", "--msgpack")
+    assert code == 0 and reply["decode"]["worker_id"] == 3 and not sched.selects[-1].book
+    code, reply = await kvr_epp(nats_url, "cleanup", "--request-id", "cli-1", "--phase", "free")
+    assert code == 0 and reply == {"request_id": "cli-1", "known": True, "status": "ok"}
+    code, reply = await kvr_epp(nats_url, "query", "--prompt", "needs a tokenizer")
+    assert code == 1 and reply["error"]["code"] == "invalid_request"
+    code, reply = await kvr_epp(nats_url, "query", "--message", "user:hi", "--pool", "nobody-serves-this", "--timeout", "0.5")
+    assert code == 2 and "no answer" in reply["stderr"]

@@ -1,0 +1,86 @@
+"""How the bridge reaches the scheduler: NATS request/reply (default) or a scheduler in this process.
+
+Both raise the same errors: `ServiceError("timeout")` past the deadline or with no scheduler, the
+scheduler's own error codes otherwise (`RemoteError` over NATS, `ServiceError` in process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from nats.errors import NoRespondersError
+
+from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
+from services.runtime.responder import ServiceError, request
+from services.runtime.service import Runtime
+
+
+class SchedulerLink(Protocol):
+    async def select(self, pool: str, req: SelectRequest, timeout: float) -> SelectReply: ...
+
+    async def booking(self, pool: str, req: CleanupRequest, timeout: float) -> CleanupReply: ...
+
+
+class DeadlinePassed(ServiceError):
+    """The scheduler may still act on the request (and book it) after this error."""
+
+
+def _timeout(pool: str, timeout: float) -> DeadlinePassed:
+    return DeadlinePassed("timeout", f"the scheduler of pool {pool!r} did not answer within {timeout}s")
+
+
+class NatsSchedulerLink:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def _call(self, subject: str, pool: str, req: Any, reply_type: Any, timeout: float) -> Any:
+        try:
+            return await request(self.rt.nc, subject, req, reply_type, timeout=timeout)
+        except NoRespondersError:
+            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
+        except TimeoutError:
+            raise _timeout(pool, timeout) from None
+
+    async def select(self, pool: str, req: SelectRequest, timeout: float) -> SelectReply:
+        return await self._call(self.rt.names.select(pool), pool, req, SelectReply, timeout)
+
+    async def booking(self, pool: str, req: CleanupRequest, timeout: float) -> CleanupReply:
+        return await self._call(self.rt.names.booking(pool), pool, req, CleanupReply, timeout)
+
+
+class EmbeddedSchedulerLink:
+    """One-process mode: a `SchedulerApp` started on the bridge's connection, called directly.
+
+    The scheduler still serves its NATS subjects (other bridges and tools can use it); this process
+    skips the two NATS hops per query.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        from services.scheduler.app import SchedulerApp
+
+        self.app = SchedulerApp(cfg)
+        # The scheduler's request handlers (coroutines taking pool and request).
+        self._select = getattr(self.app, "select", None) or self.app._select
+        self._booking = getattr(self.app, "booking", None) or self.app._booking
+
+    async def start(self, rt: Runtime) -> None:
+        await self.app.start(rt)
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    def ready(self) -> bool:
+        return self.app.ready()
+
+    async def select(self, pool: str, req: SelectRequest, timeout: float) -> SelectReply:
+        try:
+            return await asyncio.wait_for(self._select(pool, req), timeout)
+        except asyncio.TimeoutError:
+            raise _timeout(pool, timeout) from None
+
+    async def booking(self, pool: str, req: CleanupRequest, timeout: float) -> CleanupReply:
+        try:
+            return await asyncio.wait_for(self._booking(pool, req), timeout)
+        except asyncio.TimeoutError:
+            raise _timeout(pool, timeout) from None
