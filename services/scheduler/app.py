@@ -95,7 +95,9 @@ class SchedulerApp:
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._gauge_labels: set[tuple[str, str, str]] = set()
+        # Event ts → applied here; "remote" = bookings made by other replicas (convergence lag).
         self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
+        self.remote_lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
         self.sync_timeouts = 0
         self.match_failures = 0
 
@@ -168,17 +170,21 @@ class SchedulerApp:
         return self._ready and (self.overlap is None or self.overlap.ready())
 
     def status(self) -> dict[str, Any]:
-        lags = sorted(self.lags_ms)
+        def summary(window: deque[float]) -> dict[str, Any]:
+            lags = sorted(window)
 
-        def q(p: float) -> float | None:
-            return round(lags[min(len(lags) - 1, int(p * len(lags)))], 3) if lags else None
+            def q(p: float) -> float | None:
+                return lags[min(len(lags) - 1, int(p * len(lags)))] if lags else None
+
+            return {"n": len(lags), "p50": q(0.5), "p99": q(0.99), "max": lags[-1] if lags else None}
 
         return {
             "router_id": self.router_id,
             "applied_seq": self._applied_seq,
             "workers": self._worker_count(),
             "bookings": {pool: len(t.by_request) for pool, t in self.trackers.items()},
-            "booking_lag_ms": {"n": len(lags), "p50": q(0.5), "p99": q(0.99), "max": lags[-1] if lags else None},
+            "booking_lag_ms": summary(self.lags_ms),
+            "convergence_lag_ms": summary(self.remote_lags_ms),
             "sync_timeouts": self.sync_timeouts,
             "match_failures": self.match_failures,
             "predicted_blocks": self.predicted.size() if self.predicted else None,
@@ -261,6 +267,8 @@ class SchedulerApp:
         if ev.ts_ms:
             lag = max(now - ev.ts_ms, 0)
             self.lags_ms.append(lag)
+            if ev.router_id != self.router_id:
+                self.remote_lags_ms.append(lag)
             m.BOOKING_LAG.observe(lag / 1000.0)
         if isinstance(ev, BookingAdd):
             ok = tracker.add(ev, now)
