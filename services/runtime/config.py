@@ -164,7 +164,7 @@ def markdown_table() -> str:
             if s.name not in {c.name for c in COMMON}:
                 scopes.setdefault(s.name, []).append(scope)
     for s in REGISTRY.all():
-        default = ",".join(s.default) if isinstance(s.default, list) else s.default
+        default = ",".join(str(x) for x in s.default) if isinstance(s.default, list) else s.default
         default_text = f"`{default}`" if default not in ("", None) else "(empty)"
         rows[s.name] = [f"`{s.env}`", f"`{s.flag}`", default_text, ", ".join(dict.fromkeys(scopes[s.name])), s.help]
     for row in rows.values():
