@@ -103,6 +103,7 @@ class WorkerWatcher:
         on_remove: Callable[[str, int], None] | None = None,
         expire: bool = True,
         sweep_interval_s: float = 0.5,
+        notify_unknown_removals: bool = False,
     ) -> None:
         self.nc = nc
         self.bucket = bucket
@@ -112,6 +113,9 @@ class WorkerWatcher:
         self._on_remove = on_remove
         self._expire = expire
         self._sweep_interval_s = sweep_interval_s
+        # The indexer restores state from a snapshot that may hold workers whose key was deleted
+        # before this process started; it needs the delete even though no put was seen.
+        self._notify_unknown_removals = notify_unknown_removals
         self._prefix = f"$KV.{bucket}."
         self.follower = StreamFollower(
             nc,
@@ -154,6 +158,8 @@ class WorkerWatcher:
                 log.info("workers.removed", pool=pool, worker_id=worker_id)
                 if self._on_remove:
                     self._on_remove(pool, worker_id)
+            elif self._notify_unknown_removals and self._on_remove:
+                self._on_remove(pool, worker_id)
             return
         try:
             record = codec.decode(data, WorkerRecord)

@@ -1,0 +1,19 @@
+"""`kvr indexer` / `python -m services.indexer`: the prefix index service."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from services.runtime.service import main_for
+
+from .app import make_app
+from .settings import SETTINGS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", SETTINGS, make_app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

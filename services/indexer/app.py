@@ -1,0 +1,402 @@
+"""The indexer's imperative shell: KVR_KV → PrefixIndex per pool, discovery → worker removal,
+snapshots to KVR_SNAPSHOTS, and the indexer.match / indexer.dump endpoints.
+
+Start order matters for determinism: snapshots are loaded first, then the discovery watcher catches
+up (so removed workers are known before any tail event is applied), then the KV follower resumes at
+the oldest covered sequence + 1. Events of a removed worker are ignored until it is put again, so
+a replica replaying the tail after a restart reaches the same state as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Annotated, Any
+
+from msgspec import Meta
+from nats.aio.msg import Msg
+
+from schemas import codec
+from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest, WorkerScore
+from schemas.codec import SchemaError
+from schemas.discovery import WorkerRecord
+from schemas.events import RouterEvent
+from schemas.hashing import local_block_hashes, salt_seed
+from schemas.types import MAX_EVENTS_PER_MESSAGE
+from services.runtime.follower import StreamFollower
+from services.runtime.logs import get_logger
+from services.runtime.responder import ServiceError, serve
+from services.runtime.service import Runtime
+from services.runtime.workers import WorkerWatcher
+
+from . import metrics as m
+from . import snapshot
+from .index import PrefixIndex
+from .settings import setting
+
+log = get_logger("kvr.indexer")
+
+KvPayload = RouterEvent | Annotated[list[RouterEvent], Meta(max_length=MAX_EVENTS_PER_MESSAGE)]
+QUEUE = "indexer"
+REPORTED_TIERS = ("host_pinned", "disk")
+
+
+@dataclass
+class PoolState:
+    pool: str
+    index: PrefixIndex = field(default_factory=PrefixIndex)
+    covered_seq: int = 0  # messages up to here are already in the restored snapshot
+    block_size: int | None = None  # from discovery; all workers of a pool share it
+    events_since_snapshot: int = 0
+    snapshot_time: float = 0.0  # wall time of the last snapshot written or loaded
+    snapshot_seq: int = 0
+    last_snapshot_attempt: float = 0.0
+    restored_seq: int = 0
+    removed: set[int] = field(default_factory=set)  # worker ids deleted from discovery, not re-put
+    malformed: int = 0
+
+
+def _scores(d: dict[tuple[int, int], int]) -> list[WorkerScore]:
+    return [WorkerScore(worker_id=k[0], dp_rank=k[1], blocks=v) for k, v in sorted(d.items())]
+
+
+class IndexerApp:
+    """One prefix index per served pool. Usable standalone (`kvr indexer`) or embedded: construct with
+    a resolved config, `await start(rt)` with the host's Runtime, call `match()` directly."""
+
+    def __init__(self, cfg: SimpleNamespace, *, serve_endpoints: bool | None = None) -> None:
+        self.cfg = cfg
+        self.pools: list[str] = list(cfg.pool)
+        self._states = {p: PoolState(p) for p in self.pools}
+        self.default_block_size = int(setting(cfg, "block_size"))
+        self.snapshot_every = int(setting(cfg, "snapshot_every_events"))
+        self.snapshot_interval = float(setting(cfg, "snapshot_interval_s"))
+        self.restore = bool(setting(cfg, "snapshot_restore"))
+        self.serve_endpoints = bool(setting(cfg, "serve_endpoints")) if serve_endpoints is None else serve_endpoints
+        self.batch = int(setting(cfg, "follower_batch"))
+        self.lag_interval = float(setting(cfg, "lag_interval_s"))
+        self.applied_seq = 0
+        self.stream_last_seq = 0
+        self.rt: Runtime | None = None
+        self.follower: StreamFollower | None = None
+        self.watcher: WorkerWatcher | None = None
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._prefix = ""
+        self._snapshot_lock = asyncio.Lock()
+        m.APPS.add(self)
+
+    # ---- ServiceApp ---------------------------------------------------------------------------
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        names = rt.names
+        self._prefix = names.prefix + "."
+        if self.restore:
+            await self._restore_snapshots()
+        self.watcher = WorkerWatcher(
+            rt.nc, names.workers_bucket, self.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove,
+            notify_unknown_removals=True,
+        )  # fmt: skip
+        self.watcher.start()
+        start_seq = min(st.covered_seq for st in self._states.values()) + 1
+        self.applied_seq = start_seq - 1
+        await self._check_history(start_seq)
+        self.follower = StreamFollower(
+            rt.nc, names.kv_stream, [names.kv_filter(p) for p in self.pools], self._on_kv,
+            start_seq=start_seq, batch=self.batch, name="indexer-kv",
+        )  # fmt: skip
+        self._tasks.append(asyncio.create_task(self._start_follower_after_discovery(), name="indexer-follow"))
+        self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="indexer-snapshots"))
+        self._tasks.append(asyncio.create_task(self._lag_loop(), name="indexer-lag"))
+        if self.serve_endpoints:
+            for pool in self.pools:
+                self._subs.append(await serve(rt.nc, names.match(pool), MatchRequest, self._match_handler(pool), queue=QUEUE, endpoint="indexer.match"))
+                self._subs.append(await serve(rt.nc, names.dump(pool), DumpRequest, self._dump_handler(pool), queue=QUEUE, endpoint="indexer.dump"))
+        log.info("indexer.started", pools=self.pools, resume_seq=start_seq, serve_endpoints=self.serve_endpoints)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        # A clean stop leaves a fresh snapshot so the next start replays as little as possible.
+        if self.rt is not None and self.snapshot_enabled and self.ready():
+            for st in self._states.values():
+                if st.events_since_snapshot:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._write_snapshot(st), 5)
+
+    def ready(self) -> bool:
+        return (
+            self.follower is not None
+            and self.follower.caught_up.is_set()
+            and self.watcher is not None
+            and self.watcher.caught_up.is_set()
+        )
+
+    def status(self) -> dict[str, Any]:
+        pools = {}
+        for pool, st in self._states.items():
+            idx = st.index
+            pools[pool] = {
+                "blocks": idx.tier_blocks(),
+                "nodes": idx.nodes,
+                "workers": len(idx.worker_keys()),
+                "block_size": self.block_size(pool),
+                "restored_seq": st.restored_seq,
+                "snapshot_seq": st.snapshot_seq,
+                "events_since_snapshot": st.events_since_snapshot,
+                "malformed_messages": st.malformed,
+                "event_id_gaps": idx.gaps,
+                "events": {f"{t}.{o}": n for (t, o), n in idx.counters.items() if n},
+            }
+        return {
+            "applied_seq": self.applied_seq,
+            "stream_last_seq": self.stream_last_seq,
+            "pending": self.follower.pending if self.follower else None,
+            "pools": pools,
+        }
+
+    # ---- public, synchronous API (also used in-process by the scheduler) ----------------------
+
+    @property
+    def snapshot_enabled(self) -> bool:
+        return self.snapshot_every > 0 or self.snapshot_interval > 0
+
+    def pool_states(self) -> dict[str, PoolState]:
+        return self._states
+
+    def index(self, pool: str) -> PrefixIndex:
+        return self._state(pool).index
+
+    def block_size(self, pool: str) -> int:
+        return self._state(pool).block_size or self.default_block_size
+
+    def match(self, pool: str, req: MatchRequest) -> MatchReply:
+        st = self._state(pool)
+        bs = st.block_size or self.default_block_size
+        if req.block_hashes is not None:
+            hashes = req.block_hashes
+        else:
+            hashes = local_block_hashes(req.token_ids or [], bs, salt_seed(req.lora_name, req.cache_salt))
+        started = time.perf_counter()
+        res = st.index.find_matches(hashes, req.early_exit)
+        m.MATCH_SECONDS.labels(pool).observe(time.perf_counter() - started)
+        tiers = {t: _scores(res.tier_scores.get(t, {})) for t in REPORTED_TIERS}
+        if "external" in res.tier_scores:
+            tiers["external"] = _scores(res.tier_scores["external"])
+        return MatchReply(
+            block_size=bs, scores=_scores(res.scores), tier_scores=tiers, tree_sizes=_scores(res.tree_sizes), stream_seq=self.applied_seq
+        )
+
+    def dump(self, pool: str) -> DumpReply:
+        return DumpReply(stream_seq=self.applied_seq, events=self._state(pool).index.dump())
+
+    def _state(self, pool: str) -> PoolState:
+        st = self._states.get(pool)
+        if st is None:
+            raise ServiceError("not_found", f"pool {pool!r} is not served by this indexer")
+        return st
+
+    def _match_handler(self, pool: str):  # noqa: ANN202
+        async def handle(req: MatchRequest, _msg: Msg) -> MatchReply:
+            return self.match(pool, req)
+
+        return handle
+
+    def _dump_handler(self, pool: str):  # noqa: ANN202
+        async def handle(_req: DumpRequest, _msg: Msg) -> DumpReply:
+            return self.dump(pool)
+
+        return handle
+
+    # ---- KV events ----------------------------------------------------------------------------
+
+    def _pool_of(self, subject: str) -> str | None:
+        if not subject.startswith(self._prefix):
+            return None
+        rest = subject[len(self._prefix) :]
+        return rest.split(".", 1)[0]
+
+    def _on_kv(self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.applied_seq = seq
+        pool = self._pool_of(subject)
+        st = self._states.get(pool) if pool is not None else None
+        if st is None:
+            return
+        if seq <= st.covered_seq:
+            m.MESSAGES.labels(pool, "skipped_covered").inc()
+            return
+        try:
+            payload = codec.decode(data, KvPayload, codec.content_type_of(headers))
+        except SchemaError as exc:
+            st.malformed += 1
+            m.MESSAGES.labels(pool, "malformed").inc()
+            log.warning("kv.malformed", pool=pool, seq=seq, subject=subject, error=str(exc)[:300], size=len(data))
+            return
+        events = payload if isinstance(payload, list) else (payload,)
+        index = st.index
+        removed = st.removed
+        for ev in events:
+            if removed and ev.worker_id in removed:
+                m.DROPPED_EVENTS.labels(pool, "removed_worker").inc()
+                continue
+            index.apply(ev)
+        st.events_since_snapshot += len(events)
+        m.MESSAGES.labels(pool, "ok").inc()
+
+    async def _start_follower_after_discovery(self) -> None:
+        assert self.watcher is not None and self.follower is not None
+        await self.watcher.caught_up.wait()
+        self.follower.start()
+        await self.follower.caught_up.wait()
+        for pool, st in self._states.items():
+            log.info("indexer.caught_up", pool=pool, applied_seq=self.applied_seq, blocks=st.index.blocks, nodes=st.index.nodes)
+
+    # ---- discovery ----------------------------------------------------------------------------
+
+    def _on_worker_put(self, record: WorkerRecord, is_new: bool) -> None:
+        st = self._states.get(record.pool)
+        if st is None:
+            return
+        st.removed.discard(record.worker_id)
+        if st.block_size != record.block_size:
+            if st.block_size is not None:
+                log.warning("indexer.block_size_changed", pool=record.pool, old=st.block_size, new=record.block_size)
+            st.block_size = record.block_size
+
+    def _on_worker_remove(self, pool: str, worker_id: int) -> None:
+        st = self._states.get(pool)
+        if st is None:
+            return
+        st.removed.add(worker_id)
+        dropped = st.index.remove_worker(worker_id)
+        st.events_since_snapshot += 1
+        log.info("indexer.worker_removed", pool=pool, worker_id=worker_id, blocks_dropped=dropped)
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    async def _restore_snapshots(self) -> None:
+        assert self.rt is not None
+        names = self.rt.names
+        for pool, st in self._states.items():
+            try:
+                loaded = await snapshot.load(self.rt.js, names.snapshots_bucket, names.snapshot_object(pool))
+            except ValueError as exc:
+                log.error("snapshot.corrupt", pool=pool, error=str(exc))
+                continue
+            if loaded is None:
+                log.info("snapshot.none", pool=pool)
+                continue
+            st.index = loaded.index
+            st.covered_seq = st.restored_seq = st.snapshot_seq = loaded.stream_seq
+            st.snapshot_time = loaded.written_at or time.time()
+            m.RESTORE_SECONDS.labels(pool).set(loaded.seconds)
+            log.info(
+                "snapshot.restored", pool=pool, stream_seq=loaded.stream_seq, bytes=loaded.size,
+                blocks=loaded.index.blocks, seconds=round(loaded.seconds, 3),
+            )  # fmt: skip
+
+    async def _check_history(self, start_seq: int) -> None:
+        """Loudly report when the stream no longer holds events we need (max_age passed them)."""
+        assert self.rt is not None
+        try:
+            info = await self.rt.js.stream_info(self.rt.names.kv_stream)
+        except Exception as exc:  # noqa: BLE001 - the follower will retry; this check is advisory
+            log.warning("indexer.stream_info_failed", error=str(exc))
+            return
+        first = info.state.first_seq
+        self.stream_last_seq = info.state.last_seq
+        if first > start_seq and info.state.last_seq >= start_seq:
+            for pool, st in self._states.items():
+                if st.covered_seq + 1 < first:
+                    m.HISTORY_LOST.labels(pool).inc()
+                    log.error(
+                        "indexer.history_lost", pool=pool, snapshot_seq=st.covered_seq, stream_first_seq=first,
+                        missing=first - st.covered_seq - 1,
+                        hint="the stream dropped events newer than the snapshot (max_age < snapshot cadence?); "
+                        "rebuilding from the snapshot plus what the stream still holds",
+                    )  # fmt: skip
+
+    async def _snapshot_loop(self) -> None:
+        if not self.snapshot_enabled:
+            return
+        while True:
+            await asyncio.sleep(0.2)
+            if not self.ready():
+                continue
+            now = time.monotonic()
+            for st in self._states.values():
+                if not st.events_since_snapshot:
+                    continue
+                due_events = self.snapshot_every > 0 and st.events_since_snapshot >= self.snapshot_every
+                due_time = self.snapshot_interval > 0 and now - st.last_snapshot_attempt >= self.snapshot_interval
+                if due_events or due_time:
+                    try:
+                        await self._write_snapshot(st)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - retried at the next due time
+                        m.SNAPSHOTS.labels(st.pool, "error").inc()
+                        log.warning("snapshot.failed", pool=st.pool, error=str(exc))
+
+    async def _write_snapshot(self, st: PoolState) -> None:
+        assert self.rt is not None
+        async with self._snapshot_lock:
+            st.last_snapshot_attempt = time.monotonic()
+            started = time.perf_counter()
+            seq = self.applied_seq
+            pending = st.events_since_snapshot
+            # Serialised synchronously: the state and `seq` must describe the same instant.
+            data = snapshot.serialise(st.index, seq)
+            encoded = time.perf_counter()
+            names = self.rt.names
+            await snapshot.upload(self.rt.js, names.snapshots_bucket, names.snapshot_object(st.pool), data)
+            st.events_since_snapshot = max(0, st.events_since_snapshot - pending)
+            st.snapshot_seq = seq
+            st.snapshot_time = time.time()
+            took = time.perf_counter() - started
+            m.SNAPSHOT_SECONDS.labels(st.pool).observe(took)
+            m.SNAPSHOT_BYTES.labels(st.pool).set(len(data))
+            m.SNAPSHOTS.labels(st.pool, "ok").inc()
+            log.info(
+                "index.snapshot_written", pool=st.pool, seq=seq, bytes=len(data), blocks=st.index.blocks,
+                encode_s=round(encoded - started, 4), total_s=round(took, 4),
+            )  # fmt: skip
+
+    # ---- lag ----------------------------------------------------------------------------------
+
+    async def _lag_loop(self) -> None:
+        assert self.rt is not None
+        while True:
+            try:
+                info = await self.rt.js.stream_info(self.rt.names.kv_stream)
+                self.stream_last_seq = info.state.last_seq
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - transient; the follower reports real trouble
+                pass
+            m.STREAM_LAST_SEQ.set(self.stream_last_seq)
+            m.APPLIED_SEQ.set(self.applied_seq)
+            m.CONSUMER_LAG.set(max(0, self.stream_last_seq - self.applied_seq))
+            if self.follower is not None:
+                m.CONSUMER_PENDING.set(self.follower.pending)
+            await asyncio.sleep(self.lag_interval)
+
+
+def make_app(cfg: SimpleNamespace) -> IndexerApp:
+    return IndexerApp(cfg)

@@ -1,0 +1,47 @@
+"""Index snapshots in the KVR_SNAPSHOTS object store: object `{pool}.index`, msgpack.
+
+Contents (see `index.encode_snapshot`): the tree as parallel arrays, every (worker, dp_rank, tier)
+entry list, the event-id cursors, and `stream_seq` — the KVR_KV sequence the snapshot covers. A
+restored indexer resumes the stream at `stream_seq + 1`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from .index import PrefixIndex, decode_snapshot, encode_snapshot
+
+
+@dataclass
+class LoadedSnapshot:
+    index: PrefixIndex
+    stream_seq: int
+    size: int
+    seconds: float
+    written_at: float
+
+
+async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot | None:
+    """The stored snapshot, or None when there is none. A corrupt object raises ValueError."""
+    store = await js.object_store(bucket)
+    started = time.perf_counter()
+    try:
+        result = await store.get(name)
+    except NotFoundError:
+        return None
+    data = result.data or b""
+    index, seq, state = decode_snapshot(data)
+    return LoadedSnapshot(index, seq, len(data), time.perf_counter() - started, float(state.get("written_at", 0.0)))
+
+
+def serialise(index: PrefixIndex, stream_seq: int) -> bytes:
+    return encode_snapshot(index, stream_seq, {"written_at": time.time()})
+
+
+async def upload(js: JetStreamContext, bucket: str, name: str, data: bytes) -> None:
+    store = await js.object_store(bucket)
+    await store.put(name, data)

@@ -1,0 +1,159 @@
+"""The indexer adapter against a real nats-server: match table, discovery removal, malformed input."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from schemas import codec
+from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest
+from schemas.discovery import WorkerRecord
+from schemas.events import cleared_event, removed_event, stored_event
+from schemas.hashing import local_block_hashes
+from services.runtime.responder import request
+from services.runtime.workers import delete_worker, put_worker
+
+from .conftest import NAMES, publish, wait_for
+
+
+def chain(prefix: int, locals_: list[int]) -> list[tuple[int, int]]:
+    """(engine hash, local hash) pairs; engine hashes are per worker so they differ across workers."""
+    return [(prefix * 1000 + i, t) for i, t in enumerate(locals_)]
+
+
+async def scores_of(nc, hashes: list[int], pool: str = "p") -> dict[tuple[int, int], int]:
+    reply = await request(nc, NAMES.match(pool), MatchRequest(block_hashes=hashes), MatchReply)
+    return {(s.worker_id, s.dp_rank): s.blocks for s in reply.scores}
+
+
+async def test_match_table_over_nats(nc, start_indexer):
+    app = await start_indexer()
+    js = nc.jetstream()
+    q = [1, 2, 3, 4]
+    # (worker, dp) → events; expectations for q and for the branch [1, 2, 9]
+    await publish(js, "p", stored_event(1, 0, chain(10, [1, 2, 3, 4])))  # full chain
+    await publish(js, "p", stored_event(1, 0, chain(11, [1, 2]), dp_rank=1), msgpack=True)  # other dp rank
+    await publish(js, "p", [stored_event(2, 0, chain(20, [1, 2])), stored_event(2, 1, [(20_009, 9)], parent_hash=20_001)])  # branch
+    await publish(js, "p", [stored_event(3, 0, chain(30, [1, 2, 3])), removed_event(3, 1, [30_000])])  # middle only
+    await publish(js, "p", stored_event(4, 0, [(40_002, 2), (40_003, 3)], parent_hash=99_999))  # unknown parent
+    await publish(js, "p", [stored_event(5, 0, chain(50, [1, 2, 3, 4])), removed_event(5, 1, [50_001])])  # middle removed
+    await publish(js, "p", [stored_event(6, 0, chain(60, [1, 2, 3])), cleared_event(6, 1)])  # cleared
+    await publish(js, "p", stored_event(6, 0, chain(61, [1]), dp_rank=1))  # clear is per dp rank
+    seq = await publish(js, "p", removed_event(7, 0, [12345]))  # unknown block of an unknown worker
+    await wait_for(lambda: app.applied_seq >= seq)
+
+    assert await scores_of(nc, q) == {(1, 0): 4, (1, 1): 2, (2, 0): 2, (5, 0): 1, (6, 1): 1}
+    assert await scores_of(nc, [1, 2, 9]) == {(1, 0): 2, (1, 1): 2, (2, 0): 3, (5, 0): 1, (6, 1): 1}
+    assert await scores_of(nc, [2, 3]) == {}  # worker 3 holds blocks 2-3, but not as a leading prefix
+    assert await scores_of(nc, [7]) == {}
+    reply = await request(nc, NAMES.match("p"), MatchRequest(block_hashes=q), MatchReply, msgpack=True)
+    assert {(s.worker_id, s.dp_rank): s.blocks for s in reply.tree_sizes} == {
+        (1, 0): 4, (1, 1): 2, (2, 0): 3, (3, 0): 2, (5, 0): 3, (6, 1): 1,
+    }  # fmt: skip
+    assert reply.block_size == 16 and reply.stream_seq == seq
+    assert set(reply.tier_scores) == {"host_pinned", "disk"}
+    counters = app.index("p").counters
+    assert counters[("stored", "parent_not_found")] == 1
+    assert counters[("removed", "block_not_found")] == 1
+    assert counters[("cleared", "ok")] == 1
+
+    # duplicates (repeated or stale event ids) are dropped; forward jumps are applied and counted
+    retry = await js.publish(NAMES.kv_subject("p", 1, 0), b"{}", headers={"Nats-Msg-Id": "p:1:0:0"})
+    assert retry.duplicate  # a publisher's retry never reaches the index
+    dup = await js.publish(NAMES.kv_subject("p", 1, 0), codec.encode(stored_event(1, 0, [(10_901, 8)])))
+    gap = await js.publish(NAMES.kv_subject("p", 1, 0), codec.encode(stored_event(1, 5, [(10_902, 8)])))
+    await wait_for(lambda: app.applied_seq >= gap.seq)
+    assert dup.seq < gap.seq
+    assert counters[("stored", "duplicate")] == 1
+    assert counters[("stored", "gap")] == 1 and app.index("p").gaps == 1
+    assert await scores_of(nc, [8]) == {(1, 0): 1}
+
+    # host tier: counted beyond the device prefix
+    last = await publish(js, "p", stored_event(5, 2, [(50_101, 2), (50_102, 3)], parent_hash=50_000, storage_tier="host_pinned"))
+    await wait_for(lambda: app.applied_seq >= last)
+    reply = await request(nc, NAMES.match("p"), MatchRequest(block_hashes=q), MatchReply)
+    assert {(s.worker_id, s.dp_rank): s.blocks for s in reply.tier_scores["host_pinned"]} == {(5, 0): 3}
+    assert {(s.worker_id, s.dp_rank): s.blocks for s in reply.scores}[(5, 0)] == 1
+
+    dump = await request(nc, NAMES.dump("p"), DumpRequest(), DumpReply)
+    assert dump.stream_seq == last
+    assert len(dump.events) >= app.index("p").blocks
+
+
+async def test_token_ids_use_block_size_from_discovery(nc, start_indexer):
+    js = nc.jetstream()
+    app = await start_indexer()
+    await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool="p", block_size=4, ttl_s=3600))
+    await wait_for(lambda: app.block_size("p") == 4)
+    tokens = list(range(1, 14))  # 3 full blocks of 4 + a partial one
+    local = local_block_hashes(tokens, 4)
+    seq = await publish(js, "p", stored_event(1, 0, [(900 + i, h) for i, h in enumerate(local[:2])]))
+    await wait_for(lambda: app.applied_seq >= seq)
+    reply = await request(nc, NAMES.match("p"), MatchRequest(token_ids=tokens), MatchReply)
+    assert reply.block_size == 4
+    assert [(s.worker_id, s.blocks) for s in reply.scores] == [(1, 2)]
+    salted = await request(nc, NAMES.match("p"), MatchRequest(token_ids=tokens, lora_name="a"), MatchReply)
+    assert salted.scores == []
+    # unknown pool and bad requests get structured errors
+    msg = await nc.request(NAMES.match("p"), b'{"block_hashes": [1], "token_ids": [1]}', timeout=2)
+    assert msgspec.json.decode(msg.data)["error"]["code"] == "invalid_request"
+    with pytest.raises(Exception) as err:
+        app.match("nope", MatchRequest(block_hashes=[1]))
+    assert getattr(err.value, "code", None) == "not_found"
+
+
+async def test_deleting_discovery_key_removes_worker_blocks(nc, start_indexer):
+    js = nc.jetstream()
+    app = await start_indexer()
+    for wid in (1, 2):
+        await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=wid, pool="p", dp_size=2, ttl_s=3600))
+    await publish(js, "p", stored_event(1, 0, chain(10, [1, 2])))
+    await publish(js, "p", stored_event(1, 0, chain(11, [1, 2]), dp_rank=1))
+    seq = await publish(js, "p", stored_event(2, 0, chain(20, [1])))
+    await wait_for(lambda: app.applied_seq >= seq)
+    assert await scores_of(nc, [1, 2]) == {(1, 0): 2, (1, 1): 2, (2, 0): 1}
+    await delete_worker(nc, NAMES.workers_bucket, "p", 1)
+    await wait_for(lambda: (1, 0) not in app.index("p").tree_sizes())
+    assert await scores_of(nc, [1, 2]) == {(2, 0): 1}
+    assert app.index("p").worker_keys() == [(2, 0)]
+    # late events of the removed worker are ignored until it is registered again
+    seq = await publish(js, "p", stored_event(1, 1, chain(12, [1])))
+    await wait_for(lambda: app.applied_seq >= seq)
+    assert await scores_of(nc, [1]) == {(2, 0): 1}
+    await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool="p", ttl_s=3600))
+    await wait_for(lambda: 1 not in app.pool_states()["p"].removed)
+    seq = await publish(js, "p", stored_event(1, 7, chain(13, [1])))  # a new instance: any first event id
+    await wait_for(lambda: app.applied_seq >= seq)
+    assert await scores_of(nc, [1]) == {(1, 0): 1, (2, 0): 1}
+
+
+async def test_malformed_payloads_are_counted_and_skipped(nc, start_indexer):
+    js = nc.jetstream()
+    app = await start_indexer()
+    subject = NAMES.kv_subject("p", 1, 0)
+    mp = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK}
+    huge = msgspec.msgpack.encode({"worker_id": 1, "event": {"event_id": 9, "data": {"removed": {"block_hashes": [0] * 1_000_000}}}})
+    bad = [
+        (b"{not json", None),
+        (b"\xc1\xff", mp),  # invalid msgpack
+        (b'{"worker_id": "one", "event": {"event_id": 1, "data": "cleared"}}', None),  # wrong type
+        (b'{"worker_id": 1, "event": {"event_id": -1, "data": "cleared"}}', None),  # negative id
+        (b'{"worker_id": 1, "event": {"event_id": 1, "data": {"removed": {"block_hashes": [-99999999999999999999]}}}}', None),
+        (b'{"worker_id": 1, "event": {"event_id": 1, "data": {"stored": {"blocks": [{"block_hash": 1, "tokens_hash": 18446744073709551616}]}}}}', None),
+        (huge, mp),  # 10^6-element array
+        (msgspec.msgpack.encode([0] * 1_000_000), mp),
+        (b'{"worker_id": 1, "event": {"event_id": 1, "data": {"stored": null, "removed": null}}}', None),
+    ]
+    await publish(js, "p", stored_event(1, 0, chain(10, [1])))
+    for data, headers in bad:
+        await js.publish(subject, data, headers=headers)
+    # i64-negative hashes from signed publishers are reinterpreted (PROTOCOL.md §0), not rejected
+    signed = b'{"worker_id": 1, "event": {"event_id": 1, "data": {"stored": {"parent_hash": 10000, "blocks": [{"block_hash": -5, "tokens_hash": -2}]}}}}'
+    await js.publish(subject, signed)
+    seq = await publish(js, "p", stored_event(1, 2, [(10_002, 3)], parent_hash=(1 << 64) - 5))
+    await wait_for(lambda: app.applied_seq >= seq)
+    assert app.pool_states()["p"].malformed == len(bad)
+    assert await scores_of(nc, [1, (1 << 64) - 2, 3]) == {(1, 0): 3}
+    assert app.index("p").gaps == 0
+    metrics = app.status()["pools"]["p"]
+    assert metrics["malformed_messages"] == len(bad)
