@@ -43,6 +43,7 @@ from . import metrics as m
 from .candidates import Candidate, candidates_of
 from .load import PREFILL_LEG, LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
+from .settings import SETTINGS
 from .selector import BusyThresholds, CostConfig, Decision, Overlaps, SelectionError, SelectionInput, Selector
 
 log = get_logger("kvr.scheduler")
@@ -60,8 +61,19 @@ def _policy_table(entries: list[str]) -> dict[str, str]:
     return out
 
 
+def with_defaults(cfg: SimpleNamespace) -> SimpleNamespace:
+    """The config, plus defaults for scheduler settings an embedding service's namespace lacks."""
+    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in SETTINGS}
+    values.update(vars(cfg))
+    return SimpleNamespace(**values)
+
+
 class SchedulerApp:
+    """Usable standalone (`kvr scheduler`) or embedded (the EPP bridge's one-process mode): construct
+    with a resolved config, `await start(rt)`, then call `select()` / `booking()` directly."""
+
     def __init__(self, cfg: SimpleNamespace) -> None:
+        cfg = with_defaults(cfg)
         self.cfg = cfg
         self.router_id: str = cfg.router_id or f"sched-{uuid.uuid4().hex[:10]}"
         self.cost = CostConfig(
@@ -387,7 +399,17 @@ class SchedulerApp:
             policy="booked",
         )
 
+    async def select(self, pool: str, req: SelectRequest) -> SelectReply:
+        """In-process entry point (same semantics and errors as `scheduler.select`)."""
+        return await self._select(pool, req)
+
+    async def booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
+        """In-process entry point of `scheduler.booking`."""
+        return await self._booking(pool, req)
+
     async def _select(self, pool: str, req: SelectRequest) -> SelectReply:
+        if pool not in self.trackers:
+            raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
         policy = req.policy or self.pool_policy.get(pool) or self.cfg.selection_policy
         try:
             reply = await self._select_inner(pool, req, policy)
@@ -499,7 +521,9 @@ class SchedulerApp:
         await self._wait_applied(max(seqs))
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
-        tracker = self.trackers[pool]
+        tracker = self.trackers.get(pool)
+        if tracker is None:
+            raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
         if not tracker.is_active(req.request_id):
             await self._sync_to_tail()
             if not tracker.is_active(req.request_id):

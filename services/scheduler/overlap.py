@@ -57,7 +57,8 @@ class EmbeddedOverlap:
     def __init__(self, cfg: SimpleNamespace) -> None:
         from services.indexer.app import IndexerApp  # only needed in the one-process deployment
 
-        self.app: Any = IndexerApp(cfg)
+        # No NATS endpoints of its own: a separate indexer fleet keeps answering indexer.match.
+        self.app: Any = IndexerApp(cfg, serve_endpoints=False)
 
     async def start(self, rt: Any) -> None:
         await self.app.start(rt)

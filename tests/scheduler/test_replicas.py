@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from schemas import codec
+from schemas.events import kv_msg_id, stored_event
+from schemas.hashing import local_block_hashes
 from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
 from services.runtime.natsio import StreamSettings, provision
 from services.runtime.procs import ServiceProcess
@@ -43,19 +46,27 @@ async def converged(nc, n: int, timeout: float = 5.0):  # type: ignore[no-untype
         await asyncio.sleep(0.05)
 
 
-async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nats_url, nc, indexer, tmp_path):
+async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nats_url, nc, tmp_path):
     await provision(nc.jetstream(), NAMES, StreamSettings())
     for wid in (1, 2, 3):
         await put_worker(nc, NAMES.workers_bucket, record(wid, pool=POOL, heartbeat_ms=int(time.time() * 1000), ttl_s=60))
-    procs = {rid: replica(nats_url, rid, tmp_path).start() for rid in ("s1", "s2", "s3")}
+    # The real indexer process, holding a few blocks of the prompts' shared first block on worker 1.
+    js = nc.jetstream()
+    for i in range(5):
+        ev = stored_event(1, i + 1, [(500 + i, local_block_hashes([i] * 16, 16)[0])])
+        await js.publish(NAMES.kv_subject(POOL, 1, 0), codec.encode_json(ev), headers={"Nats-Msg-Id": kv_msg_id(POOL, 1, 0, i + 1)})
+    procs = {"indexer": ServiceProcess("indexer", nats_url=nats_url, pools=[POOL], log_path=str(tmp_path / "indexer.log")).start()}
+    procs.update({rid: replica(nats_url, rid, tmp_path).start() for rid in ("s1", "s2", "s3")})
     try:
         for p in procs.values():
             await asyncio.to_thread(p.wait_ready, 30)
-        indexer.scores = {(1, 0): 1, (2, 0): 2}
+        hits = 0
         for i in range(30):
             tokens = [i % 5] * 16 + list(range(100 + i, 148 + i))
             reply = await request(nc, NAMES.select(POOL), SelectRequest(request_id=f"r{i}", token_ids=tokens), SelectReply, timeout=5)
             assert reply.decode.worker_id in (1, 2, 3)
+            hits += reply.overlap_blocks
+        assert hits > 0  # overlaps came from the live indexer
         info = await nc.jetstream().stream_info(NAMES.bookings_stream, subjects_filter=">")
         publishers = {subject.rsplit(".", 1)[1] for subject in (info.state.subjects or {})}
         assert publishers == {"s1", "s2", "s3"}, publishers  # the queue group spread the bookings
