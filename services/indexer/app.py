@@ -57,6 +57,7 @@ class PoolState:
     restored_seq: int = 0
     removed: set[int] = field(default_factory=set)  # worker ids deleted from discovery, not re-put
     malformed: int = 0
+    dropped: int = 0  # events of removed workers, ignored
 
 
 def _scores(d: dict[tuple[int, int], int]) -> list[WorkerScore]:
@@ -161,6 +162,7 @@ class IndexerApp:
                 "snapshot_seq": st.snapshot_seq,
                 "events_since_snapshot": st.events_since_snapshot,
                 "malformed_messages": st.malformed,
+                "dropped_events": st.dropped,
                 "event_id_gaps": idx.gaps,
                 "events": {f"{t}.{o}": n for (t, o), n in idx.counters.items() if n},
             }
@@ -254,6 +256,7 @@ class IndexerApp:
         for ev in events:
             if removed and ev.worker_id in removed:
                 m.DROPPED_EVENTS.labels(pool, "removed_worker").inc()
+                st.dropped += 1
                 continue
             index.apply(ev)
         st.events_since_snapshot += len(events)

@@ -1,0 +1,97 @@
+"""Replicas converge; a SIGKILLed indexer restores from snapshot + stream tail without loss or double apply."""
+
+from __future__ import annotations
+
+import asyncio
+
+from schemas.api import DumpReply, DumpRequest
+from schemas.discovery import WorkerRecord
+from services.runtime.procs import ServiceProcess
+from services.runtime.responder import request
+from services.runtime.workers import delete_worker, put_worker
+
+from .conftest import NAMES, publish, wait_for
+from .workload import Workload
+
+
+async def test_two_replicas_reach_identical_dumps(nc, start_indexer):
+    js = nc.jetstream()
+    a = await start_indexer(serve_endpoints=False, snapshot_every_events=0, snapshot_interval_s=0)
+    wl = Workload(seed=1)
+    for _ in range(60):
+        await publish(js, "p", wl.message())
+    b = await start_indexer(serve_endpoints=False, snapshot_every_events=0, snapshot_interval_s=0)  # starts late
+    for _ in range(60):
+        seq = await publish(js, "p", wl.message())
+    await wait_for(lambda: a.applied_seq >= seq and b.applied_seq >= seq)
+    assert a.index("p").blocks > 0
+    assert a.dump("p") == b.dump("p")
+    assert a.index("p").counters == b.index("p").counters
+
+
+def _wait_ready(proc: ServiceProcess) -> None:
+    proc.wait_ready(timeout=30)
+
+
+async def _dump(nc) -> DumpReply:
+    return await request(nc, NAMES.dump("p"), DumpRequest(), DumpReply, timeout=5)
+
+
+async def test_sigkill_restart_restores_snapshot_plus_tail(nats_url, nc, tmp_path):
+    js = nc.jetstream()
+    common = dict(nats_url=nats_url, pools=["p"])
+    snap_args = ["--snapshot-every-events", "25", "--snapshot-interval-s", "0.3"]
+    a = ServiceProcess("indexer", args=snap_args, log_path=str(tmp_path / "a.log"), **common).start()
+    b = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], log_path=str(tmp_path / "b.log"), **common)
+    try:
+        await asyncio.to_thread(_wait_ready, a)  # a provisions the streams
+        b.start()
+        await asyncio.to_thread(_wait_ready, b)
+        for wid in range(1, 5):
+            await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=wid, pool="p", dp_size=2, ttl_s=3600))
+        wl = Workload(seed=7)
+        sizes: dict[int, int] = {}  # stream seq → events in that message
+        for _ in range(150):
+            msg = wl.message()
+            sizes[await publish(js, "p", msg)] = len(msg)
+
+        def snapshot_seq() -> int:
+            return int(a.readyz().get("pools", {}).get("p", {}).get("snapshot_seq", 0))
+
+        await wait_for(lambda: snapshot_seq() >= max(sizes) - 30, timeout=15)
+        for _ in range(20):  # keep publishing, then kill without warning
+            msg = wl.message()
+            sizes[await publish(js, "p", msg)] = len(msg)
+        a.kill()
+        for _ in range(100):
+            msg = wl.message()
+            sizes[await publish(js, "p", msg)] = len(msg)
+        await delete_worker(nc, NAMES.workers_bucket, "p", 4)  # removal while a is down
+        wl.forget_worker(4)
+        for _ in range(30):
+            msg = wl.message(key=(1, 0))
+            sizes[await publish(js, "p", msg)] = len(msg)
+        last = max(sizes)
+        await wait_for(lambda: int(b.readyz().get("applied_seq", 0)) >= last)
+        reference = await _dump(nc)  # only b is up
+        assert reference.stream_seq == last
+        assert not any(e.worker_id == 4 for e in reference.events)
+
+        a.start()
+        await asyncio.to_thread(_wait_ready, a)
+        status = a.readyz()
+        restored = status["pools"]["p"]["restored_seq"]
+        assert 0 < restored < last
+        assert status["applied_seq"] == last
+        b.terminate()
+        restarted = await _dump(nc)  # only a is up
+        assert restarted.stream_seq == last
+        assert restarted.events == reference.events
+        # Every event after the snapshot applied exactly once (or dropped as the removed worker's).
+        pool = status["pools"]["p"]
+        applied_after_restore = sum(pool["events"].values()) + pool["dropped_events"]
+        assert applied_after_restore == sum(n for seq, n in sizes.items() if seq > restored)
+        assert "snapshot.restored" in (tmp_path / "a.log").read_text()
+    finally:
+        a.kill()
+        b.kill()
