@@ -41,6 +41,7 @@ def record(worker_id: int, pool: str = "p", **kw) -> WorkerRecord:
     kw.setdefault("address", f"10.0.0.{worker_id}")
     kw.setdefault("port", 8000)
     kw.setdefault("ttl_s", 300.0)
+    kw.setdefault("block_size", 4)
     return WorkerRecord(worker_id=worker_id, pool=pool, heartbeat_ms=now_ms(), **kw)
 
 
