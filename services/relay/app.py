@@ -201,32 +201,27 @@ class RelayApp:
             if self.rt is not None:
                 self.rt.log.warning("relay.bad_batch", dp_rank=dp_rank, seq=seq, reason=exc.reason, detail=exc.detail[:200])
             return
+        # Room is made *before* converting, so a repairing `cleared` gets a smaller id than this batch.
+        self._make_room()
         # The socket a batch arrived on decides its rank (the envelope's rank is informational).
         self._emit(dp_rank, self.converter.convert(dp_rank, batch.events))
 
     def clear_rank(self, dp_rank: int, cause: str) -> None:
+        self._make_room()
+        self._clear(dp_rank, cause)
+
+    def _clear(self, dp_rank: int, cause: str) -> None:
         metrics.CLEARED_SENT.labels(cause).inc()
-        self._emit(dp_rank, self.converter.clear(dp_rank), unbounded=True)
+        self._emit(dp_rank, self.converter.clear(dp_rank))
 
-    def _emit(self, dp_rank: int, events: list[RouterEvent], unbounded: bool = False) -> None:
-        self._count()
-        if not events or self.publisher is None or self.rt is None:
+    def _make_room(self) -> None:
+        """Drop the oldest buffered messages when full. Dropped removes would leave stale blocks in the
+        index, so every affected rank gets a `cleared` and rebuilds from newer events."""
+        if self.publisher is None:
             return
-        n_blocks = 0
-        for ev in events:
-            data = ev.event.data
-            if not isinstance(data, str):
-                n_blocks += len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
-        msg = OutMessage(self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank), dp_rank, events, n_blocks)
-        if unbounded:
-            self.publisher.push_unbounded(msg)
+        dropped = self.publisher.make_room()
+        if not dropped:
             return
-        dropped = self.publisher.offer(msg)
-        if dropped:
-            self._on_dropped(dropped)
-
-    def _on_dropped(self, dropped: list[OutMessage]) -> None:
-        """Dropped removes would leave stale blocks in the index: clear each affected rank once."""
         ranks = set()
         for msg in dropped:
             metrics.DROPPED_MESSAGES.inc()
@@ -235,7 +230,18 @@ class RelayApp:
         if self.rt is not None:
             self.rt.log.warning("relay.buffer_dropped", messages=len(dropped), ranks=sorted(ranks))
         for rank in sorted(ranks):
-            self.clear_rank(rank, "buffer_overflow")
+            self._clear(rank, "buffer_overflow")
+
+    def _emit(self, dp_rank: int, events: list[RouterEvent]) -> None:
+        self._count()
+        if not events or self.publisher is None or self.rt is None:
+            return
+        n_blocks = 0
+        for ev in events:
+            data = ev.event.data
+            if not isinstance(data, str):
+                n_blocks += len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
+        self.publisher.push(OutMessage(self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank), dp_rank, events, n_blocks))
 
     def _count(self) -> None:
         counts = self.converter.drain_counts()

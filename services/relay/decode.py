@@ -216,7 +216,7 @@ def decode_batch(payload: bytes | memoryview) -> EngineBatch:
     """Decode one batch payload; raises `BadBatch` when the envelope itself is unreadable."""
     try:
         obj = _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadBatch("bad_msgpack", str(exc)) from None
     if isinstance(obj, list):
         if len(obj) < 2:

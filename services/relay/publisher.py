@@ -59,7 +59,7 @@ class Outgoing:
 
 
 class OutBuffer:
-    """FIFO of messages waiting for JetStream; offering to a full buffer evicts the oldest."""
+    """FIFO of messages waiting for JetStream, bounded by evicting the oldest (`make_room`)."""
 
     def __init__(self, max_messages: int) -> None:
         self.max_messages = max(1, max_messages)
@@ -68,15 +68,15 @@ class OutBuffer:
     def __len__(self) -> int:
         return len(self._q)
 
-    def offer(self, msg: OutMessage) -> list[OutMessage]:
+    def make_room(self) -> list[OutMessage]:
+        """Evict the oldest messages until one more fits; returns what was evicted."""
         dropped = []
         while len(self._q) >= self.max_messages:
             dropped.append(self._q.popleft())
-        self._q.append(msg)
         return dropped
 
-    def push_unbounded(self, msg: OutMessage) -> None:
-        """Append without eviction (the few `cleared` markers that repair a drop)."""
+    def push(self, msg: OutMessage) -> None:
+        """Append; callers run `make_room` first (a repairing `cleared` may exceed the bound by one per rank)."""
         self._q.append(msg)
 
     def peek(self) -> OutMessage | None:
@@ -187,13 +187,11 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-publisher")
 
-    def offer(self, msg: OutMessage) -> list[OutMessage]:
-        dropped = self.buffer.offer(msg)
-        self._kick()
-        return dropped
+    def make_room(self) -> list[OutMessage]:
+        return self.buffer.make_room()
 
-    def push_unbounded(self, msg: OutMessage) -> None:
-        self.buffer.push_unbounded(msg)
+    def push(self, msg: OutMessage) -> None:
+        self.buffer.push(msg)
         self._kick()
 
     def _kick(self) -> None:

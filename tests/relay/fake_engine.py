@@ -152,9 +152,13 @@ class FakeEngine:
 
     async def wait_subscribed(self, timeout: float = 5.0) -> None:
         assert self.pub is not None
-        if not await self.pub.poll(int(timeout * 1000)):
-            raise TimeoutError("no subscriber connected to the fake engine")
-        await self.pub.recv()  # the subscription message
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:  # skip unsubscribe messages (b"\x00...") of subscribers that left
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or not await self.pub.poll(int(left * 1000)):
+                raise TimeoutError("no subscriber connected to the fake engine")
+            if (await self.pub.recv()).startswith(b"\x01"):
+                return
 
     async def close(self) -> None:
         if self._replay_task is not None:
