@@ -1,0 +1,78 @@
+"""Selection throughput and latency of `kvr scheduler` with a live indexer, everything local.
+
+  .venv/bin/python bench/scheduler_select.py [--duration 10] [--concurrency 8] [--workers 8]
+
+Two deployments: `nats` = `kvr indexer` + `kvr scheduler` as separate processes (the scheduler asks
+the indexer over NATS), `one-process` = `kvr scheduler --embedded-indexer`. For each: selects with
+`book: false` (decision only) and `book: true` (decision + booking published to KVR_BOOKINGS and
+applied from the stream before the reply; the client frees each booking afterwards).
+A real nats-server runs on loopback; the load generator is this process (same 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import tempfile
+from pathlib import Path
+
+from scheduler_fleet import POOL, Workload, connect, machine, run_load, seed_fleet, table, write_result
+
+from services.runtime.embedded import NatsServer
+from services.runtime.procs import ServiceProcess
+
+
+async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[dict]:
+    server = NatsServer().start()
+    procs: list[ServiceProcess] = []
+    env = {"KVR_LOG_LEVEL": "warning"}
+    try:
+        nc = await connect(server.url)
+        wl = Workload()
+        await seed_fleet(nc, args.workers, wl)
+        sched_args = ["--router-id", "bench-1"]
+        if mode == "nats":
+            procs.append(ServiceProcess("indexer", nats_url=server.url, pools=[POOL], env=env, log_path=str(logdir / "indexer.log")))
+        else:
+            sched_args.append("--embedded-indexer")
+        procs.append(ServiceProcess("scheduler", args=sched_args, nats_url=server.url, pools=[POOL], env=env,
+                                    log_path=str(logdir / f"scheduler-{mode}.log")))  # fmt: skip
+        for p in procs:
+            p.start()
+        for p in procs:
+            await asyncio.to_thread(p.wait_ready, 60)
+        rows = []
+        for book in (False, True):
+            res = await run_load(nc, wl, args.duration, args.concurrency, book, warmup_s=args.warmup)
+            rows.append({"mode": mode, "book": book, "concurrency": args.concurrency, **res.summary()})
+        await nc.close()
+        return rows
+    finally:
+        for p in procs:
+            p.terminate()
+        server.cleanup()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--modes", default="nats,one-process")
+    args = ap.parse_args()
+    logdir = Path(tempfile.mkdtemp(prefix="kvr-bench-sched-"))
+    rows: list[dict] = []
+    for mode in args.modes.split(","):
+        rows += await bench_mode(mode, args, logdir)
+    cols = ["mode", "book", "concurrency", "selections_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "kv_hit_ratio"]
+    print(table(rows, cols))
+    path = write_result("scheduler_select", {
+        "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows, "logs": str(logdir),
+    })  # fmt: skip
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
