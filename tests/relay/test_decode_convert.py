@@ -20,6 +20,7 @@ from services.relay.decode import (
     decode_batch,
 )
 from services.relay.ingest import parse_replay_frames, rank_endpoints
+from services.relay.publisher import OutBuffer, OutMessage
 from services.relay.seqtrack import SeqTracker, SeqVerdict
 
 from .fake_engine import EventBatch, FakeEngine
@@ -126,7 +127,7 @@ _event = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.lists(_event, max_size=5), _obj)
 def test_wrong_types_anywhere_are_reported_never_raised(events, rank):
     try:
@@ -285,3 +286,24 @@ def test_rank_endpoints_and_replay_frames():
     assert parse_replay_frames([seq, b"p"]) == (7, b"p")
     assert parse_replay_frames([b"", b"", b"\xff" * 8, b""]) == (-1, b"")
     assert parse_replay_frames([b"x"]) is None and parse_replay_frames([b"", b"123", b"p"]) is None
+
+
+def test_out_buffer_evicts_oldest_and_coalesces_one_subject_up_to_the_cap():
+    conv = Converter(1, 16)
+
+    def msg(rank: int, n: int) -> OutMessage:
+        return OutMessage(f"s.{rank}", rank, [conv.clear(rank)[0] for _ in range(n)], 0)
+
+    buf = OutBuffer(3)
+    for m in (msg(0, 1), msg(0, 2), msg(1, 1)):
+        assert buf.make_room() == []
+        buf.push(m)
+    dropped = buf.make_room()
+    assert [(d.dp_rank, len(d.events)) for d in dropped] == [(0, 1)]
+    buf.push(msg(0, 1))
+    buf.push(msg(0, 1))
+    taken = buf.take(max_events=10)
+    assert [(m.dp_rank, len(m.events)) for m in taken] == [(0, 2)]  # the next message is another rank
+    assert [(m.dp_rank, len(m.events)) for m in buf.take(10)] == [(1, 1)]
+    assert [len(m.events) for m in buf.take(1)] == [1]  # cap reached: one message even if more would fit the subject
+    assert len(buf) == 1

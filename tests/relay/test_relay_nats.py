@@ -293,3 +293,36 @@ async def test_event_ids_continue_across_relay_restarts(nats_url, nc):
     finally:
         await relay.stop()
         await eng.close()
+
+
+async def test_each_dp_rank_has_its_own_socket_subject_ids_and_restarts(nats_url, nc):
+    z0, r0, z1, r1 = ports(4)
+    e0 = FakeEngine(z0, r0, dp_rank=0).start()
+    e1 = FakeEngine(z1, r1, dp_rank=1, encoding="map").start()
+    cfg = relay_cfg(nats_url, z0, None, "--zmq", f"tcp://127.0.0.1:{z1}", "--dp-size", "2",
+                    "--replay", f"tcp://127.0.0.1:{r0},tcp://127.0.0.1:{r1}")  # fmt: skip
+    assert cfg.zmq == [f"tcp://127.0.0.1:{z0}", f"tcp://127.0.0.1:{z1}"]
+    relay = await start_relay(cfg)
+    js = nc.jetstream()
+    try:
+        await e0.wait_subscribed()
+        await e1.wait_subscribed()
+        await e0.publish([e0.stored(P1)[0]])
+        await e1.publish([e1.stored(P2)[0]])
+        await e1.publish([e1.stored(P3)[0]])
+        await wait_kv(js, 5)
+        e1.restart_numbering()
+        await e1.publish([e1.stored(P1)[0]])
+        events = await wait_kv(js, 7)
+        by_rank = {r: [(e.kind, e.event.event_id) for e in events if e.event.dp_rank == r] for r in (0, 1)}
+        assert by_rank[0] == [("cleared", 1), ("stored", 2)]
+        assert by_rank[1] == [("cleared", 1), ("stored", 2), ("stored", 3), ("cleared", 4), ("stored", 5)]
+        index = RefIndex().apply_all(events)
+        assert index.match(P1) == {(WID, 0): 4, (WID, 1): 4}
+        assert index.match(P3) == {(WID, 0): 0, (WID, 1): 0}  # rank 1's old state was cleared
+        subjects = {m.subject for m in [await js.get_msg("KVR_KV", s) for s in range(1, (await js.stream_info("KVR_KV")).state.last_seq + 1)]}
+        assert subjects == {f"kvr.p.kv.{WID}.0", f"kvr.p.kv.{WID}.1"}
+    finally:
+        await relay.stop()
+        await e0.close()
+        await e1.close()
