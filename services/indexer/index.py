@@ -98,6 +98,9 @@ class PrefixIndex:
         self.gaps = 0  # events applied after a forward jump of the event id (also counted when the apply failed)
         self.nodes = 0  # live nodes, root excluded
         self.lower_tier_blocks = 0  # entries in host_pinned/disk/external; 0 keeps find_matches device-only
+        self.version = 0  # bumped by every change; caches derived from the tree compare against it
+        self._sizes: dict[WorkerKey, int] = {}
+        self._sizes_version = 0
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class PrefixIndex:
         else:
             kind = "removed"
         eid = ev.event_id
+        self.version += 1
         last = self.cursors.get(key)
         gap = False
         if last is not None:
@@ -177,26 +181,30 @@ class PrefixIndex:
             lk = w.blocks[tier] = {}
         bit = w.bit
         device = tier == DEVICE
+        created = 0
+        lk_get = lk.get
         for b in blocks:
             t = b.tokens_hash
             ch = parent.children
             if ch is None:
-                ch = parent.children = {}
-                node = None
+                node = _Node(parent, t)
+                parent.children = {t: node}
+                created += 1
             else:
                 node = ch.get(t)
-            if node is None:
-                node = ch[t] = _Node(parent, t)
-                self.nodes += 1
+                if node is None:
+                    node = ch[t] = _Node(parent, t)
+                    created += 1
             e = b.block_hash
-            old = lk.get(e)
+            old = lk_get(e)
             if old is not node:
                 lk[e] = node
                 if device:
-                    if node.mask & bit:
+                    m = node.mask
+                    if m & bit:
                         self._add_alias(node, tier, w.slot)
                     else:
-                        node.mask |= bit
+                        node.mask = m | bit
                 else:
                     self._link_lower(node, tier, w)
                 # Unlink the old position only after linking the new one: the old node may be a
@@ -206,6 +214,7 @@ class PrefixIndex:
                 elif not device:
                     self.lower_tier_blocks += 1
             parent = node
+        self.nodes += created
         return "ok"
 
     def _add_alias(self, node: _Node, tier: str, slot: int) -> None:
@@ -294,6 +303,7 @@ class PrefixIndex:
     def remove_worker(self, worker_id: int) -> int:
         """Discovery says the worker is gone: drop all its dp ranks, blocks and event-id cursors."""
         dropped = 0
+        self.version += 1
         for key in [k for k in self._workers if k[0] == worker_id]:
             dropped += self._clear(key)
         for key in [k for k in self.cursors if k[0] == worker_id]:
@@ -303,43 +313,45 @@ class PrefixIndex:
     # ---- queries ----------------------------------------------------------------------------
 
     def find_matches(self, local_hashes: Sequence[int], early_exit: bool = False) -> OverlapScores:
-        out = OverlapScores(tree_sizes=self.tree_sizes())
-        scores = out.scores
-        slot_keys = self._slot_keys
+        """Leading-prefix block counts per (worker, dp_rank); `tree_sizes` is shared, do not mutate it."""
+        scores: dict[WorkerKey, int] = {}
+        out = OverlapScores(scores, {}, self.tree_sizes())
         children = self.root.children
-        active = 0
-        depth = 0
-        for h in local_hashes:
-            if children is None:
-                break
-            child = children.get(h)
-            if child is None:
-                break
-            m = child.mask
-            if depth:
-                narrowed = active & m
+        if children is None or not local_hashes:
+            return out
+        it = iter(local_hashes)
+        child = children.get(next(it))
+        if child is None:
+            return out
+        active = child.mask
+        depth = 1 if active else 0
+        if active and not (early_exit and not active & (active - 1)):
+            for h in it:
+                children = child.children
+                if children is None:
+                    break
+                child = children.get(h)
+                if child is None:
+                    break
+                narrowed = child.mask & active
                 if narrowed != active:
-                    dropped = active ^ narrowed
-                    while dropped:
-                        low = dropped & -dropped
-                        scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
-                        dropped ^= low
+                    self._record(scores, active ^ narrowed, depth)
                     active = narrowed
-            else:
-                active = m
-            if not active:
-                break
-            depth += 1
-            if early_exit and not active & (active - 1):
-                break
-            children = child.children
-        while active:
-            low = active & -active
-            scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
-            active ^= low
+                    if not active or (early_exit and not active & (active - 1)):
+                        break
+                depth += 1
+        if active:
+            self._record(scores, active, depth)
         if self.lower_tier_blocks:
             out.tier_scores = self._tier_scores(local_hashes, scores)
         return out
+
+    def _record(self, scores: dict[WorkerKey, int], bits: int, depth: int) -> None:
+        slot_keys = self._slot_keys
+        while bits:
+            low = bits & -bits
+            scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
+            bits ^= low
 
     def _tier_scores(self, local_hashes: Sequence[int], device_scores: dict[WorkerKey, int]) -> dict[str, dict[WorkerKey, int]]:
         """Per lower tier: leading blocks held in this tier or a faster one, minus what faster tiers
@@ -390,8 +402,12 @@ class PrefixIndex:
         return depths
 
     def tree_sizes(self) -> dict[WorkerKey, int]:
-        """Device blocks per (worker, dp_rank), for every worker holding any."""
-        return {k: n for k, w in self._workers.items() if (n := len(w.blocks[DEVICE]))}
+        """Device blocks per (worker, dp_rank), for every worker holding any. Cached until the next
+        change (`version`); the returned dict is shared, do not mutate it."""
+        if self._sizes_version != self.version:
+            self._sizes = {k: n for k, w in self._workers.items() if (n := len(w.blocks[DEVICE]))}
+            self._sizes_version = self.version
+        return self._sizes
 
     # ---- sizes ------------------------------------------------------------------------------
 
@@ -445,6 +461,10 @@ class PrefixIndex:
         original memberships. Event ids are synthetic, consecutive from 0 per (worker, dp_rank).
         """
         by_node = self._entries_by_node()
+        held: dict[tuple[int, WorkerKey], list[tuple[str, int]]] = {}
+        for node_id, entries in by_node.items():
+            for key, tier, e in entries:
+                held.setdefault((node_id, key), []).append((tier, e))
         next_id: dict[WorkerKey, int] = {}
         out: list[RouterEvent] = []
 
@@ -469,7 +489,7 @@ class PrefixIndex:
                 if parent is self.root:
                     out.append(stored_event(key[0], eid(key), [(e, node.key)], None, key[1], tier))
                     continue
-                ref = self._parent_ref(w, parent, tier, by_node)  # type: ignore[arg-type]
+                ref = self._parent_ref(w, parent, tier, held)  # type: ignore[arg-type]
                 if ref is not None:
                     out.append(stored_event(key[0], eid(key), [(e, node.key)], ref, key[1], tier))
                     continue
@@ -478,7 +498,7 @@ class PrefixIndex:
                 anc = parent
                 ref = None
                 while anc is not self.root:
-                    ref = self._parent_ref(w, anc, tier, by_node)  # type: ignore[arg-type]
+                    ref = self._parent_ref(w, anc, tier, held)  # type: ignore[arg-type]
                     if ref is not None:
                         break
                     chain.append(anc)  # type: ignore[arg-type]
@@ -495,10 +515,12 @@ class PrefixIndex:
         return out
 
     def _parent_ref(
-        self, w: _Worker, parent: _Node, tier: str, by_node: dict[int, list[tuple[WorkerKey, str, int]]]
+        self, w: _Worker, parent: _Node, tier: str, held: dict[tuple[int, WorkerKey], list[tuple[str, int]]]
     ) -> int | None:
         """An engine hash of `w` that resolves to `parent` when looked up from `tier`."""
-        cands = [(t, e) for k, t, e in by_node.get(id(parent), ()) if k == w.key]
+        cands = held.get((id(parent), w.key), ())
+        if len(cands) == 1 and cands[0][0] == tier:  # the common case: one entry, same tier
+            return cands[0][1]
         order = [tier, *[t for t in TIERS if t != tier]]
         for t in order:
             for ct, e in cands:
@@ -540,9 +562,11 @@ class PrefixIndex:
         for p, k in zip(state["parents"], state["keys"]):
             parent = nodes[p]
             node = _Node(parent, k)
-            if parent.children is None:
-                parent.children = {}
-            parent.children[k] = node
+            ch = parent.children
+            if ch is None:
+                parent.children = {k: node}
+            else:
+                ch[k] = node
             append(node)
         idx.nodes = len(nodes) - 1
         for wid, dp, tier, flat in state["workers"]:
@@ -552,25 +576,20 @@ class PrefixIndex:
             lk = w.blocks.setdefault(tier, {})
             bit = w.bit
             device = tier == DEVICE
-            for i in range(0, len(flat), 2):
-                node = nodes[flat[i]]
-                lk[flat[i + 1]] = node
+            for i, e in zip(flat[0::2], flat[1::2]):
+                node = nodes[i]
+                lk[e] = node
                 if device:
-                    if node.mask & bit:
+                    m = node.mask
+                    if m & bit:
                         idx._add_alias(node, tier, w.slot)
                     else:
-                        node.mask |= bit
+                        node.mask = m | bit
                 else:
                     idx._link_lower(node, tier, w)
                     idx.lower_tier_blocks += 1
         idx.cursors = {(a, b): c for a, b, c in state["cursors"]}
-        # A snapshot holds no dangling nodes (they are pruned as they empty); prune defensively anyway.
-        for node in reversed(nodes[1:]):
-            if not node.mask and node.tiers is None and not node.children and node.parent is not None:
-                del node.parent.children[node.key]  # type: ignore[union-attr]
-                if not node.parent.children:
-                    node.parent.children = None
-                idx.nodes -= 1
+        idx.version += 1
         return idx
 
 
