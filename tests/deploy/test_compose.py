@@ -190,3 +190,10 @@ def test_dashboard_queries_only_metrics_the_services_export() -> None:
     unknown = {n for n in used if n.startswith("kvr_") and n not in exported}
     unknown |= {n for n in used if n.startswith("jetstream_") and n not in NATS_EXPORTER_METRICS}
     assert not unknown, f"the dashboard queries metrics no service exports: {sorted(unknown)}"
+
+
+def test_replay_and_external_mock_fleet_run_at_the_same_speed() -> None:
+    services = compose()["services"]
+    replay = services["replay"]
+    assert "--fleet=external" in replay["command"]
+    assert replay["environment"]["KVR_SPEEDUP"] == services["mock-workers"]["environment"]["KVR_SPEEDUP"]
