@@ -217,3 +217,27 @@ def test_inference_pool_points_at_the_epp_and_the_vllm_pods() -> None:
     assert {"kvr-scorer", "kvr-headers", "kvr-cleanup", "max-score-picker"} <= plugin_types
     refs = {p["pluginRef"] for p in epp_config["schedulingProfiles"][0]["plugins"]}
     assert refs <= {p.get("name", p["type"]) for p in epp_config["plugins"]}
+
+
+def _settings_value(env: dict[str, str], name: str) -> float:
+    from services.config_table import load_all
+    from services.runtime.config import REGISTRY
+
+    load_all()
+    setting = next(s for s in REGISTRY.all() if s.env == name)
+    return float(env.get(name, setting.default))
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_retention_settings_agree(overlay: str) -> None:
+    """Bookings outlive their TTL in the stream; indexer snapshots are far younger than KVR_KV."""
+    docs = render(K8S / "overlays" / overlay)
+    data: dict[str, dict[str, str]] = {}
+    for name, cm in by_kind(docs, "ConfigMap").items():
+        data[name.rsplit("-", 1)[0]] = cm.get("data", {})
+    common, scheduler, indexer = data["kvr-common"], data["kvr-scheduler"], data["kvr-indexer"]
+    bookings_age = _settings_value(common, "KVR_BOOKINGS_MAX_AGE_S")
+    assert bookings_age >= _settings_value(scheduler, "KVR_BOOKING_TTL_S")
+    kv_age = _settings_value(common, "KVR_KV_MAX_AGE_S")
+    assert 0 < _settings_value(indexer, "KVR_SNAPSHOT_INTERVAL_S") <= kv_age / 10
