@@ -173,20 +173,21 @@ async def test_pods_filter_and_constraints(conn, tok):
     await publish_cached(nc, "agg", 5, tokens, event_id=100)
 
     free_choice = await query(nc, "agg", {"prompt": tokens}, book=False)
-    assert free_choice["decode"]["worker_id"] == 5
+    assert free_choice["decode"]["worker_id"] == 5, free_choice
     filtered = await query(nc, "agg", {"prompt": tokens}, book=False, pods=[{"podName": "vllm-4"}, {"pod": {"podName": "vllm-6"}}])
-    assert filtered["status"] == "ok" and filtered["decode"]["worker_id"] in (4, 6) and filtered["overlap_blocks"] == 0
+    assert filtered["status"] == "ok" and filtered["decode"]["worker_id"] in (4, 6) and filtered["overlap_blocks"] == 0, filtered
     by_address = await query(nc, "agg", {"prompt": tokens}, book=False, pods=[{"address": "10.0.0.6", "port": 8000}])
-    assert by_address["decode"]["worker_id"] == 6
+    assert by_address["decode"]["worker_id"] == 6, by_address
 
     empty = await query(nc, "agg", {"prompt": tokens}, pods=[{"name": "ghost"}, {"address": "10.9.9.9", "port": 1}])
-    assert empty["status"] == "error" and empty["error"]["code"] == "no_workers"
+    assert empty["status"] == "error" and empty["error"]["code"] == "no_workers", empty
     taint = {"prompt": "the lazy dog", "nvext": {"routing_constraints": {"required_taints": ["zone=a"]}}}
-    assert (await query(nc, "agg", taint, book=False))["decode"]["worker_id"] == 5
+    tainted = await query(nc, "agg", taint, book=False)
+    assert tainted["decode"]["worker_id"] == 5, tainted
     unsat = await query(nc, "agg", taint, pods=[{"name": "vllm-4"}, {"name": "vllm-6"}])
-    assert unsat["error"]["code"] == "constraints_unsatisfied"
+    assert unsat["error"]["code"] == "constraints_unsatisfied", unsat
     nowhere = await query(nc, "agg", {"prompt": tokens, "nvext": {"routing_constraints": {"required_taints": ["gpu=b200"]}}})
-    assert nowhere["error"]["code"] == "constraints_unsatisfied"
+    assert nowhere["error"]["code"] == "constraints_unsatisfied", nowhere
     assert not any(b.startswith("q-") for b in (await scheduler_state(nc, "agg")).bookings)
 
 
