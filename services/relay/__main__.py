@@ -11,9 +11,14 @@ from .settings import SETTINGS
 
 
 def make_app(cfg):  # type: ignore[no-untyped-def]
+    from schemas.codec import SchemaError
+
     from .app import RelayApp
 
-    return RelayApp(cfg)
+    try:
+        return RelayApp(cfg)
+    except (ValueError, SchemaError) as exc:
+        raise SystemExit(f"kvr relay: invalid configuration: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

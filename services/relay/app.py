@@ -18,6 +18,7 @@ import xxhash
 import zmq
 import zmq.asyncio
 
+from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from services.runtime.service import Runtime
@@ -47,13 +48,17 @@ def resolve_identity(cfg: SimpleNamespace, env: dict[str, str] | None = None) ->
 
 
 def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int, address: str | None) -> WorkerRecord:
+    try:
+        dp_ports = [int(p) for p in cfg.dp_ports]
+    except ValueError:
+        raise ValueError(f"dp_ports {cfg.dp_ports} are not integers") from None
     labels = {}
     for item in cfg.labels:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"label {item!r} is not key=value")
         labels[key] = value
-    return WorkerRecord(
+    record = WorkerRecord(
         worker_id=worker_id,
         pool=pool,
         model=cfg.model,
@@ -62,7 +67,7 @@ def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int
         port=cfg.port,
         dp_start_rank=cfg.dp_start_rank,
         dp_size=cfg.dp_size,
-        dp_ports=list(cfg.dp_ports) or None,
+        dp_ports=dp_ports or None,
         role=cfg.role,
         block_size=cfg.block_size,
         total_kv_blocks=cfg.total_kv_blocks or None,
@@ -73,6 +78,8 @@ def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int
         heartbeat_ms=0,
         ttl_s=cfg.heartbeat_ttl_s,
     )
+    # Struct constructors do not check constraints; a round trip through the codec does.
+    return codec.convert(codec.to_builtins(record), WorkerRecord)
 
 
 class RelayApp:

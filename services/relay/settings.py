@@ -32,7 +32,7 @@ SETTINGS = REGISTRY.register(
         Setting("port", 8000, "engine HTTP port", int),
         Setting("dp_start_rank", 0, "first dp rank served by this engine", int),
         Setting("dp_size", 1, "number of dp ranks", int),
-        Setting("dp_ports", [], "per-rank HTTP ports (optional)", int, is_list=True),
+        Setting("dp_ports", [], "per-rank HTTP ports, comma-separated (optional)", is_list=True),
         Setting("role", "aggregated", "worker role", choices=("aggregated", "prefill", "decode")),
         Setting("model", "", "model name in the discovery record"),
         Setting("block_size", 16, "engine KV block size in tokens", int),

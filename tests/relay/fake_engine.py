@@ -141,6 +141,7 @@ class FakeEngine:
 
     def start(self) -> FakeEngine:
         self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, even a repeated one
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
         if self.replay_port is not None:
