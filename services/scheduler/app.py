@@ -41,6 +41,7 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
 from .candidates import Candidate, candidates_of
+from .feed import PushFollower
 from .load import PREFILL_LEG, LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
 from .settings import SETTINGS
@@ -49,6 +50,10 @@ from .selector import BusyThresholds, CostConfig, Decision, Overlaps, SelectionE
 log = get_logger("kvr.scheduler")
 QUEUE = "scheduler"
 LAG_WINDOW = 20_000
+_PHASE = {
+    phase: m.PHASE_SECONDS.labels(phase)
+    for phase in ("hashing", "match", "scoring", "booking", "booking_publish", "booking_apply")
+}
 
 
 def _policy_table(entries: list[str]) -> dict[str, str]:
@@ -96,7 +101,7 @@ class SchedulerApp:
         self.predicted: PredictedCache | None = None
         self.overlap: OverlapSource | None = None
         self.watcher: WorkerWatcher | None = None
-        self.follower: StreamFollower | None = None
+        self.follower: StreamFollower | PushFollower | None = None
         self.rt: Runtime | None = None
         self._cand_cache: dict[str, list[tuple[WorkerEntry, list[Candidate]]]] = {}
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -111,6 +116,8 @@ class SchedulerApp:
         self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
         self.remote_lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
         self.sync_timeouts = 0
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._hit_ratio: dict[str, Any] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -130,9 +137,12 @@ class SchedulerApp:
         self.watcher = WorkerWatcher(
             rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove
         )
-        self.follower = StreamFollower(
-            rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings"
-        )
+        if self.cfg.bookings_feed == "push":
+            self.follower = PushFollower(rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking)
+        else:
+            self.follower = StreamFollower(
+                rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings"
+            )
         self._tasks.append(asyncio.create_task(self._catch_up(), name="scheduler-catch-up"))
         log.info("scheduler.starting", router_id=self.router_id, pools=rt.pools, overlap=type(self.overlap).__name__)
 
@@ -414,13 +424,20 @@ class SchedulerApp:
         try:
             reply = await self._select_inner(pool, req, policy)
         except SelectionError as exc:
-            m.DECISIONS.labels(pool, policy, exc.code).inc()
+            self._decision_counter(pool, policy, exc.code).inc()
             raise ServiceError(exc.code, exc.message) from None
         except ServiceError as exc:
-            m.DECISIONS.labels(pool, policy, exc.code).inc()
+            self._decision_counter(pool, policy, exc.code).inc()
             raise
-        m.DECISIONS.labels(pool, policy, "ok").inc()
+        self._decision_counter(pool, policy, "ok").inc()
         return reply
+
+    def _decision_counter(self, pool: str, policy: str, outcome: str) -> Any:
+        key = (pool, policy, outcome)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = m.DECISIONS.labels(pool, policy, outcome)
+        return child
 
     async def _select_inner(self, pool: str, req: SelectRequest, policy: str) -> SelectReply:
         t0 = time.perf_counter()
@@ -448,7 +465,7 @@ class SchedulerApp:
             isl = req.isl_tokens if req.isl_tokens is not None else len(local) * block_size
         seq = sequence_hashes(local)
         t1 = time.perf_counter()
-        m.PHASE_SECONDS.labels("hashing").observe(t1 - t0)
+        _PHASE["hashing"].observe(t1 - t0)
 
         overlaps = Overlaps()
         if local and cands:
@@ -460,7 +477,7 @@ class SchedulerApp:
                 self.match_failures += 1
                 log.warning("scheduler.match_failed", pool=pool, error=str(exc))
         t2 = time.perf_counter()
-        m.PHASE_SECONDS.labels("match").observe(t2 - t1)
+        _PHASE["match"].observe(t2 - t1)
 
         constraints = req.routing_constraints
         inp = SelectionInput(
@@ -478,7 +495,7 @@ class SchedulerApp:
         )
         decision = self.selector.select(cands, tracker, overlaps, inp)
         t3 = time.perf_counter()
-        m.PHASE_SECONDS.labels("scoring").observe(t3 - t2)
+        _PHASE["scoring"].observe(t3 - t2)
 
         if self.predicted is not None:
             now = now_ms()
@@ -487,9 +504,10 @@ class SchedulerApp:
                 self.predicted.record(pool, decision.prefill.candidate.target, seq, now)
         if req.book:
             await self._book(pool, req, decision, isl, seq, block_size)
-            m.PHASE_SECONDS.labels("booking").observe(time.perf_counter() - t3)
+            _PHASE["booking"].observe(time.perf_counter() - t3)
         if local:
-            m.KV_HIT_RATE.labels(pool).observe(min(decision.overlap_blocks / len(local), 1.0))
+            hit = self._hit_ratio.get(pool) or self._hit_ratio.setdefault(pool, m.KV_HIT_RATE.labels(pool))
+            hit.observe(min(decision.overlap_blocks / len(local), 1.0))
         return SelectReply(
             decode=self._wire_target(decision.decode.candidate),
             prefill=self._wire_target(decision.prefill.candidate) if decision.prefill else None,
@@ -517,8 +535,12 @@ class SchedulerApp:
         ev = BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.decode.overlap_blocks,
                         leg="", track_prefill_tokens=d.prefill is None, **common)  # type: ignore[arg-type]  # fmt: skip
         pubs.append(self._publish(pool, ev, "add"))
+        t0 = time.perf_counter()
         seqs = await asyncio.gather(*pubs)
+        t1 = time.perf_counter()
+        _PHASE["booking_publish"].observe(t1 - t0)
         await self._wait_applied(max(seqs))
+        _PHASE["booking_apply"].observe(time.perf_counter() - t1)
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
         tracker = self.trackers.get(pool)

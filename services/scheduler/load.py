@@ -174,11 +174,11 @@ class LoadTracker:
 
     def new_blocks(self, target: Target, hashes: Iterable[int]) -> int:
         """How many of `hashes` are not yet active on `target` (the request's added decode blocks)."""
+        hs = hashes if isinstance(hashes, (set, frozenset)) else set(hashes)
         rank = self.ranks.get(target)
         if rank is None:
-            return len(set(hashes))
-        refs = rank.block_refs
-        return sum(1 for h in set(hashes) if h not in refs)
+            return len(hs)
+        return len(hs.difference(rank.block_refs))
 
     def targets(self) -> list[Target]:
         return sorted(self.ranks)

@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Protocol
 
 from schemas.api import MatchReply, Overrides
@@ -109,6 +110,10 @@ class SelectionInput:
     mode: str = "auto"
     policy: str = "kv"
     cost: CostConfig = CostConfig()
+
+    @cached_property
+    def hash_set(self) -> frozenset[int]:
+        return frozenset(self.hashes)
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ class Selector:
         t = c.target
         view = load.view(t)
         device = ov.device.get(t, 0)
-        decode_blocks = view.active_blocks + load.new_blocks(t, inp.hashes)
+        decode_blocks = view.active_blocks + load.new_blocks(t, inp.hash_set)
         if leg == "decode":
             # Disaggregated decode leg (Dynamo §4.9): credit 0, no prefill tracking.
             prefill_blocks = 0.0

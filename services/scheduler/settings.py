@@ -34,6 +34,7 @@ SETTINGS = REGISTRY.register(
             _opt_float,
         ),
         Setting("booking_ttl_s", 300.0, "a booking without free expires after this many seconds", float),
+        Setting("bookings_feed", "push", "how KVR_BOOKINGS is consumed: push (lowest lag) or pull", choices=("push", "pull")),
         Setting("expiry_sweep_s", 1.0, "how often expired bookings are swept", float),
         Setting("max_request_tokens", 131072, "largest prompt (tokens) accepted by select", int),
         Setting("match_timeout_s", 1.0, "timeout of indexer.match requests", float),
