@@ -94,8 +94,9 @@ async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, inde
             await kv.get(f"{POOL}.3")
 
 
-async def test_booking_endpoint_semantics(nats_url, nc, indexer):
-    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+@pytest.mark.parametrize("feed", ["push", "pull"])
+async def test_booking_endpoint_semantics(nats_url, nc, indexer, feed):
+    async with running_scheduler(nats_url, "--router-id", "s1", "--bookings-feed", feed) as app:
         await put(nc, 1)
         await eventually(lambda: worker_ids(app) == {1})
         assert not (await cleanup(nc, "ghost", "free")).known
@@ -210,3 +211,23 @@ async def test_approximate_mode_predicts_cache_from_decisions(nats_url, nc):
         other = await select(nc, request_id="a3", token_ids=list(range(1000, 1064)))
         assert other.decode.worker_id != first.decode.worker_id and other.overlap_blocks == 0
         assert app.status()["predicted_blocks"] == 8
+
+
+async def test_bookings_feed_survives_a_server_restart(nats_server, nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        await select(nc, request_id="before")
+        nats_server.restart()
+        deadline = time.monotonic() + 20
+        while True:  # the client retries while the server and the scheduler's feed come back
+            try:
+                await select(nc, request_id="after")
+                break
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await eventually(lambda: app.trackers[POOL].request_ids() == ["after", "before"], 10)
+        assert (await cleanup(nc, "before", "free")).known
+        assert app.trackers[POOL].request_ids() == ["after"]
