@@ -56,8 +56,11 @@ class PoolState:
     last_snapshot_attempt: float = 0.0
     restored_seq: int = 0
     removed: set[int] = field(default_factory=set)  # worker ids deleted from discovery, not re-put
+    match_seconds: Any = None  # the pool's child of the match-latency histogram
     malformed: int = 0
+    history_lost: int = 0  # stream sequences missing between the snapshot and the stream's first message
     dropped: int = 0  # events of removed workers, ignored
+    sizes_cache: tuple[int, list[WorkerScore]] = (-1, [])  # (index version, tree_sizes as reply items)
 
 
 def _scores(d: dict[tuple[int, int], int]) -> list[WorkerScore]:
@@ -71,7 +74,7 @@ class IndexerApp:
     def __init__(self, cfg: SimpleNamespace, *, serve_endpoints: bool | None = None) -> None:
         self.cfg = cfg
         self.pools: list[str] = list(cfg.pool)
-        self._states = {p: PoolState(p) for p in self.pools}
+        self._states = {p: PoolState(p, match_seconds=m.MATCH_SECONDS.labels(p)) for p in self.pools}
         self.default_block_size = int(setting(cfg, "block_size"))
         self.snapshot_every = int(setting(cfg, "snapshot_every_events"))
         self.snapshot_interval = float(setting(cfg, "snapshot_interval_s"))
@@ -163,6 +166,7 @@ class IndexerApp:
                 "events_since_snapshot": st.events_since_snapshot,
                 "malformed_messages": st.malformed,
                 "dropped_events": st.dropped,
+                "history_lost": st.history_lost,
                 "event_id_gaps": idx.gaps,
                 "events": {f"{t}.{o}": n for (t, o), n in idx.counters.items() if n},
             }
@@ -195,15 +199,21 @@ class IndexerApp:
             hashes = req.block_hashes
         else:
             hashes = local_block_hashes(req.token_ids or [], bs, salt_seed(req.lora_name, req.cache_salt))
+        index = st.index
         started = time.perf_counter()
-        res = st.index.find_matches(hashes, req.early_exit)
-        m.MATCH_SECONDS.labels(pool).observe(time.perf_counter() - started)
-        tiers = {t: _scores(res.tier_scores.get(t, {})) for t in REPORTED_TIERS}
-        if "external" in res.tier_scores:
-            tiers["external"] = _scores(res.tier_scores["external"])
-        return MatchReply(
-            block_size=bs, scores=_scores(res.scores), tier_scores=tiers, tree_sizes=_scores(res.tree_sizes), stream_seq=self.applied_seq
-        )
+        res = index.find_matches(hashes, req.early_exit)
+        st.match_seconds.observe(time.perf_counter() - started)
+        if res.tier_scores:
+            tiers = {t: _scores(res.tier_scores.get(t, {})) for t in REPORTED_TIERS}
+            if "external" in res.tier_scores:
+                tiers["external"] = _scores(res.tier_scores["external"])
+        else:
+            tiers = {t: [] for t in REPORTED_TIERS}
+        version, sizes = st.sizes_cache
+        if version != index.version:  # tree sizes change only with events, not per request
+            sizes = _scores(res.tree_sizes)
+            st.sizes_cache = (index.version, sizes)
+        return MatchReply(block_size=bs, scores=_scores(res.scores), tier_scores=tiers, tree_sizes=sizes, stream_seq=self.applied_seq)
 
     def dump(self, pool: str) -> DumpReply:
         return DumpReply(stream_seq=self.applied_seq, events=self._state(pool).index.dump())
@@ -306,6 +316,7 @@ class IndexerApp:
                 log.info("snapshot.none", pool=pool)
                 continue
             st.index = loaded.index
+            st.sizes_cache = (-1, [])
             st.covered_seq = st.restored_seq = st.snapshot_seq = loaded.stream_seq
             st.snapshot_time = loaded.written_at or time.time()
             m.RESTORE_SECONDS.labels(pool).set(loaded.seconds)
@@ -327,6 +338,7 @@ class IndexerApp:
         if first > start_seq and info.state.last_seq >= start_seq:
             for pool, st in self._states.items():
                 if st.covered_seq + 1 < first:
+                    st.history_lost = first - st.covered_seq - 1
                     m.HISTORY_LOST.labels(pool).inc()
                     log.error(
                         "indexer.history_lost", pool=pool, snapshot_seq=st.covered_seq, stream_first_seq=first,

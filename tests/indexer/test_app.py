@@ -13,6 +13,8 @@ from schemas.hashing import local_block_hashes
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
 
+from services.indexer import metrics as m
+
 from .conftest import NAMES, publish, wait_for
 
 
@@ -157,3 +159,34 @@ async def test_malformed_payloads_are_counted_and_skipped(nc, start_indexer):
     assert app.index("p").gaps == 0
     metrics = app.status()["pools"]["p"]
     assert metrics["malformed_messages"] == len(bad)
+
+
+async def test_snapshot_restore_and_loud_history_loss(nc, start_indexer):
+    js = nc.jetstream()
+    first = await start_indexer(snapshot_every_events=1, snapshot_interval_s=0)
+    for i in range(5):
+        seq = await publish(js, "p", stored_event(1, i, [(100 + i, 10 + i)], parent_hash=(99 + i) if i else None))
+    await wait_for(lambda: first.pool_states()["p"].snapshot_seq >= seq)
+    covered = first.pool_states()["p"].snapshot_seq
+    want = first.dump("p").events
+    await first.stop()
+
+    # a restart with the stream intact: snapshot + nothing to replay
+    again = await start_indexer()
+    assert again.pool_states()["p"].restored_seq == covered
+    assert again.dump("p").events == want and again.pool_states()["p"].history_lost == 0
+    await again.stop()
+
+    # the stream drops events newer than the snapshot (as max_age would): reported, rebuilt from what exists
+    for i in range(5, 9):
+        last = await publish(js, "p", stored_event(1, i, [(100 + i, 10 + i)], parent_hash=99 + i))
+    await js.purge_stream(NAMES.kv_stream, seq=last)  # keeps only the newest message
+    before = m.HISTORY_LOST.labels("p")._value.get()
+    late = await start_indexer()
+    st = late.pool_states()["p"]
+    assert st.history_lost == last - 1 - covered
+    assert m.HISTORY_LOST.labels("p")._value.get() == before + 1
+    assert late.applied_seq == last
+    # blocks 5-7 were lost, so block 8's parent is unknown: the index holds the snapshot's chain only
+    assert late.index("p").counters[("stored", "parent_not_found")] == 1
+    assert await scores_of(nc, [10, 11, 12, 13, 14, 15]) == {(1, 0): 5}
