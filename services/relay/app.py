@@ -82,6 +82,13 @@ def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int
     return codec.convert(codec.to_builtins(record), WorkerRecord)
 
 
+def _blocks_of(ev: RouterEvent) -> int:
+    data = ev.event.data
+    if isinstance(data, str):
+        return 0
+    return len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
+
+
 class RelayApp:
     def __init__(self, cfg: SimpleNamespace) -> None:
         self.cfg = cfg
@@ -128,6 +135,7 @@ class RelayApp:
             timeout_s=cfg.publish_timeout_s,
             msgpack=cfg.publish_encoding == "msgpack",
             max_events=cfg.max_events_per_message,
+            max_blocks=cfg.max_blocks_per_message,
         )
         self.publisher.start()
         if cfg.discovery:
@@ -243,12 +251,18 @@ class RelayApp:
         self._count()
         if not events or self.publisher is None or self.rt is None:
             return
+        subject = self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank)
+        # One message per engine batch, split when it alone would exceed the per-message caps.
+        chunk: list[RouterEvent] = []
         n_blocks = 0
         for ev in events:
-            data = ev.event.data
-            if not isinstance(data, str):
-                n_blocks += len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
-        self.publisher.push(OutMessage(self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank), dp_rank, events, n_blocks))
+            size = _blocks_of(ev)
+            if chunk and (n_blocks + size > self.cfg.max_blocks_per_message or len(chunk) >= self.publisher.max_events):
+                self.publisher.push(OutMessage(subject, dp_rank, chunk, n_blocks))
+                chunk, n_blocks = [], 0
+            chunk.append(ev)
+            n_blocks += size
+        self.publisher.push(OutMessage(subject, dp_rank, chunk, n_blocks))
 
     def _count(self) -> None:
         counts = self.converter.drain_counts()

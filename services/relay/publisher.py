@@ -85,16 +85,20 @@ class OutBuffer:
     def pop(self) -> OutMessage:
         return self._q.popleft()
 
-    def take(self, max_events: int) -> list[OutMessage]:
-        """Pop the head and the following messages of the same subject, up to `max_events` events."""
+    def take(self, max_events: int, max_blocks: int = 1 << 62) -> list[OutMessage]:
+        """Pop the head and the following messages of the same subject, up to `max_events` events
+        and `max_blocks` blocks (the head is always taken whole)."""
         if not self._q:
             return []
         head = self._q.popleft()
-        out, total = [head], len(head.events)
-        while self._q and self._q[0].subject == head.subject and total + len(self._q[0].events) <= max_events:
-            nxt = self._q.popleft()
-            out.append(nxt)
-            total += len(nxt.events)
+        out, events, blocks = [head], len(head.events), head.n_blocks
+        while self._q and self._q[0].subject == head.subject:
+            nxt = self._q[0]
+            if events + len(nxt.events) > max_events or blocks + nxt.n_blocks > max_blocks:
+                break
+            out.append(self._q.popleft())
+            events += len(nxt.events)
+            blocks += nxt.n_blocks
         return out
 
 
@@ -165,6 +169,7 @@ class Publisher:
         timeout_s: float = 2.0,
         msgpack: bool = True,
         max_events: int = 1024,
+        max_blocks: int = 8192,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -175,6 +180,7 @@ class Publisher:
         self.timeout_s = timeout_s
         self.msgpack = msgpack
         self.max_events = max(1, min(max_events, MAX_EVENTS_PER_MESSAGE))
+        self.max_blocks = max(1, max_blocks)
         self.published_messages = 0
         self.published_events = 0
         self.failures = 0
@@ -235,7 +241,7 @@ class Publisher:
         backoff = 0.05
         while True:
             if self.inflight is None:
-                msgs = self.buffer.take(self.max_events)
+                msgs = self.buffer.take(self.max_events, self.max_blocks)
                 if not msgs:
                     self._idle.set()
                     self._wake.clear()

@@ -18,6 +18,7 @@ SETTINGS = REGISTRY.register(
         # conversion and publishing
         Setting("max_batch_blocks", 128, "max blocks per RouterEvent when merging consecutive compatible events", int),
         Setting("max_events_per_message", 1024, "max RouterEvents per JetStream message", int),
+        Setting("max_blocks_per_message", 8192, "max blocks per JetStream message (keeps payloads under NATS max_payload)", int),
         Setting("buffer_messages", 10_000, "bounded publish buffer (engine batches); full = drop oldest", int),
         Setting("publish_timeout_s", 2.0, "JetStream publish ack timeout (then retried)", float),
         Setting("publish_encoding", "msgpack", "payload encoding of KVR_KV messages", choices=("msgpack", "json")),

@@ -307,3 +307,22 @@ def test_out_buffer_evicts_oldest_and_coalesces_one_subject_up_to_the_cap():
     assert [(m.dp_rank, len(m.events)) for m in buf.take(10)] == [(1, 1)]
     assert [len(m.events) for m in buf.take(1)] == [1]  # cap reached: one message even if more would fit the subject
     assert len(buf) == 1
+
+
+def test_default_message_caps_keep_payloads_under_nats_max_payload():
+    from schemas import codec
+    from services.relay.settings import SETTINGS
+
+    defaults = {s.name: s.default for s in SETTINGS}
+    cap_blocks, per_event = defaults["max_blocks_per_message"], defaults["max_batch_blocks"]
+    conv = Converter(2**53 - 1, 1, max_batch_blocks=per_event)
+    top = 2**64 - 1
+    events = []
+    for i in range(cap_blocks // per_event):
+        ev = BlockStored(list(range(top - per_event * (i + 1), top - per_event * i)), top - 7, list(range(per_event)), 1,
+                         "GPU", None, None, None, None)  # fmt: skip
+        events.append(ev)
+    out = conv.convert(0, events)
+    assert sum(len(e.event.data.stored.blocks) for e in out) == cap_blocks
+    assert len(codec.encode_msgpack(out)) < 1024 * 1024
+    assert len(codec.encode_json(out)) < 1024 * 1024

@@ -326,3 +326,26 @@ async def test_each_dp_rank_has_its_own_socket_subject_ids_and_restarts(nats_url
         await relay.stop()
         await e0.close()
         await e1.close()
+
+
+async def test_a_large_engine_batch_is_split_into_capped_messages(nats_url, nc):
+    zp, rp = ports()
+    eng = FakeEngine(zp, rp).start()
+    relay = await start_relay(relay_cfg(nats_url, zp, rp, "--max-blocks-per-message", "40", "--max-batch-blocks", "16"))
+    js = nc.jetstream()
+    try:
+        await eng.wait_subscribed()
+        stores = [eng.stored(list(range(i * 1000, i * 1000 + 256)))[0] for i in range(10)]  # 10 × 16 blocks
+        await eng.publish(stores)
+        await wait_for(lambda: relay.app.publisher.published_events == 11, 10, "all events published")
+        msgs = await read_kv(js)
+        per_msg: dict[str, int] = {}
+        for headers, ev in msgs:
+            blocks = len(ev.event.data.stored.blocks) if ev.kind == "stored" else 0
+            per_msg[headers["Nats-Msg-Id"]] = per_msg.get(headers["Nats-Msg-Id"], 0) + blocks
+        assert max(per_msg.values()) <= 40 and sum(per_msg.values()) == 160 and len(per_msg) >= 4
+        index = RefIndex().apply_all([ev for _, ev in msgs])
+        assert index.match(list(range(9000, 9256))) == {(WID, 0): 16}
+    finally:
+        await relay.stop()
+        await eng.close()
