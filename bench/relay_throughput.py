@@ -93,6 +93,7 @@ def engine_process(port: int, payloads: list[bytes], ready: mp.Event, go: mp.Eve
 
 
 async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_events: int) -> dict:
+    from services.relay import metrics
     from services.relay.app import RelayApp
     from services.relay.settings import SETTINGS
     from services.runtime.config import COMMON, resolve
@@ -110,7 +111,7 @@ async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_event
         settings = [*COMMON, *SETTINGS]
         argv = ["--nats-url", server.url, "--pool", "bench", "--zmq", f"tcp://127.0.0.1:{port}", "--pod-name", "bench-0",
                 "--clear-on-start", "false", "--publish-encoding", encoding,
-                "--max-events-per-message", str(max_events), "--buffer-messages", str(len(payloads) + 1)]  # fmt: skip
+                "--max-events-per-message", str(max_events), "--buffer-messages", str(len(payloads) * 50)]  # fmt: skip
         cfg = resolve(build_parser("kvr relay", "", settings).parse_args(argv), settings, env={})
         nc = await connect(cfg.nats_url, "bench-relay", max_wait_s=10)
         rt = Runtime("relay", cfg, nc)
@@ -136,7 +137,7 @@ async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_event
             "jetstream_messages": info.state.messages, "wall_s": wall, "blocks_per_s": blocks / wall,
             "events_per_s": publisher.published_events / wall, "engine_batches_per_s": len(payloads) / wall,
             "cpu_s": cpu, "cpu_ms_per_1k_blocks": cpu * 1e6 / blocks, "cpu_core_share": cpu / wall,
-            "publish_failures": publisher.failures,
+            "publish_failures": publisher.failures, "dropped_messages": metrics.DROPPED_MESSAGES._value.get(),
         }  # fmt: skip
         await app.stop()
         await nc.close()
@@ -154,28 +155,38 @@ def main() -> int:
     ap.add_argument("--blocks-per-store", type=int, default=16)
     ap.add_argument("--encoding", choices=("map", "legacy"), default="map", help="engine event encoding")
     ap.add_argument("--publish-encoding", choices=("msgpack", "json"), default="msgpack")
-    ap.add_argument("--max-events-per-message", type=int, default=1024, help="1 = no coalescing of engine batches")
+    ap.add_argument("--max-events-per-message", type=int, default=1024, help="1 = one RouterEvent per JetStream message")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median run is reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "relay_throughput.json"))
     args = ap.parse_args()
 
     payloads, blocks = make_batches(args.batches, args.stores_per_batch, args.blocks_per_store, args.encoding)
-    core = bench_core(payloads, blocks)
-    e2e = asyncio.run(bench_e2e(payloads, blocks, args.publish_encoding, args.max_events_per_message))
+    # The machine is shared: run each measurement several times and report the median run.
+    cores = sorted((bench_core(payloads, blocks) for _ in range(args.repeat)), key=lambda r: r["blocks_per_s"])
+    e2es = sorted(
+        (asyncio.run(bench_e2e(payloads, blocks, args.publish_encoding, args.max_events_per_message)) for _ in range(args.repeat)),
+        key=lambda r: r["blocks_per_s"],
+    )
+    core, e2e = cores[len(cores) // 2], e2es[len(e2es) // 2]
     rows = [("core (decode+convert)", core), ("e2e ZMQ→JetStream acked", e2e)]
     print(f"{'measurement':<26} {'batches':>8} {'blocks':>8} {'wall s':>7} {'blocks/s':>10} {'events/s':>9} {'CPU ms/1k blk':>13}")
     for name, r in rows:
         ev_s = r.get("events_per_s", r["router_events"] / r["wall_s"])
         print(f"{name:<26} {r['batches']:>8} {r['blocks']:>8} {r['wall_s']:>7.2f} {r['blocks_per_s']:>10,.0f} {ev_s:>9,.0f} {r['cpu_ms_per_1k_blocks']:>13.2f}")
     print(f"e2e: relay CPU {e2e['cpu_s']:.2f}s over {e2e['wall_s']:.2f}s wall = {e2e['cpu_core_share']:.2f} core; "
-          f"{e2e['jetstream_messages']} JetStream messages; {e2e['publish_failures']} publish retries")  # fmt: skip
+          f"{e2e['jetstream_messages']} JetStream messages; {e2e['publish_failures']} publish retries; "
+          f"{e2e['dropped_messages']:.0f} dropped")  # fmt: skip
     out = {
         "params": vars(args) | {"block_size": BLOCK},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "core": core,
         "e2e": e2e,
+        "runs": {"core_blocks_per_s": [r["blocks_per_s"] for r in cores], "e2e_blocks_per_s": [r["blocks_per_s"] for r in e2es],
+                 "e2e_cpu_ms_per_1k_blocks": [r["cpu_ms_per_1k_blocks"] for r in e2es]},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
+    print("e2e blocks/s of every run:", ", ".join(f"{r:,.0f}" for r in out["runs"]["e2e_blocks_per_s"]))
     print(f"wrote {args.out}")
     return 0
 
