@@ -123,7 +123,9 @@ class RelayApp:
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         cfg = self.cfg
-        self.ids = IdReservations(rt.nc, cfg.relay_bucket, self.pool, self.worker_id, cfg.id_reserve_step)
+        self.ids = IdReservations(
+            rt.nc, cfg.relay_bucket, self.pool, self.worker_id, cfg.id_reserve_step, replicas=cfg.stream_replicas
+        )
         for rank in self.endpoints:
             self.converter.set_next_id(rank, await self.ids.load(rank))
         self.publisher = Publisher(

@@ -114,8 +114,9 @@ class IdReservations:
     R + 1 can never reuse or go below a published id, even if the last writes before a crash were lost.
     """
 
-    def __init__(self, nc: NATS, bucket: str, pool: str, worker_id: int, step: int) -> None:
+    def __init__(self, nc: NATS, bucket: str, pool: str, worker_id: int, step: int, replicas: int = 1) -> None:
         self.nc = nc
+        self.replicas = replicas
         self.bucket = bucket
         self.pool = pool
         self.worker_id = worker_id
@@ -129,7 +130,9 @@ class IdReservations:
             try:
                 self._kv = await js.key_value(self.bucket)
             except BucketNotFoundError:
-                self._kv = await js.create_key_value(KeyValueConfig(bucket=self.bucket, history=1, storage=StorageType.FILE))
+                self._kv = await js.create_key_value(
+                    KeyValueConfig(bucket=self.bucket, history=1, storage=StorageType.FILE, replicas=self.replicas)
+                )
         return self._kv
 
     async def load(self, dp_rank: int) -> int:
