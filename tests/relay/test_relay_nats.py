@@ -349,3 +349,32 @@ async def test_a_large_engine_batch_is_split_into_capped_messages(nats_url, nc):
     finally:
         await relay.stop()
         await eng.close()
+
+
+async def test_replay_timeout_becomes_cleared_and_the_intake_continues(nats_url, nc):
+    import zmq
+    import zmq.asyncio
+
+    zp, rp = ports()
+    eng = FakeEngine(zp).start()  # no replay server of its own
+    ctx = zmq.asyncio.Context()
+    silent = ctx.socket(zmq.ROUTER)  # accepts replay requests, never answers
+    silent.bind(f"tcp://127.0.0.1:{rp}")
+    relay = await start_relay(relay_cfg(nats_url, zp, rp, "--replay-timeout-s", "0.3"))
+    lost = metric("kvr_relay_unrecoverable_gaps_total", dp_rank="0")
+    js = nc.jetstream()
+    try:
+        await eng.wait_subscribed()
+        await eng.publish([eng.stored(P1)[0]])
+        eng.drop_next = 2
+        for tokens in (P2, P3, list(range(9000, 9016)), list(range(9100, 9116))):
+            await eng.publish([eng.stored(tokens)[0]])
+        events = await wait_kv(js, 5)
+        assert [e.kind for e in events] == ["cleared", "stored", "cleared", "stored", "stored"]
+        assert metric("kvr_relay_unrecoverable_gaps_total", dp_rank="0") - lost == 1
+        assert len(await silent.recv_multipart()) == 3  # the request did arrive: [identity, b"", start]
+    finally:
+        await relay.stop()
+        await eng.close()
+        silent.close(linger=0)
+        ctx.term()
