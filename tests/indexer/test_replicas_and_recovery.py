@@ -92,6 +92,9 @@ async def test_sigkill_restart_restores_snapshot_plus_tail(nats_url, nc, tmp_pat
         applied_after_restore = sum(pool["events"].values()) + pool["dropped_events"]
         assert applied_after_restore == sum(n for seq, n in sizes.items() if seq > restored)
         assert "snapshot.restored" in (tmp_path / "a.log").read_text()
+        metrics = a.metrics()
+        assert 'kvr_indexer_events_total{event_type="stored",outcome="ok",pool="p"}' in metrics
+        assert "kvr_indexer_restore_seconds" in metrics
     finally:
         a.kill()
         b.kill()
