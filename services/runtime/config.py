@@ -110,8 +110,9 @@ def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -
         if s.choices:
             kwargs["choices"] = list(s.choices)
         if s.is_list:
+            # Split first, convert after (in `resolve`): `--ports 1,2` must not reach int("1,2").
             kwargs["action"] = "append"
-            kwargs["type"] = s.type
+            kwargs["type"] = str
         elif s.type is bool:
             kwargs["type"] = parse_bool
             kwargs["nargs"] = "?"

@@ -6,7 +6,11 @@ import argparse
 
 from services.runtime.config import COMMON, Setting, add_settings, resolve
 
-EXTRA = (Setting("block_size", 16, "tokens per block", int), Setting("early_exit", False, "flag", bool))
+EXTRA = (
+    Setting("block_size", 16, "tokens per block", int),
+    Setting("early_exit", False, "flag", bool),
+    Setting("ports", [], "ports", int, is_list=True),
+)
 
 
 def parse(argv, env):
@@ -35,3 +39,8 @@ def test_env_then_flags():
 
 def test_env_names_are_derived():
     assert {s.env for s in COMMON} >= {"KVR_NATS_URL", "KVR_POOL", "KVR_SUBJECT_PREFIX", "KVR_HTTP_PORT"}
+
+
+def test_int_lists_split_before_converting():
+    assert parse(["--ports", "1,2", "--ports", "3"], {}).ports == [1, 2, 3]
+    assert parse([], {"KVR_PORTS": "4, 5"}).ports == [4, 5]
