@@ -231,8 +231,17 @@ class IndexerApp:
         return handle
 
     def _dump_handler(self, pool: str):  # noqa: ANN202
-        async def handle(_req: DumpRequest, _msg: Msg) -> DumpReply:
-            return self.dump(pool)
+        async def handle(_req: DumpRequest, msg: Msg) -> DumpReply:
+            reply = self.dump(pool)
+            limit = self.rt.nc.max_payload if self.rt is not None else 0
+            if limit:
+                size = len(codec.encode(reply, codec.content_type_of(msg.headers)))
+                if size > limit:
+                    # A reply over the server's max_payload would be dropped and the caller time out.
+                    raise ServiceError(
+                        "overloaded", f"dump of {len(reply.events)} events is {size} bytes, over the NATS max_payload of {limit}"
+                    )
+            return reply
 
         return handle
 

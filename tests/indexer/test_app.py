@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from schemas import codec
+from schemas import RemoteError, codec
 from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest
 from schemas.discovery import WorkerRecord
 from schemas.events import cleared_event, removed_event, stored_event
@@ -190,3 +190,15 @@ async def test_snapshot_restore_and_loud_history_loss(nc, start_indexer):
     # blocks 5-7 were lost, so block 8's parent is unknown: the index holds the snapshot's chain only
     assert late.index("p").counters[("stored", "parent_not_found")] == 1
     assert await scores_of(nc, [10, 11, 12, 13, 14, 15]) == {(1, 0): 5}
+
+
+async def test_dump_larger_than_max_payload_is_a_structured_error(nc, start_indexer):
+    js = nc.jetstream()
+    app = await start_indexer()
+    for w in range(160):
+        seq = await publish(js, "p", stored_event(w, 0, chain(w + 1, list(range(1, 65)))))
+    await wait_for(lambda: app.applied_seq >= seq)
+    with pytest.raises(RemoteError) as err:
+        await request(nc, NAMES.dump("p"), DumpRequest(), DumpReply, timeout=10)
+    assert err.value.code == "overloaded" and "max_payload" in err.value.message
+    assert len(app.dump("p").events) == 160 * 64  # in-process dumps have no size limit
