@@ -118,7 +118,7 @@ async def run_load(
     async def client(cid: int) -> None:
         nonlocal counter
         mine = prompts[cid]
-        next_at = loop.time()
+        next_at = loop.time() + cid * interval / concurrency  # staggered: no synchronized bursts
         while loop.time() < stop_at:
             if interval:
                 next_at += interval

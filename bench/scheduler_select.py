@@ -1,11 +1,13 @@
 """Selection throughput and latency of `kvr scheduler` with a live indexer, everything local.
 
-  .venv/bin/python bench/scheduler_select.py [--duration 10] [--concurrency 8] [--workers 8]
+  .venv/bin/python bench/scheduler_select.py [--duration 10] [--concurrency 4,8,16,32] [--workers 8]
 
 Two deployments: `nats` = `kvr indexer` + `kvr scheduler` as separate processes (the scheduler asks
 the indexer over NATS), `one-process` = `kvr scheduler --embedded-indexer`. For each: selects with
 `book: false` (decision only) and `book: true` (decision + booking published to KVR_BOOKINGS and
 applied from the stream before the reply; the client frees each booking afterwards).
+Each runs closed-loop at several client counts (throughput and latency at each); `--rate-nats` /
+`--rate-one-process` add runs paced at a fixed rate.
 A real nats-server runs on loopback; the load generator is this process (same 2 cores).
 """
 
@@ -43,9 +45,14 @@ async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[
         for p in procs:
             await asyncio.to_thread(p.wait_ready, 60)
         rows = []
+        target = args.rate_nats if mode == "nats" else args.rate_one_process
         for book in (False, True):
-            res = await run_load(nc, wl, args.duration, args.concurrency, book, warmup_s=args.warmup)
-            rows.append({"mode": mode, "book": book, "concurrency": args.concurrency, **res.summary()})
+            for conc in args.concurrency:
+                res = await run_load(nc, wl, args.duration, conc, book, warmup_s=args.warmup)
+                rows.append({"mode": mode, "book": book, "load": f"closed loop x{conc}", **res.summary()})
+            if target:
+                res = await run_load(nc, wl, args.duration, args.paced_concurrency, book, warmup_s=args.warmup, rate=target)
+                rows.append({"mode": mode, "book": book, "load": f"paced {target:g}/s", **res.summary()})
         await nc.close()
         return rows
     finally:
@@ -58,15 +65,19 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[4, 8, 16, 32],
+                    help="closed-loop client counts, comma-separated")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--modes", default="nats,one-process")
+    ap.add_argument("--rate-nats", type=float, default=0.0, help="paced run at the issue's target rate (0 = skip)")
+    ap.add_argument("--rate-one-process", type=float, default=0.0, help="paced run at the issue's target rate (0 = skip)")
+    ap.add_argument("--paced-concurrency", type=int, default=32)
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="kvr-bench-sched-"))
     rows: list[dict] = []
     for mode in args.modes.split(","):
         rows += await bench_mode(mode, args, logdir)
-    cols = ["mode", "book", "concurrency", "selections_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "kv_hit_ratio"]
+    cols = ["mode", "book", "load", "selections_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "kv_hit_ratio"]
     print(table(rows, cols))
     path = write_result("scheduler_select", {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows, "logs": str(logdir),
