@@ -49,6 +49,7 @@ class FleetConfig:
     load_interval_s: float = 1.0
     event_batch: int = 64
     max_inflight_acks: int = 256
+    fused_decode_steps: int = 64
 
     @classmethod
     def from_cfg(cls, cfg: SimpleNamespace) -> FleetConfig:
@@ -69,6 +70,7 @@ class FleetConfig:
             load_interval_s=cfg.load_interval_s,
             event_batch=cfg.event_batch,
             max_inflight_acks=cfg.max_inflight_acks,
+            fused_decode_steps=cfg.fused_decode_steps,
         )
 
 
@@ -105,6 +107,7 @@ class MockWorker:
         self._sim_ms = 0.0
         self.registered = False
         self.label = str(worker_id)
+        self.fused_decode_steps = fleet.fused_decode_steps
 
     @property
     def record(self) -> WorkerRecord:
@@ -202,7 +205,9 @@ class MockWorker:
                 self._wake.clear()
                 await self._wake.wait()
             start = max(self._sim_ms, self.sim_now())
-            result = self.engine.step(start)
+            result = await self._fused_decode(start) if self.fused_decode_steps > 1 else None
+            if result is None:
+                result = self.engine.step(start)
             if result.duration_ms <= 0:
                 await self._deliver(result)
                 # nothing could be scheduled (should not happen); do not spin
@@ -217,6 +222,30 @@ class MockWorker:
             else:
                 await asyncio.sleep(0)  # let request handlers run even when behind
             await self._deliver(result)
+
+    async def _fused_decode(self, start: float) -> PassResult | None:
+        """Pure-decode passes simulated in one go, cut at the pass boundary after a new arrival.
+
+        Stepping every decode pass costs ~0.3 ms of Python per pass with 50 sequences; at speed-up
+        10 that is most of a core per worker. The outcome is the same as stepping (tested), except
+        that KV events inside the fused span are grouped per sequence rather than per pass.
+        """
+        plan = self.engine.plan_decode(self.fused_decode_steps)
+        if not plan:
+            return None
+        loop = asyncio.get_running_loop()
+        self._wake.clear()
+        end_real = self._t0 + (start + plan[-1]) / 1000.0 / self.speedup
+        steps = len(plan)
+        timeout = end_real - loop.time()
+        if timeout > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+                elapsed = self.sim_now() - start
+                steps = max(1, sum(1 for t in plan if t <= elapsed))
+            except asyncio.TimeoutError:
+                pass
+        return self.engine.commit_decode(start, plan, steps)
 
     async def _deliver(self, result: PassResult) -> None:
         if result.events:

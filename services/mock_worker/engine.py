@@ -261,7 +261,7 @@ def generated_token(seed: int, position: int) -> int:
     return ((seed * 6364136223846793005 + position * 1442695040888963407) >> 17) % 32_000
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: membership tests must not compare prompts
 class SeqState:
     request_id: str
     prompt: list[int]
@@ -576,10 +576,10 @@ class Engine:
             seq.held.append(h)
         self._emit_stored(run, run_parent)
 
-    def _emit_token(self, seq: SeqState, at_ms: float, result: PassResult) -> None:
-        seq.generated += 1
+    def _emit_token(self, seq: SeqState, at_ms: float, result: PassResult, count: int = 1) -> None:
+        seq.generated += count
         seq.target = max(seq.target, seq.computed)
-        self.stats.output_tokens += 1
+        self.stats.output_tokens += count
         if seq.first_token_ms is None:
             seq.first_token_ms = at_ms
             queue = (seq.first_admit_ms or seq.arrival_ms) - seq.arrival_ms
@@ -601,6 +601,54 @@ class Engine:
                     preemptions=seq.preemptions,
                 )
             )
+
+    # -- fused decode: several pure-decode passes in one call, same outcome as stepping one by one
+    def plan_decode(self, max_steps: int) -> list[float] | None:
+        """Cumulative durations (ms) of the next passes when they are pure decode, else None.
+
+        Pure decode = nothing waiting, nothing prefilling. The plan stops before any sequence
+        would finish, so completions always land on the last pass of a commit. The adapter sleeps
+        through the plan and commits only the passes that ended before a new request arrived.
+        """
+        if self.waiting or not self.running or len(self.running) > self.cfg.max_num_batched_tokens:
+            return None
+        if any(s.prefilling for s in self.running):
+            return None
+        k = min(max_steps, min(s.max_tokens - s.generated for s in self.running))
+        if k < 2:
+            return None
+        n = len(self.running)
+        cap = self.cfg.kv_blocks * self.cfg.block_size
+        tokens = sum(s.computed for s in self.running)
+        out: list[float] = []
+        acc = 0.0
+        for i in range(k):
+            acc += decode_ms((tokens + i * n) / cap)
+            out.append(acc)
+        return out
+
+    def commit_decode(self, now_ms: float, plan: list[float], steps: int) -> PassResult | None:
+        """Apply the first `steps` passes of `plan`; None (nothing changed) when blocks are short,
+        in which case the caller falls back to `step()` which handles preemption."""
+        if steps < 1 or steps > len(plan):
+            raise ValueError("steps out of range of the plan")
+        bs = self.cfg.block_size
+        needs = [max(0, -(-(s.computed + steps) // bs) - len(s.held) - s.anonymous) for s in self.running]
+        if not self.pool.reserve(sum(needs)):
+            return None
+        self.pool.tick()
+        duration = plan[steps - 1]
+        result = PassResult(start_ms=now_ms, duration_ms=duration, prefill_tokens=0, decode_seqs=len(self.running))
+        end = now_ms + duration
+        for seq, need in zip(list(self.running), needs):
+            seq.anonymous += need
+            seq.computed += steps
+            self._promote_full_blocks(seq)
+            self._emit_token(seq, end, result, steps)
+        self.stats.passes += steps
+        self.stats.busy_ms += duration
+        result.events = self.drain_events()
+        return result
 
     # -- views
     def cached_blocks(self) -> dict[int, int | None]:

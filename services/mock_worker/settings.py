@@ -19,6 +19,7 @@ SETTINGS = REGISTRY.register(
         Setting("worker_ttl_s", 15.0, "discovery record TTL; re-put every ttl/3", float),
         Setting("load_interval_s", 1.0, "period of LoadReport messages (0 = off)", float),
         Setting("event_batch", 64, "max KV events per published message", int),
+        Setting("fused_decode_steps", 64, "simulate up to this many pure-decode passes per wake-up (1 = step each pass)", int),
         Setting("max_inflight_acks", 256, "JetStream publishes awaiting an ack, per worker", int),
     ],
 )

@@ -1,0 +1,175 @@
+"""`kvr replay TRACE`: replay a Mooncake trace through epp.query → mock worker → epp.cleanup, then report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.mock_worker.app import FleetConfig
+from services.mock_worker.engine import EngineConfig
+from services.runtime.config import COMMON, add_settings, names_of, resolve
+from services.runtime.logs import setup_logging
+from services.runtime.natsio import StreamSettings, connect, provision
+
+from .fleets import InProcessFleet, SpawnedFleet
+from .report import markdown_table, summarize, write_report
+from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
+from .settings import SETTINGS
+from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
+
+# COMMON settings that make sense for a client tool
+_CLIENT_COMMON = [s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level")]
+
+
+@dataclass
+class ReplayOutcome:
+    runs: list[RunResult]
+    summaries: list[dict[str, Any]]
+    paths: dict[str, Path]
+    skipped: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvr replay", description=__doc__)
+    parser.add_argument("trace", help="Mooncake JSONL trace (timestamp, input_length, output_length, hash_ids)")
+    add_settings(parser, [*_CLIENT_COMMON, *SETTINGS])
+    return parser
+
+
+def fleet_config(cfg: SimpleNamespace) -> FleetConfig:
+    return FleetConfig(
+        pool=cfg.pool[0],
+        count=cfg.workers,
+        engine=EngineConfig(
+            block_size=cfg.block_size,
+            kv_blocks=cfg.kv_blocks,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+        ),
+        speedup=cfg.speedup,
+        model=cfg.model,
+        ttl_s=5.0,
+        load_interval_s=1.0,
+    )
+
+
+def select_requests(cfg: SimpleNamespace, trace: str) -> tuple[list[TraceRequest], int]:
+    reqs = load_trace(trace, start=cfg.start, limit=cfg.limit or None)
+    kept = [r for r in reqs if r.input_length <= cfg.max_input_tokens]
+    return kept, len(reqs) - len(kept)
+
+
+async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Path | None = None) -> ReplayOutcome:
+    """Run every (policy, load) pair on a fresh fleet; write the report. Used by `kvr dev` too."""
+    names = names_of(SimpleNamespace(**{**_defaults_for_names(), **vars(cfg)}))
+    pool = cfg.pool[0]
+    requests, skipped = select_requests(cfg, trace)
+    policies = cfg.compare or [cfg.policy]
+    nc = await connect(cfg.nats_url, "kvr-replay", max_wait_s=30)
+    runs: list[RunResult] = []
+    try:
+        await provision(nc.jetstream(), names, StreamSettings())
+        fcfg = fleet_config(cfg)
+        console.print(
+            f"[bold]replay[/] {Path(trace).name}: {len(requests)} requests"
+            f"{f' ({skipped} longer than {cfg.max_input_tokens} tokens skipped)' if skipped else ''}, "
+            f"policies {', '.join(policies)}, load × {', '.join(f'{x:g}' for x in cfg.rate_scale)}, speed-up {cfg.speedup:g}, "
+            f"fleet {cfg.fleet} ({cfg.workers} workers × {cfg.kv_blocks} blocks of {cfg.block_size} tokens)"
+        )
+        console.print(f"  ideal hit rate of this slice (infinite shared cache): {100 * ideal_hit_rate(requests):.1f} %")
+        for rate in cfg.rate_scale:
+            for policy in policies:
+                fleet: FleetHandle | None
+                if cfg.fleet == "inproc":
+                    fleet = InProcessFleet(nc, names, fcfg)
+                elif cfg.fleet == "spawn":
+                    log_path = str(log_dir / f"mock-workers-{policy}-{rate:g}.log") if log_dir else None
+                    fleet = SpawnedFleet(cfg.nats_url, fcfg, log_path, names.prefix)
+                else:
+                    fleet = None
+                rcfg = ReplayConfig(
+                    pool=pool,
+                    policy=policy,
+                    speedup=cfg.speedup,
+                    rate_scale=rate,
+                    concurrency=cfg.concurrency,
+                    max_output_tokens=cfg.max_output_tokens or None,
+                    request_timeout_s=cfg.request_timeout_s,
+                    model=cfg.model,
+                    salt=cfg.salt,
+                )
+                with Progress(
+                    TextColumn(f"  {policy:<12} load ×{rate:<4g}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    disable=not cfg.progress,
+                    transient=False,
+                ) as progress:
+                    task = progress.add_task("replay", total=len(requests))
+                    result = await run_policy(
+                        nc, names, requests, rcfg, fleet, on_progress=lambda done, _total: progress.update(task, completed=done)
+                    )
+                s = summarize(result)
+                console.print(
+                    f"    hit rate {100 * s['hit_rate']:.1f} %, TTFT mean {s['ttft_ms']['mean'] or 0:,.0f} ms, "
+                    f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s"
+                )
+                runs.append(result)
+    finally:
+        await nc.close()
+    meta = {
+        "trace": str(trace),
+        "requests": len(requests),
+        "skipped_too_long": skipped,
+        "start": cfg.start,
+        "speedup": cfg.speedup,
+        "workers": cfg.workers,
+        "block_size": cfg.block_size,
+        "kv_blocks_per_worker": cfg.kv_blocks,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_output_tokens": cfg.max_output_tokens or "trace",
+        "ideal_hit_rate": round(ideal_hit_rate(requests), 4),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    paths = write_report(runs, cfg.out, meta)
+    return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
+
+
+def _defaults_for_names() -> dict[str, Any]:
+    return {s.name: s.default for s in COMMON}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = resolve(args, [*_CLIENT_COMMON, *SETTINGS])
+    setup_logging(cfg.log_format if cfg.log_format != "auto" else "console", "warning" if cfg.log_level == "info" else cfg.log_level)
+    console = Console()
+    try:
+        outcome = asyncio.run(replay(cfg, args.trace, console))
+    except (TraceError, FileNotFoundError) as exc:
+        console.print(f"[red]kvr replay: {exc}[/]")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    console.print()
+    console.print(markdown_table(outcome.summaries), markup=False)
+    console.print(f"report: {outcome.paths['markdown']}  json: {outcome.paths['json']}  plots: {outcome.paths.get('ttft_cdf')}, {outcome.paths.get('load')}")
+    failed = any(s["completed"] < s["requests"] for s in outcome.summaries)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

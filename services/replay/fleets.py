@@ -1,0 +1,89 @@
+"""Fresh simulated fleets for each replay run: in this process, or as a `kvr mock-workers` child.
+
+Each start uses new worker ids (a clock-derived base), and each stop deletes the workers' discovery
+keys, so the scheduler and indexer drop the previous run's workers and their cached blocks; the
+runner then waits until the scheduler's live set is exactly the new ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from nats.aio.client import Client as NATS
+
+from schemas.subjects import Names
+from services.mock_worker.app import FleetConfig, MockFleet, clock_worker_id_base
+from services.runtime.procs import ServiceProcess
+
+_last_base = 0
+
+
+def fresh_base() -> int:
+    """Strictly increasing id bases, even for two fleets started within the same clock tick."""
+    global _last_base
+    base = max(clock_worker_id_base(), _last_base + 1000)
+    _last_base = base
+    return base
+
+
+class InProcessFleet:
+    def __init__(self, nc: NATS, names: Names, cfg: FleetConfig) -> None:
+        self.nc, self.names, self.cfg = nc, names, cfg
+        self.fleet: MockFleet | None = None
+
+    async def start(self) -> list[int]:
+        self.fleet = MockFleet(self.nc, self.names, replace(self.cfg, worker_id_base=fresh_base()))
+        await self.fleet.start()
+        return self.fleet.worker_ids
+
+    async def stop(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
+
+
+class SpawnedFleet:
+    """`kvr mock-workers` as a child process (its own core: the simulation does not slow the client)."""
+
+    def __init__(
+        self, nats_url: str, cfg: FleetConfig, log_path: str | None = None, subject_prefix: str = "kvr"
+    ) -> None:
+        self.nats_url, self.cfg, self.log_path, self.subject_prefix = nats_url, cfg, log_path, subject_prefix
+        self.proc: ServiceProcess | None = None
+
+    def args(self, base: int) -> list[str]:
+        e = self.cfg.engine
+        return [
+            "--subject-prefix", self.subject_prefix,
+            "--count", str(self.cfg.count),
+            "--worker-id-base", str(base),
+            "--block-size", str(e.block_size),
+            "--kv-blocks", str(e.kv_blocks),
+            "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--max-num-seqs", str(e.max_num_seqs),
+            "--watermark", str(e.watermark),
+            "--speedup", str(self.cfg.speedup),
+            "--model", self.cfg.model,
+            "--worker-ttl-s", str(self.cfg.ttl_s),
+            "--load-interval-s", str(self.cfg.load_interval_s),
+            "--fused-decode-steps", str(self.cfg.fused_decode_steps),
+        ]  # fmt: skip
+
+    async def start(self) -> list[int]:
+        base = fresh_base()
+        self.proc = ServiceProcess(
+            "mock-workers", self.args(base), nats_url=self.nats_url, pools=[self.cfg.pool], log_path=self.log_path
+        )
+        self.proc.start()
+        await asyncio.to_thread(self.proc.wait_ready, 60.0)
+        return [base + i for i in range(self.cfg.count)]
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"{self.proc.base_url}/metrics" if self.proc else None
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await asyncio.to_thread(self.proc.terminate)
+            self.proc = None

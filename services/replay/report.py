@@ -1,0 +1,198 @@
+"""Per-run summaries (latency, throughput, real hit rate, balance, errors) as JSON, markdown and PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .runner import RunResult
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]); None for no data."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    if lo == hi:
+        return xs[lo]
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+    }
+
+
+def summarize(run: RunResult) -> dict[str, Any]:
+    recs = run.records
+    ok = [r for r in recs if r.ok]
+    prompt = sum(r.prompt_tokens for r in ok)
+    cached = sum(r.cached_tokens or 0 for r in ok)
+    per_worker_reqs: Counter[int] = Counter(r.worker_id for r in ok if r.worker_id is not None)
+    per_worker_tokens: Counter[int] = Counter()
+    for r in ok:
+        if r.worker_id is not None:
+            per_worker_tokens[r.worker_id] += r.prompt_tokens - (r.cached_tokens or 0)
+    for wid in run.worker_ids:
+        per_worker_reqs.setdefault(wid, 0)
+        per_worker_tokens.setdefault(wid, 0)
+    counts = list(per_worker_reqs.values())
+    work = list(per_worker_tokens.values())
+    span_ms = 0.0
+    if ok:
+        start = min(r.arrival_ms for r in recs)
+        end = max(r.arrival_ms + (r.e2e_ms or 0.0) for r in ok)
+        span_ms = max(end - start, 1e-9)
+    errors = Counter(r.error for r in recs if r.error)
+    return {
+        "policy": run.policy,
+        "rate_scale": run.rate_scale,
+        "speedup": run.speedup,
+        "requests": len(recs),
+        "completed": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "ttft_ms": _stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        "e2e_ms": _stats([r.e2e_ms for r in ok if r.e2e_ms is not None]),
+        "worker_ttft_ms": _stats([r.worker_ttft_ms for r in ok if r.worker_ttft_ms is not None]),
+        "throughput_req_s": len(ok) / (span_ms / 1000.0) if span_ms else 0.0,
+        "output_tok_s": sum(r.output_tokens for r in ok) / (span_ms / 1000.0) if span_ms else 0.0,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "preemptions": sum(r.preemptions for r in ok),
+        "requests_per_worker": {str(k): v for k, v in sorted(per_worker_reqs.items())},
+        "uncached_tokens_per_worker": {str(k): v for k, v in sorted(per_worker_tokens.items())},
+        "balance_max_over_mean": (max(work) / statistics.fmean(work)) if work and statistics.fmean(work) else None,
+        "balance_cv": (statistics.pstdev(work) / statistics.fmean(work)) if len(work) > 1 and statistics.fmean(work) else None,
+        "open_bookings": None if run.open_bookings is None else len(run.open_bookings),
+        "cleanup_failures": run.cleanup_failures,
+        "wall_s": run.wall_s,
+        "sim_span_s": span_ms / 1000.0,
+    }
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| policy | load × | done/req | errors | hit rate | TTFT mean | p50 | p90 | p99 | E2E mean | E2E p90 "
+        "| req/s | out tok/s | balance max/mean | preempt | open bookings |"
+    )
+    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
+    for s in summaries:
+        t, e = s["ttft_ms"], s["e2e_ms"]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    s["policy"],
+                    _fmt(float(s["rate_scale"]), 2),
+                    f"{s['completed']}/{s['requests']}",
+                    str(s["errors"]),
+                    f"{100 * s['hit_rate']:.1f} %",
+                    _fmt(t["mean"]),
+                    _fmt(t["p50"]),
+                    _fmt(t["p90"]),
+                    _fmt(t["p99"]),
+                    _fmt(e["mean"]),
+                    _fmt(e["p90"]),
+                    _fmt(s["throughput_req_s"], 2),
+                    _fmt(s["output_tok_s"], 0),
+                    _fmt(s["balance_max_over_mean"], 2),
+                    str(s["preemptions"]),
+                    _fmt(s["open_bookings"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n\nLatencies in simulated milliseconds (wall time × speed-up); hit rate = cached prompt tokens / prompt tokens, from the workers' own accounting.\n"
+
+
+def plot(runs: Sequence[RunResult], summaries: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    # TTFT CDF per policy (highest load of each policy)
+    by_policy: dict[str, RunResult] = {}
+    for run in runs:
+        if run.policy not in by_policy or run.rate_scale > by_policy[run.policy].rate_scale:
+            by_policy[run.policy] = run
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, run in by_policy.items():
+        xs = sorted(r.ttft_ms for r in run.records if r.ok and r.ttft_ms is not None)
+        if not xs:
+            continue
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.step([x / 1000.0 for x in xs], ys, where="post", label=f"{policy} (load ×{run.rate_scale:g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (simulated s, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT CDF per policy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = out_dir / "ttft_cdf.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    # hit rate and TTFT vs load
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for policy in dict.fromkeys(s["policy"] for s in summaries):
+        pts = sorted((s["rate_scale"], s) for s in summaries if s["policy"] == policy)
+        loads = [p for p, _ in pts]
+        ax1.plot(loads, [100 * s["hit_rate"] for _, s in pts], marker="o", label=policy)
+        ax2.plot(loads, [(s["ttft_ms"]["mean"] or float("nan")) / 1000.0 for _, s in pts], marker="o", label=policy)
+    ax1.set_xlabel("load (arrival-rate multiplier)")
+    ax1.set_ylabel("prefix-cache hit rate (%)")
+    ax1.set_title("Hit rate vs load")
+    ax2.set_xlabel("load (arrival-rate multiplier)")
+    ax2.set_ylabel("mean TTFT (simulated s)")
+    ax2.set_yscale("log")
+    ax2.set_title("Mean TTFT vs load")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "load.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_report(runs: Sequence[RunResult], out_dir: str | Path, meta: dict[str, Any], with_records: bool = False) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [summarize(r) for r in runs]
+    doc: dict[str, Any] = {"meta": meta, "runs": summaries}
+    if with_records:
+        doc["records"] = {f"{r.policy}@{r.rate_scale:g}": [rec.__dict__ for rec in r.records] for r in runs}
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    header = "# Replay report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
+    paths["markdown"].write_text(header + markdown_table(summaries))
+    for p in plot(runs, summaries, out):
+        paths[p.stem] = p
+    return paths

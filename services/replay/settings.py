@@ -1,0 +1,32 @@
+"""Settings of `kvr replay` (env `KVR_<NAME>`); nats_url, pool, subject_prefix come from COMMON."""
+
+from __future__ import annotations
+
+from services.runtime.config import REGISTRY, Setting
+
+SETTINGS = REGISTRY.register(
+    "replay",
+    [
+        Setting("policy", "kv", "routing policy of a single run", choices=("kv", "round_robin", "random", "least_loaded")),
+        Setting("compare", [], "policies to run back to back, each on a fresh fleet, e.g. kv,round_robin,random", is_list=True),
+        Setting("rate_scale", [1.0], "arrival-rate multipliers (load points) to run for each policy", float, is_list=True),
+        Setting("speedup", 10.0, "simulation speed-up: engine time and trace arrivals are both divided by it", float),
+        Setting("start", 0, "first trace line to replay", int),
+        Setting("limit", 0, "requests to replay (0 = all)", int),
+        Setting("concurrency", 512, "max requests in flight (a gateway's queue holds the rest)", int),
+        Setting("max_output_tokens", 0, "cap on output tokens per request (0 = the trace's)", int),
+        Setting("max_input_tokens", 131072, "skip trace requests with longer prompts", int),
+        Setting("request_timeout_s", 300.0, "give up on a request after this many wall seconds", float),
+        Setting("fleet", "spawn", "mock fleet per run: spawn (child process), inproc, external (already running)",
+                choices=("spawn", "inproc", "external")),
+        Setting("workers", 8, "mock workers per run (fleet spawn/inproc)", int),
+        Setting("block_size", 64, "KV block size in tokens", int),
+        Setting("kv_blocks", 16384, "KV blocks per mock worker", int),
+        Setting("max_num_batched_tokens", 8192, "token budget of one forward pass", int),
+        Setting("max_num_seqs", 256, "running sequences per worker", int),
+        Setting("model", "mock-model", "model name sent in epp.query bodies"),
+        Setting("salt", 0, "seed of the hash-id → tokens expansion", int),
+        Setting("out", ".kvr/replay", "directory for report.json, report.md and the PNG plots"),
+        Setting("progress", True, "show a progress bar", bool),
+    ],
+)

@@ -1,0 +1,106 @@
+"""Mooncake FAST'25 traces (`{timestamp, input_length, output_length, hash_ids}` per line) and the
+deterministic expansion of their 512-token hash ids into token ids.
+
+Every hash id becomes a fixed pseudo-random 512-token chunk (seeded by the id and a run salt), so two
+requests that share their first k ids share their first k·512 tokens exactly and nothing else; the
+engine then re-blocks those tokens at its own block size (Dynamo's `--trace-block-size 512`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TRACE_BLOCK = 512
+VOCAB = 32_000
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    index: int  # line number (0-based) in the trace file
+    timestamp_ms: int
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def parse_line(line: str, index: int) -> TraceRequest:
+    try:
+        obj = json.loads(line)
+        ts, isl, osl, ids = obj["timestamp"], obj["input_length"], obj["output_length"], obj["hash_ids"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TraceError(f"line {index + 1}: not a Mooncake record ({exc})") from None
+    if not all(isinstance(v, int) and v >= 0 for v in (ts, isl, osl)) or isl == 0:
+        raise TraceError(f"line {index + 1}: timestamp/input_length/output_length must be non-negative integers")
+    if not isinstance(ids, list) or not all(isinstance(h, int) and h >= 0 for h in ids):
+        raise TraceError(f"line {index + 1}: hash_ids must be a list of non-negative integers")
+    if len(ids) * TRACE_BLOCK < isl:
+        raise TraceError(f"line {index + 1}: {len(ids)} hash ids cannot cover {isl} input tokens")
+    return TraceRequest(index, ts, isl, osl, tuple(ids))
+
+
+def load_trace(path: str | Path, *, start: int = 0, limit: int | None = None) -> list[TraceRequest]:
+    """Requests `start .. start+limit` of the file, timestamps kept as in the file."""
+    out: list[TraceRequest] = []
+    with open(path, encoding="utf-8") as fh:
+        for index, line in enumerate(fh):
+            if index < start or not line.strip():
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(parse_line(line, index))
+    if not out:
+        raise TraceError(f"{path}: no requests in the selected range")
+    return out
+
+
+class TokenExpander:
+    """hash id → its 512 tokens (cached LRU), request → its prompt token ids."""
+
+    def __init__(self, salt: int = 0, cache_size: int = 65_536, vocab: int = VOCAB) -> None:
+        self.salt = salt
+        self.vocab = vocab
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+
+    def chunk(self, hash_id: int) -> np.ndarray:
+        arr = self._cache.get(hash_id)
+        if arr is not None:
+            self._cache.move_to_end(hash_id)
+            return arr
+        rng = np.random.default_rng([self.salt, hash_id])
+        arr = rng.integers(0, self.vocab, TRACE_BLOCK, dtype=np.uint32)
+        self._cache[hash_id] = arr
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return arr
+
+    def tokens(self, req: TraceRequest) -> list[int]:
+        needed = -(-req.input_length // TRACE_BLOCK)
+        chunks = [self.chunk(h) for h in req.hash_ids[:needed]]
+        return np.concatenate(chunks)[: req.input_length].tolist()
+
+
+def ideal_hit_rate(requests: Iterable[TraceRequest]) -> float:
+    """Prefix tokens reusable with an infinite, shared cache (the trace's ceiling, evaluation-notes §1.1)."""
+    seen: set[int] = set()
+    prompt = cached = 0
+    for r in requests:
+        run = 0
+        for h in r.hash_ids:
+            if h not in seen:
+                break
+            run += 1
+        cached += min(run * TRACE_BLOCK, r.input_length)
+        prompt += r.input_length
+        seen.update(r.hash_ids)
+    return cached / prompt if prompt else 0.0
