@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.events import stored_event  # noqa: E402
 from schemas.hashing import sequence_hashes  # noqa: E402
+from services.indexer.app import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex, decode_snapshot, encode_snapshot  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,7 +62,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--matches", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--default-gc", action="store_true", help="keep CPython's default GC thresholds (as when embedded)")
     args = ap.parse_args()
+    if not args.default_gc:
+        tune_gc()  # what `kvr indexer` does at start
     rng = random.Random(args.seed)
     prompts = make_prompts(rng, args.pool_prompts, args.blocks)
     events = build_events(rng, prompts, args.workers, args.prompts_per_worker)

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.events import removed_event, stored_event  # noqa: E402
+from services.indexer.app import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -104,7 +105,10 @@ def main() -> None:
     ap.add_argument("--trace", default="both", choices=["conversation", "synthetic", "both"])
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--capacity", type=int, default=16384)
+    ap.add_argument("--default-gc", action="store_true", help="keep CPython's default GC thresholds (as when embedded)")
     args = ap.parse_args()
+    if not args.default_gc:
+        tune_gc()  # what `kvr indexer` does at start
     names = list(TRACES) if args.trace == "both" else [args.trace]
     results = {name: replay(DATA / TRACES[name], args.workers, args.capacity) for name in names}
     RESULTS.mkdir(exist_ok=True)

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 from services.runtime.service import main_for
 
-from .app import make_app
+from .app import make_app, tune_gc
 from .settings import SETTINGS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_gc()
     return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", SETTINGS, make_app, argv)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -420,6 +421,13 @@ class IndexerApp:
             if self.follower is not None:
                 m.CONSUMER_PENDING.set(self.follower.pending)
             await asyncio.sleep(self.lag_interval)
+
+
+def tune_gc() -> None:
+    """Standalone process only: the index allocates millions of long-lived nodes, and CPython's default
+    gen-0 threshold (700) makes the cyclic collector re-scan them constantly (measured: apply of new
+    blocks ~2x slower). Freed nodes do not need the collector (pruning breaks the parent↔child link)."""
+    gc.set_threshold(50_000, 20, 100)
 
 
 def make_app(cfg: SimpleNamespace) -> IndexerApp:

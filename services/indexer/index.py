@@ -428,16 +428,21 @@ class PrefixIndex:
 
     # ---- canonical dump ---------------------------------------------------------------------
 
-    def _bfs(self) -> list[_Node]:
-        """Nodes in breadth-first order, children by local hash: independent of insertion order."""
+    def _bfs(self, canonical: bool = True) -> list[_Node]:
+        """Nodes in breadth-first order; `canonical` sorts children by local hash so the order does
+        not depend on insertion order (dumps); snapshots skip the sort."""
         order: list[_Node] = []
         frontier = [self.root]
         while frontier:
             nxt: list[_Node] = []
             for node in frontier:
-                if node.children:
-                    for k in sorted(node.children):
-                        nxt.append(node.children[k])
+                ch = node.children
+                if ch:
+                    if canonical:
+                        for k in sorted(ch):
+                            nxt.append(ch[k])
+                    else:
+                        nxt.extend(ch.values())
             order.extend(nxt)
             frontier = nxt
         return order
@@ -532,7 +537,7 @@ class PrefixIndex:
 
     def to_snapshot(self) -> dict[str, Any]:
         """Compact builtins (msgpack-friendly): nodes as parallel arrays, entries as flat pairs."""
-        order = self._bfs()
+        order = self._bfs(canonical=False)
         index = {id(n): i + 1 for i, n in enumerate(order)}  # 0 = root
         index[id(self.root)] = 0
         parents = [index[id(n.parent)] for n in order]
