@@ -108,6 +108,8 @@ class MockWorker:
         self.registered = False
         self.label = str(worker_id)
         self.fused_decode_steps = fleet.fused_decode_steps
+        self.lag_max_ms = 0.0
+        self.lag_passes = 0
 
     @property
     def record(self) -> WorkerRecord:
@@ -220,6 +222,12 @@ class MockWorker:
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
+                # Behind the wall clock: the process cannot keep up with this speed-up. The lag
+                # becomes simulated latency, so it is measured and reported.
+                lag_ms = -delay * 1000.0 * self.speedup
+                self.lag_max_ms = max(self.lag_max_ms, lag_ms)
+                self.lag_passes += 1
+                m.LAG.observe(lag_ms / 1000.0)
                 await asyncio.sleep(0)  # let request handlers run even when behind
             await self._deliver(result)
 
@@ -316,7 +324,13 @@ class MockWorker:
                 await self.nc.publish(subject, codec.encode_json(report))
 
     def status(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, **self.engine.status(), "kv_publish_failures": self.publisher.failures}
+        return {
+            "worker_id": self.worker_id,
+            **self.engine.status(),
+            "kv_publish_failures": self.publisher.failures,
+            "lag_max_ms": round(self.lag_max_ms, 1),
+            "late_passes": self.lag_passes,
+        }
 
 
 class MockFleet:

@@ -21,3 +21,8 @@ KV_USED_BLOCKS = Gauge("kvr_mock_worker_kv_used_blocks", "KV blocks in use (acti
 KV_ACTIVE_BLOCKS = Gauge("kvr_mock_worker_kv_active_blocks", "KV blocks held by running sequences", ["worker_id"])
 RUNNING = Gauge("kvr_mock_worker_running", "Running sequences", ["worker_id"])
 WAITING = Gauge("kvr_mock_worker_waiting", "Waiting sequences", ["worker_id"])
+LAG = Histogram(
+    "kvr_mock_worker_lag_seconds",
+    "How far a pass ended behind its simulated deadline (simulated seconds); >0 means the process cannot keep up",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
+)

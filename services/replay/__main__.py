@@ -124,7 +124,8 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
                 s = summarize(result)
                 console.print(
                     f"    hit rate {100 * s['hit_rate']:.1f} %, TTFT mean {s['ttft_ms']['mean'] or 0:,.0f} ms, "
-                    f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s"
+                    f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s, "
+                    f"fleet max lag {s['fleet_lag_max_ms'] or 0:,.0f} ms"
                 )
                 runs.append(result)
     finally:

@@ -27,6 +27,15 @@ def fresh_base() -> int:
     return base
 
 
+def fleet_stats(workers: list[dict]) -> dict:
+    """The fleet's own accounting, summed (and worst lag) over its workers."""
+    out: dict = {"workers": len(workers)}
+    for key in ("requests", "finished", "prompt_tokens", "cached_tokens", "preemptions", "evictions", "late_passes"):
+        out[key] = sum(int(w.get(key, 0)) for w in workers)
+    out["lag_max_ms"] = max((float(w.get("lag_max_ms", 0.0)) for w in workers), default=0.0)
+    return out
+
+
 class InProcessFleet:
     def __init__(self, nc: NATS, names: Names, cfg: FleetConfig) -> None:
         self.nc, self.names, self.cfg = nc, names, cfg
@@ -36,6 +45,9 @@ class InProcessFleet:
         self.fleet = MockFleet(self.nc, self.names, replace(self.cfg, worker_id_base=fresh_base()))
         await self.fleet.start()
         return self.fleet.worker_ids
+
+    async def stats(self) -> dict:
+        return fleet_stats([w.status() for w in self.fleet.workers]) if self.fleet else {}
 
     async def stop(self) -> None:
         if self.fleet is not None:
@@ -78,6 +90,12 @@ class SpawnedFleet:
         self.proc.start()
         await asyncio.to_thread(self.proc.wait_ready, 60.0)
         return [base + i for i in range(self.cfg.count)]
+
+    async def stats(self) -> dict:
+        if self.proc is None:
+            return {}
+        status = await asyncio.to_thread(self.proc.readyz)
+        return fleet_stats(status.get("workers", []))
 
     @property
     def metrics_url(self) -> str | None:

@@ -65,6 +65,7 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "error_kinds": dict(errors),
         "ttft_ms": _stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "e2e_ms": _stats([r.e2e_ms for r in ok if r.e2e_ms is not None]),
+        "route_wall_ms": _stats([r.route_ms for r in ok if r.route_ms is not None]),
         "worker_ttft_ms": _stats([r.worker_ttft_ms for r in ok if r.worker_ttft_ms is not None]),
         "throughput_req_s": len(ok) / (span_ms / 1000.0) if span_ms else 0.0,
         "output_tok_s": sum(r.output_tokens for r in ok) / (span_ms / 1000.0) if span_ms else 0.0,
@@ -78,6 +79,9 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "balance_cv": (statistics.pstdev(work) / statistics.fmean(work)) if len(work) > 1 and statistics.fmean(work) else None,
         "open_bookings": None if run.open_bookings is None else len(run.open_bookings),
         "cleanup_failures": run.cleanup_failures,
+        "fleet": run.fleet,
+        "fleet_hit_rate": (run.fleet["cached_tokens"] / run.fleet["prompt_tokens"]) if run.fleet.get("prompt_tokens") else None,
+        "fleet_lag_max_ms": run.fleet.get("lag_max_ms"),
         "wall_s": run.wall_s,
         "sim_span_s": span_ms / 1000.0,
     }

@@ -66,6 +66,7 @@ class RequestRecord:
     output_tokens: int = 0
     worker_ttft_ms: float | None = None
     preemptions: int = 0
+    route_ms: float | None = None  # wall-clock ms of epp.query (not scaled)
     error: str | None = None
 
     @property
@@ -83,6 +84,7 @@ class RunResult:
     worker_ids: list[int] = field(default_factory=list)
     open_bookings: list[str] | None = None
     cleanup_failures: int = 0
+    fleet: dict[str, Any] = field(default_factory=dict)
 
 
 class FleetHandle(Protocol):
@@ -91,6 +93,8 @@ class FleetHandle(Protocol):
     async def start(self) -> list[int]: ...
 
     async def stop(self) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
 
 
 class GenerateClient:
@@ -253,6 +257,7 @@ class Replayer:
                 "nvext": {"token_data": tokens, "expected_output_tokens": rec.max_tokens},
             }
             query = EppQueryRequest(request_id=rec.request_id, body=body, policy=cfg.policy)  # type: ignore[arg-type]
+            sent = loop.time()
             try:
                 reply = await request(
                     self.nc, self.names.epp_query(cfg.pool), query, EppQueryReply, timeout=cfg.rpc_timeout_s, msgpack=True
@@ -261,6 +266,7 @@ class Replayer:
                 rec.error = f"epp.query:{exc.code}"
                 return
             booked = True
+            rec.route_ms = (loop.time() - sent) * 1000.0
             rec.worker_id = reply.decode.worker_id
             rec.overlap_blocks = reply.overlap_blocks
             gen = GenerateRequest(
@@ -337,6 +343,11 @@ async def run_policy(
         result = await Replayer(nc, names, cfg).run(requests, on_progress)
         result.worker_ids = worker_ids
         result.open_bookings = await wait_for_no_bookings(nc, names, cfg.pool)
+        if fleet is not None:
+            try:
+                result.fleet = await fleet.stats()
+            except Exception as exc:  # noqa: BLE001 - stats are informative only
+                log.warning("replay.fleet_stats_failed", error=str(exc))
         return result
     finally:
         if fleet is not None:
