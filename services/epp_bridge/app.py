@@ -14,10 +14,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest
 from schemas.discovery import WorkerRecord
 from services.runtime.logs import get_logger
@@ -30,7 +28,7 @@ from . import metrics
 from .decision import query_reply, select_request
 from .link import DeadlinePassed, EmbeddedSchedulerLink, NatsSchedulerLink, SchedulerLink
 from .pods import PodIndex
-from .prompt import parse_body, prompt_tokens
+from .prompt import needs_tokenizer, parse_body, prompt_tokens
 from .tokenizer import PoolTokenizer, parse_tokenizer_dirs
 
 log = get_logger("kvr.epp_bridge")
@@ -80,7 +78,7 @@ class EppBridgeApp:
                 await serve(
                     rt.nc,
                     rt.names.epp_query(pool),
-                    msgspec.Raw,
+                    EppQueryRequest,
                     self._query_handler(pool),
                     queue=QUEUE,
                     endpoint="epp.query",
@@ -147,13 +145,17 @@ class EppBridgeApp:
     # --- epp.query -------------------------------------------------------------------------------
 
     def _query_handler(self, pool: str):
-        async def handle(_raw: msgspec.Raw, msg: Msg) -> EppQueryReply:
+        async def handle(req: EppQueryRequest, msg: Msg) -> EppQueryReply:
+            # serve() has decoded the payload already; NATS' max_payload (1 MiB by default) bounds that
+            # work, and the configured limit is enforced here, before anything else happens.
             started = time.perf_counter()
-            mode, routed, outcome = "unknown", "none", "ok"
+            routed, outcome = "none", "ok"
             try:
-                req = self._decode_query(msg)
-                mode = req.mode
-                reply = await self.query(pool, req, msg.data)
+                if len(msg.data) > self.max_body_bytes:
+                    raise ServiceError(
+                        "invalid_request", f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$"
+                    )
+                reply = await self.query(pool, req)
                 routed = reply.mode
                 return reply
             except BaseException as exc:
@@ -162,27 +164,26 @@ class EppBridgeApp:
                 outcome = _code_of(exc)
                 raise
             finally:
-                metrics.QUERIES.labels(outcome, mode, routed).inc()
-                metrics.PHASE_SECONDS.labels("total").observe(time.perf_counter() - started)
+                metrics.query_counter(outcome, req.mode, routed).inc()
+                metrics.PHASE_TOTAL.observe(time.perf_counter() - started)
 
         return handle
 
-    def _decode_query(self, msg: Msg) -> EppQueryRequest:
-        if len(msg.data) > self.max_body_bytes:
-            raise ServiceError("invalid_request", f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$")
-        return codec.decode(msg.data, EppQueryRequest, codec.content_type_of(msg.headers))
-
-    async def query(self, pool: str, req: EppQueryRequest, _payload: bytes = b"") -> EppQueryReply:
+    async def query(self, pool: str, req: EppQueryRequest) -> EppQueryReply:
         t0 = time.perf_counter()
         body = parse_body(req.body)
         t1 = time.perf_counter()
-        metrics.PHASE_SECONDS.labels("parse").observe(t1 - t0)
+        metrics.PHASE_PARSE.observe(t1 - t0)
 
-        with tracer().start_as_current_span("epp.tokenize"):
-            prompt = prompt_tokens(req.body, body, self.tokenizers.get(pool), self.max_prompt_tokens)
+        tokenizer = self.tokenizers.get(pool)
+        if needs_tokenizer(body) and tokenizer is not None:
+            with tracer().start_as_current_span("epp.tokenize"):
+                prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
+        else:
+            prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
         t2 = time.perf_counter()
-        metrics.PHASE_SECONDS.labels("tokenize").observe(t2 - t1)
-        metrics.TOKEN_SOURCE.labels(prompt.source).inc()
+        metrics.PHASE_TOKENIZE.observe(t2 - t1)
+        metrics.TOKEN_SOURCE_CHILDREN[prompt.source].inc()
         metrics.PROMPT_TOKENS.observe(prompt.isl_tokens)
 
         index = self.pod_index(pool)
@@ -200,7 +201,7 @@ class EppBridgeApp:
 
         sreq = select_request(req, body, prompt, allowed)
         reply = await self._select(pool, sreq)
-        metrics.PHASE_SECONDS.labels("select").observe(time.perf_counter() - t2)
+        metrics.PHASE_SELECT.observe(time.perf_counter() - t2)
         return query_reply(req, reply, prompt)
 
     async def _select(self, pool: str, sreq: SelectRequest) -> SelectReply:

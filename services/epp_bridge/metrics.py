@@ -29,3 +29,19 @@ COMPENSATING_FREES = Counter(
     "Frees sent for a booking query that failed after reaching the scheduler (e.g. select timeout), by outcome",
     ["outcome"],
 )
+
+# Children resolved once: `labels()` costs a lock and a dict lookup on every request.
+PHASE_PARSE = PHASE_SECONDS.labels("parse")
+PHASE_TOKENIZE = PHASE_SECONDS.labels("tokenize")
+PHASE_SELECT = PHASE_SECONDS.labels("select")
+PHASE_TOTAL = PHASE_SECONDS.labels("total")
+TOKEN_SOURCE_CHILDREN = {s: TOKEN_SOURCE.labels(s) for s in ("token_data", "prompt_ids", "tokenizer")}
+_query_children: dict[tuple[str, str, str], object] = {}
+
+
+def query_counter(outcome: str, mode: str, routed: str):  # type: ignore[no-untyped-def]
+    key = (outcome, mode, routed)
+    child = _query_children.get(key)
+    if child is None:
+        child = _query_children[key] = QUERIES.labels(outcome, mode, routed)
+    return child

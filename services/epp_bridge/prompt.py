@@ -34,6 +34,13 @@ def parse_body(body: dict[str, Any]) -> OpenAiBody:
         raise SchemaError(exc.message, path) from None
 
 
+def needs_tokenizer(body: OpenAiBody) -> bool:
+    """Whether the prompt is text (not `nvext.token_data` or token ids)."""
+    if body.nvext is not None and body.nvext.token_data is not None:
+        return False
+    return not (isinstance(body.prompt, list) and not isinstance(body.prompt[0], str))
+
+
 def _check_size(tokens: list[int], isl: int, max_tokens: int, path: str) -> None:
     if not tokens:
         raise ServiceError("invalid_request", "the prompt is empty (no tokens)", path)

@@ -79,6 +79,12 @@ async def query(nc, pool: str, body: dict, **kw) -> dict:
     return await ask(nc, NAMES.epp_query(pool), payload)
 
 
+async def routed(nc, pool: str, body: dict, **kw) -> dict:
+    reply = await query(nc, pool, body, **kw)
+    assert reply["status"] == "ok", reply
+    return reply
+
+
 async def wait_for(predicate, timeout: float = 15.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -110,8 +116,14 @@ async def wait_workers(nc, pool: str, ids: set[int], absent: set[int] = frozense
         state = await request(nc, NAMES.scheduler_state(pool), StateRequest(), StateReply)
         if not ids <= set(state.workers) or absent & set(state.workers):
             return False
-        probe = await query(nc, pool, {"prompt": [1]}, pods=[{"name": f"vllm-{i}"} for i in ids], book=False)
-        return probe["status"] == "ok"
+        # The bridge knows each of them: a one-pod filter with an unmet required taint is then refused
+        # as constraints_unsatisfied (an unknown pod would be no_workers), without reaching the scheduler.
+        probe_body = {"prompt": [1], "nvext": {"routing_constraints": {"required_taints": ["kvr.test/probe"]}}}
+        for i in ids:
+            probe = await query(nc, pool, probe_body, pods=[{"name": f"vllm-{i}"}])
+            if probe["error"]["code"] != "constraints_unsatisfied":
+                return False
+        return True
 
     await wait_for(seen)
 
@@ -148,7 +160,7 @@ async def test_chat_and_completions_route_to_the_cached_worker(conn, tok):
     await publish_cached(nc, "agg", 2, chat_tokens)
     await publish_cached(nc, "agg", 3, completion_tokens)
 
-    chat = await query(nc, "agg", CHAT, book=False, return_token_ids=True)
+    chat = await routed(nc, "agg", CHAT, book=False, return_token_ids=True)
     assert chat["status"] == "ok", chat
     assert chat["token_ids"] == chat_tokens
     assert chat["decode"]["worker_id"] == 2 and chat["overlap_blocks"] == len(chat_tokens) // BLOCK
@@ -156,12 +168,12 @@ async def test_chat_and_completions_route_to_the_cached_worker(conn, tok):
     assert chat["headers"]["x-gateway-destination-endpoint"] == "10.0.0.2:8000"
     msgspec.json.decode(codec.encode_json(chat), type=EppQueryReply)
 
-    pre = await query(nc, "agg", {**CHAT, "nvext": {"token_data": chat_tokens}}, book=False)
+    pre = await routed(nc, "agg", {**CHAT, "nvext": {"token_data": chat_tokens}}, book=False)
     assert (pre["decode"], pre["overlap_blocks"], pre["cost"]) == (chat["decode"], chat["overlap_blocks"], chat["cost"])
 
-    comp = await query(nc, "agg", COMPLETION, book=False)
+    comp = await routed(nc, "agg", COMPLETION, book=False)
     assert comp["status"] == "ok" and comp["decode"]["worker_id"] == 3
-    pre = await query(nc, "agg", {"prompt": "", "nvext": {"token_data": completion_tokens}}, book=False)
+    pre = await routed(nc, "agg", {"prompt": "", "nvext": {"token_data": completion_tokens}}, book=False)
     assert (pre["decode"], pre["overlap_blocks"], pre["cost"]) == (comp["decode"], comp["overlap_blocks"], comp["cost"])
 
 
@@ -172,17 +184,17 @@ async def test_pods_filter_and_constraints(conn, tok):
     tokens = tok.encode_text("The quick brown fox jumps over the lazy dog near the river bank at dawn.")
     await publish_cached(nc, "agg", 5, tokens, event_id=100)
 
-    free_choice = await query(nc, "agg", {"prompt": tokens}, book=False)
+    free_choice = await routed(nc, "agg", {"prompt": tokens}, book=False)
     assert free_choice["decode"]["worker_id"] == 5, free_choice
-    filtered = await query(nc, "agg", {"prompt": tokens}, book=False, pods=[{"podName": "vllm-4"}, {"pod": {"podName": "vllm-6"}}])
+    filtered = await routed(nc, "agg", {"prompt": tokens}, book=False, pods=[{"podName": "vllm-4"}, {"pod": {"podName": "vllm-6"}}])
     assert filtered["status"] == "ok" and filtered["decode"]["worker_id"] in (4, 6) and filtered["overlap_blocks"] == 0, filtered
-    by_address = await query(nc, "agg", {"prompt": tokens}, book=False, pods=[{"address": "10.0.0.6", "port": 8000}])
+    by_address = await routed(nc, "agg", {"prompt": tokens}, book=False, pods=[{"address": "10.0.0.6", "port": 8000}])
     assert by_address["decode"]["worker_id"] == 6, by_address
 
     empty = await query(nc, "agg", {"prompt": tokens}, pods=[{"name": "ghost"}, {"address": "10.9.9.9", "port": 1}])
     assert empty["status"] == "error" and empty["error"]["code"] == "no_workers", empty
     taint = {"prompt": "the lazy dog", "nvext": {"routing_constraints": {"required_taints": ["zone=a"]}}}
-    tainted = await query(nc, "agg", taint, book=False)
+    tainted = await routed(nc, "agg", taint, book=False)
     assert tainted["decode"]["worker_id"] == 5, tainted
     unsat = await query(nc, "agg", taint, pods=[{"name": "vllm-4"}, {"name": "vllm-6"}])
     assert unsat["error"]["code"] == "constraints_unsatisfied", unsat
@@ -202,7 +214,7 @@ async def test_disaggregated_pool_and_aggregated_fallback(conn, tok):
         ],
     )
     await wait_workers(nc, "dis", {11, 12, 13})
-    reply = await query(nc, "dis", CHAT, book=False)
+    reply = await routed(nc, "dis", CHAT, book=False)
     assert reply["status"] == "ok" and reply["mode"] == "disaggregated", reply
     assert reply["prefill"]["worker_id"] == 11 and reply["decode"]["worker_id"] in (12, 13)
     decode = reply["decode"]["worker_id"]
@@ -218,7 +230,7 @@ async def test_disaggregated_pool_and_aggregated_fallback(conn, tok):
 
     await delete_worker(nc, "KVR_WORKERS", "dis", 11)
     await wait_workers(nc, "dis", {12, 13}, absent={11})
-    fallback = await query(nc, "dis", CHAT, book=False)
+    fallback = await routed(nc, "dis", CHAT, book=False)
     assert fallback["status"] == "ok" and fallback["mode"] == "aggregated" and fallback["prefill"] is None
     assert fallback["decode"]["worker_id"] in (12, 13)
     assert "x-prefill-instance-id" not in fallback["headers"] and fallback["headers"]["x-dynamo-routing-mode"] == "aggregated"
@@ -229,7 +241,7 @@ async def test_booking_lifecycle_is_visible_in_scheduler_state(conn):
     await register(nc, [record(21, pool="agg"), record(1, pool="agg"), record(2, pool="agg"), record(3, pool="agg")])
     await wait_workers(nc, "agg", {1, 2, 3, 21})
     tokens = list(range(100, 100 + 8 * BLOCK))
-    reply = await query(nc, "agg", {"prompt": tokens}, request_id="book-1", pods=[{"name": "vllm-21"}])
+    reply = await routed(nc, "agg", {"prompt": tokens}, request_id="book-1", pods=[{"name": "vllm-21"}])
     assert reply["status"] == "ok" and reply["decode"]["worker_id"] == 21
 
     def load_of(state: StateReply):
@@ -262,7 +274,7 @@ async def test_one_trace_spans_bridge_scheduler_and_indexer(conn, stack):
     await register(nc, [record(1, pool="agg"), record(2, pool="agg"), record(3, pool="agg")])
     await wait_workers(nc, "agg", {1, 2, 3})
     rid = f"trace-{uuid.uuid4().hex[:8]}"
-    assert (await query(nc, "agg", {"prompt": list(range(1, 3 * BLOCK))}, request_id=rid, book=False))["status"] == "ok"
+    await routed(nc, "agg", {"prompt": "the quick brown fox jumps over the lazy dog"}, request_id=rid, book=False)
 
     def spans(service: str) -> list[dict]:
         path = Path(stack["dir"]) / f"{service}.spans"
@@ -403,7 +415,8 @@ def test_fuzz_both_subjects_keeps_the_service_up_and_leaves_no_booking(stack):
             assert proc.proc is not None and proc.proc.poll() is None, f"{name} died"
             assert proc.readyz()["_http_status"] == 200
         metrics = stack["procs"]["epp-bridge"].metrics()
-        assert 'kvr_epp_queries_total{mode="unknown",outcome="invalid_request",routed="none"}' in metrics
+        assert 'kvr_epp_queries_total{mode="auto",outcome="ok",routed="aggregated"}' in metrics
+        assert 'kvr_requests_total{endpoint="epp.query",outcome="invalid_request"}' in metrics
     finally:
         loop.run_until_complete(nc.close())
         loop.close()

@@ -1,0 +1,269 @@
+"""epp.query throughput and latency over NATS, separate processes vs one process.
+
+Starts a real nats-server, registers a fleet in discovery, publishes KV events for shared prompt
+prefixes, then drives `kvr.{pool}.epp.query` from this process:
+
+* open loop at a fixed rate (the issue's targets: 1,000/s separate, 3,000/s one process), latency
+  measured from send to reply;
+* closed loop with N outstanding requests, for the highest rate the stack sustains.
+
+Variants: `token_data` (nvext.token_data, no tokenization), `tokenize` (chat body rendered with the
+chat template and tokenized by the bridge), `token_data_book` (book: true, each reply followed by
+an untimed epp.cleanup free, as a gateway would). Modes: `separate` (kvr indexer + kvr scheduler +
+kvr epp-bridge) and `one-process` (kvr epp-bridge --epp-embedded-scheduler --embedded-indexer).
+
+    .venv/bin/python bench/epp_query.py                 # full table, ~2 minutes
+    .venv/bin/python bench/epp_query.py --duration 3 --modes one-process --variants token_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from schemas import codec  # noqa: E402
+from schemas.discovery import WorkerRecord  # noqa: E402
+from schemas.events import kv_msg_id  # noqa: E402
+from schemas.hashing import local_block_hashes  # noqa: E402
+from schemas.subjects import Names  # noqa: E402
+from services.epp_bridge.tokenizer import PoolTokenizer  # noqa: E402
+from services.runtime.embedded import NatsServer  # noqa: E402
+from services.runtime.procs import ServiceProcess  # noqa: E402
+from services.runtime.workers import now_ms, put_worker  # noqa: E402
+from tests.epp_bridge.tokenizer_fixture import build_tokenizer_dir  # noqa: E402
+
+POOL = "bench"
+BLOCK = 16
+NAMES = Names()
+WORDS = "the quick brown fox jumps over lazy dog capital France Paris story dragon route worker cache prefix".split()
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
+
+
+def phase_totals(bridge: ServiceProcess) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) per phase of kvr_epp_phase_seconds, from the bridge's /metrics."""
+    out: dict[str, list[float]] = {}
+    for line in bridge.metrics().splitlines():
+        for suffix, idx in (("_sum", 0), ("_count", 1)):
+            prefix = f"kvr_epp_phase_seconds{suffix}{{phase=\""
+            if line.startswith(prefix):
+                phase = line[len(prefix):].split('"', 1)[0]
+                out.setdefault(phase, [0.0, 0.0])[idx] = float(line.rsplit(" ", 1)[1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def phase_means_us(before: dict, after: dict) -> dict[str, float]:
+    means = {}
+    for phase, (s1, c1) in after.items():
+        s0, c0 = before.get(phase, (0.0, 0.0))
+        if c1 > c0:
+            means[phase] = round((s1 - s0) / (c1 - c0) * 1e6, 1)
+    return means
+
+
+def start_stack(mode: str, url: str, tok_dir: Path, logs: Path) -> list[ServiceProcess]:
+    bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning"]
+    if mode == "one-process":
+        procs = [ServiceProcess("epp-bridge", [*bridge_args, "--epp-embedded-scheduler", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
+    else:
+        procs = [
+            ServiceProcess("indexer", ["--log-level", "warning"], nats_url=url, pools=[POOL], log_path=str(logs / "indexer.log")),
+            ServiceProcess("scheduler", ["--block-size", str(BLOCK), "--log-level", "warning"], nats_url=url, pools=[POOL], log_path=str(logs / "scheduler.log")),
+            ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log")),
+        ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.wait_ready(60)
+    return procs
+
+
+async def seed_fleet(nc, workers: int, prefixes: list[list[int]]) -> None:
+    for wid in range(1, workers + 1):
+        rec = WorkerRecord(worker_id=wid, pool=POOL, pod_name=f"vllm-{wid}", address=f"10.0.0.{wid}", port=8000,
+                           block_size=BLOCK, ttl_s=3600, heartbeat_ms=now_ms())  # fmt: skip
+        await put_worker(nc, "KVR_WORKERS", rec)
+    js = nc.jetstream()
+    next_event: dict[int, int] = {}
+    for i, tokens in enumerate(prefixes):
+        wid = 1 + i % workers
+        eid = next_event.get(wid, 1)
+        next_event[wid] = eid + 1
+        hashes = local_block_hashes(tokens, BLOCK)
+        blocks = [{"block_hash": (wid << 32) + eid * 1000 + j, "tokens_hash": h} for j, h in enumerate(hashes)]
+        event = {"worker_id": wid, "event": {"event_id": eid, "dp_rank": 0, "data": {"stored": {"parent_hash": None, "blocks": blocks}}}}
+        await js.publish(NAMES.kv_subject(POOL, wid, 0), codec.encode_json(event), headers={"Nats-Msg-Id": kv_msg_id(POOL, wid, 0, eid)})
+    # Wait until routing sees the last prefix (asked through the bridge: works in both modes).
+    last = prefixes[-1]
+    probe = {"request_id": "probe", "body": {"prompt": "", "nvext": {"token_data": last}}, "book": False}
+    for _ in range(400):
+        msg = await nc.request(NAMES.epp_query(POOL), msgspec.json.encode(probe), timeout=5)
+        if msgspec.json.decode(msg.data).get("overlap_blocks") == len(last) // BLOCK:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("KV events were not indexed")
+
+
+def make_payloads(variant: str, tok: PoolTokenizer, prefixes: list[list[int]], texts: list[str], n: int, rng: random.Random) -> list[bytes]:
+    out = []
+    for i in range(n):
+        k = rng.randrange(len(prefixes))
+        if variant == "tokenize":
+            body = {"model": "tiny", "messages": [{"role": "system", "content": texts[k]}, {"role": "user", "content": " ".join(rng.choices(WORDS, k=30))}]}
+        else:
+            body = {"model": "tiny", "prompt": "", "nvext": {"token_data": prefixes[k] + [rng.randrange(600) for _ in range(256)]}}
+        out.append(msgspec.json.encode({"request_id": f"b-{i}", "body": body, "book": variant == "token_data_book"}))
+    return out
+
+
+async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency: int, duration: float, book: bool) -> dict:
+    """Open loop (rate given): request k is due at start + k/rate and its latency counts from then,
+    so a stalled stack cannot hide queueing (no coordinated omission). Closed loop: `concurrency`
+    requests always outstanding."""
+    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    subject = NAMES.epp_query(POOL)
+    cleanup = NAMES.epp_cleanup(POOL)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counter = 0
+
+    async def one(k: int, t0: float) -> None:
+        try:
+            msg = await nc.request(subject, payloads[k % len(payloads)], timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        dt = time.perf_counter() - t0
+        reply = msgspec.json.decode(msg.data)
+        if reply.get("status") != "ok":
+            code = reply["error"]["code"]
+            errors[code] = errors.get(code, 0) + 1
+            return
+        latencies.append(dt)
+        if book:
+            await nc.request(cleanup, msgspec.json.encode({"request_id": reply["request_id"], "phase": "free"}), timeout=5)
+
+    for k in range(50):  # warm-up
+        await one(k, time.perf_counter())
+    latencies.clear()
+    errors.clear()
+    start = time.perf_counter()
+    end = start + duration
+
+    async def sender() -> None:
+        nonlocal counter
+        while True:
+            k = counter
+            counter += 1
+            if rate is None:
+                if time.perf_counter() >= end:
+                    return
+                await one(k, time.perf_counter())
+                continue
+            due = start + k / rate
+            if due >= end:
+                return
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await one(k, due)
+
+    senders = concurrency if rate is None else max(64, int(rate * 0.05))
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    elapsed = time.perf_counter() - start
+    await nc.close()
+    lat = sorted(latencies)
+    return {
+        "sent": counter - senders,
+        "ok": len(lat),
+        "errors": errors,
+        "throughput_qps": round(len(lat) / elapsed, 1),
+        "p50_ms": round(percentile(lat, 0.50) * 1000, 3),
+        "p90_ms": round(percentile(lat, 0.90) * 1000, 3),
+        "p99_ms": round(percentile(lat, 0.99) * 1000, 3),
+        "max_ms": round(lat[-1] * 1000, 3) if lat else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--prefixes", type=int, default=64, help="distinct cached prompt prefixes")
+    ap.add_argument("--modes", default="separate,one-process")
+    ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
+    ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "epp_query.json"))
+    args = ap.parse_args()
+    targets = {"separate": 1000.0, "one-process": 3000.0}
+    rng = random.Random(7)
+    tmp = Path(tempfile.mkdtemp(prefix="kvr-epp-bench-"))
+    tok_dir = build_tokenizer_dir(tmp / "tok")
+    tok = PoolTokenizer.load(tok_dir)
+    texts = [" ".join(rng.choices(WORDS, k=300)) for _ in range(args.prefixes)]
+    # Cached prefix = the chat-rendered system prompt, cut to whole blocks, so both variants can hit.
+    prefixes = []
+    for text in texts:
+        ids = tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
+        prefixes.append(ids[: (len(ids) // BLOCK) * BLOCK])
+    rows = []
+    for mode in args.modes.split(","):
+        server = NatsServer().start()
+        logs = tmp / mode
+        logs.mkdir()
+        procs = start_stack(mode, server.url, tok_dir, logs)
+        try:
+            async def seed() -> None:
+                nc = await nats.connect(server.url)
+                await seed_fleet(nc, args.workers, prefixes)
+                await nc.close()
+
+            asyncio.run(seed())
+            for variant in args.variants.split(","):
+                payloads = make_payloads(variant, tok, prefixes, texts, 4000, rng)
+                book = variant == "token_data_book"
+                for kind, rate in (("open", targets[mode]), ("closed", None)):
+                    before = phase_totals(procs[-1])
+                    res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book))
+                    res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(procs[-1]))
+                    row = {"mode": mode, "variant": variant, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
+                    rows.append(row)
+                    print(f"{mode:12} {variant:16} {row['load']:14} ok/s={res['throughput_qps']:8.1f} p50={res['p50_ms']:7.3f}ms "
+                          f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us']}", flush=True)  # fmt: skip
+        finally:
+            for p in procs:
+                p.terminate()
+            server.cleanup()
+
+    print()
+    print(f"{'mode':12} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")
+    for r in rows:
+        print(f"{r['mode']:12} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} {r['p99_ms']:8.3f} {r['errors'] or ''}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+            "duration_s": args.duration, "workers": args.workers, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
