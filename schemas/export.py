@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from . import api, bookings, discovery, events, worker
+from . import api, bookings, discovery, events, openai, worker
 
 MESSAGES: dict[str, Any] = {
     "RouterEvent": events.RouterEvent,
@@ -28,6 +28,7 @@ MESSAGES: dict[str, Any] = {
     "EppQueryReply": api.EppQueryReply,
     "CleanupRequest": api.CleanupRequest,
     "CleanupReply": api.CleanupReply,
+    "EppQueryBody": openai.OpenAiBody,
     "ErrorReply": api.ErrorReply,
     "GenerateRequest": worker.GenerateRequest,
     "GenerateProgress": worker.GenerateProgress,
