@@ -19,10 +19,7 @@ class Candidate:
     max_num_batched_tokens: int | None
     pod_name: str | None
     endpoint: str | None
-
-    @property
-    def target(self) -> tuple[int, int]:
-        return (self.worker_id, self.dp_rank)
+    target: tuple[int, int] = (0, 0)  # (worker_id, dp_rank), filled in by `candidates_of`
 
 
 def candidates_of(record: WorkerRecord) -> list[Candidate]:
@@ -38,6 +35,7 @@ def candidates_of(record: WorkerRecord) -> list[Candidate]:
             max_num_batched_tokens=record.max_num_batched_tokens,
             pod_name=record.pod_name,
             endpoint=record.endpoint(rank),
+            target=(record.worker_id, rank),
         )
         for rank in record.dp_ranks
     ]

@@ -20,6 +20,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from schemas.bookings import BookingAdd
 
@@ -50,8 +51,7 @@ class RankLoad:
         return len(self.block_refs)
 
 
-@dataclass(frozen=True)
-class LoadView:
+class LoadView(NamedTuple):
     active_prefill_tokens: int
     active_blocks: int
     active_requests: int

@@ -11,7 +11,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from schemas.api import MatchReply, Overrides
 
@@ -61,6 +61,11 @@ class BusyThresholds:
     active_decode_blocks: float | None = None  # fraction of total_kv_blocks
     active_prefill_tokens: float | None = None  # absolute tokens
     active_prefill_tokens_frac: float | None = None  # fraction of max_num_batched_tokens
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.active_decode_blocks is None and self.active_prefill_tokens is None
+                    and self.active_prefill_tokens_frac is None)  # fmt: skip
 
     def busy(self, c: Candidate, load: LoadView) -> bool:
         if self.active_decode_blocks is not None and c.total_kv_blocks:
@@ -116,8 +121,7 @@ class SelectionInput:
         return frozenset(self.hashes)
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
     candidate: Candidate
     cost: float
     overlap_blocks: int
@@ -170,6 +174,7 @@ def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random)
 class Selector:
     def __init__(self, busy: BusyThresholds | None = None, rng: random.Random | None = None) -> None:
         self.busy = busy or BusyThresholds()
+        self._busy_enabled = self.busy.enabled
         self.rng = rng or random.Random()
         self._rr: dict[str, int] = {}
 
@@ -203,6 +208,8 @@ class Selector:
         pool = [c for c in pool if c.role in roles]
         if not pool:
             raise SelectionError("no_workers", f"no eligible {'/'.join(roles)} workers for the {leg} target")
+        if not self._busy_enabled:
+            return pool
         not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target))]
         if not not_busy:
             raise SelectionError("overloaded", f"all {len(pool)} eligible workers are over the busy thresholds")
