@@ -104,3 +104,32 @@ def ideal_hit_rate(requests: Iterable[TraceRequest]) -> float:
         prompt += r.input_length
         seen.update(r.hash_ids)
     return cached / prompt if prompt else 0.0
+
+
+def synthetic_trace(n: int = 300, *, groups: int = 12, prefix_blocks: int = 12, seed: int = 0,
+                    rate_per_s: float = 4.0) -> list[TraceRequest]:
+    """A small Mooncake-format shared-prefix workload (used when no trace file is at hand): each
+    request takes one of `groups` shared system prompts of `prefix_blocks` blocks, then 1–8 private
+    blocks; arrivals are Poisson."""
+    rng = np.random.default_rng(seed)
+    next_id = groups * prefix_blocks
+    out: list[TraceRequest] = []
+    t = 0.0
+    for i in range(n):
+        g = int(rng.integers(groups))
+        private = int(rng.integers(1, 9))
+        ids = tuple(range(g * prefix_blocks, (g + 1) * prefix_blocks)) + tuple(range(next_id, next_id + private))
+        next_id += private
+        isl = len(ids) * TRACE_BLOCK - int(rng.integers(0, TRACE_BLOCK))
+        out.append(TraceRequest(i, int(t), isl, int(rng.integers(16, 256)), ids))
+        t += float(rng.exponential(1000.0 / rate_per_s))
+    return out
+
+
+def write_trace(requests: Iterable[TraceRequest], path: str | Path) -> Path:
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in requests:
+            fh.write(json.dumps({"timestamp": r.timestamp_ms, "input_length": r.input_length,
+                                 "output_length": r.output_length, "hash_ids": list(r.hash_ids)}) + "\n")
+    return path
