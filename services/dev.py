@@ -79,6 +79,20 @@ class Stack:
             self.nats = None
 
 
+def start_stack(stack: Stack, run_dir: Path, console: Console, pool: str = POOL) -> None:
+    """nats-server + indexer + scheduler + epp-bridge, each ready before returning (also used by bench/)."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stack.nats = NatsServer(store_dir=str(run_dir / "nats"), log_file=str(logs / "nats-server.log")).start()
+    console.print(f"[green]✓[/] nats-server (JetStream) {stack.nats.url}  monitor http://127.0.0.1:{stack.nats.monitor_port}")
+    for command, extra in (("indexer", []), ("scheduler", ["--seed", "1"]), ("epp-bridge", [])):
+        proc = ServiceProcess(command, extra, nats_url=stack.nats.url, pools=[pool], log_path=str(logs / f"{command}.log"))
+        stack.procs.append(proc.start())
+    for proc in stack.procs:
+        proc.wait_ready(60)
+        console.print(f"[green]✓[/] kvr {proc.command:<10} ready  {proc.base_url}/metrics")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -99,14 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.rule("[bold]kvr dev[/] — KV-cache-aware router, simulated fleet")
         console.print(f"run directory: {run_dir}")
         trace, start = pick_trace(args.trace, run_dir, console)
-        stack.nats = NatsServer(store_dir=str(run_dir / "nats"), log_file=str(logs / "nats-server.log")).start()
-        console.print(f"[green]✓[/] nats-server (JetStream) {stack.nats.url}  monitor http://127.0.0.1:{stack.nats.monitor_port}")
-        for command, extra in (("indexer", []), ("scheduler", ["--seed", "1"]), ("epp-bridge", [])):
-            proc = ServiceProcess(command, extra, nats_url=stack.nats.url, pools=[POOL], log_path=str(logs / f"{command}.log"))
-            stack.procs.append(proc.start())
-        for proc in stack.procs:
-            proc.wait_ready(60)
-            console.print(f"[green]✓[/] kvr {proc.command:<10} ready  {proc.base_url}/metrics")
+        start_stack(stack, run_dir, console)
         console.print(f"  ({time.monotonic() - t0:.1f} s) replaying a slice, each policy on a fresh mock fleet …")
 
         from services.replay.__main__ import _CLIENT_COMMON, replay
