@@ -78,8 +78,9 @@ def phase_means_us(before: dict, after: dict) -> dict[str, float]:
     return means
 
 
-def start_stack(mode: str, url: str, tok_dir: Path, logs: Path) -> list[ServiceProcess]:
-    bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning"]
+def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads: int) -> list[ServiceProcess]:
+    bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning",
+                   "--epp-tokenize-threads", str(tokenize_threads)]  # fmt: skip
     if mode == "one-process":
         procs = [ServiceProcess("epp-bridge", [*bridge_args, "--epp-embedded-scheduler", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
     else:
@@ -210,6 +211,7 @@ def main() -> int:
     ap.add_argument("--modes", default="separate,one-process")
     ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
     ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
+    ap.add_argument("--tokenize-threads", type=int, default=0, help="--epp-tokenize-threads of the bridge")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "epp_query.json"))
     args = ap.parse_args()
     targets = {"separate": 1000.0, "one-process": 3000.0}
@@ -228,7 +230,7 @@ def main() -> int:
         server = NatsServer().start()
         logs = tmp / mode
         logs.mkdir()
-        procs = start_stack(mode, server.url, tok_dir, logs)
+        procs = start_stack(mode, server.url, tok_dir, logs, args.tokenize_threads)
         try:
             async def seed() -> None:
                 nc = await nats.connect(server.url)
@@ -259,7 +261,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-            "duration_s": args.duration, "workers": args.workers, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
+            "duration_s": args.duration, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0

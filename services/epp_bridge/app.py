@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -52,6 +53,8 @@ class EppBridgeApp:
         self._background: set[asyncio.Task[None]] = set()
         self._rt: Runtime | None = None
         self._embedded: EmbeddedSchedulerLink | None = None
+        threads = int(getattr(cfg, "epp_tokenize_threads", 0) or 0)
+        self._tokenize_pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize") if threads > 0 else None
         self.link: SchedulerLink | None = None
         self._ready = False
 
@@ -112,6 +115,8 @@ class EppBridgeApp:
             await self.watcher.stop()
         if self._embedded:
             await self._embedded.stop()
+        if self._tokenize_pool is not None:
+            self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> bool:
         return self._ready and (self._embedded is None or self._embedded.ready())
@@ -178,7 +183,12 @@ class EppBridgeApp:
         tokenizer = self.tokenizers.get(pool)
         if needs_tokenizer(body) and tokenizer is not None:
             with tracer().start_as_current_span("epp.tokenize"):
-                prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
+                if self._tokenize_pool is not None:
+                    prompt = await asyncio.get_running_loop().run_in_executor(
+                        self._tokenize_pool, prompt_tokens, req.body, body, tokenizer, self.max_prompt_tokens
+                    )
+                else:
+                    prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
         else:
             prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
         t2 = time.perf_counter()

@@ -26,6 +26,13 @@ SETTINGS = REGISTRY.register(
         Setting("epp_cleanup_timeout_s", 2.0, "deadline for the scheduler's booking reply to epp.cleanup", float),
         Setting("epp_max_inflight", 512, "queries handled concurrently per pool", int),
         Setting(
+            "epp_tokenize_threads",
+            0,
+            "threads that render chat templates and tokenize text prompts (the tokenizer releases the GIL); "
+            "0 = inline on the event loop",
+            int,
+        ),
+        Setting(
             "epp_embedded_scheduler",
             False,
             "one-process mode: run the scheduler inside the bridge and call it directly (its settings apply; "

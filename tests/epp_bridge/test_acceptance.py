@@ -45,7 +45,7 @@ def stack(tmp_path_factory, tokenizer_dir):
         for command, extra in (
             ("indexer", []),
             ("scheduler", ["--block-size", str(BLOCK), "--seed", "1"]),
-            ("epp-bridge", ["--epp-tokenizer-dir", str(tokenizer_dir), "--epp-select-timeout-s", "2"]),
+            ("epp-bridge", ["--epp-tokenizer-dir", str(tokenizer_dir), "--epp-select-timeout-s", "2", "--epp-tokenize-threads", "2"]),
         ):
             proc = ServiceProcess(
                 command, [*extra, "--trace-file", str(logs / f"{command}.spans")], nats_url=server.url,
