@@ -31,6 +31,7 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rate", type=float, default=0.0, help="paced selects/s (0 = closed loop)")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--out", default="scheduler_replicas", help="result name under bench/results/")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="kvr-bench-replicas-"))
     server = NatsServer().start()
@@ -66,7 +67,7 @@ async def main() -> None:
     print(f"load: {load['selections_per_s']} booked selects/s (+ one free each), select p50 {load['p50_ms']} ms, "
           f"p99 {load['p99_ms']} ms, errors {load['errors']}\n")  # fmt: skip
     print(table(rows, list(rows[0])))
-    path = write_result("scheduler_replicas", {
+    path = write_result(args.out, {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "load": load, "replicas": rows,
     })  # fmt: skip
     print(f"\nwrote {path}")
