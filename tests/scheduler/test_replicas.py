@@ -102,6 +102,7 @@ async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nat
         await asyncio.sleep(TTL_S)
         states = await converged(nc, 3)
         assert states[0].bookings == [] and states[0].loads == []
+        assert procs["s1"].terminate() == 0  # SIGTERM drains and exits 0
     finally:
         for p in procs.values():
             p.terminate()

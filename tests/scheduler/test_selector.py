@@ -7,6 +7,8 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.api import Overrides
 from services.scheduler.load import EMPTY, LoadView
@@ -253,3 +255,21 @@ def test_policies_share_filters_and_scoring():
     assert d.cost == pytest.approx(10 + 4 + 10)  # the kv cost of the chosen target is still reported
     with pytest.raises(SelectionError):
         pick(cs, selector=s, policy="round_robin", required_taints=frozenset({"nope"}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 200), st.integers(0, 10), st.integers(0, 50)), min_size=1, max_size=6),
+    st.integers(16, 400),
+)
+def test_temperature_zero_picks_a_minimum_cost_target_deterministically(workers, isl):
+    cs = cands(*(record(i + 1) for i in range(len(workers))))
+    load = FakeLoad(views={(i + 1, 0): LoadView(p, b, 1) for i, (b, p, _, _) in enumerate(workers)})
+    ov = Overlaps(device={(i + 1, 0): o for i, (_, _, o, _) in enumerate(workers)},
+                  tree_sizes={(i + 1, 0): t for i, (_, _, _, t) in enumerate(workers)})  # fmt: skip
+    d1 = pick(cs, load, ov, isl_tokens=isl)
+    d2 = pick(list(reversed(cs)), load, ov, isl_tokens=isl)  # candidate order does not matter
+    assert d1.decode.candidate == d2.decode.candidate
+    s = Selector()
+    costs = [s.score(c, load, ov, inp(isl_tokens=isl), "aggregated").cost for c in cs]
+    assert d1.cost == pytest.approx(min(costs))
