@@ -38,7 +38,7 @@ async def publish(js, pool: str, events: list[RouterEvent] | RouterEvent, *, msg
     return ack.seq
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
