@@ -505,6 +505,11 @@ class SchedulerApp:
         if req.book:
             await self._book(pool, req, decision, isl, seq, block_size)
             _PHASE["booking"].observe(time.perf_counter() - t3)
+            # A concurrent select of the same request id (here or on another replica) may have
+            # booked first; JetStream dropped our add as a duplicate, so answer with what is booked.
+            booked = self._existing_reply(pool, req, tracker, block_size)
+            if booked is not None and (booked.decode.worker_id, booked.decode.dp_rank) != decision.decode.candidate.target:
+                return booked
         if local:
             hit = self._hit_ratio.get(pool) or self._hit_ratio.setdefault(pool, m.KV_HIT_RATE.labels(pool))
             hit.observe(min(decision.overlap_blocks / len(local), 1.0))

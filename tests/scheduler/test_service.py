@@ -109,6 +109,13 @@ async def test_booking_endpoint_semantics(nats_url, nc, indexer, feed):
         assert (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.messages == 1
         assert (await cleanup(nc, "a", "free")).known
         assert not (await cleanup(nc, "a", "free")).known
+        # Two concurrent selects of one request id (pinned apart) both answer the one booked target.
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(app) == {1, 2})
+        r1, r2 = await asyncio.gather(select(nc, request_id="dup", pinned_worker_id=1), select(nc, request_id="dup", pinned_worker_id=2))
+        assert r1.decode.worker_id == r2.decode.worker_id
+        assert [leg.target[0] for leg in app.trackers[POOL].legs_of("dup")] == [r1.decode.worker_id]
+        assert (await cleanup(nc, "dup", "free")).known
         assert (await state_of(nc, "s1")).bookings == []
 
 
