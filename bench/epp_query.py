@@ -10,7 +10,8 @@ prefixes, then drives `kvr.{pool}.epp.query` from this process:
 Variants: `token_data` (nvext.token_data, no tokenization), `tokenize` (chat body rendered with the
 chat template and tokenized by the bridge), `token_data_book` (book: true, each reply followed by
 an untimed epp.cleanup free, as a gateway would). Modes: `separate` (kvr indexer + kvr scheduler +
-kvr epp-bridge) and `one-process` (kvr epp-bridge --epp-embedded-scheduler --embedded-indexer).
+kvr epp-bridge), `one-process` (kvr epp-bridge --epp-embedded-scheduler --embedded-indexer) and
+`bridge-only` (kvr epp-bridge in front of a stub scheduler that answers at once: the bridge's share).
 
     .venv/bin/python bench/epp_query.py                 # full table, ~2 minutes
     .venv/bin/python bench/epp_query.py --duration 3 --modes one-process --variants token_data
@@ -79,10 +80,65 @@ def phase_means_us(before: dict, after: dict) -> dict[str, float]:
     return means
 
 
-def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads: int) -> list[ServiceProcess]:
+async def stub_scheduler(url: str) -> None:
+    """`bridge-only` mode: answers scheduler.select / booking at once with a fixed target, so the
+    row measures the bridge and the two NATS hops alone."""
+    from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest, Target
+    from services.runtime.responder import serve
+
+    nc = await nats.connect(url)
+    target = Target(1, 0, "vllm-1", "10.0.0.1:8000")
+
+    async def select(req: SelectRequest, _msg) -> SelectReply:
+        return SelectReply(decode=target, prefill=None, overlap_blocks=0, isl_tokens=req.isl_tokens or 0, block_size=BLOCK, cost=0.0)
+
+    async def booking(req: CleanupRequest, _msg) -> CleanupReply:
+        return CleanupReply(request_id=req.request_id, known=True)
+
+    await serve(nc, NAMES.select(POOL), SelectRequest, select, queue="scheduler")
+    await serve(nc, NAMES.booking(POOL), CleanupRequest, booking, queue="scheduler")
+    await asyncio.Event().wait()
+
+
+class StubProcess:
+    """The stub scheduler as a child process, with ServiceProcess' start/wait_ready/terminate."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.proc = None
+
+    def start(self) -> StubProcess:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--stub-scheduler", self.url])
+        return self
+
+    def wait_ready(self, _timeout: float) -> StubProcess:
+        async def probe() -> None:
+            nc = await nats.connect(self.url)
+            for _ in range(200):
+                try:
+                    await nc.request(NAMES.booking(POOL), b'{"request_id": "x", "phase": "free"}', timeout=0.5)
+                    break
+                except Exception:  # noqa: BLE001 - not subscribed yet
+                    await asyncio.sleep(0.05)
+            await nc.close()
+
+        asyncio.run(probe())
+        return self
+
+    def terminate(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads: int) -> list:
     bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning",
                    "--epp-tokenize-threads", str(tokenize_threads)]  # fmt: skip
-    if mode == "one-process":
+    if mode == "bridge-only":
+        procs = [StubProcess(url), ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
+    elif mode == "one-process":
         procs = [ServiceProcess("epp-bridge", [*bridge_args, "--epp-embedded-scheduler", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
     else:
         procs = [
@@ -205,18 +261,22 @@ async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--stub-scheduler":
+        asyncio.run(stub_scheduler(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--prefixes", type=int, default=64, help="distinct cached prompt prefixes")
-    ap.add_argument("--modes", default="separate,one-process")
+    ap.add_argument("--modes", default="separate,one-process,bridge-only",
+                    help="separate, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once)")
     ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
     ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
     ap.add_argument("--tokenize-threads", type=int, default=0, help="--epp-tokenize-threads of the bridge")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "epp_query.json"))
     args = ap.parse_args()
-    targets = {"separate": 1000.0, "one-process": 3000.0}
-    light = {"separate": 250.0, "one-process": 500.0}  # well below capacity: latency without queueing
+    targets = {"separate": 1000.0, "one-process": 3000.0, "bridge-only": 1000.0}
+    light = {"separate": 250.0, "one-process": 500.0, "bridge-only": 250.0}  # well below capacity: latency without queueing
     rng = random.Random(7)
     tmp = Path(tempfile.mkdtemp(prefix="kvr-epp-bench-"))
     tok_dir = build_tokenizer_dir(tmp / "tok")
@@ -239,7 +299,8 @@ def main() -> int:
                 await seed_fleet(nc, args.workers, prefixes)
                 await nc.close()
 
-            asyncio.run(seed())
+            if mode != "bridge-only":
+                asyncio.run(seed())
             for variant in args.variants.split(","):
                 payloads = make_payloads(variant, tok, prefixes, texts, 4000, rng)
                 book = variant == "token_data_book"
