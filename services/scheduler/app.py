@@ -31,7 +31,7 @@ from schemas.api import (
 )
 from schemas.bookings import BookingAdd, BookingEvent, BookingFree, BookingPrefillComplete, booking_msg_id
 from schemas.codec import RemoteError, SchemaError
-from schemas.discovery import WorkerRecord
+from schemas.discovery import LoadReport, WorkerRecord
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
@@ -45,7 +45,16 @@ from .feed import PushFollower
 from .load import PREFILL_LEG, LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
 from .settings import SETTINGS
-from .selector import BusyThresholds, CostConfig, Decision, Overlaps, SelectionError, SelectionInput, Selector
+from .selector import (
+    BusyThresholds,
+    CostConfig,
+    Decision,
+    Overlaps,
+    ReportedLoad,
+    SelectionError,
+    SelectionInput,
+    Selector,
+)
 
 log = get_logger("kvr.scheduler")
 QUEUE = "scheduler"
@@ -118,6 +127,7 @@ class SchedulerApp:
         self.sync_timeouts = 0
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._hit_ratio: dict[str, Any] = {}
+        self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -160,6 +170,8 @@ class SchedulerApp:
                                           queue=QUEUE, endpoint="scheduler.select", max_inflight=self.cfg.max_inflight))  # fmt: skip
             self._subs.append(await serve(rt.nc, rt.names.booking(pool), CleanupRequest, self._handler(pool, self._booking),
                                           queue=QUEUE, endpoint="scheduler.booking", max_inflight=self.cfg.max_inflight))  # fmt: skip
+            if self.selector.busy.enabled:
+                self._subs.append(await rt.nc.subscribe(rt.names.load_subject(pool, "*"), cb=self._load_report_cb(pool)))
             state = rt.names.scheduler_state(pool)
             for subject in (state, f"{state}.{self.router_id}"):
                 self._subs.append(await serve(rt.nc, subject, StateRequest, self._handler(pool, self._state), endpoint="scheduler.state"))
@@ -261,6 +273,31 @@ class SchedulerApp:
             if entry.age_ms(now) < entry.record.ttl_s * 1000.0:
                 out.extend(cands)
         return out
+
+    # --- worker load reports (busy detection) ----------------------------------------------
+
+    def _load_report_cb(self, pool: str) -> Any:
+        reports = self._reports.setdefault(pool, {})
+
+        async def on_report(msg: Msg) -> None:
+            try:
+                rep = codec.decode(msg.data, LoadReport, codec.content_type_of(msg.headers))
+            except SchemaError:
+                m.LOAD_REPORTS_INVALID.inc()
+                return
+            if rep.active_decode_blocks is None and rep.active_prefill_tokens is None:
+                return
+            view = ReportedLoad(rep.active_decode_blocks or 0, rep.active_prefill_tokens or 0, rep.kv_total_blocks)
+            reports[(rep.worker_id, rep.dp_rank)] = (view, now_ms())
+
+        return on_report
+
+    def fresh_reports(self, pool: str) -> dict[tuple[int, int], ReportedLoad]:
+        reports = self._reports.get(pool)
+        if not reports:
+            return {}
+        oldest = now_ms() - self.cfg.load_report_max_age_s * 1000
+        return {t: view for t, (view, seen) in reports.items() if seen >= oldest}
 
     # --- bookings stream ---------------------------------------------------------------------
 
@@ -492,6 +529,7 @@ class SchedulerApp:
             mode=req.mode,
             policy=policy,
             cost=self.cost.with_overrides(req.overrides),
+            reported=self.fresh_reports(pool),
         )
         decision = self.selector.select(cands, tracker, overlaps, inp)
         t3 = time.perf_counter()

@@ -32,3 +32,4 @@ BOOKINGS_EXPIRED = Counter("kvr_scheduler_bookings_expired_total", "booking legs
 BOOKINGS_DROPPED_WORKER = Counter("kvr_scheduler_bookings_worker_removed_total", "booking legs dropped because their worker left")
 WORKERS = Gauge("kvr_scheduler_workers", "live workers known", ["pool", "role"])
 PREDICTED_BLOCKS = Gauge("kvr_scheduler_predicted_blocks", "approximate mode: predicted cached blocks")
+LOAD_REPORTS_INVALID = Counter("kvr_scheduler_load_reports_invalid_total", "worker load reports that failed to decode")

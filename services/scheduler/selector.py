@@ -54,6 +54,14 @@ class CostConfig:
         return replace(self, **changes) if changes else self
 
 
+class ReportedLoad(NamedTuple):
+    """A worker's own load report (`LoadReport` on `kvr.{pool}.load.{worker_id}`)."""
+
+    decode_blocks: int
+    prefill_tokens: int
+    total_blocks: int | None
+
+
 @dataclass(frozen=True)
 class BusyThresholds:
     """Dynamo §4.6; None = off. A (worker, dp_rank) over any enabled threshold is not eligible."""
@@ -67,7 +75,14 @@ class BusyThresholds:
         return not (self.active_decode_blocks is None and self.active_prefill_tokens is None
                     and self.active_prefill_tokens_frac is None)  # fmt: skip
 
-    def busy(self, c: Candidate, load: LoadView) -> bool:
+    def busy(self, c: Candidate, load: LoadView, reported: ReportedLoad | None = None) -> bool:
+        """Over a threshold by the router's own bookings, or by the worker's latest report."""
+        if reported is not None:
+            own_total = c.total_kv_blocks
+            if reported.total_blocks and not own_total:
+                c = replace(c, total_kv_blocks=reported.total_blocks)
+            if self.busy(c, LoadView(reported.prefill_tokens, reported.decode_blocks, 0)):
+                return True
         if self.active_decode_blocks is not None and c.total_kv_blocks:
             if load.active_blocks / c.total_kv_blocks > self.active_decode_blocks:
                 return True
@@ -115,6 +130,8 @@ class SelectionInput:
     mode: str = "auto"
     policy: str = "kv"
     cost: CostConfig = CostConfig()
+    # Fresh worker load reports by target (busy detection only; the cost uses the bookings).
+    reported: Mapping[Target, ReportedLoad] = field(default_factory=dict)
 
     @cached_property
     def hash_set(self) -> frozenset[int]:
@@ -210,7 +227,8 @@ class Selector:
             raise SelectionError("no_workers", f"no eligible {'/'.join(roles)} workers for the {leg} target")
         if not self._busy_enabled:
             return pool
-        not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target))]
+        reported = inp.reported
+        not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target), reported.get(c.target))]
         if not not_busy:
             raise SelectionError("overloaded", f"all {len(pool)} eligible workers are over the busy thresholds")
         return not_busy

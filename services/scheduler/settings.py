@@ -33,6 +33,7 @@ SETTINGS = REGISTRY.register(
             "busy when active prefill tokens exceed this × max_num_batched_tokens (off)",
             _opt_float,
         ),
+        Setting("load_report_max_age_s", 10.0, "worker load reports older than this are ignored for busy detection", float),
         Setting("booking_ttl_s", 300.0, "a booking without free expires after this many seconds", float),
         Setting("bookings_feed", "push", "how KVR_BOOKINGS is consumed: push (lowest lag) or pull", choices=("push", "pull")),
         Setting("expiry_sweep_s", 1.0, "how often expired bookings are swept", float),

@@ -14,6 +14,7 @@ from schemas.api import Overrides
 from services.scheduler.load import EMPTY, LoadView
 from services.scheduler.selector import (
     BusyThresholds,
+    ReportedLoad,
     CostConfig,
     Overlaps,
     SelectionError,
@@ -273,3 +274,17 @@ def test_temperature_zero_picks_a_minimum_cost_target_deterministically(workers,
     s = Selector()
     costs = [s.score(c, load, ov, inp(isl_tokens=isl), "aggregated").cost for c in cs]
     assert d1.cost == pytest.approx(min(costs))
+
+
+def test_busy_from_worker_load_reports():
+    cs = cands(record(1), record(2, total_kv_blocks=100))
+    sel = Selector(BusyThresholds(active_decode_blocks=0.5, active_prefill_tokens=1000))
+    # Worker 1's record has no capacity: the report's kv_total_blocks is used for the fraction.
+    reported = {(1, 0): ReportedLoad(decode_blocks=90, prefill_tokens=0, total_blocks=100)}
+    assert pick(cs, selector=sel, reported=reported).decode.candidate.worker_id == 2
+    reported[(2, 0)] = ReportedLoad(decode_blocks=0, prefill_tokens=5000, total_blocks=None)
+    with pytest.raises(SelectionError) as err:
+        pick(cs, selector=sel, reported=reported)
+    assert err.value.code == "overloaded"
+    # Without thresholds, reports change nothing.
+    assert pick(cs, reported=reported).decode.candidate.worker_id == 1

@@ -12,6 +12,7 @@ import pytest
 from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
 from schemas.codec import RemoteError
+from schemas.discovery import LoadReport
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
 
@@ -238,3 +239,19 @@ async def test_bookings_feed_survives_a_server_restart(nats_server, nats_url, nc
         await eventually(lambda: app.trackers[POOL].request_ids() == ["after", "before"], 10)
         assert (await cleanup(nc, "before", "free")).known
         assert app.trackers[POOL].request_ids() == ["after"]
+
+
+async def test_worker_load_reports_drive_busy_detection(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1", "--active-prefill-tokens-threshold", "1000") as app:
+        await put(nc, 1)
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(app) == {1, 2})
+        for wid in (1, 2):
+            report = LoadReport(worker_id=wid, active_prefill_tokens=5000 if wid == 1 else 10, ts_ms=now_ms())
+            await nc.publish(NAMES.load_subject(POOL, wid), codec.encode_json(report))
+        await nc.publish(NAMES.load_subject(POOL, 3), b"{broken")
+        await eventually(lambda: len(app.fresh_reports(POOL)) == 2)
+        assert (await select(nc, request_id="b1", book=False)).decode.worker_id == 2
+        with pytest.raises(RemoteError) as err:
+            await select(nc, request_id="b2", book=False, pinned_worker_id=1)
+        assert err.value.code == "overloaded"
