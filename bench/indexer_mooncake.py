@@ -1,11 +1,13 @@
 """Mooncake trace replay through the pure prefix index (in-process).
 
-    .venv/bin/python bench/indexer_mooncake.py [--trace conversation|synthetic|both] [--workers 16] [--capacity 16384]
+    .venv/bin/python bench/indexer_mooncake.py [--trace conversation|synthetic|both] [--workers 16] [--capacity 1024]
 
 Each trace request = one `find_matches` on its `hash_ids` (one id per 512-token block, ids encode the
 whole prefix, so they serve as local hashes) + one stored event for the blocks the chosen worker does
-not hold yet. The worker is the one with the longest overlap (ties: fewest cached blocks, then lowest
-id). Every worker keeps an LRU of `--capacity` blocks; blocks touched by a request are refreshed leaf
+not hold yet. The worker is chosen with Dynamo's default cost shape: blocks to prefill (request blocks
+minus overlap) plus the worker's load, here the blocks of its requests among the last 256 routed
+(ties: lowest id). Every worker keeps an LRU of `--capacity` blocks
+(default 1,024 x 512 tokens, about 0.5 M tokens: an 8B model on one 80 GB GPU); blocks touched by a request are refreshed leaf
 first, so parents outlive children, and overflow produces a removed event. ops = matches + stored +
 removed events; latency is the time of each index call. Writes bench/results/indexer_mooncake.json.
 """
@@ -17,7 +19,7 @@ import json
 import statistics
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,15 +43,23 @@ def replay(path: Path, workers: int, capacity: int) -> dict:
     store_lat: list[float] = []
     remove_lat: list[float] = []
     hit_blocks = total_blocks = 0
+    window: deque[tuple[int, int]] = deque()
+    load = [0] * workers
     perf = time.perf_counter
     wall0 = perf()
     for hashes in requests:
         t0 = perf()
         res = index.find_matches(hashes)
         match_lat.append(perf() - t0)
-        sizes = res.tree_sizes
-        best = max(range(workers), key=lambda w: (res.scores.get((w, 0), 0), -sizes.get((w, 0), 0), -w))
-        overlap = res.scores.get((best, 0), 0)
+        scores = res.scores
+        n_blocks = len(hashes)
+        best = min(range(workers), key=lambda w: (n_blocks - scores.get((w, 0), 0) + load[w], w))
+        overlap = scores.get((best, 0), 0)
+        window.append((best, n_blocks))
+        load[best] += n_blocks
+        if len(window) > 256:
+            w_old, b_old = window.popleft()
+            load[w_old] -= b_old
         hit_blocks += overlap
         total_blocks += len(hashes)
         cache = lru[best]
@@ -104,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default="both", choices=["conversation", "synthetic", "both"])
     ap.add_argument("--workers", type=int, default=16)
-    ap.add_argument("--capacity", type=int, default=16384)
+    ap.add_argument("--capacity", type=int, default=1024)
     ap.add_argument("--default-gc", action="store_true", help="keep CPython's default GC thresholds (as when embedded)")
     args = ap.parse_args()
     if not args.default_gc:
