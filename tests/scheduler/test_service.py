@@ -255,3 +255,16 @@ async def test_worker_load_reports_drive_busy_detection(nats_url, nc, indexer):
         with pytest.raises(RemoteError) as err:
             await select(nc, request_id="b2", book=False, pinned_worker_id=1)
         assert err.value.code == "overloaded"
+
+
+async def test_select_without_an_indexer_decides_on_load_alone(nats_url, nc):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(app) == {1, 2})
+        started = time.monotonic()
+        first = await select(nc, request_id="n1")
+        second = await select(nc, request_id="n2")
+        assert (first.decode.worker_id, second.decode.worker_id) == (1, 2)  # load-balanced, no overlaps
+        assert first.overlap_blocks == 0 and app.match_failures == 2
+        assert time.monotonic() - started < 1.0  # "no responders" is immediate, not a timeout
