@@ -102,6 +102,12 @@ async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nat
         await asyncio.sleep(TTL_S)
         states = await converged(nc, 3)
         assert states[0].bookings == [] and states[0].loads == []
+        text = "\n".join(procs[r].metrics() for r in ("s1", "s3", "s4"))
+        for name in ("kvr_scheduler_decisions_total", "kvr_scheduler_kv_hit_ratio_bucket", "kvr_scheduler_phase_seconds_bucket",
+                     "kvr_scheduler_booking_lag_seconds_bucket", "kvr_scheduler_bookings_expired_total",
+                     "kvr_scheduler_bookings_worker_removed_total", "kvr_scheduler_workers"):  # fmt: skip
+            assert name in text, name
+        assert 'outcome="ok"' in text
         assert procs["s1"].terminate() == 0  # SIGTERM drains and exits 0
     finally:
         for p in procs.values():
