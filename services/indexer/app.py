@@ -3,8 +3,10 @@ snapshots to KVR_SNAPSHOTS, and the indexer.match / indexer.dump endpoints.
 
 Start order matters for determinism: snapshots are loaded first, then the discovery watcher catches
 up (so removed workers are known before any tail event is applied), then the KV follower resumes at
-the oldest covered sequence + 1. Events of a removed worker are ignored until it is put again, so
-a replica replaying the tail after a restart reaches the same state as one that never stopped.
+the oldest covered sequence + 1. While replaying what the stream held at start, events of workers
+whose discovery key is deleted are ignored: a replica that never stopped applied them and then
+dropped them with the worker, so a restarted one reaches the same state. Live events are always
+applied (as in Dynamo), so a worker that re-registers never loses events to a race between streams.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PoolState:
     snapshot_seq: int = 0
     last_snapshot_attempt: float = 0.0
     restored_seq: int = 0
-    removed: set[int] = field(default_factory=set)  # worker ids deleted from discovery, not re-put
+    removed: set[int] = field(default_factory=set)  # worker ids deleted from discovery, not re-put since
     match_seconds: Any = None  # the pool's child of the match-latency histogram
     malformed: int = 0
     history_lost: int = 0  # stream sequences missing between the snapshot and the stream's first message
@@ -85,6 +87,7 @@ class IndexerApp:
         self.lag_interval = float(setting(cfg, "lag_interval_s"))
         self.applied_seq = 0
         self.stream_last_seq = 0
+        self.replay_until = 0  # KVR_KV's last sequence at start: the backlog replayed on start ends here
         self.rt: Runtime | None = None
         self.follower: StreamFollower | None = None
         self.watcher: WorkerWatcher | None = None
@@ -274,7 +277,7 @@ class IndexerApp:
         index = st.index
         removed = st.removed
         for ev in events:
-            if removed and ev.worker_id in removed:
+            if removed and seq <= self.replay_until and ev.worker_id in removed:
                 m.DROPPED_EVENTS.labels(pool, "removed_worker").inc()
                 st.dropped += 1
                 continue
@@ -344,7 +347,7 @@ class IndexerApp:
             log.warning("indexer.stream_info_failed", error=str(exc))
             return
         first = info.state.first_seq
-        self.stream_last_seq = info.state.last_seq
+        self.stream_last_seq = self.replay_until = info.state.last_seq
         if first > start_seq and info.state.last_seq >= start_seq:
             for pool, st in self._states.items():
                 if st.covered_seq + 1 < first:
@@ -384,7 +387,7 @@ class IndexerApp:
         async with self._snapshot_lock:
             st.last_snapshot_attempt = time.monotonic()
             started = time.perf_counter()
-            seq = self.applied_seq
+            seq = max(self.applied_seq, st.covered_seq)  # a pool restored ahead of the follower covers more
             pending = st.events_since_snapshot
             # Serialised synchronously: the state and `seq` must describe the same instant.
             data = snapshot.serialise(st.index, seq)

@@ -98,6 +98,7 @@ async def test_sigkill_restart_restores_snapshot_plus_tail(nats_url, nc, tmp_pat
         assert restarted.events == reference.events
         # Every event after the snapshot applied exactly once (or dropped as the removed worker's).
         pool = status["pools"]["p"]
+        assert pool["dropped_events"] > 0  # worker 4's pre-deletion tail, dropped like b dropped its blocks
         applied_after_restore = sum(pool["events"].values()) + pool["dropped_events"]
         assert applied_after_restore == sum(n for seq, n in sizes.items() if seq > restored)
         assert "snapshot.restored" in (tmp_path / "a.log").read_text()
