@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from nats.errors import NoRespondersError
 
 from schemas import RemoteError, codec
 from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest
@@ -199,3 +200,18 @@ async def test_dump_larger_than_max_payload_is_a_structured_error(nc, start_inde
         await request(nc, NAMES.dump("p"), DumpRequest(), DumpReply, timeout=10)
     assert err.value.code == "overloaded" and "max_payload" in err.value.message
     assert len(app.dump("p").events) == 160 * 64  # in-process dumps have no size limit
+
+
+async def test_one_indexer_serves_several_pools_in_isolation(nc, start_indexer):
+    js = nc.jetstream()
+    app = await start_indexer(pool=["p", "q"])
+    await publish(js, "p", stored_event(1, 0, chain(10, [1, 2])))
+    await publish(js, "q", stored_event(1, 0, chain(10, [1])))
+    seq = await publish(js, "other", stored_event(9, 0, chain(90, [1, 2, 3])))  # a pool nobody serves here
+    last = await publish(js, "q", stored_event(2, 0, chain(20, [1, 2, 3])))
+    await wait_for(lambda: app.applied_seq >= last)
+    assert seq < last
+    assert await scores_of(nc, [1, 2, 3], "p") == {(1, 0): 2}
+    assert await scores_of(nc, [1, 2, 3], "q") == {(1, 0): 1, (2, 0): 3}
+    with pytest.raises(NoRespondersError):  # pool "other" is not served here
+        await request(nc, NAMES.match("other"), MatchRequest(block_hashes=[1]), MatchReply, timeout=1)
