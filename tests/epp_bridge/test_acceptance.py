@@ -156,14 +156,18 @@ async def test_chat_and_completions_route_to_the_cached_worker(conn, tok):
 
     chat_tokens = tok.encode_chat(CHAT["messages"], CHAT["tools"])
     completion_tokens = tok.encode_text(COMPLETION["prompt"])
-    assert len(chat_tokens) >= 4 * BLOCK and len(completion_tokens) >= 4 * BLOCK
-    await publish_cached(nc, "agg", 2, chat_tokens)
-    await publish_cached(nc, "agg", 3, completion_tokens)
+    assert len(chat_tokens) >= 8 * BLOCK and len(completion_tokens) >= 4 * BLOCK
+    # The workers hold a prefix only: what an earlier conversation turn (same tools and system
+    # prompt, earlier text) would have left in their cache.
+    chat_prefix = chat_tokens[: (len(chat_tokens) // BLOCK - 3) * BLOCK]
+    completion_prefix = completion_tokens[: 3 * BLOCK]
+    await publish_cached(nc, "agg", 2, chat_prefix)
+    await publish_cached(nc, "agg", 3, completion_prefix)
 
     chat = await routed(nc, "agg", CHAT, book=False, return_token_ids=True)
     assert chat["status"] == "ok", chat
     assert chat["token_ids"] == chat_tokens
-    assert chat["decode"]["worker_id"] == 2 and chat["overlap_blocks"] == len(chat_tokens) // BLOCK
+    assert chat["decode"]["worker_id"] == 2 and chat["overlap_blocks"] == len(chat_prefix) // BLOCK
     assert chat["headers"]["x-worker-instance-id"] == "2"
     assert chat["headers"]["x-gateway-destination-endpoint"] == "10.0.0.2:8000"
     msgspec.json.decode(codec.encode_json(chat), type=EppQueryReply)
@@ -172,7 +176,7 @@ async def test_chat_and_completions_route_to_the_cached_worker(conn, tok):
     assert (pre["decode"], pre["overlap_blocks"], pre["cost"]) == (chat["decode"], chat["overlap_blocks"], chat["cost"])
 
     comp = await routed(nc, "agg", COMPLETION, book=False)
-    assert comp["status"] == "ok" and comp["decode"]["worker_id"] == 3
+    assert comp["decode"]["worker_id"] == 3 and comp["overlap_blocks"] == 3
     pre = await routed(nc, "agg", {"prompt": "", "nvext": {"token_data": completion_tokens}}, book=False)
     assert (pre["decode"], pre["overlap_blocks"], pre["cost"]) == (comp["decode"], comp["overlap_blocks"], comp["cost"])
 
