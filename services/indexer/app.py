@@ -95,6 +95,7 @@ class IndexerApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._prefix = ""
         self._snapshot_lock = asyncio.Lock()
+        self._serving = False  # caught up (and, when serving endpoints, subscribed)
         m.APPS.add(self)
 
     # ---- ServiceApp ---------------------------------------------------------------------------
@@ -120,10 +121,6 @@ class IndexerApp:
         self._tasks.append(asyncio.create_task(self._start_follower_after_discovery(), name="indexer-follow"))
         self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="indexer-snapshots"))
         self._tasks.append(asyncio.create_task(self._lag_loop(), name="indexer-lag"))
-        if self.serve_endpoints:
-            for pool in self.pools:
-                self._subs.append(await serve(rt.nc, names.match(pool), MatchRequest, self._match_handler(pool), queue=QUEUE, endpoint="indexer.match"))
-                self._subs.append(await serve(rt.nc, names.dump(pool), DumpRequest, self._dump_handler(pool), queue=QUEUE, endpoint="indexer.dump"))
         log.info("indexer.started", pools=self.pools, resume_seq=start_seq, serve_endpoints=self.serve_endpoints)
 
     async def stop(self) -> None:
@@ -148,9 +145,17 @@ class IndexerApp:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._write_snapshot(st), 5)
 
+    async def _serve_endpoints(self) -> None:
+        assert self.rt is not None
+        nc, names = self.rt.nc, self.rt.names
+        for pool in self.pools:
+            self._subs.append(await serve(nc, names.match(pool), MatchRequest, self._match_handler(pool), queue=QUEUE, endpoint="indexer.match"))
+            self._subs.append(await serve(nc, names.dump(pool), DumpRequest, self._dump_handler(pool), queue=QUEUE, endpoint="indexer.dump"))
+
     def ready(self) -> bool:
         return (
-            self.follower is not None
+            self._serving
+            and self.follower is not None
             and self.follower.caught_up.is_set()
             and self.watcher is not None
             and self.watcher.caught_up.is_set()
@@ -290,6 +295,11 @@ class IndexerApp:
         await self.watcher.caught_up.wait()
         self.follower.start()
         await self.follower.caught_up.wait()
+        if self.serve_endpoints:
+            # Subscribed only once caught up: the queue group never routes a match to a replica that
+            # is still replaying its backlog and would under-report overlaps.
+            await self._serve_endpoints()
+        self._serving = True
         for pool, st in self._states.items():
             log.info("indexer.caught_up", pool=pool, applied_seq=self.applied_seq, blocks=st.index.blocks, nodes=st.index.nodes)
 
