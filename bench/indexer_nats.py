@@ -23,7 +23,7 @@ import nats  # noqa: E402
 
 from bench.indexer_core import build_events, make_prompts  # noqa: E402
 from schemas import codec  # noqa: E402
-from schemas.api import MatchReply, MatchRequest  # noqa: E402
+from schemas.api import MatchRequest  # noqa: E402
 from schemas.events import kv_msg_id, stored_event  # noqa: E402
 from schemas.hashing import sequence_hashes  # noqa: E402
 from schemas.subjects import Names  # noqa: E402

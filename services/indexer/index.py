@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.events import RouterEvent, StoredBlock, cleared_event, removed_event, stored_event
+from schemas.events import RouterEvent, StoredBlock, removed_event, stored_event
 
 TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
 LOWER_TIERS: tuple[str, ...] = TIERS[1:]
@@ -619,7 +619,6 @@ __all__ = [
     "TIERS",
     "OverlapScores",
     "PrefixIndex",
-    "cleared_event",
     "decode_snapshot",
     "encode_snapshot",
 ]
