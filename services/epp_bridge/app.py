@@ -49,6 +49,7 @@ class EppBridgeApp:
         self.tokenizers: dict[str, PoolTokenizer] = {}
         self.watcher: WorkerWatcher | None = None
         self._indexes: dict[str, PodIndex] = {}
+        self._identities: dict[tuple[str, int], tuple[object, ...]] = {}
         self._subs: list[Subscription] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rt: Runtime | None = None
@@ -134,9 +135,17 @@ class EppBridgeApp:
     # --- discovery -------------------------------------------------------------------------------
 
     def _on_worker_put(self, record: WorkerRecord, _is_new: bool) -> None:
-        self._indexes.pop(record.pool, None)
+        # Heartbeats re-put unchanged records every ttl/3: rebuild the pod index only when what it
+        # is built from changes.
+        identity = (record.pod_name, record.address, record.port, record.dp_start_rank, record.dp_size,
+                    tuple(record.dp_ports or ()), tuple(record.taints))  # fmt: skip
+        key = (record.pool, record.worker_id)
+        if self._identities.get(key) != identity:
+            self._identities[key] = identity
+            self._indexes.pop(record.pool, None)
 
-    def _on_worker_remove(self, pool: str, _worker_id: int) -> None:
+    def _on_worker_remove(self, pool: str, worker_id: int) -> None:
+        self._identities.pop((pool, worker_id), None)
         self._indexes.pop(pool, None)
 
     def pod_index(self, pool: str) -> PodIndex:

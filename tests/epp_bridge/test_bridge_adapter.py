@@ -195,3 +195,21 @@ async def test_operator_client_sends_real_requests(nats_url, setup, tmp_path):
     assert code == 1 and reply["error"]["code"] == "invalid_request"
     code, reply = await kvr_epp(nats_url, "query", "--message", "user:hi", "--pool", "nobody-serves-this", "--timeout", "0.5")
     assert code == 2 and "no answer" in reply["stderr"]
+
+
+async def test_pod_index_follows_discovery_changes_but_not_heartbeats(nc, setup):
+    _, bridge = setup
+    q = {"request_id": "idx", "body": {"prompt": [1]}, "book": False}
+    assert (await ask(nc, NAMES.epp_query(POOL), {**q, "pods": [{"name": "vllm-1"}]}))["status"] == "ok"
+    index = bridge.pod_index(POOL)
+    await register(nc, [record(1)])  # heartbeat: same identity
+    await asyncio.sleep(0.3)
+    assert bridge.pod_index(POOL) is index
+    await register(nc, [record(1, pod_name="renamed-1")])
+    for _ in range(100):
+        if (await ask(nc, NAMES.epp_query(POOL), {**q, "pods": [{"name": "renamed-1"}]}))["status"] == "ok":
+            break
+        await asyncio.sleep(0.05)
+    assert bridge.pod_index(POOL) is not index
+    gone = await ask(nc, NAMES.epp_query(POOL), {**q, "pods": [{"name": "vllm-1"}]})
+    assert gone["error"]["code"] == "no_workers"
