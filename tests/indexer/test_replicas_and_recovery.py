@@ -6,6 +6,7 @@ import asyncio
 
 from schemas.api import DumpReply, DumpRequest
 from schemas.discovery import WorkerRecord
+from services.indexer import snapshot
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
@@ -105,6 +106,11 @@ async def test_sigkill_restart_restores_snapshot_plus_tail(nats_url, nc, tmp_pat
         metrics = a.metrics()
         assert 'kvr_indexer_events_total{event_type="stored",outcome="ok",pool="p"}' in metrics
         assert "kvr_indexer_restore_seconds" in metrics
+        # SIGTERM drains, exits 0 and leaves a snapshot covering everything applied
+        assert a.terminate() == 0
+        final = await snapshot.load(js, NAMES.snapshots_bucket, NAMES.snapshot_object("p"))
+        assert final is not None and final.stream_seq == last
+        assert final.index.dump() == reference.events
     finally:
         a.kill()
         b.kill()
