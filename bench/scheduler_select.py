@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import tempfile
 from pathlib import Path
 
@@ -48,8 +49,11 @@ async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[
         target = args.rate_nats if mode == "nats" else args.rate_one_process
         for book in (False, True):
             for conc in args.concurrency:
-                res = await run_load(nc, wl, args.duration, conc, book, warmup_s=args.warmup)
-                rows.append({"mode": mode, "book": book, "load": f"closed loop x{conc}", **res.summary()})
+                runs = [(await run_load(nc, wl, args.duration, conc, book, warmup_s=args.warmup)).summary() for _ in range(args.repeat)]
+                runs.sort(key=lambda r: r["selections_per_s"])
+                median = runs[len(runs) // 2]
+                rows.append({"mode": mode, "book": book, "load": f"closed loop x{conc}", **median,
+                             "runs_per_s": [r["selections_per_s"] for r in runs], "runs_p99_ms": [r["p99_ms"] for r in runs]})  # fmt: skip
             if target:
                 res = await run_load(nc, wl, args.duration, args.paced_concurrency, book, warmup_s=args.warmup, rate=target)
                 rows.append({"mode": mode, "book": book, "load": f"paced {target:g}/s", **res.summary()})
@@ -69,18 +73,21 @@ async def main() -> None:
                     help="closed-loop client counts, comma-separated")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--modes", default="nats,one-process")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows the median run by throughput")
     ap.add_argument("--rate-nats", type=float, default=0.0, help="paced run at the issue's target rate (0 = skip)")
     ap.add_argument("--rate-one-process", type=float, default=0.0, help="paced run at the issue's target rate (0 = skip)")
     ap.add_argument("--paced-concurrency", type=int, default=32)
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="kvr-bench-sched-"))
     rows: list[dict] = []
+    load_before = os.getloadavg()
     for mode in args.modes.split(","):
         rows += await bench_mode(mode, args, logdir)
-    cols = ["mode", "book", "load", "selections_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "kv_hit_ratio"]
+    cols = ["mode", "book", "load", "selections_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "kv_hit_ratio", "runs_per_s"]
     print(table(rows, cols))
     path = write_result("scheduler_select", {
-        "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows, "logs": str(logdir),
+        "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "logs": str(logdir),
     })  # fmt: skip
     print(f"\nwrote {path}")
 
