@@ -186,14 +186,17 @@ def plot(runs: Sequence[RunResult], summaries: Sequence[dict[str, Any]], out_dir
     return written
 
 
-def write_report(runs: Sequence[RunResult], out_dir: str | Path, meta: dict[str, Any], with_records: bool = False) -> dict[str, Path]:
+def write_report(runs: Sequence[RunResult], out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(r) for r in runs]
     doc: dict[str, Any] = {"meta": meta, "runs": summaries}
-    if with_records:
-        doc["records"] = {f"{r.policy}@{r.rate_scale:g}": [rec.__dict__ for rec in r.records] for r in runs}
-    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "records": out / "records.jsonl"}
+    # per-request records, for analysis beyond the summary (one JSON object per line)
+    with open(paths["records"], "w", encoding="utf-8") as fh:
+        for r in runs:
+            for rec in r.records:
+                fh.write(json.dumps({"policy": r.policy, "rate_scale": r.rate_scale, **rec.__dict__}) + "\n")
     paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
     header = "# Replay report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
     paths["markdown"].write_text(header + markdown_table(summaries))
