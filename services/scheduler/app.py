@@ -128,6 +128,7 @@ class SchedulerApp:
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._hit_ratio: dict[str, Any] = {}
         self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
+        self._removed: dict[str, set[int]] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -145,8 +146,9 @@ class SchedulerApp:
         else:
             self.overlap = NatsOverlap(rt.nc, rt.names, self.cfg.match_timeout_s)
         self.watcher = WorkerWatcher(
-            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove
-        )
+            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove,
+            notify_unknown_removals=True,
+        )  # fmt: skip
         if self.cfg.bookings_feed == "push":
             self.follower = PushFollower(rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking)
         else:
@@ -237,10 +239,15 @@ class SchedulerApp:
 
     def _on_worker_put(self, record: WorkerRecord, is_new: bool) -> None:
         self._cand_cache.pop(record.pool, None)
+        self._removed.get(record.pool, set()).discard(record.worker_id)
         self._worker_gauges(record.pool)
 
     def _on_worker_remove(self, pool: str, worker_id: int) -> None:
+        # Remember the removal (also of workers this replica never saw: delete markers replayed at
+        # start) so a booking add for it that arrives later is ignored here as on every replica
+        # that applied the add before the removal and then dropped it.
         self._cand_cache.pop(pool, None)
+        self._removed.setdefault(pool, set()).add(worker_id)
         tracker = self.trackers.get(pool)
         if tracker is not None:
             dropped = tracker.drop_worker(worker_id)
@@ -330,7 +337,8 @@ class SchedulerApp:
                 self.remote_lags_ms.append(lag)
             m.BOOKING_LAG.observe(lag / 1000.0)
         if isinstance(ev, BookingAdd):
-            ok = tracker.add(ev, now)
+            removed = self._removed.get(ev.pool)
+            ok = not (removed and ev.worker_id in removed) and tracker.add(ev, now)
             kind = "add"
         elif isinstance(ev, BookingPrefillComplete):
             ok = tracker.prefill_complete(ev.request_id)

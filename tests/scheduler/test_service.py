@@ -12,6 +12,7 @@ import pytest
 from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
 from schemas.codec import RemoteError
+from schemas.bookings import BookingAdd
 from schemas.discovery import LoadReport
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
@@ -85,6 +86,19 @@ async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, inde
         assert st.bookings == [] and st.loads == [] and st.workers == [1]
         assert not app.trackers[POOL].is_active("r1")
         assert not (await cleanup(nc, "r1", "free")).known
+        # An add for the removed worker that reaches this replica after the removal (another
+        # replica booked it just before) is ignored, as replicas that applied it first dropped it.
+        late = BookingAdd(request_id="late", router_id="other", pool=POOL, worker_id=2, ts_ms=now_ms(), sequence_hashes=[1, 2])
+        ack = await nc.jetstream().publish(NAMES.bookings_subject(POOL, "other"), codec.encode_json(late))
+        await eventually(lambda: app._applied_seq >= ack.seq)
+        assert not app.trackers[POOL].is_active("late")
+        # A worker that comes back is bookable again.
+        await put(nc, 2)
+        await eventually(lambda: 2 in worker_ids(app))
+        assert (await select(nc, request_id="back", book=True, pinned_worker_id=2)).decode.worker_id == 2
+        assert app.trackers[POOL].is_active("back")
+        await delete_worker(nc, NAMES.workers_bucket, POOL, 2)
+        await eventually(lambda: worker_ids(app) == {1})
 
         # A record past its TTL is deleted from the bucket by the replica that notices it.
         await put(nc, 3, ttl_s=1.0)
