@@ -101,6 +101,9 @@ class PrefixIndex:
         self.version = 0  # bumped by every change; caches derived from the tree compare against it
         self._sizes: dict[WorkerKey, int] = {}
         self._sizes_version = 0
+        # membership mask → its worker keys; the same few masks (e.g. "every worker holds the shared
+        # system prompt") come up in almost every match
+        self._mask_keys: dict[int, tuple[WorkerKey, ...]] = {}
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -148,6 +151,7 @@ class PrefixIndex:
             if self._free_slots:
                 slot = heapq.heappop(self._free_slots)  # lowest free slot keeps masks short
                 self._slot_keys[slot] = key
+                self._mask_keys.clear()  # a reused slot now names another worker
             else:
                 slot = len(self._slot_keys)
                 self._slot_keys.append(key)
@@ -347,11 +351,23 @@ class PrefixIndex:
         return out
 
     def _record(self, scores: dict[WorkerKey, int], bits: int, depth: int) -> None:
-        slot_keys = self._slot_keys
-        while bits:
-            low = bits & -bits
-            scores[slot_keys[low.bit_length() - 1]] = depth  # type: ignore[index]
-            bits ^= low
+        keys = self._mask_keys.get(bits)
+        if keys is None:
+            slot_keys = self._slot_keys
+            found = []
+            m = bits
+            while m:
+                low = m & -m
+                found.append(slot_keys[low.bit_length() - 1])
+                m ^= low
+            keys = tuple(found)  # type: ignore[arg-type]
+            if len(self._mask_keys) >= 4096:
+                self._mask_keys.clear()
+            self._mask_keys[bits] = keys
+        if len(keys) == 1:
+            scores[keys[0]] = depth
+        else:
+            scores.update(dict.fromkeys(keys, depth))
 
     def _tier_scores(self, local_hashes: Sequence[int], device_scores: dict[WorkerKey, int]) -> dict[str, dict[WorkerKey, int]]:
         """Per lower tier: leading blocks held in this tier or a faster one, minus what faster tiers

@@ -49,7 +49,9 @@ def build(ops):
     return out
 
 
-def run(events):
+def run(events, probes=()):
+    """Apply to both; after every step also compare a few matches, so caches inside the index
+    (tree sizes, mask → workers) are checked while the index changes, not only at the end."""
     index, model = PrefixIndex(), ModelIndex()
     for ev in events:
         if isinstance(ev, tuple):
@@ -57,6 +59,9 @@ def run(events):
             model.remove_worker(ev[1])
         else:
             assert index.apply(ev) == model.apply(ev)
+        for q in probes:
+            got = index.find_matches(q)
+            assert got.scores == model.scores(q) and got.tree_sizes == model.tree_sizes()
     return index, model
 
 
@@ -67,7 +72,7 @@ def run(events):
     [[1]],
 )
 def test_matches_agree_with_brute_force_model(ops, queries):
-    index, model = run(build(ops))
+    index, model = run(build(ops), probes=[[1, 2, 3], [2, 1], [3], *queries[:2]])
     paths = sorted({p for by_tier in model.workers.values() for lk in by_tier.values() for p in lk.values()})
     for q in [*queries, *[list(p) + [9] for p in paths]]:
         got = index.find_matches(q)
