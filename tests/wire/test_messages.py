@@ -11,6 +11,8 @@ import pytest
 import schemas
 from schemas import codec
 from schemas.export import MESSAGES, render_all, stale_files
+from schemas.openai import ChatMessage, ContentPart, NvExt, OpenAiBody
+from schemas.worker import GenerateDone, GenerateRequest
 from schemas.worker import GenerateDone, GenerateRequest
 
 SAMPLES = {
