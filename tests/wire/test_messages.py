@@ -13,7 +13,6 @@ from schemas import codec
 from schemas.export import MESSAGES, render_all, stale_files
 from schemas.openai import ChatMessage, ContentPart, NvExt, OpenAiBody
 from schemas.worker import GenerateDone, GenerateRequest
-from schemas.worker import GenerateDone, GenerateRequest
 
 SAMPLES = {
     "RouterEvent": schemas.stored_event(7, 42, [(1111, 16863443419780771464), (2222, 2287610619914608821)]),
@@ -58,6 +57,10 @@ SAMPLES = {
     "CleanupRequest": schemas.CleanupRequest(request_id="r-1", phase="free"),
     "CleanupReply": schemas.CleanupReply(request_id="r-1", known=False),
     "ErrorReply": codec.error_reply("invalid_request", "bad", "$.x"),
+    "EppQueryBody": OpenAiBody(
+        model="llama", messages=[ChatMessage(role="user", content=[ContentPart(type="text", text="hi")])],
+        nvext=NvExt(token_data=[1, 2, 3], cache_salt="s"),
+    ),
     "GenerateRequest": GenerateRequest(request_id="r-1", token_ids=[1, 2, 3], max_tokens=4),
     "GenerateProgress": GenerateDone(
         request_id="r-1", worker_id=7, prompt_tokens=3, cached_tokens=0, output_tokens=4, ttft_ms=20.0, e2e_ms=50.0
