@@ -3,6 +3,7 @@
 from .config import COMMON, REGISTRY, Setting, names_of
 from .embedded import NatsCluster, NatsServer, free_port
 from .follower import StreamFollower
+from .push_follower import PushFollower
 from .natsio import ProvisioningError, StreamSettings, connect, provision
 from .responder import ServiceError, request, serve
 from .service import Runtime, ServiceApp, main_for, run_app
@@ -18,6 +19,7 @@ __all__ = [
     "ServiceApp",
     "ServiceError",
     "Setting",
+    "PushFollower",
     "StreamFollower",
     "StreamSettings",
     "WorkerDirectory",

@@ -41,7 +41,7 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
 from .candidates import Candidate, candidates_of
-from .feed import PushFollower
+from services.runtime.push_follower import PushFollower
 from .load import PREFILL_LEG, LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
 from .settings import SETTINGS

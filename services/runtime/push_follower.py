@@ -1,4 +1,4 @@
-"""Push delivery of KVR_BOOKINGS for the lowest booking latency.
+"""Push delivery of a stream for the lowest apply latency (the scheduler uses it for KVR_BOOKINGS).
 
 `StreamFollower` (services.runtime) pulls in batches: every batch costs a pull-request round trip,
 which under load adds several ms between a booking's publish and its apply — and a booking replica
@@ -12,18 +12,15 @@ twice, `applied_seq`, `caught_up` once the stream as of start has been applied.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from services.runtime.logs import get_logger
+from .follower import ApplyFn
+from .logs import get_logger
 
-log = get_logger("kvr.scheduler.feed")
-
-ApplyFn = Callable[[int, str, bytes, dict[str, str] | None], None]
-
+log = get_logger("kvr.push_follower")
 
 class PushFollower:
     def __init__(self, nc: NATS, stream: str, filter_subject: str, apply: ApplyFn, *, idle_heartbeat_s: float = 1.0,
