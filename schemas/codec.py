@@ -30,6 +30,15 @@ class SchemaError(ValueError):
         self.path = path
 
 
+def _schema_error(exc: msgspec.ValidationError) -> SchemaError:
+    """msgspec says "... - at `$.a[0].b`"; split that into message and path."""
+    text = str(exc)
+    m = _PATH_RE.search(text)
+    if m:
+        return SchemaError(text[: m.start()], m.group("path"))
+    return SchemaError(text, "$")
+
+
 @lru_cache(maxsize=None)
 def _json_decoder(type_: Any) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(type_)
@@ -64,11 +73,7 @@ def decode(data: bytes | bytearray | memoryview, type_: type[T] | Any, content_t
             return _msgpack_decoder(type_).decode(data)
         return _json_decoder(type_).decode(data)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        m = _PATH_RE.search(text)
-        if m:
-            raise SchemaError(text[: m.start()], m.group("path")) from None
-        raise SchemaError(text, "$") from None
+        raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:
         kind = "msgpack" if is_msgpack(content_type) else "JSON"
         raise SchemaError(f"malformed {kind}: {exc}", None) from None
@@ -97,11 +102,7 @@ def convert(obj: Any, type_: type[T] | Any) -> T:
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        m = _PATH_RE.search(text)
-        if m:
-            raise SchemaError(text[: m.start()], m.group("path")) from None
-        raise SchemaError(text, "$") from None
+        raise _schema_error(exc) from None
 
 
 def error_reply(code: str, message: str, path: str | None = None) -> ErrorReply:

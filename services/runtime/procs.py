@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .embedded import free_port
+from .embedded import free_port, terminate
 
 
 @dataclass
@@ -81,14 +80,7 @@ class ServiceProcess:
         """SIGTERM and wait; returns the exit code (0 = clean drain)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout)
         self.proc = None
         return code
 
