@@ -13,7 +13,7 @@ SETTINGS = REGISTRY.register(
         Setting("speedup", 10.0, "simulation speed-up: engine time and trace arrivals are both divided by it", float),
         Setting("start", 0, "first trace line to replay", int),
         Setting("limit", 0, "requests to replay (0 = all)", int),
-        Setting("concurrency", 512, "max requests in flight (a gateway's queue holds the rest)", int),
+        Setting("concurrency", 4096, "max requests in flight (a gateway's queue holds the rest)", int),
         Setting("max_output_tokens", 0, "cap on output tokens per request (0 = the trace's)", int),
         Setting("max_input_tokens", 131072, "skip trace requests with longer prompts", int),
         Setting("request_timeout_s", 300.0, "give up on a request after this many wall seconds", float),
