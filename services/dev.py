@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default=os.environ.get("KVR_DEV_TRACE", ""),
                    help="Mooncake JSONL trace (default: the Mooncake synthetic trace if present, else a generated one)")
     p.add_argument("--start", type=int, default=3000, help="first trace line of the slice (default 3000)")
-    p.add_argument("--limit", type=int, default=200, help="requests in the slice (default 200)")
+    p.add_argument("--limit", type=int, default=300, help="requests in the slice (default 300)")
     p.add_argument("--speedup", type=float, default=10.0, help="simulation speed-up (default 10)")
     p.add_argument("--workers", type=int, default=4, help="mock workers (default 4)")
-    p.add_argument("--kv-blocks", type=int, default=8192, help="KV blocks per worker (default 8192 × 64 tokens)")
+    p.add_argument("--kv-blocks", type=int, default=16384, help="KV blocks per worker (default 16384 × 64 tokens)")
     p.add_argument("--max-output-tokens", type=int, default=32, help="output tokens cap per request (default 32)")
     p.add_argument("--compare", default="kv,round_robin,random", help="policies to compare")
     p.add_argument("--run-dir", default="", help="where logs, store and report go (default .kvr/dev/<time>)")
@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_requested = True
         raise KeyboardInterrupt
 
+    # SIGINT explicitly too: a shell that starts us in the background sets it to "ignore".
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
     try:
         console.rule("[bold]kvr dev[/] — KV-cache-aware router, simulated fleet")
@@ -178,7 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish stopping children even on a second Ctrl-C
+        from services.replay.fleets import SpawnedFleet
+
+        SpawnedFleet.terminate_all()
         stack.stop(console)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ class InProcessFleet:
 class SpawnedFleet:
     """`kvr mock-workers` as a child process (its own core: the simulation does not slow the client)."""
 
+    # Children still running, so a caller interrupted mid-run (Ctrl-C in `kvr dev`) can stop them.
+    live: dict[int, ServiceProcess] = {}
+
     def __init__(
         self, nats_url: str, cfg: FleetConfig, log_path: str | None = None, subject_prefix: str = "kvr"
     ) -> None:
@@ -88,6 +91,7 @@ class SpawnedFleet:
             "mock-workers", self.args(base), nats_url=self.nats_url, pools=[self.cfg.pool], log_path=self.log_path
         )
         self.proc.start()
+        SpawnedFleet.live[id(self.proc)] = self.proc
         await asyncio.to_thread(self.proc.wait_ready, 60.0)
         return [base + i for i in range(self.cfg.count)]
 
@@ -103,5 +107,12 @@ class SpawnedFleet:
 
     async def stop(self) -> None:
         if self.proc is not None:
-            await asyncio.to_thread(self.proc.terminate)
-            self.proc = None
+            proc, self.proc = self.proc, None
+            await asyncio.to_thread(proc.terminate)
+            SpawnedFleet.live.pop(id(proc), None)
+
+    @classmethod
+    def terminate_all(cls) -> None:
+        for key, proc in list(cls.live.items()):
+            proc.terminate()
+            cls.live.pop(key, None)
