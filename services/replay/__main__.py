@@ -27,6 +27,8 @@ from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
 from .settings import SETTINGS
 from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
 
+POLICIES = ("kv", "round_robin", "random", "least_loaded")
+
 # COMMON settings that make sense for a client tool
 _CLIENT_COMMON = [s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level")]
 
@@ -156,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve(args, [*_CLIENT_COMMON, *SETTINGS])
+    bad = [p for p in cfg.compare if p not in POLICIES]
+    if bad:
+        parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    if cfg.speedup <= 0 or any(x <= 0 for x in cfg.rate_scale) or cfg.concurrency < 1:
+        parser.error("--speedup and --rate-scale must be > 0, --concurrency >= 1")
     setup_logging(cfg.log_format if cfg.log_format != "auto" else "console", "warning" if cfg.log_level == "info" else cfg.log_level)
     console = Console()
     try:
