@@ -22,6 +22,7 @@ from services.runtime.logs import setup_logging
 from services.runtime.natsio import StreamSettings, connect, provision
 
 from .fleets import InProcessFleet, SpawnedFleet
+from .offline import OfflineConfig, cost_with_overrides, run_offline
 from .report import markdown_table, summarize, write_report
 from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
 from .settings import SETTINGS
@@ -150,6 +151,66 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
 
 
+def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> ReplayOutcome:
+    """`--offline`: every (policy, load) pair in the discrete-event simulator; same report."""
+    requests, skipped = select_requests(cfg, trace)
+    policies = cfg.compare or [cfg.policy]
+    cost = cost_with_overrides(cfg.offline_overrides)
+    engine = EngineConfig(
+        block_size=cfg.block_size,
+        kv_blocks=cfg.kv_blocks,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_seqs=cfg.max_num_seqs,
+    )
+    console.print(
+        f"[bold]offline replay[/] {Path(trace).name}: {len(requests)} requests"
+        f"{f' ({skipped} longer than {cfg.max_input_tokens} tokens skipped)' if skipped else ''}, "
+        f"policies {', '.join(policies)}, load × {', '.join(f'{x:g}' for x in cfg.rate_scale)}, "
+        f"{cfg.workers} workers × {cfg.kv_blocks} blocks of {cfg.block_size} tokens, event delay {cfg.offline_event_delay_ms:g} ms"
+    )
+    console.print(f"  ideal hit rate of this slice (infinite shared cache): {100 * ideal_hit_rate(requests):.1f} %")
+    runs: list[RunResult] = []
+    for rate in cfg.rate_scale:
+        for policy in policies:
+            ocfg = OfflineConfig(
+                policy=policy, rate_scale=rate, workers=cfg.workers, engine=engine, event_delay_ms=cfg.offline_event_delay_ms,
+                seed=cfg.offline_seed, cost=cost, max_output_tokens=cfg.max_output_tokens or None,
+                fused_decode_steps=cfg.offline_fused_decode_steps, salt=cfg.salt,
+            )  # fmt: skip
+            with Progress(
+                TextColumn(f"  {policy:<12} load ×{rate:<4g}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, disable=not cfg.progress, transient=False,
+            ) as progress:  # fmt: skip
+                task = progress.add_task("replay", total=len(requests))
+                result = run_offline(requests, ocfg, on_progress=lambda done, _total: progress.update(task, completed=done))
+            s = summarize(result)
+            console.print(
+                f"    hit rate {100 * s['hit_rate']:.1f} %, TTFT mean {s['ttft_ms']['mean'] or 0:,.0f} ms, "
+                f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s"
+            )
+            runs.append(result)
+    meta = {
+        "mode": "offline (discrete-event, simulated time)",
+        "trace": str(trace),
+        "requests": len(requests),
+        "skipped_too_long": skipped,
+        "start": cfg.start,
+        "workers": cfg.workers,
+        "block_size": cfg.block_size,
+        "kv_blocks_per_worker": cfg.kv_blocks,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_output_tokens": cfg.max_output_tokens or "trace",
+        "event_delay_ms": cfg.offline_event_delay_ms,
+        "seed": cfg.offline_seed,
+        "cost": vars(cost),
+        "ideal_hit_rate": round(ideal_hit_rate(requests), 4),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    paths = write_report(runs, cfg.out, meta)
+    return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
+
+
 def _defaults_for_names() -> dict[str, Any]:
     return {s.name: s.default for s in COMMON}
 
@@ -163,10 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICIES)}")
     if cfg.speedup <= 0 or any(x <= 0 for x in cfg.rate_scale) or cfg.concurrency < 1:
         parser.error("--speedup and --rate-scale must be > 0, --concurrency >= 1")
+    if cfg.offline:
+        if cfg.offline_event_delay_ms < 0 or cfg.offline_fused_decode_steps < 1:
+            parser.error("--offline-event-delay-ms must be >= 0, --offline-fused-decode-steps >= 1")
+        try:
+            cost_with_overrides(cfg.offline_overrides)
+        except ValueError as exc:
+            parser.error(f"--offline-overrides: {exc}")
     setup_logging(cfg.log_format if cfg.log_format != "auto" else "console", "warning" if cfg.log_level == "info" else cfg.log_level)
     console = Console()
     try:
-        outcome = asyncio.run(replay(cfg, args.trace, console))
+        outcome = replay_offline(cfg, args.trace, console) if cfg.offline else asyncio.run(replay(cfg, args.trace, console))
     except (TraceError, FileNotFoundError) as exc:
         console.print(f"[red]kvr replay: {exc}[/]")
         return 2

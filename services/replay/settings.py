@@ -28,5 +28,12 @@ SETTINGS = REGISTRY.register(
         Setting("salt", 0, "seed of the hash-id → tokens expansion", int),
         Setting("out", ".kvr/replay", "directory for report.json, report.md and the PNG plots"),
         Setting("progress", True, "show a progress bar", bool),
+        Setting("offline", False, "offline discrete-event simulation: pure engines, index and selector in simulated time "
+                "(no NATS, deterministic)", bool),
+        Setting("offline_event_delay_ms", 20.0, "offline: simulated ms before a pass's KV events reach the index", float),
+        Setting("offline_seed", 0, "offline: RNG seed of the random policy and softmax sampling", int),
+        Setting("offline_overrides", [], "offline: cost-rule overrides key=value (overlap_score_credit, prefill_load_scale, "
+                "temperature, host_cache_hit_weight, disk_cache_hit_weight)", is_list=True),
+        Setting("offline_fused_decode_steps", 256, "offline: max pure-decode passes committed at once", int),
     ],
 )

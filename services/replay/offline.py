@@ -1,0 +1,340 @@
+"""Offline routing-quality simulator: a discrete-event replay in simulated time (Dynamo's "DynoSim").
+
+The online replay (`runner.py`) drives the real services over NATS against a wall-clock fleet, so
+routing latency and CPU contention leak into simulated TTFT. This module measures the routing
+*policy* alone, exactly and deterministically, by wiring the pure cores together in one loop:
+
+- `Engine` (services/mock_worker/engine.py) per worker, stepped pass by pass on a simulated clock;
+- `PrefixIndex` (services/indexer/index.py), fed with the engines' own KV events, each becoming
+  visible `event_delay_ms` after the pass that produced it ended (the router's view lags the
+  engines, as with a real event bus);
+- the scheduler's pure parts, assembled as `SchedulerApp._select_inner` does: block hashing
+  (`local_block_hashes` / `sequence_hashes`), `Overlaps` from the index's matches, `Candidate`s
+  of discovery records, `Selector.select` (the cost rule and the A/B policies, untouched), and a
+  `LoadTracker` folding the same booking events (`add` on route, `prefill_complete` at the first
+  token, `free` at completion).
+
+No NATS, no asyncio, no wall clock: the same inputs and seed give the same report. Time advances
+from one event to the next — the earliest of the next trace arrival and the next end of an engine
+pass. Ties: pass ends first (so a request finishing at t frees its load before an arrival at t is
+routed), then arrivals in trace order.
+
+Decode-pass fusion (`Engine.plan_decode` / `commit_decode`): when an engine's next passes are pure
+decode, it commits as many as end no later than the next trace arrival (any arrival may be routed
+to it), which equals stepping them one by one (tested in tests/mock_worker). Only the KV events of
+the fused span become visible together, at its end.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.api import Overrides
+from schemas.bookings import BookingAdd
+from schemas.discovery import WorkerRecord
+from schemas.events import RouterEvent
+from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from services.indexer.index import PrefixIndex
+from services.mock_worker.engine import Engine, EngineConfig, PassResult
+from services.scheduler.candidates import Candidate, candidates_from
+from services.scheduler.load import LoadTracker
+from services.scheduler.selector import CostConfig, Overlaps, SelectionError, SelectionInput, Selector
+
+from .runner import RequestRecord, RunResult
+from .trace import TokenExpander, TraceRequest
+
+ROUTER_ID = "offline"
+POOL = "offline"
+NO_EXPIRY_MS = 10**15  # bookings end with their request; a TTL sweep would only hide leaks
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    policy: str = "kv"
+    rate_scale: float = 1.0
+    workers: int = 8
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    event_delay_ms: float = 20.0  # KV event visibility lag behind the engine, simulated ms
+    seed: int = 0  # RNG of the `random` policy and of softmax sampling (temperature > 0)
+    cost: CostConfig = field(default_factory=CostConfig)
+    max_output_tokens: int | None = None
+    fused_decode_steps: int = 256
+    salt: int = 0  # hash id → tokens expansion
+
+    def __post_init__(self) -> None:
+        if self.rate_scale <= 0 or not math.isfinite(self.rate_scale):
+            raise ValueError("rate_scale must be a finite number > 0")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.event_delay_ms < 0:
+            raise ValueError("event_delay_ms must be >= 0")
+        if self.fused_decode_steps < 1:
+            raise ValueError("fused_decode_steps must be >= 1")
+
+
+def cost_with_overrides(entries: Sequence[str]) -> CostConfig:
+    """`key=value` entries (the wire `Overrides` fields, validated by it) over Dynamo's defaults."""
+    import msgspec
+
+    values: dict[str, float] = {}
+    for item in entries:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad cost override {item!r} (want key=value)")
+        try:
+            values[key.strip()] = float(raw)
+        except ValueError:
+            raise ValueError(f"bad cost override {item!r}: {raw!r} is not a number") from None
+    try:
+        overrides = msgspec.convert(values, Overrides, strict=False, forbid_unknown_fields=True) if values else None
+    except TypeError:  # older msgspec without forbid_unknown_fields
+        overrides = msgspec.convert(values, Overrides, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad cost override: {exc}") from None
+    unknown = set(values) - set(Overrides.__struct_fields__)
+    if unknown:
+        raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {', '.join(Overrides.__struct_fields__)}")
+    return CostConfig().with_overrides(overrides)
+
+
+@dataclass
+class _Pending:
+    """A request in the fleet: its record and where it went."""
+
+    record: RequestRecord
+    worker: int
+
+
+@dataclass
+class OfflineDiagnostics:
+    """What the report's summary does not show but explains it."""
+
+    routed_overlap_tokens: int = 0  # Σ overlap the router saw × block size (before the ≥1-token rule)
+    passes: int = 0
+    fused_commits: int = 0
+    events: int = 0
+    sim_end_ms: float = 0.0
+    max_waiting: dict[int, int] = field(default_factory=dict)
+    route_cpu_s: float = 0.0
+    engine_cpu_s: float = 0.0
+
+
+class OfflineSim:
+    """One policy at one load over a fresh fleet. `run(requests)` → `RunResult` (same as online)."""
+
+    def __init__(self, cfg: OfflineConfig) -> None:
+        self.cfg = cfg
+        ec = cfg.engine
+        self.block_size = ec.block_size
+        self.worker_ids = list(range(1, cfg.workers + 1))
+        self.engines = {w: Engine(ec, worker_id=w) for w in self.worker_ids}
+        records = [
+            WorkerRecord(worker_id=w, pool=POOL, model="mock-model", block_size=ec.block_size, total_kv_blocks=ec.kv_blocks,
+                         max_num_batched_tokens=ec.max_num_batched_tokens, max_num_seqs=ec.max_num_seqs)
+            for w in self.worker_ids
+        ]  # fmt: skip
+        self.candidates: list[Candidate] = candidates_from(records)
+        self.index = PrefixIndex()
+        self.tracker = LoadTracker(NO_EXPIRY_MS)
+        self.selector = Selector(rng=random.Random(cfg.seed))
+        self.expander = TokenExpander(salt=cfg.salt)
+        self.salt_seed = salt_seed(None, None)
+        self.diag = OfflineDiagnostics(max_waiting={w: 0 for w in self.worker_ids})
+        # (end_ms, order, worker, result): passes in flight, one per busy engine.
+        self._passes: list[tuple[float, int, int, PassResult]] = []
+        self._order = 0
+        self._busy: set[int] = set()
+        self._visible: deque[tuple[float, list[RouterEvent]]] = deque()
+        self._inflight: dict[str, _Pending] = {}
+        self._next_arrival_ms = math.inf
+
+    # --- the event loop --------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[TraceRequest], on_progress: Callable[[int, int], None] | None = None) -> RunResult:
+        cfg = self.cfg
+        t_wall = time.perf_counter()
+        ordered = sorted(requests, key=lambda r: (r.timestamp_ms, r.index))
+        t0 = ordered[0].timestamp_ms if ordered else 0
+        arrivals = [(r.timestamp_ms - t0) / cfg.rate_scale for r in ordered]
+        records: list[RequestRecord] = []
+        done = 0
+        i = 0
+        n = len(ordered)
+        while i < n or self._passes:
+            ta = arrivals[i] if i < n else math.inf
+            if self._passes and self._passes[0][0] <= ta:
+                end, _, w, res = heapq.heappop(self._passes)
+                self._next_arrival_ms = ta
+                before = done
+                done += self._pass_ended(w, end, res)
+                if on_progress and done // 256 != before // 256:
+                    on_progress(done, n)
+            else:
+                self._next_arrival_ms = arrivals[i + 1] if i + 1 < n else math.inf
+                records.append(self._route(ordered[i], ta))
+                i += 1
+        self._apply_visible(math.inf)
+        if on_progress:
+            on_progress(n, n)
+        fleet = self._fleet_stats()
+        return RunResult(
+            policy=cfg.policy,
+            rate_scale=cfg.rate_scale,
+            speedup=1.0,
+            records=records,
+            wall_s=time.perf_counter() - t_wall,
+            worker_ids=list(self.worker_ids),
+            open_bookings=self.tracker.request_ids(),
+            fleet=fleet,
+        )
+
+    # --- routing (the scheduler's select, minus transport) ---------------------------------------
+
+    def _apply_visible(self, now: float) -> None:
+        vis = self._visible
+        while vis and vis[0][0] <= now:
+            for ev in vis.popleft()[1]:
+                self.index.apply(ev)
+
+    def _route(self, req: TraceRequest, now: float) -> RequestRecord:
+        cfg = self.cfg
+        t_cpu = time.perf_counter()
+        max_tokens = req.output_length or 1
+        if cfg.max_output_tokens is not None:
+            max_tokens = max(1, min(max_tokens, cfg.max_output_tokens))
+        rid = f"{cfg.policy}-{req.index}"
+        rec = RequestRecord(index=req.index, request_id=rid, arrival_ms=now, prompt_tokens=req.input_length, max_tokens=max_tokens)
+        self._apply_visible(now)
+        tokens = self.expander.tokens(req)
+        bs = self.block_size
+        local = local_block_hashes(tokens, bs, self.salt_seed)
+        seq = sequence_hashes(local)
+        overlaps = Overlaps()
+        if local:
+            res = self.index.find_matches(local)
+            tiers = res.tier_scores
+            overlaps = Overlaps(
+                device=dict(res.scores), host=dict(tiers.get("host_pinned", {})), disk=dict(tiers.get("disk", {})),
+                tree_sizes=res.tree_sizes,
+            )  # fmt: skip
+        inp = SelectionInput(isl_tokens=len(tokens), block_size=bs, hashes=seq, mode="aggregated", policy=cfg.policy, cost=cfg.cost)
+        try:
+            decision = self.selector.select(self.candidates, self.tracker, overlaps, inp)
+        except SelectionError as exc:
+            rec.error = f"select:{exc.code}"
+            return rec
+        target = decision.decode.candidate
+        rec.worker_id = target.worker_id
+        rec.overlap_blocks = decision.overlap_blocks
+        self.diag.routed_overlap_tokens += decision.overlap_blocks * bs
+        self.tracker.add(
+            BookingAdd(request_id=rid, router_id=ROUTER_ID, pool=POOL, ts_ms=int(now), isl_tokens=len(tokens),
+                       sequence_hashes=seq, expected_output_tokens=max_tokens, block_size=bs, worker_id=target.worker_id,
+                       dp_rank=target.dp_rank, overlap_blocks=decision.overlap_blocks, leg="", track_prefill_tokens=True),
+            int(now),
+        )  # fmt: skip
+        self.diag.route_cpu_s += time.perf_counter() - t_cpu
+        engine = self.engines[target.worker_id]
+        rejected = engine.submit(rid, tokens, max_tokens, now)
+        if rejected is not None:
+            rec.error = "generate:invalid_request"
+            self.tracker.free(rid)
+            return rec
+        self._inflight[rid] = _Pending(rec, target.worker_id)
+        waiting = len(engine.waiting)
+        if waiting > self.diag.max_waiting[target.worker_id]:
+            self.diag.max_waiting[target.worker_id] = waiting
+        if target.worker_id not in self._busy:
+            self._start_pass(target.worker_id, now)
+        return rec
+
+    # --- engines -----------------------------------------------------------------------------------
+
+    def _start_pass(self, w: int, now: float) -> None:
+        t_cpu = time.perf_counter()
+        engine = self.engines[w]
+        res: PassResult | None = None
+        plan = engine.plan_decode(self.cfg.fused_decode_steps)
+        if plan is not None:
+            horizon = self._next_arrival_ms - now
+            steps = 0
+            while steps < len(plan) and plan[steps] <= horizon:
+                steps += 1
+            if steps >= 2:
+                res = engine.commit_decode(now, plan, steps)
+                if res is not None:
+                    self.diag.fused_commits += 1
+        if res is None:
+            res = engine.step(now)
+        self.diag.engine_cpu_s += time.perf_counter() - t_cpu
+        if res.events:
+            self._visible.append((now + res.duration_ms + self.cfg.event_delay_ms, res.events))
+            self.diag.events += len(res.events)
+        if res.duration_ms <= 0:
+            self._busy.discard(w)  # idle: nothing to compute until the next arrival
+            return
+        self._busy.add(w)
+        self._order += 1
+        heapq.heappush(self._passes, (res.end_ms, self._order, w, res))
+        self.diag.passes += 1
+
+    def _pass_ended(self, w: int, end: float, res: PassResult) -> int:
+        finished = 0
+        for ft in res.first_tokens:
+            self.tracker.prefill_complete(ft.request_id)
+        for fin in res.finished:
+            pending = self._inflight.pop(fin.request_id)
+            rec = pending.record
+            rec.ttft_ms = fin.first_token_ms - rec.arrival_ms
+            rec.worker_ttft_ms = fin.first_token_ms - fin.arrival_ms
+            rec.e2e_ms = fin.at_ms - rec.arrival_ms
+            rec.cached_tokens = fin.cached_tokens
+            rec.output_tokens = fin.output_tokens
+            rec.preemptions = fin.preemptions
+            self.tracker.free(fin.request_id)
+            finished += 1
+        self.diag.sim_end_ms = max(self.diag.sim_end_ms, end)
+        self._start_pass(w, end)
+        return finished
+
+    def _fleet_stats(self) -> dict[str, Any]:
+        per: dict[str, dict[str, Any]] = {}
+        prompt = cached = 0
+        for w, e in self.engines.items():
+            s = e.stats
+            prompt += s.prompt_tokens
+            cached += s.cached_tokens
+            per[str(w)] = {"busy_ms": round(s.busy_ms, 1), "passes": s.passes, "preemptions": s.preemptions,
+                           "evictions": e.pool.evictions, "max_waiting": self.diag.max_waiting[w],
+                           "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}  # fmt: skip
+        busy = [p["busy_ms"] for p in per.values()]
+        d = self.diag
+        return {
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "lag_max_ms": 0.0,
+            "routed_overlap_tokens": d.routed_overlap_tokens,
+            "busy_max_over_mean": (max(busy) / (sum(busy) / len(busy))) if busy and sum(busy) else None,
+            "passes": d.passes,
+            "fused_commits": d.fused_commits,
+            "kv_events": d.events,
+            "sim_end_ms": round(d.sim_end_ms, 1),
+            "route_cpu_s": round(d.route_cpu_s, 2),
+            "engine_cpu_s": round(d.engine_cpu_s, 2),
+            "index_blocks": self.index.blocks,
+            "event_delay_ms": self.cfg.event_delay_ms,
+            "cost": vars(self.cfg.cost) if hasattr(self.cfg.cost, "__dict__") else str(self.cfg.cost),
+            "workers": per,
+        }
+
+
+def run_offline(requests: Sequence[TraceRequest], cfg: OfflineConfig,
+                on_progress: Callable[[int, int], None] | None = None) -> RunResult:  # fmt: skip
+    return OfflineSim(cfg).run(requests, on_progress)
