@@ -35,11 +35,13 @@ def replica(nats_url: str, rid: str, log_dir) -> ServiceProcess:  # type: ignore
     )
 
 
-async def converged(nc, n: int, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+async def converged(nc, n: int, timeout: float = 5.0, until=lambda states: True):  # type: ignore[no-untyped-def]
+    """Wait until all replicas report the same view and that view satisfies `until` (events such as a
+    discovery delete reach the replicas asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
         states = await states_of_all(nc, n)
-        if len({(s.digest, tuple(s.bookings), s.stream_seq) for s in states}) == 1:
+        if len({(s.digest, tuple(s.bookings), s.stream_seq) for s in states}) == 1 and until(states):
             return states
         if time.monotonic() > deadline:
             raise AssertionError(f"replicas differ: {[(s.router_id, s.digest, len(s.bookings), s.stream_seq) for s in states]}")
@@ -94,7 +96,7 @@ async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nat
         # A worker leaving drops its bookings on every replica.
         on_3 = {lo.worker_id for lo in states[0].loads}
         await delete_worker(nc, NAMES.workers_bucket, POOL, 3)
-        states = await converged(nc, 3)
+        states = await converged(nc, 3, timeout=10, until=lambda st: st[0].workers == [1, 2])
         assert 3 not in {lo.worker_id for lo in states[0].loads} and states[0].workers == [1, 2]
         assert on_3  # (there was load to drop or keep)
 
