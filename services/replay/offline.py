@@ -62,6 +62,9 @@ class OfflineConfig:
     workers: int = 8
     engine: EngineConfig = field(default_factory=EngineConfig)
     event_delay_ms: float = 20.0  # KV event visibility lag behind the engine, simulated ms
+    # Lag of `prefill_complete` / `free` behind the engine's first token / completion (the online
+    # replay's cleanup round trips, × speed-up): the router's load view is that much stale.
+    cleanup_delay_ms: float = 0.0
     seed: int = 0  # RNG of the `random` policy and of softmax sampling (temperature > 0)
     cost: CostConfig = field(default_factory=CostConfig)
     max_output_tokens: int | None = None
@@ -73,8 +76,8 @@ class OfflineConfig:
             raise ValueError("rate_scale must be a finite number > 0")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
-        if self.event_delay_ms < 0:
-            raise ValueError("event_delay_ms must be >= 0")
+        if self.event_delay_ms < 0 or self.cleanup_delay_ms < 0:
+            raise ValueError("event_delay_ms and cleanup_delay_ms must be >= 0")
         if self.fused_decode_steps < 1:
             raise ValueError("fused_decode_steps must be >= 1")
 
@@ -152,6 +155,7 @@ class OfflineSim:
         self._order = 0
         self._busy: set[int] = set()
         self._visible: deque[tuple[float, list[RouterEvent]]] = deque()
+        self._cleanups: deque[tuple[float, bool, str]] = deque()  # (due, is_free, request id)
         self._inflight: dict[str, _Pending] = {}
         self._next_arrival_ms = math.inf
 
@@ -181,6 +185,7 @@ class OfflineSim:
                 records.append(self._route(ordered[i], ta))
                 i += 1
         self._apply_visible(math.inf)
+        self._apply_cleanups(math.inf)
         if on_progress:
             on_progress(n, n)
         fleet = self._fleet_stats()
@@ -203,6 +208,23 @@ class OfflineSim:
             for ev in vis.popleft()[1]:
                 self.index.apply(ev)
 
+    def _cleanup(self, now: float, is_free: bool, rid: str) -> None:
+        if self.cfg.cleanup_delay_ms > 0:
+            self._cleanups.append((now + self.cfg.cleanup_delay_ms, is_free, rid))
+        elif is_free:
+            self.tracker.free(rid)
+        else:
+            self.tracker.prefill_complete(rid)
+
+    def _apply_cleanups(self, now: float) -> None:
+        q = self._cleanups
+        while q and q[0][0] <= now:
+            _, is_free, rid = q.popleft()
+            if is_free:
+                self.tracker.free(rid)
+            else:
+                self.tracker.prefill_complete(rid)
+
     def _route(self, req: TraceRequest, now: float) -> RequestRecord:
         cfg = self.cfg
         t_cpu = time.perf_counter()
@@ -212,6 +234,7 @@ class OfflineSim:
         rid = f"{cfg.policy}-{req.index}"
         rec = RequestRecord(index=req.index, request_id=rid, arrival_ms=now, prompt_tokens=req.input_length, max_tokens=max_tokens)
         self._apply_visible(now)
+        self._apply_cleanups(now)
         tokens = self.expander.tokens(req)
         bs = self.block_size
         local = local_block_hashes(tokens, bs, self.salt_seed)
@@ -288,7 +311,7 @@ class OfflineSim:
     def _pass_ended(self, w: int, end: float, res: PassResult) -> int:
         finished = 0
         for ft in res.first_tokens:
-            self.tracker.prefill_complete(ft.request_id)
+            self._cleanup(end, False, ft.request_id)
         for fin in res.finished:
             pending = self._inflight.pop(fin.request_id)
             rec = pending.record
@@ -298,7 +321,7 @@ class OfflineSim:
             rec.cached_tokens = fin.cached_tokens
             rec.output_tokens = fin.output_tokens
             rec.preemptions = fin.preemptions
-            self.tracker.free(fin.request_id)
+            self._cleanup(end, True, fin.request_id)
             finished += 1
         self.diag.sim_end_ms = max(self.diag.sim_end_ms, end)
         self._start_pass(w, end)
@@ -330,6 +353,7 @@ class OfflineSim:
             "engine_cpu_s": round(d.engine_cpu_s, 2),
             "index_blocks": self.index.blocks,
             "event_delay_ms": self.cfg.event_delay_ms,
+            "cleanup_delay_ms": self.cfg.cleanup_delay_ms,
             "cost": vars(self.cfg.cost) if hasattr(self.cfg.cost, "__dict__") else str(self.cfg.cost),
             "workers": per,
         }
