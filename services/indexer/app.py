@@ -3,10 +3,10 @@ snapshots to KVR_SNAPSHOTS, and the indexer.match / indexer.dump endpoints.
 
 Start order matters for determinism: snapshots are loaded first, then the discovery watcher catches
 up (so removed workers are known before any tail event is applied), then the KV follower resumes at
-the oldest covered sequence + 1. While replaying what the stream held at start, events of workers
-whose discovery key is deleted are ignored: a replica that never stopped applied them and then
-dropped them with the worker, so a restarted one reaches the same state. Live events are always
-applied (as in Dynamo), so a worker that re-registers never loses events to a race between streams.
+the oldest covered sequence + 1. Events of a worker whose discovery key is deleted are ignored until
+the worker is put again: KV events and discovery live on different streams, so a replica may see a
+removed worker's last events before or after the delete; dropping them after it makes every replica
+(running or restarted) end with none of that worker's blocks, whatever the interleaving.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, serve
 from services.runtime.service import Runtime
 from services.runtime.workers import WorkerWatcher
+from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
 from . import snapshot
@@ -87,7 +88,6 @@ class IndexerApp:
         self.lag_interval = float(setting(cfg, "lag_interval_s"))
         self.applied_seq = 0
         self.stream_last_seq = 0
-        self.replay_until = 0  # KVR_KV's last sequence at start: the backlog replayed on start ends here
         self.rt: Runtime | None = None
         self.follower: StreamFollower | None = None
         self.watcher: WorkerWatcher | None = None
@@ -128,11 +128,7 @@ class IndexerApp:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.follower is not None:
             await self.follower.stop()
@@ -282,7 +278,7 @@ class IndexerApp:
         index = st.index
         removed = st.removed
         for ev in events:
-            if removed and seq <= self.replay_until and ev.worker_id in removed:
+            if removed and ev.worker_id in removed:
                 m.DROPPED_EVENTS.labels(pool, "removed_worker").inc()
                 st.dropped += 1
                 continue
@@ -357,7 +353,7 @@ class IndexerApp:
             log.warning("indexer.stream_info_failed", error=str(exc))
             return
         first = info.state.first_seq
-        self.stream_last_seq = self.replay_until = info.state.last_seq
+        self.stream_last_seq = info.state.last_seq
         if first > start_seq and info.state.last_seq >= start_seq:
             for pool, st in self._states.items():
                 if st.covered_seq + 1 < first:

@@ -29,6 +29,7 @@ from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
 from services.runtime.logs import get_logger
 from services.runtime.service import Runtime
 from services.runtime.workers import delete_worker, put_worker
+from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
 from .engine import Engine, EngineConfig, PassResult
@@ -153,11 +154,7 @@ class MockWorker:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         with contextlib.suppress(Exception):
             await self.publisher.flush(5)
         if self.registered:

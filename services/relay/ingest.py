@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from services.runtime.logs import get_logger
+from services.runtime.tasks import cancel_and_wait
 
 from . import metrics
 from .seqtrack import SeqTracker, SeqVerdict
@@ -124,12 +125,7 @@ class RankIntake:
         self._task = asyncio.create_task(self._run(), name=f"relay-zmq-{self.dp_rank}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._task)
         for sock in (self.sub, self._dealer):
             if sock is not None:
                 sock.close(linger=0)

@@ -21,6 +21,7 @@ from schemas import codec
 from schemas.events import RouterEvent, kv_msg_id
 from schemas.types import MAX_EVENTS_PER_MESSAGE
 from services.runtime.logs import get_logger
+from services.runtime.tasks import cancel_and_wait
 
 from . import metrics
 
@@ -220,12 +221,7 @@ class Publisher:
             return False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._task)
 
     def _encode(self, msgs: list[OutMessage]) -> Outgoing:
         events = [ev for m in msgs for ev in m.events]

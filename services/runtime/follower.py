@@ -17,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .logs import get_logger
+from .tasks import cancel_and_wait
 
 log = get_logger("kvr.follower")
 
@@ -59,12 +60,7 @@ class StreamFollower:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._task)
 
     def _config(self) -> ConsumerConfig:
         cfg = ConsumerConfig(

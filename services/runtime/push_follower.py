@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .follower import ApplyFn
 from .logs import get_logger
+from .tasks import cancel_and_wait
 
 log = get_logger("kvr.push_follower")
 
@@ -44,12 +45,7 @@ class PushFollower:
         self._task = asyncio.create_task(self._run(), name=f"push-{self.stream}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._task)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

@@ -42,6 +42,7 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 from . import metrics as m
 from .candidates import Candidate, candidates_of
 from services.runtime.push_follower import PushFollower
+from services.runtime.tasks import cancel_and_wait
 from .load import PREFILL_LEG, LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
 from .settings import SETTINGS
@@ -188,13 +189,7 @@ class SchedulerApp:
                 await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - connection already closing
                 pass
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._tasks)
         if self.follower:
             await self.follower.stop()
         if self.watcher:
