@@ -174,7 +174,7 @@ def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> Replay
         for policy in policies:
             ocfg = OfflineConfig(
                 policy=policy, rate_scale=rate, workers=cfg.workers, engine=engine, event_delay_ms=cfg.offline_event_delay_ms,
-                cleanup_delay_ms=cfg.offline_cleanup_delay_ms, seed=cfg.offline_seed, cost=cost, max_output_tokens=cfg.max_output_tokens or None,
+                cleanup_delay_ms=cfg.offline_cleanup_delay_ms, booking_delay_ms=cfg.offline_booking_delay_ms, seed=cfg.offline_seed, cost=cost, max_output_tokens=cfg.max_output_tokens or None,
                 fused_decode_steps=cfg.offline_fused_decode_steps, salt=cfg.salt,
             )  # fmt: skip
             with Progress(
@@ -203,6 +203,7 @@ def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> Replay
         "max_output_tokens": cfg.max_output_tokens or "trace",
         "event_delay_ms": cfg.offline_event_delay_ms,
         "cleanup_delay_ms": cfg.offline_cleanup_delay_ms,
+        "booking_delay_ms": cfg.offline_booking_delay_ms,
         "seed": cfg.offline_seed,
         "cost": vars(cost),
         "ideal_hit_rate": round(ideal_hit_rate(requests), 4),
@@ -226,8 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.speedup <= 0 or any(x <= 0 for x in cfg.rate_scale) or cfg.concurrency < 1:
         parser.error("--speedup and --rate-scale must be > 0, --concurrency >= 1")
     if cfg.offline:
-        if cfg.offline_event_delay_ms < 0 or cfg.offline_cleanup_delay_ms < 0 or cfg.offline_fused_decode_steps < 1:
-            parser.error("--offline-event-delay-ms and --offline-cleanup-delay-ms must be >= 0, --offline-fused-decode-steps >= 1")
+        delays = (cfg.offline_event_delay_ms, cfg.offline_cleanup_delay_ms, cfg.offline_booking_delay_ms)
+        if min(delays) < 0 or cfg.offline_fused_decode_steps < 1:
+            parser.error("--offline-*-delay-ms must be >= 0, --offline-fused-decode-steps >= 1")
         try:
             cost_with_overrides(cfg.offline_overrides)
         except ValueError as exc:

@@ -65,6 +65,10 @@ class OfflineConfig:
     # Lag of `prefill_complete` / `free` behind the engine's first token / completion (the online
     # replay's cleanup round trips, × speed-up): the router's load view is that much stale.
     cleanup_delay_ms: float = 0.0
+    # Lag of a decision's own booking `add` behind the decision: selects decided within this
+    # window do not see each other (the online scheduler's concurrent selects between scoring and
+    # applying the booking from the stream).
+    booking_delay_ms: float = 0.0
     seed: int = 0  # RNG of the `random` policy and of softmax sampling (temperature > 0)
     cost: CostConfig = field(default_factory=CostConfig)
     max_output_tokens: int | None = None
@@ -76,8 +80,8 @@ class OfflineConfig:
             raise ValueError("rate_scale must be a finite number > 0")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
-        if self.event_delay_ms < 0 or self.cleanup_delay_ms < 0:
-            raise ValueError("event_delay_ms and cleanup_delay_ms must be >= 0")
+        if min(self.event_delay_ms, self.cleanup_delay_ms, self.booking_delay_ms) < 0:
+            raise ValueError("event_delay_ms, cleanup_delay_ms and booking_delay_ms must be >= 0")
         if self.fused_decode_steps < 1:
             raise ValueError("fused_decode_steps must be >= 1")
 
@@ -155,7 +159,10 @@ class OfflineSim:
         self._order = 0
         self._busy: set[int] = set()
         self._visible: deque[tuple[float, list[RouterEvent]]] = deque()
-        self._cleanups: deque[tuple[float, bool, str]] = deque()  # (due, is_free, request id)
+        # Booking events not yet in the load view (see booking_delay_ms / cleanup_delay_ms).
+        self._updates: list[tuple[float, int, str, Any]] = []
+        self._add_due: dict[str, float] = {}
+        self._now = 0.0
         self._inflight: dict[str, _Pending] = {}
         self._next_arrival_ms = math.inf
 
@@ -185,7 +192,8 @@ class OfflineSim:
                 records.append(self._route(ordered[i], ta))
                 i += 1
         self._apply_visible(math.inf)
-        self._apply_cleanups(math.inf)
+        self._now = math.inf
+        self._apply_updates(math.inf)
         if on_progress:
             on_progress(n, n)
         fleet = self._fleet_stats()
@@ -208,22 +216,34 @@ class OfflineSim:
             for ev in vis.popleft()[1]:
                 self.index.apply(ev)
 
-    def _cleanup(self, now: float, is_free: bool, rid: str) -> None:
-        if self.cfg.cleanup_delay_ms > 0:
-            self._cleanups.append((now + self.cfg.cleanup_delay_ms, is_free, rid))
-        elif is_free:
-            self.tracker.free(rid)
-        else:
-            self.tracker.prefill_complete(rid)
+    def _update_load(self, due: float, kind: str, payload: Any) -> None:
+        """A booking event (`add` / `prefill_complete` / `free`) reaching the load view at `due`."""
+        if due <= self._now:
+            self._apply_update(due, kind, payload)
+            return
+        self._order += 1
+        heapq.heappush(self._updates, (due, self._order, kind, payload))
 
-    def _apply_cleanups(self, now: float) -> None:
-        q = self._cleanups
+    def _apply_update(self, due: float, kind: str, payload: Any) -> None:
+        if kind == "add":
+            self.tracker.add(payload, int(due))
+        elif kind == "free":
+            self.tracker.free(payload)
+        else:
+            self.tracker.prefill_complete(payload)
+
+    def _apply_updates(self, now: float) -> None:
+        q = self._updates
         while q and q[0][0] <= now:
-            _, is_free, rid = q.popleft()
-            if is_free:
-                self.tracker.free(rid)
-            else:
-                self.tracker.prefill_complete(rid)
+            due, _, kind, payload = heapq.heappop(q)
+            self._apply_update(due, kind, payload)
+
+    def _cleanup(self, end: float, kind: str, rid: str) -> None:
+        # Never before the request's own add: the tracker would ignore it and the add would leak.
+        due = max(end + self.cfg.cleanup_delay_ms, self._add_due.get(rid, end))
+        if kind == "free":
+            self._add_due.pop(rid, None)
+        self._update_load(due, kind, rid)
 
     def _route(self, req: TraceRequest, now: float) -> RequestRecord:
         cfg = self.cfg
@@ -233,8 +253,9 @@ class OfflineSim:
             max_tokens = max(1, min(max_tokens, cfg.max_output_tokens))
         rid = f"{cfg.policy}-{req.index}"
         rec = RequestRecord(index=req.index, request_id=rid, arrival_ms=now, prompt_tokens=req.input_length, max_tokens=max_tokens)
+        self._now = now
         self._apply_visible(now)
-        self._apply_cleanups(now)
+        self._apply_updates(now)
         tokens = self.expander.tokens(req)
         bs = self.block_size
         local = local_block_hashes(tokens, bs, self.salt_seed)
@@ -257,18 +278,21 @@ class OfflineSim:
         rec.worker_id = target.worker_id
         rec.overlap_blocks = decision.overlap_blocks
         self.diag.routed_overlap_tokens += decision.overlap_blocks * bs
-        self.tracker.add(
+        add_due = now + cfg.booking_delay_ms
+        self._add_due[rid] = add_due
+        self._update_load(
+            add_due,
+            "add",
             BookingAdd(request_id=rid, router_id=ROUTER_ID, pool=POOL, ts_ms=int(now), isl_tokens=len(tokens),
                        sequence_hashes=seq, expected_output_tokens=max_tokens, block_size=bs, worker_id=target.worker_id,
                        dp_rank=target.dp_rank, overlap_blocks=decision.overlap_blocks, leg="", track_prefill_tokens=True),
-            int(now),
         )  # fmt: skip
         self.diag.route_cpu_s += time.perf_counter() - t_cpu
         engine = self.engines[target.worker_id]
         rejected = engine.submit(rid, tokens, max_tokens, now)
         if rejected is not None:
             rec.error = "generate:invalid_request"
-            self.tracker.free(rid)
+            self._cleanup(now, "free", rid)
             return rec
         self._inflight[rid] = _Pending(rec, target.worker_id)
         waiting = len(engine.waiting)
@@ -310,8 +334,9 @@ class OfflineSim:
 
     def _pass_ended(self, w: int, end: float, res: PassResult) -> int:
         finished = 0
+        self._now = end
         for ft in res.first_tokens:
-            self._cleanup(end, False, ft.request_id)
+            self._cleanup(end, "prefill_complete", ft.request_id)
         for fin in res.finished:
             pending = self._inflight.pop(fin.request_id)
             rec = pending.record
@@ -321,7 +346,7 @@ class OfflineSim:
             rec.cached_tokens = fin.cached_tokens
             rec.output_tokens = fin.output_tokens
             rec.preemptions = fin.preemptions
-            self._cleanup(end, True, fin.request_id)
+            self._cleanup(end, "free", fin.request_id)
             finished += 1
         self.diag.sim_end_ms = max(self.diag.sim_end_ms, end)
         self._start_pass(w, end)
@@ -354,6 +379,7 @@ class OfflineSim:
             "index_blocks": self.index.blocks,
             "event_delay_ms": self.cfg.event_delay_ms,
             "cleanup_delay_ms": self.cfg.cleanup_delay_ms,
+            "booking_delay_ms": self.cfg.booking_delay_ms,
             "cost": vars(self.cfg.cost) if hasattr(self.cfg.cost, "__dict__") else str(self.cfg.cost),
             "workers": per,
         }

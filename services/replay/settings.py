@@ -33,6 +33,8 @@ SETTINGS = REGISTRY.register(
         Setting("offline_event_delay_ms", 20.0, "offline: simulated ms before a pass's KV events reach the index", float),
         Setting("offline_cleanup_delay_ms", 0.0, "offline: simulated ms before prefill_complete/free reach the router's load view",
                 float),
+        Setting("offline_booking_delay_ms", 0.0, "offline: simulated ms before a decision's own booking reaches the load view "
+                "(selects within it do not see each other)", float),
         Setting("offline_seed", 0, "offline: RNG seed of the random policy and softmax sampling", int),
         Setting("offline_overrides", [], "offline: cost-rule overrides key=value (overlap_score_credit, prefill_load_scale, "
                 "temperature, host_cache_hit_weight, disk_cache_hit_weight)", is_list=True),
