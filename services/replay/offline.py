@@ -218,11 +218,11 @@ class OfflineSim:
 
     def _update_load(self, due: float, kind: str, payload: Any) -> None:
         """A booking event (`add` / `prefill_complete` / `free`) reaching the load view at `due`."""
-        if due <= self._now:
-            self._apply_update(due, kind, payload)
-            return
+        # Through the queue even when already due, so it lands after older updates due before it
+        # (a request's add before its prefill_complete and free).
         self._order += 1
         heapq.heappush(self._updates, (due, self._order, kind, payload))
+        self._apply_updates(self._now)
 
     def _apply_update(self, due: float, kind: str, payload: Any) -> None:
         if kind == "add":
