@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from schemas.api import Overrides
 from schemas.bookings import BookingAdd
 from schemas.discovery import WorkerRecord
@@ -88,8 +90,6 @@ class OfflineConfig:
 
 def cost_with_overrides(entries: Sequence[str]) -> CostConfig:
     """`key=value` entries (the wire `Overrides` fields, validated by it) over Dynamo's defaults."""
-    import msgspec
-
     values: dict[str, float] = {}
     for item in entries:
         key, sep, raw = item.partition("=")
@@ -99,15 +99,13 @@ def cost_with_overrides(entries: Sequence[str]) -> CostConfig:
             values[key.strip()] = float(raw)
         except ValueError:
             raise ValueError(f"bad cost override {item!r}: {raw!r} is not a number") from None
-    try:
-        overrides = msgspec.convert(values, Overrides, strict=False, forbid_unknown_fields=True) if values else None
-    except TypeError:  # older msgspec without forbid_unknown_fields
-        overrides = msgspec.convert(values, Overrides, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"bad cost override: {exc}") from None
     unknown = set(values) - set(Overrides.__struct_fields__)
     if unknown:
         raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {', '.join(Overrides.__struct_fields__)}")
+    try:
+        overrides = msgspec.convert(values, Overrides) if values else None
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad cost override: {exc}") from None
     return CostConfig().with_overrides(overrides)
 
 
