@@ -12,7 +12,7 @@ from services.mock_worker.engine import EngineConfig
 from services.replay.__main__ import main as replay_main
 from services.replay.offline import OfflineConfig, OfflineSim, cost_with_overrides, run_offline
 from services.replay.report import summarize
-from services.replay.trace import synthetic_trace, write_trace
+from services.replay.trace import TraceRequest, synthetic_trace, write_trace
 from services.scheduler.selector import CostConfig
 
 ENGINE = EngineConfig(block_size=64, kv_blocks=1_024, max_num_batched_tokens=4_096, max_num_seqs=64)
@@ -122,3 +122,15 @@ def test_stale_load_view_still_drains(workload, cleanup, booking) -> None:
     sim = OfflineSim(_cfg("kv", cleanup_delay_ms=cleanup, booking_delay_ms=booking, event_delay_ms=1_000.0))
     s = summarize(sim.run(workload))
     assert s["completed"] == len(workload) and s["open_bookings"] == 0 and not sim.tracker.ranks
+
+
+def test_burst_herds_only_when_decisions_do_not_see_each_other() -> None:
+    # 8 unrelated requests at the same instant on 4 idle workers: with each booking applied before
+    # the next decision (the scheduler's semantics) kv spreads them; when decisions within 50 ms do
+    # not see each other's bookings (online concurrent selects) they all pick the same worker.
+    burst = [TraceRequest(i, 0, 2_000, 8, (1_000 + 10 * i, 1_001 + 10 * i, 1_002 + 10 * i, 1_003 + 10 * i)) for i in range(8)]
+    fresh = run_offline(burst, _cfg("kv"))
+    stale = run_offline(burst, _cfg("kv", booking_delay_ms=50.0))
+    assert sorted({r.worker_id for r in fresh.records}) == [1, 2, 3, 4]
+    assert {r.worker_id for r in stale.records} == {1}
+    assert summarize(stale)["ttft_ms"]["mean"] > summarize(fresh)["ttft_ms"]["mean"]
