@@ -130,6 +130,8 @@ class SchedulerApp:
         self._hit_ratio: dict[str, Any] = {}
         self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
         self._removed: dict[str, set[int]] = {}
+        # (pool, request_id, leg) → our own add, applied before the stream delivers it (see _book)
+        self._provisional: dict[tuple[str, str, str], BookingAdd] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -332,6 +334,10 @@ class SchedulerApp:
                 self.remote_lags_ms.append(lag)
             m.BOOKING_LAG.observe(lag / 1000.0)
         if isinstance(ev, BookingAdd):
+            if self._provisional.pop((ev.pool, ev.request_id, ev.leg), None) is not None:
+                # The stream's copy is authoritative (it may even be another replica's booking of the
+                # same request id that won the JetStream de-duplication): replace ours with it.
+                tracker.discard_leg(ev.request_id, ev.leg)
             removed = self._removed.get(ev.pool)
             ok = not (removed and ev.worker_id in removed) and tracker.add(ev, now)
             kind = "add"
@@ -571,18 +577,33 @@ class SchedulerApp:
             request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, isl_tokens=isl,
             sequence_hashes=seq, expected_output_tokens=req.expected_output_tokens, block_size=block_size,
         )  # fmt: skip
-        pubs = []
+        events: list[BookingAdd] = []
         if d.prefill is not None:
             c = d.prefill.candidate
-            ev = BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.prefill.overlap_blocks,
-                            leg=PREFILL_LEG, track_prefill_tokens=True, **common)  # type: ignore[arg-type]  # fmt: skip
-            pubs.append(self._publish(pool, ev, "add", PREFILL_LEG))
+            events.append(BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.prefill.overlap_blocks,
+                                     leg=PREFILL_LEG, track_prefill_tokens=True, **common))  # type: ignore[arg-type]  # fmt: skip
         c = d.decode.candidate
-        ev = BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.decode.overlap_blocks,
-                        leg="", track_prefill_tokens=d.prefill is None, **common)  # type: ignore[arg-type]  # fmt: skip
-        pubs.append(self._publish(pool, ev, "add"))
+        events.append(BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.decode.overlap_blocks,
+                                 leg="", track_prefill_tokens=d.prefill is None, **common))  # type: ignore[arg-type]  # fmt: skip
+        # Apply our own booking provisionally *before* the first await: selects that run while this
+        # one waits for the stream must see this load, or a burst of requests all pick the same
+        # cheapest worker (measured with the offline simulator: mean TTFT 4× worse on the Mooncake
+        # conversation trace's 3-second bursts). The stream's copy replaces it when it arrives.
+        tracker = self.trackers[pool]
+        mine = [ev for ev in events if tracker.add(ev, ts)]
+        for ev in mine:
+            self._provisional[(pool, ev.request_id, ev.leg)] = ev
+        pubs = [self._publish(pool, ev, "add", ev.leg) for ev in events]
         t0 = time.perf_counter()
-        seqs = await asyncio.gather(*pubs)
+        try:
+            seqs = await asyncio.gather(*pubs)
+        except BaseException:
+            # Not (known to be) in the stream: take the provisional legs back. If a publish did land
+            # after all, its stream copy re-adds the booking like on every other replica.
+            for ev in mine:
+                if self._provisional.pop((pool, ev.request_id, ev.leg), None) is not None:
+                    tracker.discard_leg(ev.request_id, ev.leg)
+            raise
         t1 = time.perf_counter()
         _PHASE["booking_publish"].observe(t1 - t0)
         await self._wait_applied(max(seqs))

@@ -120,6 +120,15 @@ class LoadTracker:
             self._release(self.legs[(request_id, leg_name)])
         return True
 
+    def discard_leg(self, request_id: str, leg: str) -> bool:
+        """Remove one leg as if it had never been added (no counters): used to replace a replica's
+        provisional copy of its own booking by the copy the bookings stream delivers."""
+        entry = self.legs.get((request_id, leg))
+        if entry is None:
+            return False
+        self._release(entry)
+        return True
+
     def expire(self, now_ms: int) -> list[str]:
         """Drop legs whose TTL has passed; returns the request ids touched."""
         out: list[str] = []

@@ -138,3 +138,15 @@ def test_views_match_a_recount_and_everything_frees_to_empty(seq):
     for r in list(t.request_ids()):
         t.free(r)
     assert t.targets() == [] and t.legs == {} and t.ranks == {}
+
+
+def test_discard_leg_leaves_no_trace():
+    from schemas.bookings import BookingAdd
+    from services.scheduler.load import LoadTracker
+
+    fresh, t = LoadTracker(), LoadTracker()
+    ev = BookingAdd(request_id="r", router_id="a", pool="p", worker_id=1, isl_tokens=64, sequence_hashes=[1, 2], ts_ms=1000)
+    assert t.add(ev, 1000)
+    assert t.discard_leg("r", "") and not t.discard_leg("r", "")
+    assert t.digest() == fresh.digest() and t.view((1, 0)) == fresh.view((1, 0)) and t.duplicates == 0
+    assert t.add(ev, 1000)  # the stream's copy can be applied afterwards

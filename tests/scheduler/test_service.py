@@ -282,3 +282,24 @@ async def test_select_without_an_indexer_decides_on_load_alone(nats_url, nc):
         assert (first.decode.worker_id, second.decode.worker_id) == (1, 2)  # load-balanced, no overlaps
         assert first.overlap_blocks == 0 and app.match_failures == 2
         assert time.monotonic() - started < 1.0  # "no responders" is immediate, not a timeout
+
+
+async def test_a_burst_of_concurrent_selects_spreads_instead_of_herding(nats_url, nc, indexer):
+    # Eight identical prompts at the same instant, four equal workers: each select must see the load
+    # the earlier ones booked (even before their bookings come back from the stream), so the burst
+    # spreads. Without that, every select scores the same empty view and all land on one worker.
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        for wid in (1, 2, 3, 4):
+            await put(nc, wid)
+        await eventually(lambda: worker_ids(app) == {1, 2, 3, 4})
+        replies = await asyncio.gather(*(select(nc, request_id=f"burst{i}") for i in range(8)))
+        per_worker = {w: sum(r.decode.worker_id == w for r in replies) for w in (1, 2, 3, 4)}
+        assert max(per_worker.values()) <= 3, per_worker
+        # The stream copies replaced the provisional ones: the view equals a replica that only
+        # applied the stream (a second replica started now).
+        async with running_scheduler(nats_url, "--router-id", "s2") as other:
+            await eventually(lambda: other.trackers[POOL].digest() == app.trackers[POOL].digest())
+        assert not app._provisional
+        for i in range(8):
+            assert (await cleanup(nc, f"burst{i}", "free")).known
+        assert app.trackers[POOL].request_ids() == []
