@@ -93,9 +93,13 @@ class Registry:
         self.groups[scope] = items
         return items
 
+    def ordered_groups(self) -> list[tuple[str, tuple[Setting, ...]]]:
+        """By scope name: the output must not depend on which module happened to be imported first."""
+        return sorted(self.groups.items())
+
     def all(self) -> list[Setting]:
         seen: dict[str, Setting] = {s.name: s for s in COMMON}
-        for items in self.groups.values():
+        for _, items in self.ordered_groups():
             for s in items:
                 seen.setdefault(s.name, s)
         return list(seen.values())
@@ -160,7 +164,7 @@ def markdown_table() -> str:
     scopes: dict[str, list[str]] = {}
     for s in COMMON:
         scopes.setdefault(s.name, []).append("all services")
-    for scope, items in REGISTRY.groups.items():
+    for scope, items in REGISTRY.ordered_groups():
         for s in items:
             if s.name not in {c.name for c in COMMON}:
                 scopes.setdefault(s.name, []).append(scope)

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 
+from .logs import get_logger
 
-async def cancel_and_wait(*tasks: asyncio.Task | None | Iterable[asyncio.Task]) -> None:  # type: ignore[type-arg]
-    """Cancel tasks and wait for them to finish; their cancellation or failure is not re-raised
-    (a stopping service only needs them gone)."""
-    flat: list[asyncio.Task] = []  # type: ignore[type-arg]
+log = get_logger("kvr.tasks")
+
+
+async def cancel_and_wait(*tasks: asyncio.Task | None | Iterable[asyncio.Task], timeout: float = 10.0) -> None:  # type: ignore[type-arg]
+    """Cancel tasks and wait until they are gone; their cancellation or failure is not re-raised
+    (a stopping service only needs them gone).
+
+    Cancellation is repeated: a library call that swallows one `CancelledError` (seen with nats-py
+    object-store writes) would otherwise leave a `while True` loop running and the stop waiting
+    forever. After `timeout` seconds the remaining tasks are logged and abandoned.
+    """
+    pending: set[asyncio.Task] = set()  # type: ignore[type-arg]
     for item in tasks:
         if item is None:
             continue
         if isinstance(item, asyncio.Task):
-            flat.append(item)
+            pending.add(item)
         else:
-            flat.extend(item)
-    for task in flat:
-        task.cancel()
-    for task in flat:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+            pending.update(item)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, max(deadline - loop.time(), 0.01)))
+        if pending and loop.time() >= deadline:
+            log.warning("tasks.not_stopped", tasks=sorted(t.get_name() for t in pending))
+            return
