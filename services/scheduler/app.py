@@ -381,13 +381,15 @@ class SchedulerApp:
         await self._wait_applied(info.state.last_seq)
 
     async def _publish(self, pool: str, event: BookingAdd | BookingPrefillComplete | BookingFree, type_: str, leg: str = "") -> int:
+        return (await self._publish_ack(pool, event, type_, leg)).seq
+
+    async def _publish_ack(self, pool: str, event: BookingAdd | BookingPrefillComplete | BookingFree, type_: str, leg: str = "") -> Any:
         assert self.rt is not None
-        ack = await self.rt.js.publish(
+        return await self.rt.js.publish(
             self.rt.names.bookings_subject(pool, self.router_id),
             codec.encode_json(event),
             headers={"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg)},
         )
-        return ack.seq
 
     # --- periodic ----------------------------------------------------------------------------
 
@@ -593,20 +595,29 @@ class SchedulerApp:
         mine = [ev for ev in events if tracker.add(ev, ts)]
         for ev in mine:
             self._provisional[(pool, ev.request_id, ev.leg)] = ev
-        pubs = [self._publish(pool, ev, "add", ev.leg) for ev in events]
+        pubs = [self._publish_ack(pool, ev, "add", ev.leg) for ev in events]
         t0 = time.perf_counter()
+
+        def take_back(ev: BookingAdd) -> None:
+            if self._provisional.pop((pool, ev.request_id, ev.leg), None) is not None:
+                tracker.discard_leg(ev.request_id, ev.leg)
+
         try:
-            seqs = await asyncio.gather(*pubs)
+            acks = await asyncio.gather(*pubs)
         except BaseException:
             # Not (known to be) in the stream: take the provisional legs back. If a publish did land
             # after all, its stream copy re-adds the booking like on every other replica.
             for ev in mine:
-                if self._provisional.pop((pool, ev.request_id, ev.leg), None) is not None:
-                    tracker.discard_leg(ev.request_id, ev.leg)
+                take_back(ev)
             raise
+        for ev, ack in zip(events, acks):
+            if ack.duplicate:
+                # JetStream dropped it (same request id booked within the duplicate window): the stream
+                # will never deliver this add, so it must not stay on this replica only.
+                take_back(ev)
         t1 = time.perf_counter()
         _PHASE["booking_publish"].observe(t1 - t0)
-        await self._wait_applied(max(seqs))
+        await self._wait_applied(max(ack.seq for ack in acks))
         _PHASE["booking_apply"].observe(time.perf_counter() - t1)
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:

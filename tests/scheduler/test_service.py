@@ -303,3 +303,15 @@ async def test_a_burst_of_concurrent_selects_spreads_instead_of_herding(nats_url
         for i in range(8):
             assert (await cleanup(nc, f"burst{i}", "free")).known
         assert app.trackers[POOL].request_ids() == []
+
+
+async def test_reused_request_id_inside_the_duplicate_window_leaves_no_local_booking(nats_url, nc, indexer):
+    # JetStream drops the second `add` of a request id (same Nats-Msg-Id within its duplicate window):
+    # the provisional copy must not stay behind on the replica that made it.
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        await select(nc, request_id="again")
+        assert (await cleanup(nc, "again", "free")).known
+        await select(nc, request_id="again")
+        assert app.trackers[POOL].request_ids() == [] and not app._provisional
