@@ -119,12 +119,18 @@ async def test_deleting_discovery_key_removes_worker_blocks(nc, start_indexer):
     await wait_for(lambda: (1, 0) not in app.index("p").tree_sizes())
     assert await scores_of(nc, [1, 2]) == {(2, 0): 1}
     assert app.index("p").worker_keys() == [(2, 0)]
-    # live events after the removal are applied (a re-registering worker must not race the watcher)
+    # A zombie's events are ignored until the worker is put again ...
+    seq = await publish(js, "p", stored_event(1, 5, chain(12, [1])))
+    await wait_for(lambda: app.applied_seq >= seq)
+    assert await scores_of(nc, [1]) == {(2, 0): 1}
+    assert app.pool_states()["p"].dropped == 1
+    # ... and a re-registered worker's events are applied once the put has been seen.
     await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool="p", ttl_s=3600))
+    await wait_for(lambda: 1 not in app.pool_states()["p"].removed)
     seq = await publish(js, "p", stored_event(1, 7, chain(13, [1])))  # a new instance: any first event id
     await wait_for(lambda: app.applied_seq >= seq)
     assert await scores_of(nc, [1]) == {(1, 0): 1, (2, 0): 1}
-    assert app.pool_states()["p"].dropped == 0
+    assert app.pool_states()["p"].dropped == 1
 
 
 async def test_malformed_payloads_are_counted_and_skipped(nc, start_indexer):
