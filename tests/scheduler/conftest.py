@@ -50,7 +50,9 @@ async def running_scheduler(nats_url: str, *flags: str) -> AsyncIterator[Schedul
         yield app
     finally:
         await app.stop()
-        await nc.close()
+        # Drain like the real service does on SIGTERM: the server has processed our unsubscribes
+        # before the connection goes, so no later request is routed to this replica's queue member.
+        await nc.drain()
 
 
 class ScriptedIndexer:
