@@ -20,7 +20,7 @@ from nats.aio.subscription import Subscription
 from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest
 from schemas.discovery import WorkerRecord
 from services.runtime.logs import get_logger
-from services.runtime.responder import ServiceError, error_for, serve
+from services.runtime.responder import ServiceError, error_for, serve, unsubscribe_all
 from services.runtime.service import Runtime
 from services.runtime.tracing import tracer
 from services.runtime.workers import WorkerWatcher
@@ -105,11 +105,7 @@ class EppBridgeApp:
 
     async def stop(self) -> None:
         self._ready = False
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection already closing
-                pass
+        await unsubscribe_all(self._subs)
         if self._background:
             await asyncio.wait(self._background, timeout=3)
         if self.watcher:

@@ -31,7 +31,7 @@ from schemas.hashing import local_block_hashes, salt_seed
 from schemas.types import MAX_EVENTS_PER_MESSAGE
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
-from services.runtime.responder import ServiceError, serve
+from services.runtime.responder import ServiceError, serve, unsubscribe_all
 from services.runtime.service import Runtime
 from services.runtime.workers import WorkerWatcher
 from services.runtime.tasks import cancel_and_wait
@@ -124,10 +124,7 @@ class IndexerApp:
         log.info("indexer.started", pools=self.pools, resume_seq=start_seq, serve_endpoints=self.serve_endpoints)
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs.clear()
+        await unsubscribe_all(self._subs)
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.follower is not None:

@@ -138,3 +138,13 @@ async def request(
         data = payload if isinstance(payload, (bytes, bytearray)) else codec.encode(payload, ctype)
         msg = await nc.request(subject, data, timeout=timeout, headers=headers or None)
     return codec.decode_reply(msg.data, reply_type, codec.content_type_of(msg.headers) or ctype)
+
+
+async def unsubscribe_all(subs: list[Subscription]) -> None:
+    """Stop answering: unsubscribe every endpoint (ignoring a connection that is already closing)."""
+    for sub in subs:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - connection already closing
+            pass
+    subs.clear()

@@ -35,7 +35,7 @@ from schemas.discovery import LoadReport, WorkerRecord
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
-from services.runtime.responder import ServiceError, serve
+from services.runtime.responder import ServiceError, serve, unsubscribe_all
 from services.runtime.service import Runtime
 from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
@@ -186,11 +186,7 @@ class SchedulerApp:
 
     async def stop(self) -> None:
         self._ready = False
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection already closing
-                pass
+        await unsubscribe_all(self._subs)
         await cancel_and_wait(self._tasks)
         if self.follower:
             await self.follower.stop()
