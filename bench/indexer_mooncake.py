@@ -116,13 +116,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--capacity", type=int, default=1024)
     ap.add_argument("--default-gc", action="store_true", help="keep CPython's default GC thresholds (as when embedded)")
+    ap.add_argument("--out", default=str(RESULTS / "indexer_mooncake.json"))
     args = ap.parse_args()
     if not args.default_gc:
         tune_gc()  # what `kvr indexer` does at start
     names = list(TRACES) if args.trace == "both" else [args.trace]
     results = {name: replay(DATA / TRACES[name], args.workers, args.capacity) for name in names}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "indexer_mooncake.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'trace':<13} {'requests':>8} {'ops':>7} {'ops/s (index)':>14} {'ops/s (wall)':>13} {'p50 µs':>7} {'p99 µs':>7} {'hit rate':>8}")
     for name, r in results.items():
         print(

@@ -229,11 +229,12 @@ def main() -> None:
     ap.add_argument("--restart-entries", type=int, default=1_000_000)
     ap.add_argument("--rate", type=float, default=2000)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--out", default=str(RESULTS / "indexer_nats.json"))
     args = ap.parse_args()
     tune_gc()  # the in-process ingest and restart stand for a `kvr indexer` process, which does this
     res = asyncio.run(amain(args))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "indexer_nats.json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     r, lat = res["restart"], res["match_over_nats"]
     rows = [
         ("JetStream ingest", f"{res['ingest_blocks']:,} blocks in {res['ingest_s']:.2f} s = {res['ingest_blocks_per_s']:,.0f} blocks/s"),

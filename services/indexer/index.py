@@ -13,11 +13,21 @@ Layout (chosen for speed and memory in CPython):
 - A node lives as long as some worker holds it in some tier or it has children, so a worker that
   still holds a deep block whose middle ancestor was evicted keeps it (its leading prefix simply
   stops at the gap), and a re-stored ancestor reconnects it.
+- Runs (path compression for reads): a stretch of ≥ `min_run` consecutive nodes with the same
+  device mask, found by a match walking it, becomes a `_Run` hung on its first node: the keys of the
+  rest, its last node and the shared mask (on the first node, not the one above it, so each branch
+  below a fork gets its own). The next match through it compares a slice of the query with the
+  keys (one C-level list comparison) and jumps, instead of one dict lookup and one `&` per block. A
+  run is only a cache: any mask change of a member node invalidates it (one attribute check in the
+  event path), nothing else can make it wrong (parents never change, and a node that still has a
+  non-zero mask is still in the tree), and snapshots and dumps ignore it.
 """
 
 from __future__ import annotations
 
 import heapq
+import sys
+from itertools import compress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +44,7 @@ DEVICE = "device"
 SNAPSHOT_VERSION = 1
 
 WorkerKey = tuple[int, int]  # (worker_id, dp_rank)
+_BITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 @dataclass
@@ -44,7 +55,7 @@ class OverlapScores:
 
 
 class _Node:
-    __slots__ = ("children", "mask", "parent", "key", "tiers", "alias")
+    __slots__ = ("children", "mask", "parent", "key", "tiers", "alias", "run", "owner")
 
     def __init__(self, parent: _Node | None, key: int) -> None:
         self.children: dict[int, _Node] | None = None
@@ -55,6 +66,21 @@ class _Node:
         # Extra references when one worker maps several engine hashes onto the same node of a tier;
         # the bit is cleared only when the last one goes.
         self.alias: dict[tuple[str, int], int] | None = None
+        self.run: _Run | None = None  # a run of descendants with this node's mask, hung here
+        self.owner: _Run | None = None  # the run this node is a member of (possibly invalidated)
+
+
+class _Run:
+    """Consecutive descendants of one node along `keys`, all with its device mask `mask` (module doc)."""
+
+    __slots__ = ("keys", "end", "mask", "length", "valid")
+
+    def __init__(self, keys: list[int], end: _Node) -> None:
+        self.keys = keys
+        self.end = end
+        self.mask = end.mask
+        self.length = len(keys)
+        self.valid = True
 
 
 class _Worker:
@@ -88,7 +114,10 @@ class _Worker:
 
 
 class PrefixIndex:
-    def __init__(self) -> None:
+    def __init__(self, min_run: int = 4) -> None:
+        # shortest equal-mask stretch worth a run: 2 at least (a run holds the keys after its first
+        # node, and must advance a match), 4 by default (shorter ones save little)
+        self.min_run = max(2, min_run)
         self.root = _Node(None, 0)
         self._workers: dict[WorkerKey, _Worker] = {}
         self._slot_keys: list[WorkerKey | None] = []
@@ -101,9 +130,10 @@ class PrefixIndex:
         self.version = 0  # bumped by every change; caches derived from the tree compare against it
         self._sizes: dict[WorkerKey, int] = {}
         self._sizes_version = 0
-        # membership mask → its worker keys; the same few masks (e.g. "every worker holds the shared
-        # system prompt") come up in almost every match
-        self._mask_keys: dict[int, tuple[WorkerKey, ...]] = {}
+        # membership mask → its worker keys, as a dict so `dict.fromkeys` reuses the stored hashes
+        # instead of hashing every (worker, dp_rank) tuple again; the same few masks (e.g. "every
+        # worker holds the shared system prompt") come up in almost every match
+        self._mask_keys: dict[int, dict[WorkerKey, None]] = {}
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -209,6 +239,10 @@ class PrefixIndex:
                         self._add_alias(node, tier, w.slot)
                     else:
                         node.mask = m | bit
+                        run = node.owner
+                        if run is not None:
+                            run.valid = False
+                            node.owner = None
                 else:
                     self._link_lower(node, tier, w)
                 # Unlink the old position only after linking the new one: the old node may be a
@@ -252,6 +286,10 @@ class PrefixIndex:
                 return
         if tier == DEVICE:
             node.mask &= ~w.bit
+            run = node.owner
+            if run is not None:
+                run.valid = False
+                node.owner = None
         else:
             tiers = node.tiers
             m = tiers[tier] & ~w.bit  # type: ignore[index]
@@ -318,56 +356,94 @@ class PrefixIndex:
 
     def find_matches(self, local_hashes: Sequence[int], early_exit: bool = False) -> OverlapScores:
         """Leading-prefix block counts per (worker, dp_rank); `tree_sizes` is shared, do not mutate it."""
-        scores: dict[WorkerKey, int] = {}
-        out = OverlapScores(scores, {}, self.tree_sizes())
+        sizes = self.tree_sizes()
         children = self.root.children
-        if children is None or not local_hashes:
-            return out
-        it = iter(local_hashes)
-        child = children.get(next(it))
-        if child is None:
-            return out
-        active = child.mask
-        depth = 1 if active else 0
+        node = children.get(local_hashes[0]) if children is not None and local_hashes else None
+        if node is None:
+            return OverlapScores({}, {}, sizes)
+        if type(local_hashes) is not list:
+            local_hashes = list(local_hashes)  # run keys are compared as list slices
+        active = node.mask
+        pos = 1  # blocks matched so far = depth of `node`
+        # (workers still matching before a narrowing, depth of the narrowing): every worker gets the
+        # depth of the last entry whose set holds it. Sets shrink along the walk, so the first one is
+        # the node's own mask (the same few for every query) and later ones are small; recording the
+        # dropped workers instead would give a new large mask for nearly every query
+        dropped: list[tuple[int, int]] = []
         if active and not (early_exit and not active & (active - 1)):
-            for h in it:
-                children = child.children
+            n = len(local_hashes)
+            min_run = self.min_run
+            # the equal-mask stretch being walked block by block: `s_first` (depth `s_pos` + 1) down to `node`
+            owned = node.owner is not None and node.owner.valid
+            s_first, s_pos, s_mask = node, 0, -1 if owned else active
+            while pos < n:
+                run = node.run
+                if run is not None and run.valid and local_hashes[pos : pos + run.length] == run.keys:
+                    narrowed = active & run.mask
+                    if narrowed != active:  # only if `node` gained workers since the stretch was walked
+                        dropped.append((active, pos))
+                        active = narrowed
+                        if not active or (early_exit and not active & (active - 1)):
+                            break
+                    node = run.end
+                    pos += run.length
+                    s_pos, s_mask = pos, -1
+                    continue
+                children = node.children
                 if children is None:
                     break
-                child = children.get(h)
+                child = children.get(local_hashes[pos])
                 if child is None:
                     break
-                narrowed = child.mask & active
+                m = child.mask
+                narrowed = m & active
                 if narrowed != active:
-                    self._record(scores, active ^ narrowed, depth)
+                    dropped.append((active, pos))
                     active = narrowed
                     if not active or (early_exit and not active & (active - 1)):
                         break
-                depth += 1
+                if m != s_mask or (child.owner is not None and child.owner.valid):
+                    if pos - s_pos >= min_run:
+                        self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
+                    owned = child.owner is not None and child.owner.valid
+                    s_first, s_pos, s_mask = child, pos, -1 if owned else m  # -1: a run's member starts no stretch
+                node = child
+                pos += 1
+            if pos - s_pos >= min_run:
+                self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
         if active:
-            self._record(scores, active, depth)
+            dropped.append((active, pos))
+        scores: dict[WorkerKey, int] = {}
+        keys_of = self._mask_keys.get
+        for bits, depth in dropped:
+            if not scores:
+                scores = dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth)
+            else:
+                scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
+        out = OverlapScores(scores, {}, sizes)
         if self.lower_tier_blocks:
             out.tier_scores = self._tier_scores(local_hashes, scores)
         return out
 
-    def _record(self, scores: dict[WorkerKey, int], bits: int, depth: int) -> None:
-        keys = self._mask_keys.get(bits)
-        if keys is None:
-            slot_keys = self._slot_keys
-            found = []
-            m = bits
-            while m:
-                low = m & -m
-                found.append(slot_keys[low.bit_length() - 1])
-                m ^= low
-            keys = tuple(found)  # type: ignore[arg-type]
-            if len(self._mask_keys) >= 4096:
-                self._mask_keys.clear()
-            self._mask_keys[bits] = keys
-        if len(keys) == 1:
-            scores[keys[0]] = depth
-        else:
-            scores.update(dict.fromkeys(keys, depth))
+    def _add_run(self, first: _Node, last: _Node, keys: list[int]) -> None:
+        """Hang a run on `first`: the nodes below it along `keys`, down to `last`. The caller walked them:
+        equal masks (`first`'s included), none a member of a valid run."""
+        run = _Run(keys, last)
+        node = last
+        for _ in range(run.length):
+            node.owner = run
+            node = node.parent  # type: ignore[assignment]
+        first.owner = run  # its mask is the run's too: a change must invalidate the run
+        first.run = run
+
+    def _keys_of(self, bits: int) -> dict[WorkerKey, None]:
+        # bit i of `bits` selects slot i: the reversed binary digits, as bytes 0/1, drive a C-level
+        # compress instead of a Python loop over up to 64 bits
+        found = dict.fromkeys(compress(self._slot_keys, bin(bits)[:1:-1].encode().translate(_BITS)))
+        if len(self._mask_keys) >= 16384:
+            self._mask_keys.clear()
+        self._mask_keys[bits] = found  # type: ignore[assignment]
+        return found  # type: ignore[return-value]
 
     def _tier_scores(self, local_hashes: Sequence[int], device_scores: dict[WorkerKey, int]) -> dict[str, dict[WorkerKey, int]]:
         """Per lower tier: leading blocks held in this tier or a faster one, minus what faster tiers
@@ -426,6 +502,20 @@ class PrefixIndex:
         return self._sizes
 
     # ---- sizes ------------------------------------------------------------------------------
+
+    def run_stats(self) -> tuple[int, int]:
+        """(valid runs, bytes they hold): the read cache's footprint, for benchmarks and metrics."""
+        runs = size = 0
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            run = node.run
+            if run is not None and run.valid:
+                runs += 1
+                size += sys.getsizeof(run) + sys.getsizeof(run.keys)
+            if node.children:
+                stack.extend(node.children.values())
+        return runs, size
 
     @property
     def blocks(self) -> int:

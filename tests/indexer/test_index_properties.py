@@ -49,10 +49,10 @@ def build(ops):
     return out
 
 
-def run(events, probes=()):
+def run(events, probes=(), min_run=4):
     """Apply to both; after every step also compare a few matches, so caches inside the index
-    (tree sizes, mask → workers) are checked while the index changes, not only at the end."""
-    index, model = PrefixIndex(), ModelIndex()
+    (tree sizes, mask → workers, runs) are checked while the index changes, not only at the end."""
+    index, model = PrefixIndex(min_run=min_run), ModelIndex()
     for ev in events:
         if isinstance(ev, tuple):
             index.remove_worker(ev[1])
@@ -113,3 +113,62 @@ def test_no_dangling_nodes_after_everything_is_removed(ops):
         index.remove_worker(key[0])
     assert index.nodes == 0 and index.root.children is None and index.blocks == 0
     assert index.lower_tier_blocks == 0
+
+
+# Long chains over a tiny alphabet of local hashes, so paths are shared by several workers and masks
+# change along them: runs get built by matches, then invalidated by later events.
+long_store_op = st.tuples(
+    st.just("store"), st.integers(1, 3), st.just(0), st.just("device"), st.one_of(st.none(), st.integers(1, 12)),
+    st.lists(st.tuples(st.integers(1, 12), st.integers(1, 2)), min_size=1, max_size=8),
+)
+long_remove_op = st.tuples(st.just("remove"), st.integers(1, 3), st.just(0), st.just("device"), st.lists(st.integers(1, 12), min_size=1, max_size=4))
+LONG_OPS = st.lists(
+    st.tuples(st.one_of(long_store_op, long_store_op, long_store_op, long_remove_op, clear_op, drop_op), st.just(1)), max_size=30
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(LONG_OPS, st.sampled_from([1, 2, 3]))  # 1 is raised to 2
+def test_runs_built_by_matches_never_change_a_later_match(ops, min_run):
+    index, model = PrefixIndex(min_run=min_run), ModelIndex()
+    for ev in build(ops):
+        if isinstance(ev, tuple):
+            index.remove_worker(ev[1])
+            model.remove_worker(ev[1])
+        else:
+            index.apply(ev)
+            model.apply(ev)
+        paths = {p for by_tier in model.workers.values() for lk in by_tier.values() for p in lk.values()}
+        probes = sorted({p[:i] for p in paths for i in range(1, len(p) + 1)} | {p + (2, 1, 1) for p in paths})
+        for q in probes:  # every prefix of every held path, and past their ends
+            got = index.find_matches(list(q))
+            assert got.scores == model.scores(list(q)), q
+            for k, v in index.find_matches(list(q), early_exit=True).scores.items():
+                assert 0 < v <= got.scores[k]
+
+
+def test_a_match_builds_a_run_and_a_mask_change_inside_it_invalidates_it():
+    chain = [(100 + i, 10 + i) for i in range(10)]
+    index = PrefixIndex(min_run=4)
+    index.apply(stored_event(1, 0, chain))
+    query = [t for _, t in chain]
+    assert index.find_matches(query).scores == {(1, 0): 10}
+    first = index.root.children[10]
+    run = first.run
+    assert run is not None and run.valid and run.keys == query[1:] and run.end.key == 19
+    assert index.find_matches(query).scores == {(1, 0): 10}  # through the run
+
+    # worker 2 stores the first five blocks: their masks change, so the run must not be used
+    index.apply(stored_event(2, 0, chain[:5]))
+    assert not run.valid
+    assert index.find_matches(query).scores == {(1, 0): 10, (2, 0): 5}
+    # the match walked two equal-mask stretches again: {1,2} for blocks 1-5, {1} for blocks 6-10
+    assert first.run.valid and first.run.length == 4
+    sixth = first.run.end.children[15]
+    assert sixth.run.valid and sixth.run.keys == query[6:]
+    assert index.find_matches(query).scores == {(1, 0): 10, (2, 0): 5}
+
+    # removing a block in the middle of a run cuts worker 1's prefix there
+    index.apply(removed_event(1, 1, [107]))
+    assert not sixth.run.valid
+    assert index.find_matches(query).scores == {(1, 0): 7, (2, 0): 5}
