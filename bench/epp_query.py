@@ -29,9 +29,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
+from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -191,65 +193,115 @@ def make_payloads(variant: str, tok: PoolTokenizer, prefixes: list[list[int]], t
     return out
 
 
+class _Reply(msgspec.Struct):
+    """The fields of an epp.query answer this generator reads (ok or error envelope)."""
+
+    status: str = ""
+    request_id: str = ""
+    error: dict[str, Any] | None = None
+
+
+_REPLY = msgspec.json.Decoder(_Reply)
+
+
 async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency: int, duration: float, book: bool) -> dict:
-    """Open loop (rate given): request k is due at start + k/rate and its latency counts from then,
-    so a stalled stack cannot hide queueing (no coordinated omission). Closed loop: `concurrency`
-    requests always outstanding."""
+    """Open loop (rate given): one pacing loop publishes request k at start + k/rate (all requests due
+    by now, as a burst when the loop wakes late) and its latency counts from that due time, so neither
+    a late generator nor a stalled stack can hide queueing (no coordinated omission). Closed loop:
+    `concurrency` requests outstanding, each reply sends the next; latency from its send.
+
+    Replies come back on one wildcard inbox subscription: no coroutine, future or timer per request.
+    The generator shares the 2 cores with the stack it measures, and this keeps its own CPU low
+    (≈ 29 % of a core at 3,000/s, against ≈ 41 % for one `nc.request` coroutine per request)."""
     nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
     subject = NAMES.epp_query(POOL)
     cleanup = NAMES.epp_cleanup(POOL)
+    inbox = nc.new_inbox()
+    free_inbox = nc.new_inbox()
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    counter = 0
+    due_of: dict[str, float] = {}  # reply token → due (open loop) or send time (closed loop)
+    frees = {"sent": 0, "answered": 0}
+    run = {"next": 0, "refill": 0, "measuring": False}
 
-    async def one(k: int, t0: float) -> None:
-        try:
-            msg = await nc.request(subject, payloads[k % len(payloads)], timeout=5)
-        except Exception as exc:  # noqa: BLE001
-            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+    async def send(k: int, due: float) -> None:
+        token = str(k)
+        due_of[token] = due
+        await nc.publish(subject, payloads[k % len(payloads)], reply=f"{inbox}.{token}")
+
+    async def on_reply(msg: Msg) -> None:
+        due = due_of.pop(msg.subject[len(inbox) + 1 :], None)
+        if due is None:
             return
-        dt = time.perf_counter() - t0
-        reply = msgspec.json.decode(msg.data)
-        if reply.get("status") != "ok":
-            code = reply["error"]["code"]
+        dt = time.perf_counter() - due
+        reply = _REPLY.decode(msg.data)
+        if reply.status != "ok":
+            code = (reply.error or {}).get("code", "malformed")
             errors[code] = errors.get(code, 0) + 1
-            return
-        latencies.append(dt)
-        if book:
-            await nc.request(cleanup, msgspec.json.encode({"request_id": reply["request_id"], "phase": "free"}), timeout=5)
+        else:
+            if run["measuring"]:
+                latencies.append(dt)
+            if book:
+                frees["sent"] += 1
+                free = msgspec.json.encode({"request_id": reply.request_id, "phase": "free"})
+                await nc.publish(cleanup, free, reply=free_inbox)
+        if run["refill"] > 0:  # closed loop (and warm-up): the answer makes room for the next request
+            run["refill"] -= 1
+            k = run["next"]
+            run["next"] = k + 1
+            await send(k, time.perf_counter())
 
-    for k in range(50):  # warm-up
-        await one(k, time.perf_counter())
-    latencies.clear()
+    async def on_free(_msg: Msg) -> None:
+        frees["answered"] += 1
+
+    async def settle(limit: float) -> None:
+        deadline = time.perf_counter() + limit
+        while (due_of or frees["answered"] < frees["sent"]) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+
+    await nc.subscribe(f"{inbox}.*", cb=on_reply)
+    await nc.subscribe(free_inbox, cb=on_free)
+    run["refill"] = 49  # warm-up: 50 requests one at a time, not measured
+    run["next"] = 1
+    await send(0, time.perf_counter())
+    while run["refill"] > 0 or due_of:
+        await asyncio.sleep(0.005)
+    await settle(5)
     errors.clear()
+    run["measuring"] = True
     start = time.perf_counter()
     end = start + duration
-
-    async def sender() -> None:
-        nonlocal counter
-        while True:
-            k = counter
-            counter += 1
-            if rate is None:
-                if time.perf_counter() >= end:
-                    return
-                await one(k, time.perf_counter())
-                continue
-            due = start + k / rate
-            if due >= end:
-                return
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await one(k, due)
-
-    senders = concurrency if rate is None else max(64, int(rate * 0.05))
-    await asyncio.gather(*(sender() for _ in range(senders)))
+    base = run["next"]
+    if rate is None:
+        run["refill"] = 1 << 62
+        for _ in range(concurrency):
+            k = run["next"]
+            run["next"] = k + 1
+            await send(k, time.perf_counter())
+        await asyncio.sleep(duration)
+        run["refill"] = 0
+    else:
+        total = int(duration * rate)
+        k = 0
+        while k < total:
+            now = time.perf_counter()
+            while k < total and start + k / rate <= now:
+                await send(base + k, start + k / rate)
+                k += 1
+            if k < total:
+                await asyncio.sleep(max(0.0, start + k / rate - time.perf_counter()))
+        run["next"] = base + total
+    await settle(5)
     elapsed = time.perf_counter() - start
+    sent = run["next"] - base
+    if due_of:
+        errors["no_reply_within_5s"] = len(due_of)
+    if frees["answered"] < frees["sent"]:
+        errors["free_unanswered"] = frees["sent"] - frees["answered"]
     await nc.close()
     lat = sorted(latencies)
     return {
-        "sent": counter - senders,
+        "sent": sent,
         "ok": len(lat),
         "errors": errors,
         "throughput_qps": round(len(lat) / elapsed, 1),

@@ -45,7 +45,8 @@ OptStr = Annotated[str, Meta(max_length=1024)] | None
 
 
 def _normalize_hashes(hashes: list[int] | None) -> None:
-    if hashes:
+    # min/max run in C; the per-element rewrite only when some hash is out of the u64 range
+    if hashes and (min(hashes) < 0 or max(hashes) > U64_MASK):
         for i, h in enumerate(hashes):
             if not 0 <= h <= U64_MASK:
                 hashes[i] = to_u64(h)

@@ -22,7 +22,7 @@ from schemas.discovery import WorkerRecord
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for, serve, unsubscribe_all
 from services.runtime.service import Runtime
-from services.runtime.tracing import tracer
+from services.runtime.tracing import span
 from services.runtime.workers import WorkerWatcher
 
 from . import metrics
@@ -87,6 +87,7 @@ class EppBridgeApp:
                     queue=QUEUE,
                     endpoint="epp.query",
                     max_inflight=self.cfg.epp_max_inflight,
+                    inline=self._answers_inline if self._embedded is not None else None,
                 )
             )
             self._subs.append(
@@ -117,6 +118,12 @@ class EppBridgeApp:
 
     def ready(self) -> bool:
         return self._ready and (self._embedded is None or self._embedded.ready())
+
+    def _answers_inline(self, req: EppQueryRequest) -> bool:
+        """One-process mode: a query that will not suspend (no tokenizer thread, no booking, overlap
+        in this process) is answered in the subscription's task (see `serve`)."""
+        assert self._embedded is not None
+        return self._tokenize_pool is None and self._embedded.decides_inline(req.book)
 
     def status(self) -> dict[str, Any]:
         directory = self.watcher.directory if self.watcher else None
@@ -187,7 +194,7 @@ class EppBridgeApp:
 
         tokenizer = self.tokenizers.get(pool)
         if needs_tokenizer(body) and tokenizer is not None:
-            with tracer().start_as_current_span("epp.tokenize"):
+            with span("epp.tokenize"):
                 if self._tokenize_pool is not None:
                     prompt = await asyncio.get_running_loop().run_in_executor(
                         self._tokenize_pool, prompt_tokens, req.body, body, tokenizer, self.max_prompt_tokens

@@ -73,14 +73,21 @@ class EmbeddedSchedulerLink:
     def ready(self) -> bool:
         return self.app.ready()
 
+    def decides_inline(self, book: bool) -> bool:
+        return bool(self.app.decides_inline(book))
+
+    # asyncio.timeout, not wait_for: wait_for (3.11) wraps the call in a new task, one more trip
+    # through the event loop per query.
     async def select(self, pool: str, req: SelectRequest, timeout: float) -> SelectReply:
         try:
-            return await asyncio.wait_for(self._select(pool, req), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await self._select(pool, req)
+        except TimeoutError:
             raise _timeout(pool, timeout) from None
 
     async def booking(self, pool: str, req: CleanupRequest, timeout: float) -> CleanupReply:
         try:
-            return await asyncio.wait_for(self._booking(pool, req), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await self._booking(pool, req)
+        except TimeoutError:
             raise _timeout(pool, timeout) from None

@@ -38,7 +38,7 @@ from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
 from . import snapshot
-from .index import PrefixIndex
+from .index import OverlapScores, PrefixIndex
 from .settings import setting
 
 log = get_logger("kvr.indexer")
@@ -194,6 +194,14 @@ class IndexerApp:
     def block_size(self, pool: str) -> int:
         return self._state(pool).block_size or self.default_block_size
 
+    def overlap_scores(self, pool: str, hashes: list[int], early_exit: bool = False) -> OverlapScores:
+        """The index's answer for local block hashes, without the wire types (embedded callers)."""
+        st = self._state(pool)
+        started = time.perf_counter()
+        res = st.index.find_matches(hashes, early_exit)
+        st.match_seconds.observe(time.perf_counter() - started)
+        return res
+
     def match(self, pool: str, req: MatchRequest) -> MatchReply:
         st = self._state(pool)
         bs = st.block_size or self.default_block_size
@@ -202,9 +210,7 @@ class IndexerApp:
         else:
             hashes = local_block_hashes(req.token_ids or [], bs, salt_seed(req.lora_name, req.cache_salt))
         index = st.index
-        started = time.perf_counter()
-        res = index.find_matches(hashes, req.early_exit)
-        st.match_seconds.observe(time.perf_counter() - started)
+        res = self.overlap_scores(pool, hashes, req.early_exit)
         if res.tier_scores:
             tiers = {t: _scores(res.tier_scores.get(t, {})) for t in REPORTED_TIERS}
             if "external" in res.tier_scores:

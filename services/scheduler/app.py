@@ -172,7 +172,8 @@ class SchedulerApp:
         await self._note_tail()
         for pool in rt.pools:
             self._subs.append(await serve(rt.nc, rt.names.select(pool), SelectRequest, self._handler(pool, self._select),
-                                          queue=QUEUE, endpoint="scheduler.select", max_inflight=self.cfg.max_inflight))  # fmt: skip
+                                          queue=QUEUE, endpoint="scheduler.select", max_inflight=self.cfg.max_inflight,
+                                          inline=lambda req: self.decides_inline(req.book)))  # fmt: skip
             self._subs.append(await serve(rt.nc, rt.names.booking(pool), CleanupRequest, self._handler(pool, self._booking),
                                           queue=QUEUE, endpoint="scheduler.booking", max_inflight=self.cfg.max_inflight))  # fmt: skip
             if self.selector.busy.enabled:
@@ -453,6 +454,11 @@ class SchedulerApp:
             policy="booked",
         )
 
+    def decides_inline(self, book: bool) -> bool:
+        """Whether a select runs start to finish without suspending: no booking to publish, and the
+        overlap comes from this process (embedded index or predicted cache), not over NATS."""
+        return not book and self.overlap is not None and not isinstance(self.overlap, NatsOverlap)
+
     async def select(self, pool: str, req: SelectRequest) -> SelectReply:
         """In-process entry point (same semantics and errors as `scheduler.select`)."""
         return await self._select(pool, req)
@@ -515,7 +521,7 @@ class SchedulerApp:
         if local and cands:
             assert self.overlap is not None
             try:
-                overlaps = Overlaps.from_match(await self.overlap.match(pool, local, seq))
+                overlaps = await self.overlap.overlaps(pool, local, seq)
             except Exception as exc:  # noqa: BLE001 - no responders, timeout, error reply, closed connection
                 # No index answer: decide on load alone rather than fail the request.
                 self.match_failures += 1

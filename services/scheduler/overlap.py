@@ -1,7 +1,7 @@
 """The overlap seam: where the scheduler gets "how many leading blocks does each worker hold".
 
-Three sources implement `OverlapSource`, and the selector only ever sees the `MatchReply` they
-return, so the deployment shape does not leak into the decision:
+Three sources implement `OverlapSource`, and the selector only ever sees the `Overlaps` tables
+they produce, so the deployment shape does not leak into the decision:
 - `NatsOverlap`: asks a separate indexer service over NATS (`kvr.{pool}.indexer.match`);
 - `EmbeddedOverlap`: an `IndexerApp` running in this process (one-process deployment);
 - `PredictedCache`: approximate mode (no KV events, Dynamo §3.5): the scheduler's own decisions,
@@ -22,18 +22,40 @@ from schemas.hashing import sequence_hashes
 from schemas.subjects import Names
 from services.runtime.responder import request
 
+from .selector import Overlaps
+
 Target = tuple[int, int]
 
 
 class OverlapSource(Protocol):
     async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply: ...
 
+    async def overlaps(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int]) -> Overlaps:
+        """What the selector uses: `match` as per-target tables (the embedded index skips the wire types)."""
+        ...
+
     def ready(self) -> bool: ...
 
     async def stop(self) -> None: ...
 
 
-class NatsOverlap:
+class _ReplyOverlap:
+    """Sources whose answer is a `MatchReply` (over NATS, or the predicted cache); always ready."""
+
+    async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply:
+        raise NotImplementedError
+
+    async def overlaps(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int]) -> Overlaps:
+        return Overlaps.from_match(await self.match(pool, local_hashes, seq_hashes))
+
+    def ready(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        return None
+
+
+class NatsOverlap(_ReplyOverlap):
     def __init__(self, nc: NATS, names: Names, timeout_s: float = 1.0) -> None:
         self.nc = nc
         self.names = names
@@ -44,11 +66,6 @@ class NatsOverlap:
             self.nc, self.names.match(pool), MatchRequest(block_hashes=local_hashes), MatchReply, timeout=self.timeout_s, msgpack=True
         )
 
-    def ready(self) -> bool:
-        return True
-
-    async def stop(self) -> None:
-        return None
 
 
 class EmbeddedOverlap:
@@ -65,6 +82,9 @@ class EmbeddedOverlap:
 
     async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply:
         return self.app.match(pool, MatchRequest(block_hashes=local_hashes))
+
+    async def overlaps(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int]) -> Overlaps:
+        return Overlaps.from_scores(self.app.overlap_scores(pool, local_hashes))
 
     def ready(self) -> bool:
         return bool(self.app.ready())
@@ -179,7 +199,7 @@ class PredictedCache:
         )
 
 
-class PredictedOverlap:
+class PredictedOverlap(_ReplyOverlap):
     """`OverlapSource` over a `PredictedCache` (the adapter records decisions into it)."""
 
     def __init__(self, cache: PredictedCache, clock_ms: Any) -> None:
@@ -190,8 +210,3 @@ class PredictedOverlap:
         seq = list(seq_hashes) if seq_hashes is not None else sequence_hashes(local_hashes)
         return self.cache.match_seq(pool, seq, self._clock_ms())
 
-    def ready(self) -> bool:
-        return True
-
-    async def stop(self) -> None:
-        return None

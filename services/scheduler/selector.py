@@ -116,6 +116,12 @@ class Overlaps:
             tree_sizes=table(reply.tree_sizes),
         )
 
+    @classmethod
+    def from_scores(cls, res: OverlapScoresLike) -> Overlaps:
+        """From the index's own result (one-process mode): the same tables, already keyed by target."""
+        tiers = res.tier_scores
+        return cls(device=res.scores, host=tiers.get("host_pinned", {}), disk=tiers.get("disk", {}), tree_sizes=res.tree_sizes)
+
 
 @dataclass(frozen=True)
 class SelectionInput:
@@ -136,6 +142,14 @@ class SelectionInput:
     @cached_property
     def hash_set(self) -> frozenset[int]:
         return frozenset(self.hashes)
+
+
+class OverlapScoresLike(Protocol):
+    """`services.indexer.index.OverlapScores`, without importing the indexer into the scheduler core."""
+
+    scores: dict[Target, int]
+    tier_scores: dict[str, dict[Target, int]]
+    tree_sizes: dict[Target, int]
 
 
 class Scored(NamedTuple):
@@ -246,12 +260,17 @@ class Selector:
             prefill_blocks = 0.0
             cost = float(decode_blocks)
         else:
-            host_extra = max(ov.host.get(t, 0) - device, 0)
-            disk_extra = max(ov.disk.get(t, 0) - max(device, ov.host.get(t, 0)), 0)
             prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
-            credit = cfg.overlap_score_credit * device + cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
-            cost = cfg.prefill_load_scale * max(prefill_blocks - credit, 0.0) + decode_blocks
-        cost *= taint_multiplier(c.taints, inp.preferred_taints)
+            credit = cfg.overlap_score_credit * device
+            if ov.host or ov.disk:  # lower tiers only count where some worker reported them
+                host = ov.host.get(t, 0)
+                host_extra = max(host - device, 0)
+                disk_extra = max(ov.disk.get(t, 0) - max(device, host), 0)
+                credit += cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
+            rest = prefill_blocks - credit
+            cost = (cfg.prefill_load_scale * rest if rest > 0.0 else 0.0) + decode_blocks
+        if inp.preferred_taints:
+            cost *= taint_multiplier(c.taints, inp.preferred_taints)
         return Scored(c, cost, device, prefill_blocks, decode_blocks)
 
     def choose(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:

@@ -91,6 +91,38 @@ async def test_responder_maps_errors_and_stays_up(nc):
     assert msgspec.msgpack.decode(bad.data)["error"]["code"] == "invalid_request"
 
 
+async def test_inline_requests_run_in_the_subscription_task_and_others_concurrently(nc):
+    """`inline(req)` True → answered in the subscription's own task; False → a task of its own, so a
+    slow request does not hold up the inline ones; a bad request still gets its envelope."""
+    tasks: dict[int, asyncio.Task | None] = {}
+    release = asyncio.Event()
+
+    async def handler(req: MatchRequest, _msg):
+        first = (req.block_hashes or [0])[0]
+        tasks[first] = asyncio.current_task()
+        if first >= 100:  # the non-inline kind waits for the test
+            await release.wait()
+        if first == 13:
+            raise ServiceError("not_found", "unlucky")
+        return MatchReply(block_size=16, scores=[], tier_scores={}, tree_sizes=[], stream_seq=first)
+
+    await serve(nc, "t.inline", MatchRequest, handler, max_inflight=8, inline=lambda req: req.block_hashes[0] < 100)
+    slow = asyncio.create_task(request(nc, "t.inline", MatchRequest(block_hashes=[100]), MatchReply, timeout=5))
+    for i in range(20, 100):  # more than one inline burst
+        reply = await request(nc, "t.inline", MatchRequest(block_hashes=[i]), MatchReply)
+        assert reply.stream_seq == i
+    assert not slow.done()  # waiting in its own task while 80 inline requests were answered
+    inline_tasks = {tasks[i] for i in range(20, 100)}
+    assert len(inline_tasks) == 1 and tasks[100] not in inline_tasks
+    with pytest.raises(RemoteError) as err:
+        await request(nc, "t.inline", MatchRequest(block_hashes=[13]), MatchReply)
+    assert err.value.code == "not_found"
+    bad = await nc.request("t.inline", b'{"block_hashes": ["x"]}', timeout=2)
+    assert msgspec.json.decode(bad.data)["error"]["path"] == "$.block_hashes[0]"
+    release.set()
+    assert (await slow).stream_seq == 100
+
+
 async def test_follower_applies_in_order_and_resumes_after_server_restart(nats_server, nc):
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
