@@ -11,10 +11,14 @@ Variants: `token_data` (nvext.token_data, no tokenization), `tokenize` (chat bod
 chat template and tokenized by the bridge), `token_data_book` (book: true, each reply followed by
 an untimed epp.cleanup free, as a gateway would). Modes: `separate` (kvr indexer + kvr scheduler +
 kvr epp-bridge), `one-process` (kvr epp-bridge --epp-embedded-scheduler --embedded-indexer) and
-`bridge-only` (kvr epp-bridge in front of a stub scheduler that answers at once: the bridge's share).
+`bridge-only` (kvr epp-bridge in front of a stub scheduler that answers at once: the bridge's share),
+and two floors: `nats-floor` (a bare nats-py subscription publishing a fixed reply) and
+`responder-floor` (our `serve()` decoding the request and answering at once). Each row also records
+the CPU share of every service process (% of one core).
 
     .venv/bin/python bench/epp_query.py                 # full table, ~2 minutes
     .venv/bin/python bench/epp_query.py --duration 3 --modes one-process --variants token_data
+    .venv/bin/python bench/epp_query.py --modes one-process --variants token_data --loads target --repeat 5
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), for the CPU share of each service."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def phase_totals(bridge: ServiceProcess) -> dict[str, tuple[float, float]]:
     """(sum seconds, count) per phase of kvr_epp_phase_seconds, from the bridge's /metrics."""
     out: dict[str, list[float]] = {}
@@ -102,25 +115,57 @@ async def stub_scheduler(url: str) -> None:
     await asyncio.Event().wait()
 
 
-class StubProcess:
-    """The stub scheduler as a child process, with ServiceProcess' start/wait_ready/terminate."""
+async def floor_server(url: str, kind: str) -> None:
+    """`nats-floor` / `responder-floor` modes: answer epp.query at once, to measure what the NATS
+    client library (`nats-floor`: publish a fixed reply from a bare subscription callback) and our
+    responder (`responder-floor`: `serve()` decoding the `EppQueryRequest` and encoding a reply) cost
+    per request before any routing work."""
+    from schemas.api import EppQueryReply, EppQueryRequest, Target
+    from services.runtime.responder import serve
 
-    def __init__(self, url: str) -> None:
+    nc = await nats.connect(url)
+    target = Target(1, 0, "vllm-1", "10.0.0.1:8000")
+    if kind == "nats":
+        fixed = codec.encode_json(EppQueryReply("x", target, None, 0, 0, BLOCK, 0.0, {}))
+
+        async def cb(msg: Msg) -> None:
+            await nc.publish(msg.reply, fixed)
+
+        await nc.subscribe(NAMES.epp_query(POOL), cb=cb)
+    else:
+
+        async def answer(req: EppQueryRequest, _msg: Msg) -> EppQueryReply:
+            return EppQueryReply(req.request_id, target, None, 0, 0, BLOCK, 0.0, {})
+
+        await serve(nc, NAMES.epp_query(POOL), EppQueryRequest, answer, max_inflight=512, inline=lambda _req: True)
+    await asyncio.Event().wait()
+
+
+class StubProcess:
+    """A stand-in child process (stub scheduler or floor server) with ServiceProcess' start /
+    wait_ready / terminate; `probe` is a subject it answers."""
+
+    def __init__(self, url: str, role: str = "--stub-scheduler", probe: str = NAMES.booking(POOL)) -> None:
         self.url = url
+        self.role = role
+        self.probe = probe
         self.proc = None
 
     def start(self) -> StubProcess:
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, __file__, "--stub-scheduler", self.url])
+        self.proc = subprocess.Popen([sys.executable, __file__, *self.role.split(), self.url])
         return self
+
+    def metrics(self) -> str:
+        return ""
 
     def wait_ready(self, _timeout: float) -> StubProcess:
         async def probe() -> None:
             nc = await nats.connect(self.url)
             for _ in range(200):
                 try:
-                    await nc.request(NAMES.booking(POOL), b'{"request_id": "x", "phase": "free"}', timeout=0.5)
+                    await nc.request(self.probe, b'{"request_id": "x", "phase": "free"}', timeout=0.5)
                     break
                 except Exception:  # noqa: BLE001 - not subscribed yet
                     await asyncio.sleep(0.05)
@@ -138,7 +183,9 @@ class StubProcess:
 def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads: int) -> list:
     bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning",
                    "--epp-tokenize-threads", str(tokenize_threads)]  # fmt: skip
-    if mode == "bridge-only":
+    if mode in ("nats-floor", "responder-floor"):
+        procs = [StubProcess(url, f"--floor-server {mode.split('-')[0]}", NAMES.epp_query(POOL))]
+    elif mode == "bridge-only":
         procs = [StubProcess(url), ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
     elif mode == "one-process":
         procs = [ServiceProcess("epp-bridge", [*bridge_args, "--epp-embedded-scheduler", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
@@ -316,19 +363,26 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--stub-scheduler":
         asyncio.run(stub_scheduler(sys.argv[2]))
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--floor-server":
+        asyncio.run(floor_server(sys.argv[3], sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--prefixes", type=int, default=64, help="distinct cached prompt prefixes")
     ap.add_argument("--modes", default="separate,one-process,bridge-only",
-                    help="separate, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once)")
+                    help="separate, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once), "
+                         "nats-floor / responder-floor (a process answering at once: the NATS client's and the responder's cost)")
     ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
     ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
     ap.add_argument("--tokenize-threads", type=int, default=0, help="--epp-tokenize-threads of the bridge")
+    ap.add_argument("--loads", default="light,target,closed", help="which loads to run: light, target (the issue's rate), closed")
+    ap.add_argument("--repeat", type=int, default=1, help="measurements per load (the p99 of a 2-core machine varies run to run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "epp_query.json"))
     args = ap.parse_args()
-    targets = {"separate": 1000.0, "one-process": 3000.0, "bridge-only": 1000.0}
-    light = {"separate": 250.0, "one-process": 500.0, "bridge-only": 250.0}  # well below capacity: latency without queueing
+    targets = {"separate": 1000.0, "one-process": 3000.0, "bridge-only": 1000.0, "nats-floor": 3000.0, "responder-floor": 3000.0}
+    # well below capacity: latency without queueing
+    light = {"separate": 250.0, "one-process": 500.0, "bridge-only": 250.0, "nats-floor": 500.0, "responder-floor": 500.0}
     rng = random.Random(7)
     tmp = Path(tempfile.mkdtemp(prefix="kvr-epp-bench-"))
     tok_dir = build_tokenizer_dir(tmp / "tok")
@@ -351,15 +405,23 @@ def main() -> int:
                 await seed_fleet(nc, args.workers, prefixes)
                 await nc.close()
 
-            if mode != "bridge-only":
+            floor = mode.endswith("-floor")
+            if mode != "bridge-only" and not floor:
                 asyncio.run(seed())
             for variant in args.variants.split(","):
+                if floor and variant != "token_data":
+                    continue
                 payloads = make_payloads(variant, tok, prefixes, texts, 4000, rng)
                 book = variant == "token_data_book"
-                for rate in (light[mode], targets[mode], None):
+                loads = {"light": light[mode], "target": targets[mode], "closed": None}
+                for rate in [loads[name] for name in args.loads.split(",") for _ in range(args.repeat)]:
                     before = phase_totals(procs[-1])
+                    cpu0, t0 = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs}, time.perf_counter()
                     res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book))
+                    wall = time.perf_counter() - t0
                     res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(procs[-1]))
+                    # CPU of each service process over the measurement (incl. warm-up), % of one core
+                    res["service_cpu_pct"] = [round((cpu_seconds(pid) - c) / wall * 100) for pid, c in cpu0.items()]
                     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     row = {"mode": mode, "variant": variant, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                     rows.append(row)
@@ -371,11 +433,12 @@ def main() -> int:
             server.cleanup()
 
     print()
-    print(f"{'mode':12} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'load1':>6} errors")
+    print(f"{'mode':15} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'load1':>6} errors")
     for r in rows:
         own = r["bridge_phase_mean_us"].get("parse", 0) + r["bridge_phase_mean_us"].get("tokenize", 0)
-        print(f"{r['mode']:12} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['p99_ms']:8.3f} {own:10.1f} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
+        cpu = "+".join(str(c) for c in r["service_cpu_pct"])
+        print(f"{r['mode']:15} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
+              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
