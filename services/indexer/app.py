@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Annotated, Any
 
@@ -95,6 +97,9 @@ class IndexerApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._prefix = ""
         self._snapshot_lock = asyncio.Lock()
+        # While a snapshot is serialised in pieces the index must not change: the follower is paused
+        # and discovery callbacks queue here, in arrival order (a re-put must follow its delete).
+        self._held_discovery: list[Callable[[], None]] | None = None
         self._serving = False  # caught up (and, when serving endpoints, subscribed)
         m.APPS.add(self)
 
@@ -305,6 +310,9 @@ class IndexerApp:
     # ---- discovery ----------------------------------------------------------------------------
 
     def _on_worker_put(self, record: WorkerRecord, is_new: bool) -> None:
+        if self._held_discovery is not None:
+            self._held_discovery.append(partial(self._on_worker_put, record, is_new))
+            return
         st = self._states.get(record.pool)
         if st is None:
             return
@@ -315,6 +323,9 @@ class IndexerApp:
             st.block_size = record.block_size
 
     def _on_worker_remove(self, pool: str, worker_id: int) -> None:
+        if self._held_discovery is not None:
+            self._held_discovery.append(partial(self._on_worker_remove, pool, worker_id))
+            return
         st = self._states.get(pool)
         if st is None:
             return
@@ -396,10 +407,21 @@ class IndexerApp:
         async with self._snapshot_lock:
             st.last_snapshot_attempt = time.monotonic()
             started = time.perf_counter()
-            seq = max(self.applied_seq, st.covered_seq)  # a pool restored ahead of the follower covers more
-            pending = st.events_since_snapshot
-            # Serialised synchronously: the state and `seq` must describe the same instant.
-            data = snapshot.serialise(st.index, seq)
+            # The state and `seq` must describe the same instant: nothing changes the index while it
+            # is serialised in pieces, and matches are answered between the pieces.
+            if self.follower is not None:
+                self.follower.pause()
+            self._held_discovery = []
+            try:
+                seq = max(self.applied_seq, st.covered_seq)  # a pool restored ahead of the follower covers more
+                pending = st.events_since_snapshot
+                data = await snapshot.serialise_cooperatively(st.index, seq)
+            finally:
+                held, self._held_discovery = self._held_discovery, None
+                for call in held:
+                    call()
+                if self.follower is not None:
+                    self.follower.resume()
             encoded = time.perf_counter()
             names = self.rt.names
             await snapshot.upload(self.rt.js, names.snapshots_bucket, names.snapshot_object(st.pool), data)

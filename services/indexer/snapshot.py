@@ -7,13 +7,14 @@ restored indexer resumes the stream at `stream_seq + 1`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from .index import PrefixIndex, decode_snapshot, encode_snapshot
+from .index import PrefixIndex, decode_snapshot, encode_snapshot, encode_state
 
 
 @dataclass
@@ -40,6 +41,24 @@ async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot |
 
 def serialise(index: PrefixIndex, stream_seq: int) -> bytes:
     return encode_snapshot(index, stream_seq, {"written_at": time.time()})
+
+
+# Nodes or entries per piece: ≈ 10 ms of work, so a match waits at most about that long.
+PIECE = 10_000
+
+
+async def serialise_cooperatively(index: PrefixIndex, stream_seq: int) -> bytes:
+    """`serialise`, yielding to the event loop between pieces of the tree walk, so matches keep being
+    answered. The caller keeps events from being applied until this returns."""
+    steps = index.snapshot_steps(PIECE)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            state = done.value
+            break
+        await asyncio.sleep(0)
+    return encode_state(state, stream_seq, {"written_at": time.time()})
 
 
 async def upload(js: JetStreamContext, bucket: str, name: str, data: bytes) -> None:

@@ -54,6 +54,8 @@ class StreamFollower:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.last_error: str | None = None
+        self._running = asyncio.Event()  # cleared by pause(): fetched messages wait, unapplied
+        self._running.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"follow-{self.stream}")
@@ -61,6 +63,13 @@ class StreamFollower:
     async def stop(self) -> None:
         self._stopping = True
         await cancel_and_wait(self._task)
+
+    def pause(self) -> None:
+        """Apply nothing until `resume()` (e.g. while the state is serialised in pieces)."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _config(self) -> ConsumerConfig:
         cfg = ConsumerConfig(
@@ -120,6 +129,7 @@ class StreamFollower:
                 if idle_timeouts % 20 == 0 and not self._nc.is_connected:
                     raise ConnectionError("not connected") from None
                 continue
+            await self._running.wait()
             for msg in msgs:
                 md = msg.metadata
                 seq = md.sequence.stream

@@ -221,3 +221,48 @@ async def test_one_indexer_serves_several_pools_in_isolation(nc, start_indexer):
     assert await scores_of(nc, [1, 2, 3], "q") == {(1, 0): 1, (2, 0): 3}
     with pytest.raises(NoRespondersError):  # pool "other" is not served here
         await request(nc, NAMES.match("other"), MatchRequest(block_hashes=[1]), MatchReply, timeout=1)
+
+
+async def test_snapshot_is_serialised_in_pieces_while_matches_are_answered_and_changes_wait(nc, start_indexer, monkeypatch):
+    """A large index is serialised between event-loop turns: matches keep being answered, but no KV
+    event or discovery change touches the index until the state (and its stream sequence) is taken;
+    then both are applied, in order."""
+    import asyncio
+
+    from services.indexer import snapshot
+
+    monkeypatch.setattr(snapshot, "PIECE", 100)  # hundreds of pieces, so matches surely interleave
+    js = nc.jetstream()
+    app = await start_indexer(snapshot_every_events=0, snapshot_interval_s=0)  # snapshots only when asked
+    for wid in (1, 2):
+        await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=wid, pool="p", ttl_s=3600))
+    seq = await publish(js, "p", stored_event(1, 0, chain(10, [1, 2, 3])))
+    await wait_for(lambda: app.applied_seq >= seq and 2 not in app.pool_states()["p"].removed)
+    index = app.index("p")
+    for c in range(20):  # 20,000 more nodes, straight into the index
+        index.apply(stored_event(2, c, [(10**6 * (c + 1) + i, 10**6 * (c + 1) + i) for i in range(1000)]))
+    want = app.dump("p").events
+    st = app.pool_states()["p"]
+    assert app.index("p").tree_sizes() == {(1, 0): 3, (2, 0): 20_000}
+
+    writing = asyncio.create_task(app._write_snapshot(st))
+    await asyncio.sleep(0)  # the snapshot has started: follower paused, discovery changes held
+    assert app._held_discovery is not None
+    later = await publish(js, "p", stored_event(1, 1, [(10003, 4)], parent_hash=10002))
+    await delete_worker(nc, NAMES.workers_bucket, "p", 2)
+    answered = 0
+    while True:
+        scores = await scores_of(nc, [1, 2, 3, 4])
+        if app._held_discovery is None:
+            break  # serialisation ended during that round trip
+        # still serialising, so it was when the match was answered: nothing new applied yet
+        assert scores == {(1, 0): 3} and app.applied_seq == seq
+        assert (2, 0) in app.index("p").tree_sizes()
+        answered += 1
+    assert answered > 0
+    await writing
+
+    stored = await snapshot.load(js, NAMES.snapshots_bucket, NAMES.snapshot_object("p"))
+    assert stored is not None and stored.stream_seq == seq and stored.index.dump() == want
+    await wait_for(lambda: app.applied_seq >= later and (2, 0) not in app.index("p").tree_sizes())
+    assert await scores_of(nc, [1, 2, 3, 4]) == {(1, 0): 4}

@@ -94,6 +94,15 @@ def test_dump_replay_and_snapshot_rebuild_identical_index(ops, queries):
     for ev in dump:
         assert replayed.apply(ev) == "ok"
     assert replayed.dump() == dump
+    steps, pieces = index.snapshot_steps(step=2), 0
+    while True:  # serialised in pieces of ~2 nodes, as the app does between event-loop turns
+        try:
+            next(steps)
+            pieces += 1
+        except StopIteration as done:
+            assert done.value == index.to_snapshot()
+            break
+    assert pieces >= index.nodes // 2
     restored, seq, _ = decode_snapshot(encode_snapshot(index, 42))
     assert seq == 42
     assert restored.dump() == dump
