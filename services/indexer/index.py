@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import heapq
 import sys
-from itertools import compress
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 import msgspec
@@ -369,7 +369,7 @@ class PrefixIndex:
         # depth of the last entry whose set holds it. Sets shrink along the walk, so the first one is
         # the node's own mask (the same few for every query) and later ones are small; recording the
         # dropped workers instead would give a new large mask for nearly every query
-        dropped: list[tuple[int, int]] = []
+        narrowings: list[tuple[int, int]] = []
         if active and not (early_exit and not active & (active - 1)):
             n = len(local_hashes)
             min_run = self.min_run
@@ -381,7 +381,7 @@ class PrefixIndex:
                 if run is not None and run.valid and local_hashes[pos : pos + run.length] == run.keys:
                     narrowed = active & run.mask
                     if narrowed != active:  # only if `node` gained workers since the stretch was walked
-                        dropped.append((active, pos))
+                        narrowings.append((active, pos))
                         active = narrowed
                         if not active or (early_exit and not active & (active - 1)):
                             break
@@ -398,28 +398,26 @@ class PrefixIndex:
                 m = child.mask
                 narrowed = m & active
                 if narrowed != active:
-                    dropped.append((active, pos))
+                    narrowings.append((active, pos))
                     active = narrowed
                     if not active or (early_exit and not active & (active - 1)):
                         break
-                if m != s_mask or (child.owner is not None and child.owner.valid):
+                owner = child.owner
+                owned = owner is not None and owner.valid
+                if m != s_mask or owned:
                     if pos - s_pos >= min_run:
                         self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
-                    owned = child.owner is not None and child.owner.valid
                     s_first, s_pos, s_mask = child, pos, -1 if owned else m  # -1: a run's member starts no stretch
                 node = child
                 pos += 1
             if pos - s_pos >= min_run:
                 self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
         if active:
-            dropped.append((active, pos))
+            narrowings.append((active, pos))
         scores: dict[WorkerKey, int] = {}
         keys_of = self._mask_keys.get
-        for bits, depth in dropped:
-            if not scores:
-                scores = dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth)
-            else:
-                scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
+        for bits, depth in narrowings:
+            scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
         out = OverlapScores(scores, {}, sizes)
         if self.lower_tier_blocks:
             out.tier_scores = self._tier_scores(local_hashes, scores)

@@ -83,10 +83,6 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
-def enabled() -> bool:
-    return _provider is not None
-
-
 def tracer(name: str = "kvr") -> trace.Tracer:
     return trace.get_tracer(name)
 

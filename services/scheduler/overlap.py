@@ -67,7 +67,6 @@ class NatsOverlap(_ReplyOverlap):
         )
 
 
-
 class EmbeddedOverlap:
     """The indexer inside this process: same `MatchReply`, no network hop."""
 
@@ -209,4 +208,3 @@ class PredictedOverlap(_ReplyOverlap):
     async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply:
         seq = list(seq_hashes) if seq_hashes is not None else sequence_hashes(local_hashes)
         return self.cache.match_seq(pool, seq, self._clock_ms())
-
