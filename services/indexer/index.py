@@ -83,6 +83,12 @@ class _Run:
         self.valid = True
 
 
+# `_Node.run` of a node whose stretch one match has walked: never valid, it only says "build the run
+# when a second match walks it".
+_SEEN = _Run([], _Node(None, 0))
+_SEEN.valid = False
+
+
 class _Worker:
     __slots__ = ("key", "slot", "bit", "blocks")
 
@@ -134,6 +140,7 @@ class PrefixIndex:
         # instead of hashing every (worker, dp_rank) tuple again; the same few masks (e.g. "every
         # worker holds the shared system prompt") come up in almost every match
         self._mask_keys: dict[int, dict[WorkerKey, None]] = {}
+        self._first_scores: dict[tuple[int, int], dict[WorkerKey, int]] = {}  # (mask, depth) → scores
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -182,6 +189,7 @@ class PrefixIndex:
                 slot = heapq.heappop(self._free_slots)  # lowest free slot keeps masks short
                 self._slot_keys[slot] = key
                 self._mask_keys.clear()  # a reused slot now names another worker
+                self._first_scores.clear()
             else:
                 slot = len(self._slot_keys)
                 self._slot_keys.append(key)
@@ -406,27 +414,43 @@ class PrefixIndex:
                 owned = owner is not None and owner.valid
                 if m != s_mask or owned:
                     if pos - s_pos >= min_run:
-                        self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
+                        self._add_run(s_first, node, local_hashes, s_pos + 1, pos)
                     s_first, s_pos, s_mask = child, pos, -1 if owned else m  # -1: a run's member starts no stretch
                 node = child
                 pos += 1
             if pos - s_pos >= min_run:
-                self._add_run(s_first, node, local_hashes[s_pos + 1 : pos])
+                self._add_run(s_first, node, local_hashes, s_pos + 1, pos)
         if active:
             narrowings.append((active, pos))
         scores: dict[WorkerKey, int] = {}
         keys_of = self._mask_keys.get
         for bits, depth in narrowings:
-            scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
+            if not scores and bits.bit_count() >= 8:
+                # A large first set and its depth repeat across queries (everyone holds the shared
+                # system prompt): copying a built dict is a memcpy, building one hashes every key.
+                first = self._first_scores.get((bits, depth))
+                if first is None:
+                    first = dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth)
+                    if len(self._first_scores) >= 1024:
+                        self._first_scores.clear()
+                    self._first_scores[(bits, depth)] = first
+                scores = first.copy()
+            else:
+                scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
         out = OverlapScores(scores, {}, sizes)
         if self.lower_tier_blocks:
             out.tier_scores = self._tier_scores(local_hashes, scores)
         return out
 
-    def _add_run(self, first: _Node, last: _Node, keys: list[int]) -> None:
-        """Hang a run on `first`: the nodes below it along `keys`, down to `last`. The caller walked them:
-        equal masks (`first`'s included), none a member of a valid run."""
-        run = _Run(keys, last)
+    def _add_run(self, first: _Node, last: _Node, local_hashes: list[int], start: int, end: int) -> None:
+        """Hang a run on `first`: the nodes below it along `local_hashes[start:end]`, down to `last`.
+        The caller walked them: equal masks (`first`'s included), none a member of a valid run. The
+        first walk only marks `first`; the second builds the run, so paths that are read once (most
+        of a trace replay: match, then store onto the new path) do not pay for one."""
+        if first.run is not _SEEN:
+            first.run = _SEEN
+            return
+        run = _Run(local_hashes[start:end], last)
         node = last
         for _ in range(run.length):
             node.owner = run

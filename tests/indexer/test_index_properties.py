@@ -156,22 +156,25 @@ def test_runs_built_by_matches_never_change_a_later_match(ops, min_run):
                 assert 0 < v <= got.scores[k]
 
 
-def test_a_match_builds_a_run_and_a_mask_change_inside_it_invalidates_it():
+def test_a_second_match_builds_a_run_and_a_mask_change_inside_it_invalidates_it():
     chain = [(100 + i, 10 + i) for i in range(10)]
     index = PrefixIndex(min_run=4)
     index.apply(stored_event(1, 0, chain))
     query = [t for _, t in chain]
     assert index.find_matches(query).scores == {(1, 0): 10}
     first = index.root.children[10]
+    assert first.run is not None and not first.run.valid  # the first walk only marks the stretch
+    assert index.find_matches(query).scores == {(1, 0): 10}
     run = first.run
-    assert run is not None and run.valid and run.keys == query[1:] and run.end.key == 19
+    assert run.valid and run.keys == query[1:] and run.end.key == 19
     assert index.find_matches(query).scores == {(1, 0): 10}  # through the run
 
     # worker 2 stores the first five blocks: their masks change, so the run must not be used
     index.apply(stored_event(2, 0, chain[:5]))
     assert not run.valid
-    assert index.find_matches(query).scores == {(1, 0): 10, (2, 0): 5}
-    # the match walked two equal-mask stretches again: {1,2} for blocks 1-5, {1} for blocks 6-10
+    for _ in range(2):
+        assert index.find_matches(query).scores == {(1, 0): 10, (2, 0): 5}
+    # walked twice again: two equal-mask stretches, {1,2} for blocks 1-5, {1} for blocks 6-10
     assert first.run.valid and first.run.length == 4
     sixth = first.run.end.children[15]
     assert sixth.run.valid and sixth.run.keys == query[6:]
