@@ -90,7 +90,7 @@ async def serve(
         started = time.perf_counter()
         ctype = codec.content_type_of(msg.headers)
         outcome = "ok"
-        with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as span:
+        with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as current:
             try:
                 if req is None:
                     req = codec.decode(msg.data, request_type, ctype)
@@ -105,7 +105,7 @@ async def serve(
                     log.exception("request.failed", endpoint=label)
                 else:
                     log.debug("request.rejected", endpoint=label, code=code, message=message, path=path)
-                span.set_attribute("error.code", code)
+                current.set_attribute("error.code", code)
                 payload = codec.encode(codec.error_reply(code, message, path), ctype)
         if msg.reply:
             headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if codec.is_msgpack(ctype) else None
