@@ -17,7 +17,9 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest
+from schemas.openai import EppQueryTyped, OpenAiBody
 from schemas.discovery import WorkerRecord
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for, serve, unsubscribe_all
@@ -82,7 +84,7 @@ class EppBridgeApp:
                 await serve(
                     rt.nc,
                     rt.names.epp_query(pool),
-                    EppQueryRequest,
+                    EppQueryTyped,
                     self._query_handler(pool),
                     queue=QUEUE,
                     endpoint="epp.query",
@@ -172,7 +174,7 @@ class EppBridgeApp:
                     raise ServiceError(
                         "invalid_request", f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$"
                     )
-                reply = await self.query(pool, req)
+                reply = await self.query(pool, req, msg)
                 routed = reply.mode
                 return reply
             except BaseException as exc:
@@ -186,23 +188,25 @@ class EppBridgeApp:
 
         return handle
 
-    async def query(self, pool: str, req: EppQueryRequest) -> EppQueryReply:
+    async def query(self, pool: str, req: EppQueryRequest, msg: Msg | None = None) -> EppQueryReply:
+        """`req` as sent (body a dict) or as `EppQueryTyped` with the message it was decoded from."""
         t0 = time.perf_counter()
-        body = parse_body(req.body)
+        body = req.body if isinstance(req.body, OpenAiBody) else parse_body(req.body)
         t1 = time.perf_counter()
         metrics.PHASE_PARSE.observe(t1 - t0)
 
         tokenizer = self.tokenizers.get(pool)
         if needs_tokenizer(body) and tokenizer is not None:
+            raw = _raw_body(req, msg) if body.messages is not None else None
             with span("epp.tokenize"):
                 if self._tokenize_pool is not None:
                     prompt = await asyncio.get_running_loop().run_in_executor(
-                        self._tokenize_pool, prompt_tokens, req.body, body, tokenizer, self.max_prompt_tokens
+                        self._tokenize_pool, prompt_tokens, raw, body, tokenizer, self.max_prompt_tokens
                     )
                 else:
-                    prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
+                    prompt = prompt_tokens(raw, body, tokenizer, self.max_prompt_tokens)
         else:
-            prompt = prompt_tokens(req.body, body, tokenizer, self.max_prompt_tokens)
+            prompt = prompt_tokens(None, body, tokenizer, self.max_prompt_tokens)
         t2 = time.perf_counter()
         metrics.PHASE_TOKENIZE.observe(t2 - t1)
         metrics.TOKEN_SOURCE_CHILDREN[prompt.source].inc()
@@ -277,6 +281,15 @@ class EppBridgeApp:
         assert self.link is not None
         reply = await self.link.booking(pool, req, self.cleanup_timeout_s)
         return CleanupReply(request_id=req.request_id, known=reply.known)
+
+
+def _raw_body(req: EppQueryRequest, msg: Msg | None) -> dict[str, Any]:
+    """The body as sent: a chat template gets the messages with every field the client gave."""
+    if isinstance(req.body, dict):
+        return req.body
+    if msg is None:
+        raise TypeError("an EppQueryTyped request needs the message it was decoded from")
+    return codec.decode(msg.data, EppQueryRequest, codec.content_type_of(msg.headers)).body
 
 
 def _code_of(exc: BaseException) -> str:

@@ -48,8 +48,9 @@ def _check_size(tokens: list[int], isl: int, max_tokens: int, path: str) -> None
         raise ServiceError("invalid_request", f"the prompt has {isl} tokens, more than the limit of {max_tokens}", path)
 
 
-def prompt_tokens(raw: dict[str, Any], body: OpenAiBody, tokenizer: PoolTokenizer | None, max_tokens: int) -> PromptTokens:
-    """`raw` is the body as received (its message dicts go to the chat template unchanged)."""
+def prompt_tokens(raw: dict[str, Any] | None, body: OpenAiBody, tokenizer: PoolTokenizer | None, max_tokens: int) -> PromptTokens:
+    """`raw` is the body as received (its message dicts go to the chat template unchanged); only a
+    prompt that needs the tokenizer reads it."""
     kind: Literal["chat", "completions"] = "chat" if body.messages is not None else "completions"
     nvext = body.nvext
     if nvext is not None and nvext.token_data is not None:
@@ -84,6 +85,8 @@ def prompt_tokens(raw: dict[str, Any], body: OpenAiBody, tokenizer: PoolTokenize
     extra = dict(body.chat_template_kwargs or {})
     if body.continue_final_message:
         extra.setdefault("continue_final_message", True)
+    if raw is None:
+        raise TypeError("a chat body needs the raw body for its template")
     try:
         tokens = tokenizer.encode_chat(
             raw["messages"],

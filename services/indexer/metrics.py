@@ -12,7 +12,9 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-MESSAGES = Counter(
+from services.runtime import fastmetrics
+
+MESSAGES = fastmetrics.Counter(
     "kvr_indexer_messages_total",
     "KVR_KV messages by outcome (ok, malformed, skipped_covered = already in the restored snapshot)",
     ["pool", "outcome"],
@@ -20,7 +22,7 @@ MESSAGES = Counter(
 DROPPED_EVENTS = Counter(
     "kvr_indexer_dropped_events_total", "Events not applied, by reason (removed_worker = discovery removed it)", ["pool", "reason"]
 )
-MATCH_SECONDS = Histogram(
+MATCH_SECONDS = fastmetrics.Histogram(
     "kvr_indexer_match_seconds",
     "In-process find_matches time (excludes NATS)",
     ["pool"],

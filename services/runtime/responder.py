@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import Counter, Histogram
 
 from schemas import codec
 from schemas.codec import RemoteError, SchemaError
 
+from .fastmetrics import Counter, Histogram
 from .logs import get_logger
 from .tracing import inject_headers, server_span, span
 

@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 from schemas.api import MatchReply, Overrides
@@ -138,10 +138,11 @@ class SelectionInput:
     cost: CostConfig = CostConfig()
     # Fresh worker load reports by target (busy detection only; the cost uses the bookings).
     reported: Mapping[Target, ReportedLoad] = field(default_factory=dict)
+    # The request's blocks as a set (each candidate's new decode blocks), made once per request.
+    hash_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def hash_set(self) -> frozenset[int]:
-        return frozenset(self.hashes)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hash_set", frozenset(self.hashes))
 
 
 class OverlapScoresLike(Protocol):
@@ -202,6 +203,9 @@ def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random)
     return len(costs) - 1
 
 
+_cost = attrgetter("cost")
+
+
 class Selector:
     def __init__(self, busy: BusyThresholds | None = None, rng: random.Random | None = None) -> None:
         self.busy = busy or BusyThresholds()
@@ -250,7 +254,6 @@ class Selector:
     # --- scoring -------------------------------------------------------------------------------
 
     def score(self, c: Candidate, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
-        cfg = inp.cost
         t = c.target
         view = load.view(t)
         device = ov.device.get(t, 0)
@@ -260,6 +263,7 @@ class Selector:
             prefill_blocks = 0.0
             cost = float(decode_blocks)
         else:
+            cfg = inp.cost
             prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
             credit = cfg.overlap_score_credit * device
             if ov.host or ov.disk:  # lower tiers only count where some worker reported them
@@ -276,12 +280,15 @@ class Selector:
     def choose(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
         policy = inp.policy
         if policy == "kv":
-            scored = [self.score(c, load, ov, inp, leg) for c in pool]
+            score = self.score
+            scored = [score(c, load, ov, inp, leg) for c in pool]
             if inp.cost.temperature > 0:
                 return scored[softmax_pick([s.cost for s in scored], inp.cost.temperature, self.rng)]
-            best = min(s.cost for s in scored)
+            best = min(scored, key=_cost).cost
             tol = TIE_EPS * max(1.0, abs(best))
             ties = [s for s in scored if s.cost - best <= tol]
+            if len(ties) == 1:
+                return ties[0]
             return min(ties, key=lambda s: (ov.tree_sizes.get(s.candidate.target, 0), s.candidate.target))
         if policy == "round_robin":
             key = f"{leg}"
@@ -303,7 +310,9 @@ class Selector:
         mode = inp.mode
         if mode == "auto":
             has_prefill = any(c.role == "prefill" for c in cands)
-            pinned_role = next((c.role for c in cands if c.worker_id == inp.pinned_worker_id), None)
+            pinned_role = None
+            if has_prefill and inp.pinned_worker_id is not None:
+                pinned_role = next((c.role for c in cands if c.worker_id == inp.pinned_worker_id), None)
             mode = "disaggregated" if has_prefill and pinned_role in (None, "decode") else "aggregated"
         if mode == "aggregated":
             pool = self.eligible(cands, load, inp, ("aggregated", "decode"), "aggregated")

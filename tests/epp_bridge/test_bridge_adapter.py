@@ -120,6 +120,13 @@ async def test_rejections_never_reach_the_scheduler(nc, setup):
     assert sched.selects == []
     big = await ask(nc, NAMES.epp_query(POOL), {"request_id": "e", "body": {"prompt": [1] * 12000}})
     assert "limit of 20000" in big["error"]["message"]
+    # The body is validated as it is decoded; paths start at the request (JSON and msgpack alike).
+    for msgpack in (False, True):
+        bad = await ask(nc, NAMES.epp_query(POOL), {"request_id": "g", "body": {"prompt": "x", "nvext": {"token_data": [3, -1]}}}, msgpack=msgpack)
+        assert bad["error"]["code"] == "invalid_request" and bad["error"]["path"] == "$.body.nvext.token_data[1]", bad
+        both = await ask(nc, NAMES.epp_query(POOL), {"request_id": "h", "body": {"prompt": [1], "messages": [{"role": "user"}]}}, msgpack=msgpack)
+        assert both["error"]["path"] == "$.body" and "exactly one" in both["error"]["message"], both
+    assert sched.selects == []
 
 
 async def test_scheduler_errors_keep_their_code(nc, setup):
