@@ -10,7 +10,9 @@ prefixes, then drives `kvr.{pool}.epp.query` from this process:
 Variants: `token_data` (nvext.token_data, no tokenization), `tokenize` (chat body rendered with the
 chat template and tokenized by the bridge), `token_data_book` (book: true, each reply followed by
 an untimed epp.cleanup free, as a gateway would). Modes: `separate` (kvr indexer + kvr scheduler +
-kvr epp-bridge), `one-process` (kvr epp-bridge --epp-embedded-scheduler --embedded-indexer) and
+kvr epp-bridge), `separate-embedded-index` (kvr scheduler --embedded-indexer + kvr epp-bridge: the
+scheduler holds its own index replica, as Dynamo's router does), `one-process` (kvr epp-bridge
+--epp-embedded-scheduler --embedded-indexer) and
 `bridge-only` (kvr epp-bridge in front of a stub scheduler that answers at once: the bridge's share),
 and two floors: `nats-floor` (a bare nats-py subscription publishing a fixed reply) and
 `responder-floor` (our `serve()` decoding the request and answering at once). Each row also records
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats
@@ -187,6 +189,11 @@ def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads
         procs = [StubProcess(url, f"--floor-server {mode.split('-')[0]}", NAMES.epp_query(POOL))]
     elif mode == "bridge-only":
         procs = [StubProcess(url), ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
+    elif mode == "separate-embedded-index":
+        procs = [
+            ServiceProcess("scheduler", ["--block-size", str(BLOCK), "--log-level", "warning", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "scheduler.log")),
+            ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log")),
+        ]
     elif mode == "one-process":
         procs = [ServiceProcess("epp-bridge", [*bridge_args, "--epp-embedded-scheduler", "--embedded-indexer"], nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log"))]
     else:
@@ -251,7 +258,107 @@ class _Reply(msgspec.Struct):
 _REPLY = msgspec.json.Decoder(_Reply)
 
 
-async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency: int, duration: float, book: bool) -> dict:
+class _Delivered(NamedTuple):
+    subject: str
+    data: bytes
+
+
+class WireClient(asyncio.Protocol):
+    """The load generator's own minimal NATS connection (`--client wire`): the client protocol's PUB,
+    SUB, MSG/HMSG and PING/PONG on an `asyncio.Protocol`, with every publish of one event-loop turn
+    written in one `write`. The generator shares the 2 cores with the stack it measures; at 3,000/s
+    this costs it about half the CPU of nats-py (whose per-message streams, queues, tasks and
+    futures are what a service needs and a load generator does not). Bench code only: no
+    reconnect, no TLS or auth, and callbacks must not suspend."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.out: list[bytes] = []
+        self.subs: dict[bytes, Any] = {}
+        self.pong: asyncio.Future[None] | None = None
+        self.info = asyncio.get_running_loop().create_future()
+        self._sid = 0
+        self._inbox = 0
+
+    @classmethod
+    async def connect(cls, url: str) -> WireClient:
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(cls, host, int(port))
+        await client.info
+        client.pong = loop.create_future()
+        client.transport.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"lang":"python-bench","protocol":1}\r\nPING\r\n')
+        await client.pong
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def new_inbox(self) -> str:
+        self._inbox += 1
+        return f"_INBOX.bench{os.getpid()}x{self._inbox}"
+
+    async def subscribe(self, subject: str, cb: Any) -> None:
+        self._sid += 1
+        self.subs[str(self._sid).encode()] = cb
+        self._queue(f"SUB {subject} {self._sid}\r\n".encode())
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        self._queue(b"".join((f"PUB {subject} {reply} {len(payload)}\r\n".encode(), payload, b"\r\n")))
+
+    def _queue(self, data: bytes) -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out.append(data)
+
+    def _flush(self) -> None:
+        if self.out and self.transport is not None:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    async def close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while True:
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                return
+            head = bytes(buf[:eol]).split(b" ")
+            op = head[0]
+            if op in (b"MSG", b"HMSG"):
+                total = int(head[-1])
+                start = eol + 2 + (int(head[-2]) if op == b"HMSG" else 0)
+                end = eol + 2 + total
+                if len(buf) < end + 2:
+                    return
+                msg = _Delivered(head[1].decode(), bytes(buf[start:end]))
+                del buf[: end + 2]
+                cb = self.subs.get(head[2])
+                if cb is not None:
+                    try:
+                        cb(msg).send(None)
+                    except StopIteration:
+                        continue
+                    raise RuntimeError("WireClient callbacks must not suspend")
+                continue
+            del buf[: eol + 2]
+            if op == b"PING":
+                self._queue(b"PONG\r\n")
+            elif op == b"PONG" and self.pong is not None and not self.pong.done():
+                self.pong.set_result(None)
+            elif op == b"INFO" and not self.info.done():
+                self.info.set_result(None)
+            elif op == b"-ERR":
+                raise RuntimeError(f"nats-server: {bytes(b' '.join(head))!r}")
+
+
+async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency: int, duration: float, book: bool, client: str = "wire") -> dict:
     """Open loop (rate given): one pacing loop publishes request k at start + k/rate (all requests due
     by now, as a burst when the loop wakes late) and its latency counts from that due time, so neither
     a late generator nor a stalled stack can hide queueing (no coordinated omission). Closed loop:
@@ -260,7 +367,7 @@ async def drive(url: str, payloads: list[bytes], rate: float | None, concurrency
     Replies come back on one wildcard inbox subscription: no coroutine, future or timer per request.
     The generator shares the 2 cores with the stack it measures, and this keeps its own CPU low
     (≈ 29 % of a core at 3,000/s, against ≈ 41 % for one `nc.request` coroutine per request)."""
-    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    nc: Any = await WireClient.connect(url) if client == "wire" else await nats.connect(url, pending_size=256 * 1024 * 1024)
     subject = NAMES.epp_query(POOL)
     cleanup = NAMES.epp_cleanup(POOL)
     inbox = nc.new_inbox()
@@ -371,18 +478,20 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--prefixes", type=int, default=64, help="distinct cached prompt prefixes")
     ap.add_argument("--modes", default="separate,one-process,bridge-only",
-                    help="separate, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once), "
+                    help="separate, separate-embedded-index, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once), "
                          "nats-floor / responder-floor (a process answering at once: the NATS client's and the responder's cost)")
     ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
     ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
+    ap.add_argument("--client", choices=("wire", "nats-py"), default="wire",
+                    help="the generator's NATS client: its own minimal one (default, least CPU) or nats-py")
     ap.add_argument("--tokenize-threads", type=int, default=0, help="--epp-tokenize-threads of the bridge")
     ap.add_argument("--loads", default="light,target,closed", help="which loads to run: light, target (the issue's rate), closed")
     ap.add_argument("--repeat", type=int, default=1, help="measurements per load (the p99 of a 2-core machine varies run to run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "epp_query.json"))
     args = ap.parse_args()
-    targets = {"separate": 1000.0, "one-process": 3000.0, "bridge-only": 1000.0, "nats-floor": 3000.0, "responder-floor": 3000.0}
+    targets = {"separate": 1000.0, "separate-embedded-index": 1000.0, "one-process": 3000.0, "bridge-only": 1000.0, "nats-floor": 3000.0, "responder-floor": 3000.0}
     # well below capacity: latency without queueing
-    light = {"separate": 250.0, "one-process": 500.0, "bridge-only": 250.0, "nats-floor": 500.0, "responder-floor": 500.0}
+    light = {"separate": 250.0, "separate-embedded-index": 250.0, "one-process": 500.0, "bridge-only": 250.0, "nats-floor": 500.0, "responder-floor": 500.0}
     rng = random.Random(7)
     tmp = Path(tempfile.mkdtemp(prefix="kvr-epp-bench-"))
     tok_dir = build_tokenizer_dir(tmp / "tok")
@@ -417,8 +526,11 @@ def main() -> int:
                 for rate in [loads[name] for name in args.loads.split(",") for _ in range(args.repeat)]:
                     before = phase_totals(procs[-1])
                     cpu0, t0 = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs}, time.perf_counter()
-                    res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book))
+                    gen0, nats0 = cpu_seconds(os.getpid()), cpu_seconds(server.proc.pid)
+                    res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book, args.client))
                     wall = time.perf_counter() - t0
+                    res["generator_cpu_pct"] = round((cpu_seconds(os.getpid()) - gen0) / wall * 100)
+                    res["nats_server_cpu_pct"] = round((cpu_seconds(server.proc.pid) - nats0) / wall * 100)
                     res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(procs[-1]))
                     # CPU of each service process over the measurement (incl. warm-up), % of one core
                     res["service_cpu_pct"] = [round((cpu_seconds(pid) - c) / wall * 100) for pid, c in cpu0.items()]
@@ -433,16 +545,16 @@ def main() -> int:
             server.cleanup()
 
     print()
-    print(f"{'mode':15} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'load1':>6} errors")
+    print(f"{'mode':15} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'gen/nats %':>10} {'load1':>6} errors")
     for r in rows:
         own = r["bridge_phase_mean_us"].get("parse", 0) + r["bridge_phase_mean_us"].get("tokenize", 0)
         cpu = "+".join(str(c) for c in r["service_cpu_pct"])
         print(f"{r['mode']:15} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
+              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-            "duration_s": args.duration, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
+            "duration_s": args.duration, "client": args.client, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0

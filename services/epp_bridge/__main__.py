@@ -28,8 +28,16 @@ def all_settings() -> tuple[Setting, ...]:
     return tuple(out)
 
 
+def _make_app(cfg):  # type: ignore[no-untyped-def]
+    if getattr(cfg, "epp_embedded_scheduler", False) and getattr(cfg, "embedded_indexer", False):
+        from services.indexer.app import tune_gc
+
+        tune_gc()
+    return make_app(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", all_settings(), make_app, argv)
+    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", all_settings(), _make_app, argv)
 
 
 if __name__ == "__main__":

@@ -458,9 +458,11 @@ class IndexerApp:
 
 
 def tune_gc() -> None:
-    """Standalone process only: the index allocates millions of long-lived nodes, and CPython's default
-    gen-0 threshold (700) makes the cyclic collector re-scan them constantly (measured: apply of new
-    blocks ~2x slower). Freed nodes do not need the collector (pruning breaks the parent↔child link)."""
+    """For a process holding an index (`kvr indexer`, or a scheduler / bridge with --embedded-indexer),
+    called by its `main`, not by library code: the index allocates millions of long-lived nodes, and
+    CPython's default gen-0 threshold (700) makes the cyclic collector re-scan them constantly
+    (measured: apply of new blocks ~2x slower). Freed nodes do not need the collector (pruning breaks
+    the parent↔child link)."""
     gc.set_threshold(50_000, 20, 100)
 
 

@@ -23,6 +23,10 @@ def _settings() -> tuple:
 def make_app(cfg):  # type: ignore[no-untyped-def]
     from .app import SchedulerApp
 
+    if cfg.embedded_indexer:
+        from services.indexer.app import tune_gc
+
+        tune_gc()
     return SchedulerApp(cfg)
 
 
