@@ -79,7 +79,7 @@ class EmbeddedSchedulerLink:
     # asyncio.timeout, not wait_for: wait_for (3.11) wraps the call in a new task, one more trip
     # through the event loop per query.
     async def select(self, pool: str, req: SelectRequest, timeout: float) -> SelectReply:
-        if self.app.decides_inline(req.book):
+        if self.decides_inline(req.book):
             # Runs to the end without suspending, so no deadline could interrupt it: skip the timer.
             return await self._select(pool, req)
         try:

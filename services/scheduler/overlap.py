@@ -28,8 +28,6 @@ Target = tuple[int, int]
 
 
 class OverlapSource(Protocol):
-    async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply: ...
-
     async def overlaps(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int]) -> Overlaps:
         """What the selector uses: `match` as per-target tables (the embedded index skips the wire types)."""
         ...
@@ -40,7 +38,8 @@ class OverlapSource(Protocol):
 
 
 class _ReplyOverlap:
-    """Sources whose answer is a `MatchReply` (over NATS, or the predicted cache); always ready."""
+    """Sources whose answer is a `MatchReply` (over NATS, or the predicted cache), turned into the
+    selector's tables by `overlaps`; always ready."""
 
     async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply:
         raise NotImplementedError
@@ -68,7 +67,8 @@ class NatsOverlap(_ReplyOverlap):
 
 
 class EmbeddedOverlap:
-    """The indexer inside this process: same `MatchReply`, no network hop."""
+    """The indexer inside this process: the same overlaps, read from the index without wire types
+    or a network hop."""
 
     def __init__(self, cfg: SimpleNamespace) -> None:
         from services.indexer.app import IndexerApp  # only needed in the one-process deployment
@@ -78,9 +78,6 @@ class EmbeddedOverlap:
 
     async def start(self, rt: Any) -> None:
         await self.app.start(rt)
-
-    async def match(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int] | None = None) -> MatchReply:
-        return self.app.match(pool, MatchRequest(block_hashes=local_hashes))
 
     async def overlaps(self, pool: str, local_hashes: list[int], seq_hashes: Sequence[int]) -> Overlaps:
         return Overlaps.from_scores(self.app.overlap_scores(pool, local_hashes))
