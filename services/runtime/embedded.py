@@ -45,15 +45,21 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_for_nats(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until a NATS server greets on host:port (its INFO line, so not just any listener that took the
+    port); with `proc`, fail at once if that process has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ChildProcessError(f"exited with code {proc.returncode} before serving on {host}:{port}")
         try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
+            with socket.create_connection((host, port), timeout=0.5) as conn:
+                if conn.recv(4) == b"INFO":
+                    return
         except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no NATS server on {host}:{port} after {timeout}s")
 
 
 @dataclass
@@ -77,10 +83,20 @@ class NatsServer:
         if self.store_dir is None:
             self.store_dir = tempfile.mkdtemp(prefix="kvr-nats-")
             self._own_dir = True
-        if not self.port:
-            self.port = free_port(self.host)
-        if not self.monitor_port:
-            self.monitor_port = free_port(self.host)
+        # A port found free can be taken by another process before the server binds it; when we
+        # picked the ports, pick again (the server exits at once on a bind error).
+        chosen = (self.port, self.monitor_port)
+        for attempt in range(3):
+            self.port = chosen[0] or free_port(self.host)
+            self.monitor_port = chosen[1] or free_port(self.host)
+            try:
+                return self._start_once(timeout)
+            except ChildProcessError:
+                if all(chosen) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> NatsServer:
         args = [
             nats_server_binary(),
             "-js",
@@ -93,8 +109,8 @@ class NatsServer:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
         try:
-            wait_for_port(self.host, self.port, timeout)
-        except TimeoutError:
+            wait_for_nats(self.host, self.port, timeout, self.proc)
+        except (TimeoutError, ChildProcessError):
             self.stop()
             raise
         return self
