@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -93,7 +94,8 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
             log.info("provision.done", **result)
         await app.start(rt)
         started = True
-        log.info("service.started", pools=rt.pools, nats=cfg.nats_url)
+        frozen = freeze_startup_heap()
+        log.info("service.started", pools=rt.pools, nats=cfg.nats_url, gc_frozen_objects=frozen)
         await stop.wait()
         log.info("service.stopping")
     except Exception:
@@ -103,6 +105,20 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     await _close(nc, app, http)
     log.info("service.stopped")
     return 0
+
+
+def freeze_startup_heap() -> int:
+    """Move everything allocated so far (modules, tokenizers, templates, a restored index) out of the
+    cyclic collector's reach; returns how many objects are frozen.
+
+    Without it every full collection re-scans the startup heap: 20-30 ms with the event loop stopped
+    (measured on the bridge and the scheduler), i.e. a latency spike for every request in flight.
+    Frozen objects are still freed by reference counting; only cycles among them would outlive their
+    use, and startup objects are not churned.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 async def _connect_or_stop(url: str, name: str, stop: asyncio.Event) -> NATS | None:
