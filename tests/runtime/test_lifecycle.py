@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +92,9 @@ def test_service_waits_for_nats_then_serves_and_drains_on_sigterm(tmp_path):
         assert proc.wait(15) == 0
         output = proc.stdout.read().decode()  # type: ignore[union-attr]
         assert '"event": "service.stopped"' in output
+        # The startup heap (modules, the connection) is frozen out of the cyclic collector's full scans.
+        started = next(json.loads(line) for line in output.splitlines() if '"service.started"' in line)
+        assert started["gc_frozen_objects"] > 10_000
         assert "nats.error" in output or "nats.connect_failed" in output  # it retried before NATS existed
     finally:
         if proc.poll() is None:
@@ -116,3 +121,53 @@ def test_cluster_helper_provisions_replicated_streams(nats_cluster):
 
     result = asyncio.run(run())
     assert result["KVR_KV"] in ("created", "exists")
+
+
+@pytest.mark.unit
+def test_freeze_startup_heap_takes_existing_objects_out_of_collection():
+    from services.runtime.service import freeze_startup_heap
+
+    cycle: list = []
+    cycle.append(cycle)
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(o is cycle for o in gc.get_objects())  # a full collection no longer scans it
+        fresh: list = []
+        fresh.append(fresh)
+        assert any(o is fresh for o in gc.get_objects(generation=0))  # later objects are collected as usual
+    finally:
+        gc.unfreeze()
+    assert any(o is cycle for o in gc.get_objects())
+
+
+@pytest.mark.integration
+def test_embedded_server_picks_other_ports_when_its_port_was_taken(monkeypatch):
+    """Another process can bind a port between `free_port()` and the server's own bind."""
+    import socket
+
+    from services.runtime import embedded
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken, free_port(), free_port(), free_port()])
+        monkeypatch.setattr(embedded, "free_port", lambda host="127.0.0.1": next(ports))
+        started = time.monotonic()
+        server = embedded.NatsServer().start()
+        try:
+            assert server.port != taken and time.monotonic() - started < 5
+
+            async def ping() -> None:
+                nc = await nats.connect(server.url)
+                await nc.flush()
+                await nc.close()
+
+            asyncio.run(ping())
+        finally:
+            server.cleanup()
+        # A port given explicitly is not replaced: the error comes at once, not after the timeout.
+        monkeypatch.undo()
+        with pytest.raises(ChildProcessError):
+            embedded.NatsServer(port=taken).start()
