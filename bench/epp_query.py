@@ -9,9 +9,10 @@ prefixes, then drives `kvr.{pool}.epp.query` from this process:
 
 Variants: `token_data` (nvext.token_data, no tokenization), `tokenize` (chat body rendered with the
 chat template and tokenized by the bridge), `token_data_book` (book: true, each reply followed by
-an untimed epp.cleanup free, as a gateway would). Modes: `separate` (kvr indexer + kvr scheduler +
-kvr epp-bridge), `separate-embedded-index` (kvr scheduler --embedded-indexer + kvr epp-bridge: the
-scheduler holds its own index replica, as Dynamo's router does), `one-process` (kvr epp-bridge
+an untimed epp.cleanup free, as a gateway would). Modes: `separate-embedded-index` (kvr scheduler + kvr
+epp-bridge: the default deployment, where the scheduler folds KVR_KV into its own index replica, as
+Dynamo's router does), `separate` (kvr indexer + kvr scheduler --embedded-indexer false + kvr
+epp-bridge: the remote-indexer layout, one more request/reply hop), `one-process` (kvr epp-bridge
 --epp-embedded-scheduler --embedded-indexer) and
 `bridge-only` (kvr epp-bridge in front of a stub scheduler that answers at once: the bridge's share),
 and two floors: `nats-floor` (a bare nats-py subscription publishing a fixed reply) and
@@ -199,7 +200,7 @@ def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads
     else:
         procs = [
             ServiceProcess("indexer", ["--log-level", "warning"], nats_url=url, pools=[POOL], log_path=str(logs / "indexer.log")),
-            ServiceProcess("scheduler", ["--block-size", str(BLOCK), "--log-level", "warning"], nats_url=url, pools=[POOL], log_path=str(logs / "scheduler.log")),
+            ServiceProcess("scheduler", ["--block-size", str(BLOCK), "--log-level", "warning", "--embedded-indexer", "false"], nats_url=url, pools=[POOL], log_path=str(logs / "scheduler.log")),
             ServiceProcess("epp-bridge", bridge_args, nats_url=url, pools=[POOL], log_path=str(logs / "bridge.log")),
         ]
     for p in procs:
@@ -516,8 +517,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--prefixes", type=int, default=64, help="distinct cached prompt prefixes")
-    ap.add_argument("--modes", default="separate,one-process,bridge-only",
-                    help="separate, separate-embedded-index, one-process, bridge-only (the bridge in front of a stub scheduler that answers at once), "
+    ap.add_argument("--modes", default="separate-embedded-index,separate,one-process,bridge-only",
+                    help="separate-embedded-index (the default deployment), separate (remote indexer), one-process, bridge-only (the bridge in front of a stub scheduler that answers at once), "
                          "nats-floor / responder-floor (a process answering at once: the NATS client's and the responder's cost)")
     ap.add_argument("--variants", default="token_data,tokenize,token_data_book")
     ap.add_argument("--concurrency", type=int, default=32, help="outstanding requests in the closed-loop run")
@@ -576,7 +577,7 @@ def main() -> int:
                     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     row = {"mode": mode, "variant": variant, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                     rows.append(row)
-                    print(f"{mode:12} {variant:16} {row['load']:14} ok/s={res['throughput_qps']:8.1f} p50={res['p50_ms']:7.3f}ms "
+                    print(f"{mode:23} {variant:16} {row['load']:14} ok/s={res['throughput_qps']:8.1f} p50={res['p50_ms']:7.3f}ms "
                           f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us']}", flush=True)  # fmt: skip
         finally:
             for p in procs:
@@ -584,11 +585,11 @@ def main() -> int:
             server.cleanup()
 
     print()
-    print(f"{'mode':15} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'gen/nats %':>10} {'load1':>6} errors")
+    print(f"{'mode':23} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'gen/nats %':>10} {'load1':>6} errors")
     for r in rows:
         own = r["bridge_phase_mean_us"].get("parse", 0) + r["bridge_phase_mean_us"].get("tokenize", 0)
         cpu = "+".join(str(c) for c in r["service_cpu_pct"])
-        print(f"{r['mode']:15} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
+        print(f"{r['mode']:23} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
               f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ async def main() -> None:
     env = {"KVR_LOG_LEVEL": "warning"}
     procs = [ServiceProcess("indexer", nats_url=server.url, pools=[POOL], env=env, log_path=str(logdir / "indexer.log"))]
     procs += [
-        ServiceProcess("scheduler", args=["--router-id", f"r{i}"], nats_url=server.url, pools=[POOL], env=env,
+        ServiceProcess("scheduler", args=["--router-id", f"r{i}", "--embedded-indexer", "false"], nats_url=server.url, pools=[POOL], env=env,
                        log_path=str(logdir / f"r{i}.log"))  # fmt: skip
         for i in range(args.replicas)
     ]

@@ -2,8 +2,9 @@
 
   .venv/bin/python bench/scheduler_select.py [--duration 10] [--concurrency 4,8,16,32] [--workers 8]
 
-Two deployments: `nats` = `kvr indexer` + `kvr scheduler` as separate processes (the scheduler asks
-the indexer over NATS), `one-process` = `kvr scheduler --embedded-indexer`. For each: selects with
+Two deployments: `nats` = `kvr indexer` + `kvr scheduler --embedded-indexer false` as separate
+processes (the scheduler asks the indexer over NATS), `one-process` = `kvr scheduler
+--embedded-indexer` (the default: its own index replica). For each: selects with
 `book: false` (decision only) and `book: true` (decision + booking published to KVR_BOOKINGS and
 applied from the stream before the reply; the client frees each booking afterwards).
 Each runs closed-loop at several client counts (throughput and latency at each); `--rate-nats` /
@@ -37,6 +38,7 @@ async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[
         sched_args = ["--router-id", "bench-1"]
         if mode == "nats":
             procs.append(ServiceProcess("indexer", nats_url=server.url, pools=[POOL], env=env, log_path=str(logdir / "indexer.log")))
+            sched_args += ["--embedded-indexer", "false"]
         else:
             sched_args.append("--embedded-indexer")
         procs.append(ServiceProcess("scheduler", args=sched_args, nats_url=server.url, pools=[POOL], env=env,

@@ -35,8 +35,8 @@ SETTINGS = REGISTRY.register(
         Setting(
             "epp_embedded_scheduler",
             False,
-            "one-process mode: run the scheduler inside the bridge and call it directly (its settings apply; "
-            "add --embedded-indexer for the indexer too)",
+            "one-process mode: run the scheduler, with its index replica, inside the bridge and call it "
+            "directly (the scheduler's settings apply)",
             bool,
         ),
     ],

@@ -41,7 +41,12 @@ SETTINGS = REGISTRY.register(
         Setting("match_timeout_s", 1.0, "timeout of indexer.match requests", float),
         Setting("booking_sync_timeout_s", 1.0, "bounded wait for the bookings stream before answering", float),
         Setting("max_inflight", 64, "concurrent select handlers per pool", int),
-        Setting("embedded_indexer", False, "keep an index replica in this process (no indexer.match hop; also used by the one-process bridge)", bool),
+        Setting(
+            "embedded_indexer",
+            True,
+            "fold KVR_KV into an index replica in this process (Dynamo's router layout); false: ask the indexer service over indexer.match",
+            bool,
+        ),
         Setting("no_kv_events", False, "approximate mode: workers publish no KV events, predict cache from decisions", bool),
         Setting("approx_ttl_s", 120.0, "approximate mode: lifetime of a predicted cached block", float),
         Setting("approx_max_blocks", 1 << 20, "approximate mode: size cap of the predicted cache (blocks)", int),

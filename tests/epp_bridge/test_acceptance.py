@@ -44,7 +44,8 @@ def stack(tmp_path_factory, tokenizer_dir):
     try:
         for command, extra in (
             ("indexer", []),
-            ("scheduler", ["--block-size", str(BLOCK), "--seed", "1"]),
+            # The remote-indexer layout: every query crosses bridge → scheduler → indexer (one trace).
+            ("scheduler", ["--block-size", str(BLOCK), "--seed", "1", "--embedded-indexer", "false"]),
             ("epp-bridge", ["--epp-tokenizer-dir", str(tokenizer_dir), "--epp-select-timeout-s", "2", "--epp-tokenize-threads", "2"]),
         ):
             proc = ServiceProcess(

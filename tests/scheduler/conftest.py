@@ -28,8 +28,10 @@ NAMES = Names()
 
 
 def scheduler_cfg(nats_url: str, *flags: str):  # type: ignore[no-untyped-def]
+    """The scheduler against an indexer over NATS (real or scripted) unless `flags` say otherwise."""
     all_settings = [*COMMON, *SETTINGS]
-    args = build_parser("kvr scheduler", "", all_settings).parse_args(["--nats-url", nats_url, "--pool", POOL, *flags])
+    argv = ["--nats-url", nats_url, "--pool", POOL, "--embedded-indexer", "false", *flags]
+    args = build_parser("kvr scheduler", "", all_settings).parse_args(argv)
     return resolve(args, all_settings, env={})
 
 

@@ -28,7 +28,8 @@ TTL_S = 8.0
 def replica(nats_url: str, rid: str, log_dir) -> ServiceProcess:  # type: ignore[no-untyped-def]
     return ServiceProcess(
         "scheduler",
-        args=["--router-id", rid, "--booking-ttl-s", str(TTL_S), "--expiry-sweep-s", "0.2"],
+        # Overlaps from the indexer process over NATS (the remote-index layout).
+        args=["--router-id", rid, "--booking-ttl-s", str(TTL_S), "--expiry-sweep-s", "0.2", "--embedded-indexer", "false"],
         nats_url=nats_url,
         pools=[POOL],
         log_path=str(log_dir / f"{rid}.log"),
