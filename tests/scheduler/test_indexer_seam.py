@@ -62,3 +62,26 @@ async def test_one_process_mode_embedded_indexer(nats_url, nc):
         # The in-process entry point gives the same decision without NATS.
         direct = await app.select(POOL, SelectRequest(request_id="y", token_ids=TOKENS, book=False))
         assert (direct.decode.worker_id, direct.overlap_blocks) == (2, 3)
+
+
+def test_the_index_replica_restores_snapshots_but_writes_none_unless_asked():
+    """`kvr scheduler` defaults: the indexer service writes the snapshots; a scheduler only restores them."""
+    from services.indexer.app import IndexerApp
+    from services.runtime.config import COMMON, resolve
+    from services.runtime.service import build_parser
+    from services.scheduler.__main__ import _settings
+
+    settings = [*COMMON, *_settings()]
+
+    def cfg(*argv: str):  # type: ignore[no-untyped-def]
+        return resolve(build_parser("kvr scheduler", "", settings).parse_args(list(argv)), settings, env={})
+
+    default = cfg()
+    assert default.embedded_indexer and default.snapshot_restore
+    assert not IndexerApp(default, serve_endpoints=False).snapshot_enabled
+    assert IndexerApp(cfg("--snapshot-interval-s", "30"), serve_endpoints=False).snapshot_enabled
+    # The indexer service itself still writes them by default.
+    from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
+
+    indexer_defaults = {s.name: s.default for s in INDEXER_SETTINGS}
+    assert indexer_defaults["snapshot_interval_s"] > 0 and indexer_defaults["snapshot_every_events"] > 0
