@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,9 @@ def _make_app(cfg):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # One prompt per encode call: tokenizers' rayon pool could only add a thread hand-off per request
+    # (measured ≈ 10 % slower on a 2 KB prompt). An operator's explicit setting wins.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", all_settings(), _make_app, argv)
 
 

@@ -32,6 +32,46 @@ def test_completions_string_adds_bos(pool_tokenizer):
     assert no_special.token_ids == p.token_ids[1:]
 
 
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=300), special=st.booleans())
+def test_encoding_gives_the_ids_of_the_reference_encode(pool_tokenizer, text, special):
+    """`encode_text` / `encode_batch` take tokenizers' offset-free path; the ids must not change."""
+    reference = pool_tokenizer.tokenizer.encode(text, add_special_tokens=special).ids
+    assert pool_tokenizer.encode_text(text, special) == reference
+    assert pool_tokenizer.encode_batch([text, "the lazy dog"], special)[0] == reference
+
+
+def test_encoding_lets_other_threads_run(pool_tokenizer):
+    """`--epp-tokenize-threads` only helps if the encode releases the GIL (tokenizers' `encode` does not):
+    while a worker thread encodes a long prompt, this thread must keep running."""
+    import threading
+    import time
+
+    text = "the quick brown fox jumps over the lazy dog " * 8000  # ≈ 350 KB: tens of ms to encode
+    took: list[float] = []
+    started = threading.Event()
+    began: list[float] = []
+
+    def work() -> None:
+        began.append(time.perf_counter())
+        started.set()
+        pool_tokenizer.encode_text(text, False)
+        took.append(time.perf_counter() - began[0])
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()  # returns only once this thread gets the GIL back
+    last = began[0]
+    longest_gap = 0.0
+    while worker.is_alive():
+        now = time.perf_counter()
+        longest_gap = max(longest_gap, now - last)
+        last = now
+    worker.join()
+    # Holding the GIL would stall this loop for the whole encode.
+    assert took[0] > 0.01 and longest_gap < took[0] / 2, (took, longest_gap)
+
+
 def test_completions_token_ids_and_batches(pool_tokenizer):
     assert tokens_of({"prompt": [5, 6, 7]}, None).token_ids == [5, 6, 7]
     batch = tokens_of({"prompt": [[5, 6, 7], [8, 9]]}, None)
