@@ -225,7 +225,7 @@ class EppBridgeApp:
                     f"no candidate worker carries every required taint {sorted(constraints.required_taints)}",
                 )
 
-        sreq = select_request(req, body, prompt, allowed)
+        sreq = select_request(req, body, prompt, allowed, index.block_size)
         reply = await self._select(pool, sreq)
         metrics.PHASE_SELECT.observe(time.perf_counter() - t2)
         return query_reply(req, reply, prompt)

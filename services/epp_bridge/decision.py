@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from schemas.api import EppPod, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest, Target
+from schemas.hashing import local_block_hashes, salt_seed
 from schemas.openai import OpenAiBody
 
 from .prompt import PromptTokens
@@ -19,7 +20,12 @@ PREFILLER_HOST_PORT = "x-prefiller-host-port"
 ROUTING_MODE = "x-dynamo-routing-mode"
 
 
-def select_request(req: EppQueryRequest, body: OpenAiBody, prompt: PromptTokens, allowed: list[int] | None) -> SelectRequest:
+def select_request(
+    req: EppQueryRequest, body: OpenAiBody, prompt: PromptTokens, allowed: list[int] | None, block_size: int | None = None
+) -> SelectRequest:
+    """With the pool's `block_size` known, the prompt goes as its local block hashes (PROTOCOL.md §5
+    allows either): a few dozen integers for the scheduler to decode instead of every token id, and
+    the hashing it would do anyway done here."""
     nvext = body.nvext
     hints = nvext.agent_hints if nvext else None
     expected = None
@@ -27,12 +33,20 @@ def select_request(req: EppQueryRequest, body: OpenAiBody, prompt: PromptTokens,
         expected = nvext.expected_output_tokens
         if expected is None and hints is not None:
             expected = hints.osl
+    lora_name = nvext.lora_name if nvext else None
+    cache_salt = (nvext.cache_salt if nvext and nvext.cache_salt else None) or body.cache_salt
+    token_ids: list[int] | None = prompt.token_ids
+    block_hashes = None
+    if block_size:
+        block_hashes = local_block_hashes(prompt.token_ids, block_size, salt_seed(lora_name, cache_salt))
+        token_ids = None
     return SelectRequest(
         request_id=req.request_id,
-        token_ids=prompt.token_ids,
+        token_ids=token_ids,
+        block_hashes=block_hashes,
         isl_tokens=prompt.isl_tokens,
-        lora_name=nvext.lora_name if nvext else None,
-        cache_salt=(nvext.cache_salt if nvext and nvext.cache_salt else None) or body.cache_salt,
+        lora_name=lora_name,
+        cache_salt=cache_salt,
         allowed_worker_ids=allowed,
         pinned_worker_id=nvext.backend_instance_id if nvext else None,
         pinned_dp_rank=nvext.dp_rank if nvext and nvext.backend_instance_id is not None else None,

@@ -23,14 +23,18 @@ class PodIndex:
         self.by_name: dict[str, set[int]] = {}
         self.by_endpoint: dict[str, set[int]] = {}
         self.records: dict[int, WorkerRecord] = {}
+        sizes: set[int] = set()
         for rec in records:
             self.records[rec.worker_id] = rec
+            sizes.add(rec.block_size)
             if rec.pod_name:
                 self.by_name.setdefault(rec.pod_name, set()).add(rec.worker_id)
             for rank in rec.dp_ranks:
                 endpoint = rec.endpoint(rank)
                 if endpoint:
                     self.by_endpoint.setdefault(endpoint, set()).add(rec.worker_id)
+        # The pool's block size when its workers agree on one; otherwise the scheduler hashes.
+        self.block_size: int | None = sizes.pop() if len(sizes) == 1 else None
 
     def match(self, pod: EppPod) -> set[int]:
         name = pod.pod_name

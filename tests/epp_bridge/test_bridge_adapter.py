@@ -14,6 +14,7 @@ import pytest
 
 from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest, Target
+from schemas.hashing import local_block_hashes, salt_seed
 from schemas.subjects import Names
 from services.runtime.responder import ServiceError, serve
 
@@ -83,9 +84,10 @@ async def setup(nc, nats_url):
 
 async def test_query_maps_pods_nvext_and_headers(nc, setup):
     sched, bridge = setup
+    tokens = list(range(1, 11))  # two full blocks of 4 and a partial one
     payload = {
         "request_id": "r-1",
-        "body": {"prompt": [1, 2, 3], "nvext": {"lora_name": "l", "agent_hints": {"priority": 2}, "expected_output_tokens": 9}},
+        "body": {"prompt": tokens, "nvext": {"lora_name": "l", "agent_hints": {"priority": 2}, "expected_output_tokens": 9}},
         "pods": [{"pod": {"podName": "vllm-2"}}, {"podName": "ghost"}, {"address": "10.0.0.3", "port": 9001}],
         "return_token_ids": True,
     }
@@ -93,8 +95,11 @@ async def test_query_maps_pods_nvext_and_headers(nc, setup):
     assert reply["status"] == "ok", reply
     sent = sched.selects[-1]
     assert sent.allowed_worker_ids == [2, 3] and sent.lora_name == "l" and sent.priority == 2
-    assert sent.expected_output_tokens == 9 and sent.token_ids == [1, 2, 3] and sent.book
-    assert reply["token_ids"] == [1, 2, 3]
+    assert sent.expected_output_tokens == 9 and sent.book
+    # The workers' block size is known, so the scheduler gets the LoRA-seeded block hashes, not tokens.
+    assert sent.token_ids is None and sent.isl_tokens == 10
+    assert sent.block_hashes == local_block_hashes(tokens, 4, salt_seed("l"))
+    assert reply["token_ids"] == tokens
     # The scheduler gave no endpoint; the bridge fills it from the matching pod when it has one.
     assert reply["headers"]["x-worker-instance-id"] == "2" and reply["headers"]["x-dp-rank"] == "0"
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from schemas.api import EppPod, EppQueryRequest, SelectReply, Target
 from schemas.codec import SchemaError, convert
 from schemas.discovery import WorkerRecord
+from schemas.hashing import local_block_hashes, salt_seed
 from services.epp_bridge.decision import query_reply, routing_headers, select_request
 from services.epp_bridge.pods import PodIndex
 from services.epp_bridge.prompt import parse_body, prompt_tokens
@@ -166,6 +167,15 @@ def _rec(wid: int, **kw) -> WorkerRecord:
     return WorkerRecord(worker_id=wid, pool="p", **kw)
 
 
+def test_pod_index_knows_the_block_size_only_when_the_workers_agree():
+    def rec(wid: int, bs: int) -> WorkerRecord:
+        return WorkerRecord(worker_id=wid, pool="p", heartbeat_ms=0, pod_name=f"vllm-{wid}", block_size=bs)
+
+    assert PodIndex([rec(1, 16), rec(2, 16)]).block_size == 16
+    assert PodIndex([rec(1, 16), rec(2, 32)]).block_size is None  # the scheduler hashes with its own choice
+    assert PodIndex([]).block_size is None
+
+
 def test_pods_map_by_name_endpoint_rank_and_dynamo_shapes():
     index = PodIndex(
         [
@@ -211,6 +221,10 @@ def test_select_request_and_headers(pool_tokenizer):
     assert (s.pinned_worker_id, s.pinned_dp_rank, s.lora_name, s.cache_salt) == (7, 1, "ad", "top")
     assert s.routing_constraints.required_taints == ["zone=a"]
     assert (s.priority, s.expected_output_tokens, s.mode, s.book, s.policy) == (3, 99, "disaggregated", False, "kv")
+    # With the pool's block size, the prompt travels as local block hashes seeded by LoRA and salt.
+    hashed = select_request(req, parsed, prompt, [7, 9], block_size=2)
+    assert hashed.token_ids is None and hashed.isl_tokens == 3
+    assert hashed.block_hashes == local_block_hashes([1, 2, 3], 2, salt_seed("ad", "top")) and len(hashed.block_hashes) == 1
 
     agg = SelectReply(decode=Target(7, 0, "vllm-7", None), prefill=None, overlap_blocks=2, isl_tokens=3, block_size=16, cost=1.0)
     pods = [convert({"name": "vllm-7", "address": "10.0.0.7", "port": 8000}, EppPod)]
