@@ -34,6 +34,9 @@ LABEL org.opencontainers.image.title="kvr" \
 RUN groupadd --system --gid 10001 kvr \
  && useradd --system --uid 10001 --gid kvr --home-dir /home/kvr --create-home --shell /usr/sbin/nologin kvr
 COPY --from=build /opt/kvr /opt/kvr
+# The Mooncake traces (~1 MB gzipped, with their provenance and license notice) so that `kvr replay
+# data/...` and `kvr dev` work in the container as in a checkout; compose may mount another folder here.
+COPY data /home/kvr/data
 ENV PATH=/opt/kvr/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -27,15 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemas.events import removed_event, stored_event  # noqa: E402
 from services.indexer.app import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex  # noqa: E402
+from services.replay.trace import open_trace  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 RESULTS = Path(__file__).parent / "results"
-TRACES = {"conversation": "mooncake_conversation_trace.jsonl", "synthetic": "mooncake_synthetic_trace.jsonl"}
+TRACES = {"conversation": "mooncake_conversation_trace.jsonl.gz", "synthetic": "mooncake_synthetic_trace.jsonl.gz"}
 ENGINE_OFFSET = 1 << 40  # engine hashes differ from local hashes, as in a real engine
 
 
 def replay(path: Path, workers: int, capacity: int) -> dict:
-    requests = [json.loads(line)["hash_ids"] for line in path.open()]
+    with open_trace(path) as fh:
+        requests = [json.loads(line)["hash_ids"] for line in fh]
     index = PrefixIndex()
     lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(workers)]
     next_id = [0] * workers

@@ -148,6 +148,11 @@ async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_event
         server.cleanup()
 
 
+def _repo_relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=3000)
@@ -177,7 +182,8 @@ def main() -> int:
           f"{e2e['jetstream_messages']} JetStream messages; {e2e['publish_failures']} publish retries; "
           f"{e2e['dropped_messages']:.0f} dropped")  # fmt: skip
     out = {
-        "params": vars(args) | {"block_size": BLOCK},
+        # the output path is recorded repo-relative: a result file names no machine path
+        "params": vars(args) | {"block_size": BLOCK, "out": _repo_relative(args.out)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "core": core,
         "e2e": e2e,

@@ -5,7 +5,7 @@ a fresh `kvr mock-workers` fleet per (policy, load), prints the comparison table
 bench/results/<name>.json and copies the plots to docs/img/<name>_*.png.
 
     .venv/bin/python bench/routing_quality.py --name routing_conversation \\
-        --trace ../shared/data/mooncake_conversation_trace.jsonl --limit 4000 --speedup 10 \\
+        --trace data/mooncake_conversation_trace.jsonl.gz --limit 4000 --speedup 10 \\
         --workers 8 --kv-blocks 32000 --rate-scale 1
 """
 

@@ -89,9 +89,9 @@ async def main() -> None:
     print(table(rows, cols))
     path = write_result("scheduler_select", {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "logs": str(logdir),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     })  # fmt: skip
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}\nservice logs: {logdir}")  # a temporary directory: printed, not recorded
 
 
 if __name__ == "__main__":

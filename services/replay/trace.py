@@ -1,6 +1,9 @@
 """Mooncake FAST'25 traces (`{timestamp, input_length, output_length, hash_ids}` per line) and the
 deterministic expansion of their 512-token hash ids into token ids.
 
+Trace files are JSON lines, plain or gzip-compressed (the copies shipped in `data/` are `.jsonl.gz`);
+`open_trace` tells them apart by the gzip magic bytes, not by the file name.
+
 Every hash id becomes a fixed pseudo-random 512-token chunk (seeded by the id and a run salt), so two
 requests that share their first k ids share their first k·512 tokens exactly and nothing else; the
 engine then re-blocks those tokens at its own block size (Dynamo's `--trace-block-size 512`).
@@ -8,16 +11,19 @@ engine then re-blocks those tokens at its own block size (Dynamo's `--trace-bloc
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 TRACE_BLOCK = 512
 VOCAB = 32_000
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class TraceError(ValueError):
@@ -48,10 +54,19 @@ def parse_line(line: str, index: int) -> TraceRequest:
     return TraceRequest(index, ts, isl, osl, tuple(ids))
 
 
+def open_trace(path: str | Path) -> TextIO:
+    """The trace's text lines, whether the file is plain JSON lines or gzip-compressed."""
+    with open(path, "rb") as probe:
+        compressed = probe.read(2) == GZIP_MAGIC
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def load_trace(path: str | Path, *, start: int = 0, limit: int | None = None) -> list[TraceRequest]:
     """Requests `start .. start+limit` of the file, timestamps kept as in the file."""
     out: list[TraceRequest] = []
-    with open(path, encoding="utf-8") as fh:
+    with open_trace(path) as fh:
         for index, line in enumerate(fh):
             if index < start or not line.strip():
                 continue

@@ -197,3 +197,15 @@ def test_replay_and_external_mock_fleet_run_at_the_same_speed() -> None:
     replay = services["replay"]
     assert "--fleet=external" in replay["command"]
     assert replay["environment"]["KVR_SPEEDUP"] == services["mock-workers"]["environment"]["KVR_SPEEDUP"]
+
+
+def test_replay_job_reads_a_shipped_trace_by_default() -> None:
+    """The default mount is the repository's data/ folder and the default file is in it."""
+    replay = compose()["services"]["replay"]
+    mounts = {target: source for source, target, _mode in (v.rsplit(":", 2) for v in replay["volumes"])}
+    source = re.fullmatch(r"\$\{TRACE_DIR:-([^}]+)\}", mounts["/home/kvr/data"])
+    assert source is not None, mounts
+    folder = (COMPOSE_DIR / source.group(1)).resolve()
+    assert folder == REPO / "data"
+    trace = re.fullmatch(r"data/\$\{TRACE_FILE:-([^}]+)\}", replay["command"][1])
+    assert trace is not None and (folder / trace.group(1)).is_file(), replay["command"]

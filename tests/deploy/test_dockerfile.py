@@ -108,13 +108,21 @@ def test_build_inputs_exist_and_are_not_dockerignored(stages: list[Stage]) -> No
     ]
     for must_ignore in (".git", ".venv"):
         assert _dockerignored(must_ignore, patterns), f"{must_ignore} must not be sent to the build"
-    for copy in stages[0].all("COPY"):
+    for copy in (c for stage in stages for c in stage.all("COPY")):
         if copy.startswith("--from"):
             continue
         *sources, _dest = copy.split()
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: no such file"
             assert not _dockerignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
+
+
+def test_image_carries_the_shipped_traces_where_replay_finds_them(stages: list[Stage]) -> None:
+    """`kvr replay data/...` and `kvr dev` resolve `data/` against the runtime WORKDIR."""
+    runtime = stages[-1]
+    workdir = runtime.all("WORKDIR")[-1]
+    assert f"data {workdir}/data" in runtime.all("COPY")
+    assert list((REPO / "data").glob("*.jsonl.gz")), "data/ holds the Mooncake traces"
 
 
 def test_every_runtime_dependency_is_pinned_by_the_lock(stages: list[Stage]) -> None:

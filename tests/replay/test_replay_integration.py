@@ -7,6 +7,7 @@ A few hundred requests of the synthetic trace (35 % ideal reuse in this window) 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from rich.console import Console
 from services.replay.__main__ import _CLIENT_COMMON, replay
 from services.replay.settings import SETTINGS
 
-TRACE = "/work/shared/data/mooncake_synthetic_trace.jsonl"
+TRACE = str(Path(__file__).resolve().parents[2] / "data" / "mooncake_synthetic_trace.jsonl.gz")
 
 
 def replay_cfg(nats_url: str, out: str, **over) -> SimpleNamespace:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from services.replay.report import markdown_table, percentile, summarize, write_report
 from services.replay.runner import RequestRecord, RunResult
-from services.replay.trace import TRACE_BLOCK, TokenExpander, TraceError, TraceRequest, ideal_hit_rate, load_trace, parse_line
+from services.replay.trace import (
+    TRACE_BLOCK,
+    TokenExpander,
+    TraceError,
+    TraceRequest,
+    ideal_hit_rate,
+    load_trace,
+    open_trace,
+    parse_line,
+)
 
-DATA = "/work/shared/data/mooncake_conversation_trace.jsonl"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DATA = DATA_DIR / "mooncake_conversation_trace.jsonl.gz"
 
 
 def test_same_hash_id_same_tokens_and_partial_last_block():
@@ -43,9 +57,45 @@ def test_parse_errors_are_clear(tmp_path):
 def test_real_trace_slice_and_ideal_hit_rate():
     reqs = load_trace(DATA, start=10, limit=50)
     assert len(reqs) == 50 and reqs[0].index == 10
-    assert all(r.hash_ids[0] == 0 for r in reqs)  # evaluation-notes §1.5: every request starts with id 0
+    assert all(r.hash_ids[0] == 0 for r in reqs)  # every conversation request starts with the same block
     # the whole conversation trace: 37.36 % of prompt tokens reusable (data/README.md)
     assert ideal_hit_rate(load_trace(DATA)) == pytest.approx(0.3736, abs=0.0005)
+
+
+def test_gzip_and_plain_traces_read_the_same(tmp_path):
+    lines = [
+        '{"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [0, 1]}',
+        "",
+        '{"timestamp": 5, "input_length": 20, "output_length": 1, "hash_ids": [0]}',
+    ]
+    plain = tmp_path / "t.jsonl"
+    plain.write_text("\n".join(lines) + "\n")
+    packed = tmp_path / "t.data"  # the gzip magic bytes decide, not the name
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_trace(packed) == load_trace(plain) == [TraceRequest(0, 0, 600, 3, (0, 1)), TraceRequest(2, 5, 20, 1, (0,))]
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"timestamp": 0}\n'))
+    with pytest.raises(TraceError, match="line 1"):
+        load_trace(bad)
+
+
+def _readme_checksums() -> dict[str, tuple[int, str]]:
+    """file → (uncompressed bytes, SHA-256) from the table in data/README.md."""
+    rows = re.findall(r"^\| `([^`]+\.jsonl\.gz)` \| [^|]+ \| ([\d,]+) \| `([0-9a-f]{64})` \|$",
+                      (DATA_DIR / "README.md").read_text(), re.M)
+    return {name: (int(size.replace(",", "")), digest) for name, size, digest in rows}
+
+
+def test_shipped_traces_are_the_upstream_files():
+    """The provenance notice names every shipped file, and each decompresses to the upstream bytes."""
+    checksums = _readme_checksums()
+    assert set(checksums) == {p.name for p in DATA_DIR.glob("*.jsonl.gz")} == {
+        "mooncake_conversation_trace.jsonl.gz", "mooncake_synthetic_trace.jsonl.gz"}
+    for name, (size, digest) in checksums.items():
+        raw = gzip.decompress((DATA_DIR / name).read_bytes())
+        assert (len(raw), hashlib.sha256(raw).hexdigest()) == (size, digest), name
+    with open_trace(DATA_DIR / "mooncake_synthetic_trace.jsonl.gz") as fh:
+        assert sum(1 for _ in fh) == 3993
 
 
 def test_percentile_interpolates():
