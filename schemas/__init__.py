@@ -1,4 +1,4 @@
-"""The wire contract (PROTOCOL.md) in executable form: msgspec types, codecs, hashing, names."""
+"""The wire contract (docs/protocol.md) in executable form: msgspec types, codecs, hashing, names."""
 
 from .api import (
     ERROR_HTTP_STATUS,

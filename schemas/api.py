@@ -1,4 +1,4 @@
-"""Request/reply messages of the service endpoints (PROTOCOL.md §5) and the error envelope."""
+"""Request/reply messages of the service endpoints (docs/protocol.md §5) and the error envelope."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ class SelectReply(msgspec.Struct):
 
 
 class StateRequest(msgspec.Struct):
-    """Extension (not in PROTOCOL.md v1): ask a scheduler replica for its load view."""
+    """Extension (docs/protocol.md §5): ask a scheduler replica for its load view."""
 
 
 class WorkerLoad(msgspec.Struct):

@@ -1,4 +1,4 @@
-"""Booking events on stream KVR_BOOKINGS: the replicated in-flight load (PROTOCOL.md §4)."""
+"""Booking events on stream KVR_BOOKINGS: the replicated in-flight load (docs/protocol.md §4)."""
 
 from __future__ import annotations
 

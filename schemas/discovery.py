@@ -1,4 +1,4 @@
-"""Worker discovery records in KV bucket KVR_WORKERS (PROTOCOL.md §3) and optional load reports."""
+"""Worker discovery records in KV bucket KVR_WORKERS (docs/protocol.md §3) and optional load reports."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class WorkerRecord(msgspec.Struct, omit_defaults=True):
         return range(self.dp_start_rank, self.dp_start_rank + self.dp_size)
 
     def endpoint(self, dp_rank: int) -> str | None:
-        """`address:port` of one rank (PROTOCOL.md §3)."""
+        """`address:port` of one rank (docs/protocol.md §3)."""
         if self.address is None:
             return None
         if self.dp_ports is not None:

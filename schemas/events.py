@@ -1,4 +1,4 @@
-"""KV-cache events carried on stream KVR_KV (PROTOCOL.md §2), Dynamo-compatible."""
+"""KV-cache events carried on stream KVR_KV (docs/protocol.md §2), Dynamo-compatible."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dynamo-compatible block hashing (PROTOCOL.md §6).
+"""Dynamo-compatible block hashing (docs/protocol.md §6).
 
 Local block hash: XXH3-64 of the block's token ids packed little-endian u32, seeded with 1337
 (or the LoRA / cache-salt seed). Sequence hash: chain of local hashes, always seeded with 1337.

@@ -1,4 +1,4 @@
-"""Subject, stream and bucket names of PROTOCOL.md §1, parameterised by prefix and names."""
+"""Subject, stream and bucket names of docs/protocol.md §1, parameterised by prefix and names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared scalar types and limits of the wire contract (PROTOCOL.md §0)."""
+"""Shared scalar types and limits of the wire contract (docs/protocol.md §0)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mock workers' generate endpoint `kvr.{pool}.worker.{worker_id}.generate` (extension, not PROTOCOL v1).
+"""Mock workers' generate endpoint `kvr.{pool}.worker.{worker_id}.generate` (extension, docs/protocol.md §5).
 
 The requester publishes a `GenerateRequest` with a reply inbox; the worker streams to that inbox a
 `first_token` message when the first output token exists, then a `done` message with its own

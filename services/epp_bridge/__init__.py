@@ -1,1 +1,1 @@
-"""EPP bridge: answers the gateway endpoint picker's epp.query / epp.cleanup over NATS (PROTOCOL.md §5)."""
+"""EPP bridge: answers the gateway endpoint picker's epp.query / epp.cleanup over NATS (docs/protocol.md §5)."""

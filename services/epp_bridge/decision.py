@@ -10,7 +10,7 @@ from schemas.openai import OpenAiBody
 
 from .prompt import PromptTokens
 
-# Headers set on the forwarded request (PROTOCOL.md §5; Dynamo frontend / GAIE names).
+# Headers set on the forwarded request (docs/protocol.md §5; Dynamo frontend / GAIE names).
 DESTINATION = "x-gateway-destination-endpoint"
 WORKER_ID = "x-worker-instance-id"
 DP_RANK = "x-dp-rank"
@@ -23,7 +23,7 @@ ROUTING_MODE = "x-dynamo-routing-mode"
 def select_request(
     req: EppQueryRequest, body: OpenAiBody, prompt: PromptTokens, allowed: list[int] | None, block_size: int | None = None
 ) -> SelectRequest:
-    """With the pool's `block_size` known, the prompt goes as its local block hashes (PROTOCOL.md §5
+    """With the pool's `block_size` known, the prompt goes as its local block hashes (docs/protocol.md §5
     allows either): a few dozen integers for the scheduler to decode instead of every token id, and
     the hashing it would do anyway done here."""
     nvext = body.nvext

@@ -1,4 +1,4 @@
-"""Map the gateway's candidate pods onto discovered workers (PROTOCOL.md §5, Dynamo's pods filter).
+"""Map the gateway's candidate pods onto discovered workers (docs/protocol.md §5, Dynamo's pods filter).
 
 A pod matches a worker by name (`WorkerRecord.pod_name`; GAIE's data-parallel "virtual pods"
 `<pod>-rank-N` match their base pod) or else by `address:port` of any of the worker's ranks.

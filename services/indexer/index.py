@@ -1,4 +1,4 @@
-"""The prefix index: a radix tree over local block hashes, folded from KV-cache events (PROTOCOL.md §2).
+"""The prefix index: a radix tree over local block hashes, folded from KV-cache events (docs/protocol.md §2).
 
 Pure and deterministic: no I/O, no clocks. The same event sequence always gives the same tree, and
 `dump()` / `to_snapshot()` are canonical, so replicas and restored processes can be compared.
@@ -469,7 +469,7 @@ class PrefixIndex:
 
     def _tier_scores(self, local_hashes: Sequence[int], device_scores: dict[WorkerKey, int]) -> dict[str, dict[WorkerKey, int]]:
         """Per lower tier: leading blocks held in this tier or a faster one, minus what faster tiers
-        already cover (Dynamo §4.3: lower-tier counts exclude blocks counted in faster tiers)."""
+        already cover (as Dynamo's selector counts them: lower tiers exclude blocks counted in faster tiers)."""
         result: dict[str, dict[WorkerKey, int]] = {}
         covered = dict(device_scores)
         for i in range(1, len(TIERS)):

@@ -1,4 +1,4 @@
-"""A simulated LLM engine, modelled on Dynamo's mocker (evaluation-notes §2): pure and deterministic.
+"""A simulated LLM engine, modelled on Dynamo's mocker (`lib/mocker/`): pure and deterministic.
 
 Nothing here does I/O or reads a clock. The adapter calls `submit()` when a request arrives and
 `step(now_ms)` to run one forward pass; the pass reports how long it took in simulated
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from schemas.events import RouterEvent, cleared_event, removed_event, stored_event
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
 
-# --- timing model (evaluation-notes §2.2, Dynamo's default polynomial) ---------------------------
+# --- timing model (Dynamo mocker's default polynomial) ---------------------------------------------
 
 
 def prefill_ms(uncached_tokens: int) -> float:
@@ -334,7 +334,7 @@ class EngineStats:
 
 
 class Engine:
-    """vLLM-style continuous batching over a `BlockPool` (evaluation-notes §2.1)."""
+    """vLLM-style continuous batching over a `BlockPool` (as Dynamo's mocker runs it)."""
 
     def __init__(self, config: EngineConfig, worker_id: int = 0, dp_rank: int = 0, first_event_id: int = 0) -> None:
         self.cfg = config

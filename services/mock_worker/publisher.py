@@ -1,4 +1,4 @@
-"""`KvEventPublisher`: what any Python engine integration needs to feed the router (PROTOCOL.md §2).
+"""`KvEventPublisher`: what any Python engine integration needs to feed the router (docs/protocol.md §2).
 
 Give it `RouterEvent`s in event-id order; it packs them into messages of at most `max_batch` events
 (a JSON array per message, one worker and dp rank), publishes them to `kvr.{pool}.kv.{worker}.{rank}`

@@ -1,9 +1,9 @@
-"""Engine KV events → PROTOCOL.md §2 RouterEvents for one worker (all its dp ranks). Pure, no I/O.
+"""Engine KV events → docs/protocol.md §2 RouterEvents for one worker (all its dp ranks). Pure, no I/O.
 
-Rules (dynamo-router-notes.md §1.1–1.3):
+Rules (Dynamo's worker-side publisher, `lib/kv-router/src/publisher/`):
 
 - `tokens_hash` of every *full* block is computed from the event's `token_ids` with the LoRA /
-  cache-salt seed (PROTOCOL.md §6); a store whose token count is not a multiple of the block size is
+  cache-salt seed (docs/protocol.md §6); a store whose token count is not a multiple of the block size is
   cut at the last full block. Engine hashes become `block_hash` / `parent_hash`; `medium` becomes the
   storage tier.
 - Stores without tokens (CPU offload / connector tiers) are resolved through the engine-hash →

@@ -1,4 +1,4 @@
-"""Tolerant decoder of vLLM / SGLang KV-event batches (peer-routers-notes.md §B.3). Pure, no I/O.
+"""Tolerant decoder of vLLM / SGLang KV-event batches (vLLM's `vllm/distributed/kv_events.py`). Pure, no I/O.
 
 vLLM has shipped several encodings of the same data, so everything is decoded to msgpack builtins
 first and then read by position *or* by name:

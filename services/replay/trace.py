@@ -106,7 +106,7 @@ class TokenExpander:
 
 
 def ideal_hit_rate(requests: Iterable[TraceRequest]) -> float:
-    """Prefix tokens reusable with an infinite, shared cache (the trace's ceiling, evaluation-notes §1.1)."""
+    """Prefix tokens reusable with an infinite, shared cache (the trace's ceiling, see data/README.md)."""
     seen: set[int] = set()
     prompt = cached = 0
     for r in requests:

@@ -60,7 +60,7 @@ class Setting:
         return self.type(raw)
 
 
-# Settings every long-running service accepts (PROTOCOL.md §8).
+# Settings every long-running service accepts (docs/protocol.md §8).
 COMMON: tuple[Setting, ...] = (
     Setting("nats_url", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated"),
     Setting("pool", ["default"], "pool(s) served (repeatable or comma-separated)", is_list=True),

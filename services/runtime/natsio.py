@@ -1,4 +1,4 @@
-"""NATS connection and idempotent provisioning of the streams, bucket and object store (PROTOCOL.md §1)."""
+"""NATS connection and idempotent provisioning of the streams, bucket and object store (docs/protocol.md §1)."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ async def ensure_object_store(js: JetStreamContext, bucket: str, replicas: int =
 
 
 async def provision(js: JetStreamContext, names: Names, settings: StreamSettings) -> dict[str, str]:
-    """Idempotently create everything of PROTOCOL.md §1; returns name → created/exists."""
+    """Idempotently create everything of docs/protocol.md §1; returns name → created/exists."""
     result: dict[str, str] = {}
     for cfg in stream_configs(names, settings):
         result[cfg.name] = await ensure_stream(js, cfg)  # type: ignore[index]

@@ -35,7 +35,7 @@ LATENCY = Histogram(
 
 
 class ServiceError(Exception):
-    """A failure with a protocol error code (PROTOCOL.md §5)."""
+    """A failure with a protocol error code (docs/protocol.md §5)."""
 
     def __init__(self, code: str, message: str, path: str | None = None) -> None:
         super().__init__(message)

@@ -1,6 +1,6 @@
 """Worker discovery shared by every service: a pure directory plus a JetStream adapter.
 
-`WorkerDirectory` folds the records of KV bucket KVR_WORKERS (PROTOCOL.md §3). `WorkerWatcher`
+`WorkerDirectory` folds the records of KV bucket KVR_WORKERS (docs/protocol.md §3). `WorkerWatcher`
 feeds it from the bucket's underlying stream with a `StreamFollower` (so it resumes after outages
 like every other consumer) and turns expiries into key deletes: the replica that notices first
 deletes the key (guarded by the revision it saw), and every replica then sees the same removal.

@@ -1,4 +1,4 @@
-"""Routing candidates: one per (worker, dp_rank) of every live discovery record (PROTOCOL.md §3)."""
+"""Routing candidates: one per (worker, dp_rank) of every live discovery record (docs/protocol.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""In-flight load per (worker, dp_rank), folded from booking events (PROTOCOL.md §4, Dynamo §4.5).
+"""In-flight load per (worker, dp_rank), folded from booking events (docs/protocol.md §4, Dynamo §4.5).
 
 Pure and deterministic: time is passed in, and a booking's expiry is derived from the event's own
 `ts_ms`, so every replica that applies the same events holds the same view at the same instant.

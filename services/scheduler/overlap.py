@@ -4,7 +4,7 @@ Three sources implement `OverlapSource`, and the selector only ever sees the `Ov
 they produce, so the deployment shape does not leak into the decision:
 - `NatsOverlap`: asks a separate indexer service over NATS (`kvr.{pool}.indexer.match`);
 - `EmbeddedOverlap`: an `IndexerApp` running in this process (one-process deployment);
-- `PredictedCache`: approximate mode (no KV events, Dynamo §3.5): the scheduler's own decisions,
+- `PredictedCache`: approximate mode (no KV events, as Dynamo's approximate mode): the scheduler's own decisions,
   each remembered for a TTL, in a size-capped table.
 """
 

@@ -1,4 +1,4 @@
-"""Worker selection: eligibility filters, the cost rule of PROTOCOL.md §7, and A/B policies.
+"""Worker selection: eligibility filters, the cost rule of docs/protocol.md §7, and A/B policies.
 
 Pure: inputs are the candidates, a load view, the indexer's overlaps and the request; randomness
 comes from the `random.Random` handed in, so a seeded selector is reproducible.
@@ -23,7 +23,7 @@ TIE_EPS = 1e-9
 
 
 class SelectionError(Exception):
-    """No target: `code` is a PROTOCOL.md §5 error code."""
+    """No target: `code` is a docs/protocol.md §5 error code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -64,7 +64,7 @@ class ReportedLoad(NamedTuple):
 
 @dataclass(frozen=True)
 class BusyThresholds:
-    """Dynamo §4.6; None = off. A (worker, dp_rank) over any enabled threshold is not eligible."""
+    """As Dynamo's busy detection; None = off. A (worker, dp_rank) over any enabled threshold is not eligible."""
 
     active_decode_blocks: float | None = None  # fraction of total_kv_blocks
     active_prefill_tokens: float | None = None  # absolute tokens
@@ -185,7 +185,7 @@ def taint_multiplier(taints: frozenset[str], preferred: Mapping[str, float]) -> 
 
 
 def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
-    """Dynamo §4.4: p_i ∝ exp(−(c_i − c_min) / ((c_max − c_min) · T))."""
+    """Dynamo's softmax: p_i ∝ exp(−(c_i − c_min) / ((c_max − c_min) · T))."""
     if len(costs) == 1:
         return 0
     lo, hi = min(costs), max(costs)
@@ -259,7 +259,7 @@ class Selector:
         device = ov.device.get(t, 0)
         decode_blocks = view.active_blocks + load.new_blocks(t, inp.hash_set)
         if leg == "decode":
-            # Disaggregated decode leg (Dynamo §4.9): credit 0, no prefill tracking.
+            # Disaggregated decode leg (Dynamo's decode router): credit 0, no prefill tracking.
             prefill_blocks = 0.0
             cost = float(decode_blocks)
         else:

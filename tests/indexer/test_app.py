@@ -153,7 +153,7 @@ async def test_malformed_payloads_are_counted_and_skipped(nc, start_indexer):
     await publish(js, "p", stored_event(1, 0, chain(10, [1])))
     for data, headers in bad:
         await js.publish(subject, data, headers=headers)
-    # i64-negative hashes from signed publishers are reinterpreted (PROTOCOL.md §0), not rejected
+    # i64-negative hashes from signed publishers are reinterpreted (docs/protocol.md §0), not rejected
     signed = b'{"worker_id": 1, "event": {"event_id": 1, "data": {"stored": {"parent_hash": 10000, "blocks": [{"block_hash": -5, "tokens_hash": -2}]}}}}'
     await js.publish(subject, signed)
     seq = await publish(js, "p", stored_event(1, 2, [(10_002, 3)], parent_hash=(1 << 64) - 5))

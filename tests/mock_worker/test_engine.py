@@ -14,7 +14,7 @@ from services.mock_worker.engine import BlockPool, Engine, EngineConfig, decode_
 
 
 class IndexReplica:
-    """The router's view rebuilt from events only, applying PROTOCOL.md §2 semantics strictly."""
+    """The router's view rebuilt from events only, applying docs/protocol.md §2 semantics strictly."""
 
     def __init__(self) -> None:
         self.blocks: dict[int, int | None] = {}
@@ -64,7 +64,7 @@ def run_until_idle(engine: Engine, replica: IndexReplica | None = None, now: flo
 def test_prefill_formula_matches_reference_points():
     assert prefill_ms(0) == 0.0
     assert prefill_ms(1000) == pytest.approx(4.209989e-7 * 1e6 + 15.18344 + 16.50142)
-    # evaluation-notes §2.2 examples (k = 1024 tokens): 1k → 32 ms, 4k → 86 ms, 8k → 169 ms, 16k → 378 ms
+    # the reference points of Dynamo's mocker model (k = 1024 tokens): 1k → 32 ms, 4k → 86 ms, 8k → 169 ms, 16k → 378 ms
     for tokens, ms in [(1024, 32.5), (4096, 86), (8192, 169), (16384, 378)]:
         assert prefill_ms(tokens) == pytest.approx(ms, abs=1.0)
 

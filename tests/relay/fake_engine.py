@@ -1,4 +1,4 @@
-"""A fake vLLM engine speaking vLLM's exact KV-event wire format (peer-routers-notes.md §B).
+"""A fake vLLM engine speaking vLLM's exact KV-event wire format (`vllm/distributed/kv_events.py`).
 
 - PUB socket (an XPUB, which subscribers cannot tell apart, so tests can wait for the subscription)
   sending `[topic, seq (8-byte big-endian), msgpack payload]`, seq from 0 per process;

@@ -89,7 +89,7 @@ def metric(name: str, **labels: str) -> float:
 
 @dataclass
 class RefIndex:
-    """A minimal PROTOCOL.md §2 applier (per worker, rank and tier) to compare index states."""
+    """A minimal docs/protocol.md §2 applier (per worker, rank and tier) to compare index states."""
 
     blocks: dict[tuple[int, int, str], dict[int, tuple[int, int | None]]] = field(default_factory=dict)
     last_id: dict[tuple[int, int], int] = field(default_factory=dict)

@@ -26,7 +26,7 @@ from services.relay.seqtrack import SeqTracker, SeqVerdict
 from .fake_engine import EventBatch, FakeEngine
 
 enc = msgspec.msgpack.encode
-TOKENS = list(range(1, 33))  # PROTOCOL.md §6 test vector: 2 blocks of 16
+TOKENS = list(range(1, 33))  # docs/protocol.md §6 test vector: 2 blocks of 16
 VECTOR = [16863443419780771464, 2287610619914608821]
 
 

@@ -54,7 +54,7 @@ def pick(cs, load=None, ov=None, selector=None, **kw):  # type: ignore[no-untype
 
 
 def worked_example():  # type: ignore[no-untyped-def]
-    """Dynamo notes §4.4: A (id 1) overlap 8, 64 prefill tokens, 30 active blocks (8 of ours);
+    """The worked example of Dynamo's cost rule: A (id 1) overlap 8, 64 prefill tokens, 30 active blocks (8 of ours);
     B (id 2) no overlap, 20 unrelated active blocks."""
     load = FakeLoad(
         views={(1, 0): LoadView(64, 30, 3), (2, 0): LoadView(0, 20, 2)},

@@ -1,4 +1,4 @@
-"""Block hashing (PROTOCOL.md §6): published vectors and properties."""
+"""Block hashing (docs/protocol.md §6): published vectors and properties."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_protocol_vectors_tokens_1_to_32():
     assert sequence_hashes(local) == [16863443419780771464, 12466389667045779788]
 
 
-def test_dynamo_notes_vectors():
+def test_block_size_4_and_lora_vectors():
     local = local_block_hashes(list(range(8)), 4)
     assert local == [9143094415614847814, 12124091508212882195]
     assert sequence_hashes(local) == [9143094415614847814, 9510318385840434533]
