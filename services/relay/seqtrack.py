@@ -1,6 +1,6 @@
 """Per-rank ZMQ sequence tracking: in order, gap, engine restart, or already-replayed duplicate. Pure.
 
-vLLM numbers batches per publisher process from 0 (vLLM's ZMQ publisher). A forward jump means
+vLLM's ZMQ publisher numbers batches from 0 in every process. A forward jump means
 PUB dropped messages (slow subscriber, HWM) and is repaired through the replay socket; a sequence
 number that does not move forward means the engine restarted and its cache is gone. After a replay,
 live messages already delivered by the replay are recognised and skipped.

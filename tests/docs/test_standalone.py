@@ -1,0 +1,101 @@
+"""The repository stands on its own: no committed file points outside it.
+
+A clone has only what is tracked, so no tracked text file may name the folder beside the checkout
+(`../shared`) or an absolute path of a development machine. What counts as a machine path:
+
+- `/work/...` (where worktrees and reference material live here), `/root/...`, `/Users/...` and
+  `/home/<user>/...` (home directories), `/tmp/...` (temporary directories of some past run);
+- but not `/home/kvr/...`: that is the home of the `kvr` user *inside the image* (Dockerfile,
+  compose), a container path like `/models/...`, `/etc/...` or `/opt/kvr` in manifests, which are
+  fine anywhere.
+
+A path is only matched where it starts: `/tmp/` inside `https://host/x/tmp/` or `a/tmp/b` is a
+relative path segment, not a machine path. Binary files (a NUL byte in the first 8 KiB, or not
+UTF-8), the generated lock file and this file (its examples are machine paths) are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+SKIPPED = {"requirements.lock", "tests/docs/test_standalone.py"}
+OUTSIDE = re.compile(
+    r"\.\./shared\b"
+    r"|(?<![\w.~-])/(?:work|root|tmp|Users)/"
+    r"|(?<![\w.~-])/home/(?!kvr\b)[\w.-]+"
+)
+
+
+def tracked_text_files() -> list[Path]:
+    names = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    out = []
+    for name in names:
+        path = REPO / name
+        if not name or name in SKIPPED or not path.is_file():
+            continue
+        head = path.read_bytes()[:8192]
+        if b"\0" in head:
+            continue
+        out.append(path)
+    return out
+
+
+def machine_paths(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of every line that names a path outside the repository."""
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if OUTSIDE.search(line)]
+
+
+def test_no_tracked_file_points_outside_the_repository() -> None:
+    files = tracked_text_files()
+    assert len(files) > 100, "git ls-files found too little: is this a checkout?"
+    found = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{path.relative_to(REPO)}:{n}: {line[:160]}" for n, line in machine_paths(text)]
+    assert not found, "paths outside the repository (use a repo-relative path, e.g. data/...):\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "kvr replay ../shared/data/mooncake_conversation_trace.jsonl",
+        '"trace": "/work/shared/data/mooncake_conversation_trace.jsonl"',
+        '"logs": "/tmp/kvr-bench-sched-k0lrcx1j"',
+        "cd /root/kvr && make run",
+        "open /home/alice/traces/t.jsonl",
+        "see /Users/bob/kvr/README.md",
+        "file:///work/main/README.md",
+    ],
+)
+def test_machine_paths_are_caught(line: str) -> None:
+    assert machine_paths(line) == [(1, line)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "docker cp kvr-replay:/home/kvr/replay ./replay-report",
+        "WORKDIR /home/kvr",
+        "--epp-tokenizer-dir llama=/models/llama",
+        "mountPath: /etc/kvr",
+        "COPY --from=build /opt/kvr /opt/kvr",
+        "kvr replay data/mooncake_conversation_trace.jsonl.gz",
+        "https://example.com/work/tmp/x",
+        "bench/tmp/out.json and docs/work/notes",
+        "nats-server -js -sd /data -m 8222",
+    ],
+)
+def test_legitimate_paths_pass(line: str) -> None:
+    assert machine_paths(line) == []
