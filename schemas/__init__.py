@@ -23,7 +23,7 @@ from .api import (
     WorkerLoad,
     WorkerScore,
 )
-from .bookings import BookingAdd, BookingEvent, BookingFree, BookingPrefillComplete, booking_msg_id
+from .bookings import BookingAdd, BookingEvent, BookingFree, BookingMove, BookingPrefillComplete, booking_msg_id
 from .codec import (
     MSGPACK,
     RemoteError,

@@ -42,6 +42,9 @@ Policy = Literal["kv", "round_robin", "random", "least_loaded"]
 TokenList = Annotated[list[TokenId], Meta(max_length=MAX_TOKENS)]
 HashList = Annotated[list[Hash], Meta(max_length=MAX_BLOCK_HASHES)]
 OptStr = Annotated[str, Meta(max_length=1024)] | None
+# One routing target, `[worker_id, dp_rank]` on the wire.
+TargetRef = tuple[WorkerId, DpRank]
+MAX_FALLBACKS = 16
 
 
 def _normalize_hashes(hashes: list[int] | None) -> None:
@@ -131,6 +134,8 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     lora_name: OptStr = None
     cache_salt: OptStr = None
     allowed_worker_ids: Annotated[list[WorkerId], Meta(max_length=MAX_WORKER_IDS)] | None = None
+    # Extension: restrict to these (worker, dp_rank) targets (the gateway's endpoint subset names ranks).
+    allowed_targets: Annotated[list[TargetRef], Meta(max_length=MAX_WORKER_IDS)] | None = None
     pinned_worker_id: WorkerId | None = None
     pinned_dp_rank: DpRank | None = None
     routing_constraints: RoutingConstraints | None = None
@@ -140,6 +145,8 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     overrides: Overrides | None = None
     policy: Policy | None = None
     book: bool = True
+    # Extension: how many next-best decode targets to return in `SelectReply.fallbacks`.
+    fallbacks: Annotated[int, Meta(ge=0, le=MAX_FALLBACKS)] = 0
 
     def __post_init__(self) -> None:
         if self.token_ids is None and self.block_hashes is None:
@@ -164,6 +171,8 @@ class SelectReply(msgspec.Struct):
     status: Literal["ok"] = "ok"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     policy: str = "kv"
+    # Next-best decode targets, best first (as many as `SelectRequest.fallbacks` asked and exist).
+    fallbacks: list[Target] = []
 
 
 class StateRequest(msgspec.Struct):
@@ -249,9 +258,18 @@ class EppQueryReply(msgspec.Struct):
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
 
 
-class CleanupRequest(msgspec.Struct):
+class CleanupRequest(msgspec.Struct, omit_defaults=True):
+    """`prefill_complete` / `free` a booking, or `move` its decode leg to the target that really
+    served the request (a gateway retried on a fallback endpoint); `move` needs `worker_id`."""
+
     request_id: RequestId
-    phase: Literal["prefill_complete", "free"]
+    phase: Literal["prefill_complete", "free", "move"]
+    worker_id: WorkerId | None = None
+    dp_rank: DpRank | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase == "move" and self.worker_id is None:
+            raise ValueError('phase "move" needs "worker_id" (and "dp_rank", default 0)')
 
 
 class CleanupReply(msgspec.Struct):

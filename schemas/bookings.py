@@ -46,7 +46,15 @@ class BookingFree(_BookingBase, tag="free", kw_only=True):
     pass
 
 
-BookingEvent = Union[BookingAdd, BookingPrefillComplete, BookingFree]
+class BookingMove(_BookingBase, tag="move", kw_only=True):
+    """The request was served by another target than the one booked (a gateway fallback): its
+    decode leg moves there with all its load."""
+
+    worker_id: WorkerId
+    dp_rank: DpRank = 0
+
+
+BookingEvent = Union[BookingAdd, BookingPrefillComplete, BookingFree, BookingMove]
 
 
 def booking_msg_id(pool: str, request_id: str, type_: str, leg: str = "") -> str:

@@ -29,7 +29,7 @@ from schemas.api import (
     Target as WireTarget,
     WorkerLoad,
 )
-from schemas.bookings import BookingAdd, BookingEvent, BookingFree, BookingPrefillComplete, booking_msg_id
+from schemas.bookings import BookingAdd, BookingEvent, BookingFree, BookingMove, BookingPrefillComplete, booking_msg_id
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
@@ -341,6 +341,10 @@ class SchedulerApp:
         elif isinstance(ev, BookingPrefillComplete):
             ok = tracker.prefill_complete(ev.request_id)
             kind = "prefill_complete"
+        elif isinstance(ev, BookingMove):
+            removed = self._removed.get(ev.pool)
+            ok = not (removed and ev.worker_id in removed) and tracker.move(ev.request_id, (ev.worker_id, ev.dp_rank))
+            kind = "move"
         else:
             ok = tracker.free(ev.request_id)
             kind = "free"
@@ -377,10 +381,10 @@ class SchedulerApp:
             return
         await self._wait_applied(info.state.last_seq)
 
-    async def _publish(self, pool: str, event: BookingAdd | BookingPrefillComplete | BookingFree, type_: str, leg: str = "") -> int:
+    async def _publish(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> int:
         return (await self._publish_ack(pool, event, type_, leg)).seq
 
-    async def _publish_ack(self, pool: str, event: BookingAdd | BookingPrefillComplete | BookingFree, type_: str, leg: str = "") -> Any:
+    async def _publish_ack(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> Any:
         assert self.rt is not None
         return await self.rt.js.publish(
             self.rt.names.bookings_subject(pool, self.router_id),
@@ -535,6 +539,8 @@ class SchedulerApp:
             block_size=block_size,
             hashes=seq,
             allowed_worker_ids=frozenset(req.allowed_worker_ids) if req.allowed_worker_ids is not None else None,
+            allowed_targets=frozenset(map(tuple, req.allowed_targets)) if req.allowed_targets is not None else None,  # type: ignore[arg-type]
+            fallbacks=req.fallbacks,
             pinned_worker_id=req.pinned_worker_id,
             pinned_dp_rank=req.pinned_dp_rank,
             required_taints=frozenset(constraints.required_taints) if constraints else frozenset(),
@@ -573,6 +579,7 @@ class SchedulerApp:
             cost=decision.cost,
             mode=decision.mode,  # type: ignore[arg-type]
             policy=decision.policy,
+            fallbacks=[self._wire_target(f.candidate) for f in decision.fallbacks],
         )
 
     async def _book(self, pool: str, req: SelectRequest, d: Decision, isl: int, seq: list[int], block_size: int) -> None:
@@ -630,9 +637,14 @@ class SchedulerApp:
             await self._sync_to_tail()
             if not tracker.is_active(req.request_id):
                 return CleanupReply(request_id=req.request_id, known=False)
-        cls = BookingPrefillComplete if req.phase == "prefill_complete" else BookingFree
-        ev = cls(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=now_ms())
-        seq = await self._publish(pool, ev, req.phase)
+        base = dict(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=now_ms())
+        leg = ""
+        if req.phase == "move":
+            ev: Any = BookingMove(worker_id=req.worker_id, dp_rank=req.dp_rank or 0, **base)  # type: ignore[arg-type]
+            leg = f"{ev.worker_id}.{ev.dp_rank}"  # one move per target in the de-duplication window
+        else:
+            ev = (BookingPrefillComplete if req.phase == "prefill_complete" else BookingFree)(**base)  # type: ignore[arg-type]
+        seq = await self._publish(pool, ev, req.phase, leg)
         await self._wait_applied(seq)
         return CleanupReply(request_id=req.request_id, known=True)
 

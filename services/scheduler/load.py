@@ -11,6 +11,9 @@ Semantics:
 - `prefill_complete` removes the prefill tokens of every leg of the request and releases the
   `prefill` leg completely (the prefill worker is done with it); the decode leg keeps its blocks.
 - `free` releases every leg. Unknown ids and repeats are no-ops.
+- `move` carries the decode leg (with its tokens, blocks and expiry) to another (worker, dp_rank):
+  the gateway served the request from a fallback endpoint. Unknown ids, a missing decode leg and a
+  move to where the leg already is are no-ops.
 - Expiry: a leg expires at `ts_ms + ttl`; `expire(now)` drops legs past it.
 """
 
@@ -88,12 +91,7 @@ class LoadTracker:
         leg = Leg(ev.request_id, ev.leg, target, hashes, prefill, expires, ev.isl_tokens, ev.overlap_blocks)
         self.legs[key] = leg
         self.by_request.setdefault(ev.request_id, []).append(ev.leg)
-        rank = self.ranks.setdefault(target, RankLoad())
-        rank.prefill_tokens += prefill
-        rank.requests += 1
-        refs = rank.block_refs
-        for h in hashes:
-            refs[h] = refs.get(h, 0) + 1
+        self._load(leg)
         heapq.heappush(self._expiry, (expires, ev.request_id, ev.leg))
         return True
 
@@ -118,6 +116,18 @@ class LoadTracker:
             return False
         for leg_name in list(legs):
             self._release(self.legs[(request_id, leg_name)])
+        return True
+
+    def move(self, request_id: str, target: Target, leg: str = "") -> bool:
+        entry = self.legs.get((request_id, leg))
+        if entry is None:
+            self.unknown += 1
+            return False
+        if entry.target == target:
+            return False
+        self._unload(entry)
+        entry.target = target
+        self._load(entry)
         return True
 
     def discard_leg(self, request_id: str, leg: str) -> bool:
@@ -148,12 +158,23 @@ class LoadTracker:
             self._release(leg)
         return [leg.request_id for leg in victims]
 
+    def _load(self, leg: Leg) -> None:
+        rank = self.ranks.setdefault(leg.target, RankLoad())
+        rank.prefill_tokens += leg.prefill_tokens
+        rank.requests += 1
+        refs = rank.block_refs
+        for h in leg.hashes:
+            refs[h] = refs.get(h, 0) + 1
+
     def _release(self, leg: Leg) -> None:
         del self.legs[(leg.request_id, leg.leg)]
         names = self.by_request[leg.request_id]
         names.remove(leg.leg)
         if not names:
             del self.by_request[leg.request_id]
+        self._unload(leg)
+
+    def _unload(self, leg: Leg) -> None:
         rank = self.ranks[leg.target]
         rank.prefill_tokens -= leg.prefill_tokens
         rank.requests -= 1

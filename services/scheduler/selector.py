@@ -129,6 +129,8 @@ class SelectionInput:
     block_size: int
     hashes: Sequence[int]  # the request's sequence hashes (its blocks)
     allowed_worker_ids: frozenset[int] | None = None
+    # (worker_id, dp_rank) targets the request may use (the gateway's endpoint subset); None = any.
+    allowed_targets: frozenset[Target] | None = None
     pinned_worker_id: int | None = None
     pinned_dp_rank: int | None = None
     required_taints: frozenset[str] = frozenset()
@@ -138,6 +140,8 @@ class SelectionInput:
     cost: CostConfig = CostConfig()
     # Fresh worker load reports by target (busy detection only; the cost uses the bookings).
     reported: Mapping[Target, ReportedLoad] = field(default_factory=dict)
+    # How many next-best decode targets to name besides the choice (gateway fallbacks).
+    fallbacks: int = 0
     # The request's blocks as a set (each candidate's new decode blocks), made once per request.
     hash_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
@@ -167,6 +171,8 @@ class Decision:
     prefill: Scored | None
     mode: str
     policy: str
+    # Next-best decode targets, lowest cost first (`SelectionInput.fallbacks` of them at most).
+    fallbacks: tuple[Scored, ...] = ()
 
     @property
     def overlap_blocks(self) -> int:
@@ -234,6 +240,10 @@ class Selector:
             pool = [c for c in pool if c.worker_id in inp.allowed_worker_ids]
             if not pool:
                 raise SelectionError("constraints_unsatisfied", "no live worker is in allowed_worker_ids")
+        if inp.allowed_targets is not None:
+            pool = [c for c in pool if c.target in inp.allowed_targets]
+            if not pool:
+                raise SelectionError("no_workers", "no live worker rank is in allowed_targets")
         if inp.required_taints:
             pool = [c for c in pool if inp.required_taints <= c.taints]
             if not pool:
@@ -316,9 +326,18 @@ class Selector:
             mode = "disaggregated" if has_prefill and pinned_role in (None, "decode") else "aggregated"
         if mode == "aggregated":
             pool = self.eligible(cands, load, inp, ("aggregated", "decode"), "aggregated")
-            return Decision(self.choose(pool, load, ov, inp, "aggregated"), None, mode, inp.policy)
+            chosen = self.choose(pool, load, ov, inp, "aggregated")
+            return Decision(chosen, None, mode, inp.policy, self.alternates(pool, chosen, load, ov, inp, "aggregated"))
         prefill_pool = self.eligible(cands, load, inp, ("prefill",), "prefill")
         decode_pool = self.eligible(cands, load, inp, ("decode",), "decode")
         prefill = self.choose(prefill_pool, load, ov, inp, "prefill")
         decode = self.choose(decode_pool, load, ov, inp, "decode")
-        return Decision(decode, prefill, mode, inp.policy)
+        return Decision(decode, prefill, mode, inp.policy, self.alternates(decode_pool, decode, load, ov, inp, "decode"))
+
+    def alternates(self, pool: list[Candidate], chosen: Scored, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> tuple[Scored, ...]:
+        """The next-best targets by the cost rule (whatever the policy), for the gateway to retry on."""
+        if inp.fallbacks <= 0 or len(pool) < 2:
+            return ()
+        others = [self.score(c, load, ov, inp, leg) for c in pool if c.target != chosen.candidate.target]
+        others.sort(key=lambda s: (s.cost, s.candidate.target))
+        return tuple(others[: inp.fallbacks])

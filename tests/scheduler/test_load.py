@@ -98,7 +98,7 @@ def test_drop_worker_releases_all_its_ranks():
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["add", "pc", "free", "expire"]),
+        st.sampled_from(["add", "pc", "free", "expire", "move"]),
         st.integers(0, 5),  # request id
         st.integers(1, 3),  # worker
         st.lists(st.integers(1, 6), max_size=5),
@@ -130,6 +130,8 @@ def test_views_match_a_recount_and_everything_frees_to_empty(seq):
             t.prefill_complete(r)
         elif op == "free":
             t.free(r)
+        elif op == "move":
+            t.move(r, (wid, 0))
         else:
             t.expire(now)
         for target in {(w, 0) for w in (1, 2, 3)}:
@@ -150,3 +152,28 @@ def test_discard_leg_leaves_no_trace():
     assert t.discard_leg("r", "") and not t.discard_leg("r", "")
     assert t.digest() == fresh.digest() and t.view((1, 0)) == fresh.view((1, 0)) and t.duplicates == 0
     assert t.add(ev, 1000)  # the stream's copy can be applied afterwards
+
+
+def test_move_carries_the_decode_leg_with_its_load_and_expiry():
+    t = LoadTracker(ttl_ms=1_000)
+    t.add(add("a", 1, [1, 2, 3], isl=64, overlap=1, ts=1_000), 1_000)
+    t.add(add("b", 1, [1, 2], ts=1_000), 1_000)
+    before = t.view((1, 0))
+    assert t.move("a", (2, 1))
+    # a's 48 prefill tokens and its blocks are on (2, 1) now; b still holds the shared blocks 1, 2 on (1, 0)
+    assert t.view((2, 1)) == LoadView(48, 3, 1)
+    assert t.view((1, 0)) == LoadView(before.active_prefill_tokens - 48, 2, 1)
+    assert not t.move("a", (2, 1))  # already there
+    assert not t.move("nope", (2, 0)) and not t.move("a", (3, 0), leg="prefill")
+    assert t.prefill_complete("a") and t.view((2, 1)).active_prefill_tokens == 0
+    assert sorted(t.expire(2_000)) == ["a", "b"]
+    assert t.targets() == [] and t.legs == {}
+
+
+def test_move_leaves_the_prefill_leg_where_it_is():
+    t = LoadTracker()
+    t.add(add("a", 1, [1, 2], leg="prefill"), NOW)
+    t.add(add("a", 2, [1, 2], track=False), NOW)
+    assert t.move("a", (3, 0))
+    assert t.view((1, 0)) == LoadView(32, 2, 1) and t.view((2, 0)) == EMPTY and t.view((3, 0)) == LoadView(0, 2, 1)
+    assert t.free("a") and t.targets() == []

@@ -159,6 +159,22 @@ def test_allowed_worker_ids():
     assert err.value.code == "constraints_unsatisfied" and "allowed_worker_ids" in err.value.message
 
 
+def test_allowed_targets_restrict_to_ranks_and_fallbacks_rank_the_rest_by_cost():
+    cs, load, ov = worked_example()
+    best = pick(cs, load, ov, fallbacks=5)
+    order = [best.decode.candidate.target] + [f.candidate.target for f in best.fallbacks]
+    assert len(order) == len(set(order)) == len(cs)  # every other target once, chosen first
+    costs = [best.decode.cost] + [f.cost for f in best.fallbacks]
+    assert costs == sorted(costs)
+    assert pick(cs, load, ov).fallbacks == () and len(pick(cs, load, ov, fallbacks=1).fallbacks) == 1
+    last = order[-1]
+    d = pick(cs, load, ov, allowed_targets=frozenset({last, (77, 0)}), fallbacks=2)
+    assert d.decode.candidate.target == last and d.fallbacks == ()
+    with pytest.raises(SelectionError) as err:
+        pick(cs, load, ov, allowed_targets=frozenset({(77, 0)}))
+    assert err.value.code == "no_workers"
+
+
 def test_no_workers_and_role_errors():
     with pytest.raises(SelectionError) as err:
         pick([])
