@@ -28,7 +28,9 @@ from services.runtime.tracing import span
 from services.runtime.workers import WorkerWatcher
 
 from . import metrics
-from .decision import query_reply, select_request
+from .decision import NO_PROMPT, RouteAsk, Routed, query_reply, select_request
+from .extproc import ExtProcServer
+from .labels import LabelFilter, parse_label_filters
 from .link import DeadlinePassed, EmbeddedSchedulerLink, NatsSchedulerLink, SchedulerLink
 from .pods import PodIndex
 from .prompt import needs_tokenizer, parse_body, prompt_tokens
@@ -39,8 +41,8 @@ log = get_logger("kvr.epp_bridge")
 QUEUE = "epp_bridge"
 # Delays of the background frees after a select timeout: the late booking may not be applied yet.
 COMPENSATION_DELAYS_S = (0.0, 0.5, 2.0)
-
-
+# Attempts of a booking update from an ext_proc stream (prefill_complete, free, move).
+UPDATE_RETRY_DELAYS_S = (0.0, 0.2, 1.0)
 class EppBridgeApp:
     def __init__(self, cfg: SimpleNamespace) -> None:
         self.cfg = cfg
@@ -60,11 +62,20 @@ class EppBridgeApp:
         self._tokenize_pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize") if threads > 0 else None
         self.link: SchedulerLink | None = None
         self._ready = False
+        self.label_filters: dict[str, list[LabelFilter]] = {}
+        self.extproc: ExtProcServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, rt: Runtime) -> None:
         self._rt = rt
+        self.label_filters = parse_label_filters(list(getattr(self.cfg, "epp_label_filter", []) or []), rt.pools)
+        if int(getattr(self.cfg, "grpc_port", 0) or 0) > 0:
+            # Up first, so gateways' health checks get NOT_SERVING (not a refused connection) while
+            # discovery catches up.
+            self.extproc = ExtProcServer(self, self.cfg, rt.pools)
+            port = await self.extproc.start()
+            log.info("grpc.listening", port=port, pool=self.extproc.pool, tls=self.extproc.tls_mode)
         for pool, directory in parse_tokenizer_dirs(self.cfg.epp_tokenizer_dir, rt.pools).items():
             if pool in rt.pools:
                 self.tokenizers[pool] = PoolTokenizer.load(directory, self.cfg.epp_chat_content_format)
@@ -108,6 +119,8 @@ class EppBridgeApp:
 
     async def stop(self) -> None:
         self._ready = False
+        if self.extproc is not None:
+            await self.extproc.stop()
         await unsubscribe_all(self._subs)
         if self._background:
             await asyncio.wait(self._background, timeout=3)
@@ -119,7 +132,8 @@ class EppBridgeApp:
             self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> bool:
-        return self._ready and (self._embedded is None or self._embedded.ready())
+        connected = self._rt is not None and self._rt.nc.is_connected
+        return self._ready and connected and (self._embedded is None or self._embedded.ready())
 
     def _answers_inline(self, req: EppQueryRequest) -> bool:
         """One-process mode: a query that will not suspend (no tokenizer thread, no booking, overlap
@@ -135,6 +149,7 @@ class EppBridgeApp:
             "workers": {pool: len(directory.live(pool)) for pool in (self._rt.pools if self._rt else [])} if directory else {},
             "pending_compensations": len(self._background),
             "scheduler": "embedded" if self._embedded else "nats",
+            "ext_proc": self.extproc.status() if self.extproc else None,
         }
 
     # --- discovery -------------------------------------------------------------------------------
@@ -143,7 +158,7 @@ class EppBridgeApp:
         # Heartbeats re-put unchanged records every ttl/3: rebuild the pod index only when what it
         # is built from changes.
         identity = (record.pod_name, record.address, record.port, record.dp_start_rank, record.dp_size,
-                    tuple(record.dp_ports or ()), tuple(record.taints))  # fmt: skip
+                    tuple(record.dp_ports or ()), tuple(record.taints), tuple(sorted(record.labels.items())))  # fmt: skip
         key = (record.pool, record.worker_id)
         if self._identities.get(key) != identity:
             self._identities[key] = identity
@@ -157,7 +172,7 @@ class EppBridgeApp:
         index = self._indexes.get(pool)
         if index is None:
             assert self.watcher is not None
-            index = PodIndex(self.watcher.directory.live(pool))
+            index = PodIndex(self.watcher.directory.live(pool), self.label_filters.get(pool, ()))
             self._indexes[pool] = index
         return index
 
@@ -192,12 +207,21 @@ class EppBridgeApp:
         """`req` as sent (body a dict) or as `EppQueryTyped` with the message it was decoded from."""
         t0 = time.perf_counter()
         body = req.body if isinstance(req.body, OpenAiBody) else parse_body(req.body)
-        t1 = time.perf_counter()
-        metrics.PHASE_PARSE.observe(t1 - t0)
+        metrics.PHASE_PARSE.observe(time.perf_counter() - t0)
+        ask = RouteAsk(req.request_id, body, lambda: _raw_body(req, msg), pods=req.pods, mode=req.mode, book=req.book, policy=req.policy)
+        routed = await self.route(pool, ask)
+        return query_reply(req, routed.reply, routed.prompt)
 
+    async def route(self, pool: str, ask: RouteAsk) -> Routed:
+        """The one decision path of both entry points (epp.query and ext_proc): tokens → label
+        filter, pods or endpoint subset → required-taints pre-check → scheduler.select."""
+        t1 = time.perf_counter()
+        body = ask.body
         tokenizer = self.tokenizers.get(pool)
-        if needs_tokenizer(body) and tokenizer is not None:
-            raw = _raw_body(req, msg) if body.messages is not None else None
+        if body is None:
+            prompt = NO_PROMPT
+        elif needs_tokenizer(body) and tokenizer is not None:
+            raw = ask.raw() if body.messages is not None and ask.raw is not None else None
             with span("epp.tokenize"):
                 if self._tokenize_pool is not None:
                     prompt = await asyncio.get_running_loop().run_in_executor(
@@ -208,27 +232,49 @@ class EppBridgeApp:
         else:
             prompt = prompt_tokens(None, body, tokenizer, self.max_prompt_tokens)
         t2 = time.perf_counter()
-        metrics.PHASE_TOKENIZE.observe(t2 - t1)
-        metrics.TOKEN_SOURCE_CHILDREN[prompt.source].inc()
-        metrics.PROMPT_TOKENS.observe(prompt.isl_tokens)
+        if body is not None:
+            metrics.PHASE_TOKENIZE.observe(t2 - t1)
+            metrics.TOKEN_SOURCE_CHILDREN[prompt.source].inc()
+            metrics.PROMPT_TOKENS.observe(prompt.isl_tokens)
 
         index = self.pod_index(pool)
-        allowed = index.allowed(req.pods)
+        allowed = index.allowed(ask.pods)
         if allowed is not None and not allowed:
-            raise ServiceError("no_workers", f"none of the {len(req.pods or [])} candidate pods is a known worker of pool {pool!r}")
-        constraints = body.nvext.routing_constraints if body.nvext else None
+            if ask.pods:
+                raise ServiceError("no_workers", f"none of the {len(ask.pods)} candidate pods is a known worker of pool {pool!r}")
+            raise ServiceError("no_workers", f"no worker of pool {pool!r} passes the pool's label filter")
+        targets: list[tuple[int, int]] | None = None
+        if ask.endpoints is not None:
+            targets = index.targets(ask.endpoints)
+            if allowed is not None:
+                keep = set(allowed)
+                targets = [t for t in targets if t[0] in keep]
+            if not targets:
+                raise ServiceError(
+                    "no_workers", f"none of the {len(ask.endpoints)} endpoints of the subset hint is an eligible worker of pool {pool!r}"
+                )
+        constraints = body.nvext.routing_constraints if body is not None and body.nvext else None
         if constraints and constraints.required_taints:
-            candidates = allowed if allowed is not None else list(index.records)
+            if targets is not None:
+                candidates: list[int] = sorted({t[0] for t in targets})
+            else:
+                candidates = allowed if allowed is not None else list(index.records)
             if candidates and not index.required_taints_met(candidates, constraints.required_taints):
                 raise ServiceError(
                     "constraints_unsatisfied",
                     f"no candidate worker carries every required taint {sorted(constraints.required_taints)}",
                 )
 
-        sreq = select_request(req, body, prompt, allowed, index.block_size)
+        if body is None:
+            # No prompt to match (a request without a body, e.g. GET /v1/models): the least loaded
+            # eligible worker, nothing booked.
+            sreq = SelectRequest(request_id=ask.request_id, token_ids=[], allowed_worker_ids=allowed, allowed_targets=targets,
+                                 policy="least_loaded", book=False, fallbacks=ask.fallbacks)  # fmt: skip
+        else:
+            sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks)
         reply = await self._select(pool, sreq)
         metrics.PHASE_SELECT.observe(time.perf_counter() - t2)
-        return query_reply(req, reply, prompt)
+        return Routed(reply, prompt)
 
     async def _select(self, pool: str, sreq: SelectRequest) -> SelectReply:
         assert self.link is not None
@@ -276,6 +322,29 @@ class EppBridgeApp:
             return reply
 
         return handle
+
+    def booking_update(self, pool: str, req: CleanupRequest, after: asyncio.Task[None] | None = None) -> asyncio.Task[None]:
+        """Send a booking update in the background, after `after` (the same request's previous one)."""
+        task = asyncio.create_task(self._booking_update(pool, req, after))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _booking_update(self, pool: str, req: CleanupRequest, after: asyncio.Task[None] | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        outcome = "internal"
+        for delay in UPDATE_RETRY_DELAYS_S:
+            await asyncio.sleep(delay)
+            try:
+                reply = await self.cleanup(pool, req)
+            except Exception as exc:  # noqa: BLE001 - retried; the booking TTL is the backstop
+                outcome = _code_of(exc)
+                log.warning("epp.booking_update_failed", pool=pool, request_id=req.request_id, phase=req.phase, error=str(exc))
+                continue
+            metrics.EXTPROC_BOOKING_UPDATES.labels(req.phase, "known" if reply.known else "unknown").inc()
+            return
+        metrics.EXTPROC_BOOKING_UPDATES.labels(req.phase, outcome).inc()
 
     async def cleanup(self, pool: str, req: CleanupRequest) -> CleanupReply:
         assert self.link is not None

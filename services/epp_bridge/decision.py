@@ -1,14 +1,45 @@
-"""From a parsed epp.query to a scheduler.select request, and from its reply to the epp.query reply."""
+"""From a request to route (epp.query or ext_proc) to a scheduler.select request, and from its reply to
+the routing headers and the epp.query reply."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from schemas.api import EppPod, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest, Target
 from schemas.hashing import local_block_hashes, salt_seed
 from schemas.openai import OpenAiBody
 
 from .prompt import PromptTokens
+
+NO_PROMPT = PromptTokens("completions", [], 0, "token_data")
+
+
+@dataclass
+class RouteAsk:
+    """One request to route, from either entry point."""
+
+    request_id: str
+    # None: a request without a body (least loaded worker, not booked).
+    body: OpenAiBody | None
+    # The body as sent (a dict), read only when a chat template needs the messages.
+    raw: Callable[[], dict[str, Any]] | None = None
+    # epp.query: the gateway's candidate pods (names or addresses).
+    pods: Sequence[EppPod] | None = None
+    # ext_proc: the subset hint's `ip:port` endpoints; None = no hint.
+    endpoints: Sequence[str] | None = None
+    mode: str = "auto"
+    book: bool = True
+    policy: str | None = None
+    fallbacks: int = 0
+
+
+@dataclass
+class Routed:
+    reply: SelectReply
+    prompt: PromptTokens
+
 
 # Headers set on the forwarded request (docs/protocol.md §5; Dynamo frontend / GAIE names).
 DESTINATION = "x-gateway-destination-endpoint"
@@ -20,8 +51,24 @@ PREFILLER_HOST_PORT = "x-prefiller-host-port"
 ROUTING_MODE = "x-dynamo-routing-mode"
 
 
+class RouteRequest(Protocol):
+    """What both entry points know about a request besides its body (`EppQueryRequest` is one)."""
+
+    request_id: str
+    mode: str
+    book: bool
+    policy: str | None
+
+
 def select_request(
-    req: EppQueryRequest, body: OpenAiBody, prompt: PromptTokens, allowed: list[int] | None, block_size: int | None = None
+    req: RouteRequest,
+    body: OpenAiBody,
+    prompt: PromptTokens,
+    allowed: list[int] | None,
+    block_size: int | None = None,
+    *,
+    allowed_targets: list[tuple[int, int]] | None = None,
+    fallbacks: int = 0,
 ) -> SelectRequest:
     """With the pool's `block_size` known, the prompt goes as its local block hashes (docs/protocol.md §5
     allows either): a few dozen integers for the scheduler to decode instead of every token id, and
@@ -48,14 +95,16 @@ def select_request(
         lora_name=lora_name,
         cache_salt=cache_salt,
         allowed_worker_ids=allowed,
+        allowed_targets=allowed_targets,
         pinned_worker_id=nvext.backend_instance_id if nvext else None,
         pinned_dp_rank=nvext.dp_rank if nvext and nvext.backend_instance_id is not None else None,
         routing_constraints=nvext.routing_constraints if nvext else None,
-        mode=req.mode,
+        mode=req.mode,  # type: ignore[arg-type]
         priority=(hints.priority or 0) if hints else 0,
         expected_output_tokens=expected,
-        policy=req.policy,
+        policy=req.policy,  # type: ignore[arg-type]
         book=req.book,
+        fallbacks=fallbacks,
     )
 
 
@@ -88,6 +137,17 @@ def routing_headers(reply: SelectReply, pods: Sequence[EppPod] | None) -> dict[s
     else:
         headers[ROUTING_MODE] = "aggregated"
     return headers
+
+
+def destination(reply: SelectReply, pods: Sequence[EppPod] | None = None) -> list[str]:
+    """`x-gateway-destination-endpoint` as a list: the decode target, then its fallbacks (GAIE's
+    endpoint picker protocol: the proxy tries them in order when retries are configured)."""
+    out: list[str] = []
+    for target in (reply.decode, *reply.fallbacks):
+        endpoint = target.endpoint or _pod_endpoint(target, pods)
+        if endpoint and endpoint not in out:
+            out.append(endpoint)
+    return out
 
 
 def query_reply(req: EppQueryRequest, reply: SelectReply, prompt: PromptTokens) -> EppQueryReply:

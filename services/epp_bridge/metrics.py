@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.runtime import fastmetrics
 
@@ -47,3 +47,23 @@ def query_counter(outcome: str, mode: str, routed: str):  # type: ignore[no-unty
     if child is None:
         child = _query_children[key] = QUERIES.labels(outcome, mode, routed)
     return child
+
+# --- ext_proc (Envoy external processing, the gateway's endpoint picker protocol) -------------
+EXTPROC_REQUESTS = fastmetrics.Counter(
+    "kvr_epp_extproc_requests_total",
+    "ext_proc requests (one per HTTP request) by outcome: routed, an error code answered with an ImmediateResponse, "
+    "or aborted (the stream ended before a decision)",
+    ["outcome"],
+)
+EXTPROC_DECISION_SECONDS = fastmetrics.Histogram(
+    "kvr_epp_extproc_decision_seconds",
+    "ext_proc: from the last request body chunk to the routing answer (parse, tokenize, select)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+EXTPROC_BOOKING_UPDATES = Counter(
+    "kvr_epp_extproc_booking_updates_total",
+    "Booking updates sent from ext_proc response events, by phase (prefill_complete, free, move) and outcome "
+    "(known, unknown, or an error code)",
+    ["phase", "outcome"],
+)
+EXTPROC_STREAMS = Gauge("kvr_epp_extproc_streams", "ext_proc streams open now")

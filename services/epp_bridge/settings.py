@@ -33,6 +33,21 @@ SETTINGS = REGISTRY.register(
             int,
         ),
         Setting(
+            "epp_label_filter",
+            [],
+            "worker-label filter per pool, `[pool:]key=value1|value2` (`key?=...`: workers without the label pass too); "
+            "repeatable, all must pass; applies to epp.query and ext_proc",
+            is_list=True,
+        ),
+        Setting("grpc_port", 0, "port of the Envoy ext_proc gRPC server (endpoint picker protocol) and its gRPC health service; 0 = off", int),
+        Setting("grpc_host", "0.0.0.0", "address the ext_proc gRPC server binds"),
+        Setting("grpc_pool", "", "pool the ext_proc server routes for (empty = the bridge's only pool)"),
+        Setting("grpc_fallbacks", 2, "next-best endpoints after the chosen one in x-gateway-destination-endpoint (0-16)", int),
+        Setting("grpc_tls_cert", "", "PEM certificate (chain) of the ext_proc server; with --grpc-tls-key turns TLS on"),
+        Setting("grpc_tls_key", "", "PEM private key of the ext_proc server"),
+        Setting("grpc_tls_client_ca", "", "PEM CA bundle: ext_proc clients must present a certificate it signed (mTLS); empty = no client certificates"),
+        Setting("grpc_max_streams", 4096, "ext_proc streams served at once; more get RESOURCE_EXHAUSTED", int),
+        Setting(
             "epp_embedded_scheduler",
             False,
             "one-process mode: run the scheduler, with its index replica, inside the bridge and call it "
