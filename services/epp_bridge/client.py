@@ -1,12 +1,21 @@
-"""`kvr epp query|cleanup` — send real epp.query / epp.cleanup requests and print the reply.
+"""`kvr epp query|cleanup|extproc|health` — talk to the EPP bridge as a gateway would.
 
-Exit status: 0 = ok reply, 1 = error reply (printed), 2 = usage error or no answer.
+`query` / `cleanup` send real epp.query / epp.cleanup requests over NATS; `extproc` drives one HTTP
+request through an endpoint picker's ext_proc gRPC port the way Envoy does (request headers and
+body, then a response and the end of stream, so a booking is freed), and `health` asks its gRPC
+health service. Both work against any endpoint picker that implements GAIE's protocol.
+
+Exit status: 0 = ok reply / routed / SERVING, 1 = error reply / ImmediateResponse / not serving,
+2 = usage error or no answer.
 
     kvr epp query --pool llama --prompt "Hello"                      # completions prompt
     kvr epp query --pool llama --message user:"Hi" --pod vllm-0      # chat, restricted to one pod
     kvr epp query --pool llama --token-ids 1,2,3 --no-book --return-token-ids
     kvr epp query --pool llama --body-file request.json              # a full OpenAI body ('-' = stdin)
     kvr epp cleanup --pool llama --request-id r-1 --phase free
+    kvr epp extproc --target 127.0.0.1:9002 --prompt "Hello" --chunks 3          # through ext_proc
+    kvr epp extproc --target epp:9002 --tls-ca ca.pem --subset 10.0.0.7:8000 --body-file req.json
+    kvr epp health  --target epp:9002 --tls-ca ca.pem --tls-cert gw.pem --tls-key gw.key
 """
 
 from __future__ import annotations
@@ -74,13 +83,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
     q.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
 
+    grpc_common = argparse.ArgumentParser(add_help=False)
+    grpc_common.add_argument("--target", default="127.0.0.1:9002", help="host:port of the endpoint picker's ext_proc server")
+    grpc_common.add_argument("--tls", action="store_true", help="TLS with the system's CAs (implied by --tls-ca)")
+    grpc_common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server certificate")
+    grpc_common.add_argument("--tls-cert", default=None, help="client certificate (mTLS)")
+    grpc_common.add_argument("--tls-key", default=None, help="client key (mTLS)")
+    grpc_common.add_argument("--server-name", default=None, help="TLS server name to verify, when not the target's host")
+    grpc_common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+
+    x = sub.add_parser("extproc", parents=[grpc_common], help="route one request through ext_proc as Envoy does")
+    xsrc = x.add_mutually_exclusive_group(required=True)
+    xsrc.add_argument("--prompt", help="completions prompt text")
+    xsrc.add_argument("--message", action="append", type=_message, help="chat message ROLE:TEXT (repeatable, in order)")
+    xsrc.add_argument("--messages", type=_json_arg, help="chat messages as a JSON array")
+    xsrc.add_argument("--token-ids", type=_token_ids, help="pre-tokenized prompt, sent as nvext.token_data")
+    xsrc.add_argument("--body-file", help="file with a full OpenAI request body (JSON); '-' reads stdin")
+    xsrc.add_argument("--no-body", action="store_true", help="a request without a body (GET)")
+    x.add_argument("--model", default=None, help="model field of the body")
+    x.add_argument("--tools", type=_json_arg, default=None, help="chat tools as a JSON array")
+    x.add_argument("--nvext", type=_json_arg, default=None, help="nvext object (JSON) merged into the body")
+    x.add_argument("--chunks", type=int, default=1, help="send the body in this many chunks")
+    x.add_argument("--subset", action="append", default=None, help="subset hint endpoint ip:port (repeatable; '' = an empty subset)")
+    x.add_argument("--request-mode", choices=["full_duplex_streamed", "streamed", "buffered"], default="full_duplex_streamed")
+    x.add_argument("--response-mode", choices=["full_duplex_streamed", "streamed", "buffered", "none"], default="full_duplex_streamed")
+    x.add_argument("--served", default=None, help="report this endpoint as the one that served the request (a fallback)")
+    x.add_argument("--header", action="append", default=[], help="extra request header NAME:VALUE (repeatable)")
+
+    h = sub.add_parser("health", parents=[grpc_common], help="gRPC health of an endpoint picker (the protocol's four service names)")
+    h.add_argument("--service", action="append", default=None, help="service name to check (default: the four of the protocol)")
+
     c = sub.add_parser("cleanup", parents=[common], help="report prefill completion or free a booked request")
     c.add_argument("--phase", choices=["prefill_complete", "free"], required=True)
     c.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
     return parser
 
 
-def query_payload(args: argparse.Namespace) -> dict[str, Any]:
+def query_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.body_file:
         text = sys.stdin.read() if args.body_file == "-" else open(args.body_file, encoding="utf-8").read()
         body = json.loads(text)
@@ -96,6 +135,11 @@ def query_payload(args: argparse.Namespace) -> dict[str, Any]:
         body["tools"] = args.tools
     if args.nvext:
         body["nvext"] = {**(body.get("nvext") or {}), **args.nvext}
+    return body
+
+
+def query_payload(args: argparse.Namespace) -> dict[str, Any]:
+    body = query_body(args)
     pods = [{"name": name} for name in args.pod] + list(args.pod_json)
     payload: dict[str, Any] = {
         "request_id": args.request_id or f"epp-cli-{uuid.uuid4().hex[:12]}",
@@ -126,9 +170,56 @@ async def send(nats_url: str, subject: str, payload: Any, timeout: float, msgpac
         await nc.close()
 
 
+def _grpc_client(args: argparse.Namespace) -> Any:
+    from .extproc_client import ExtProcClient
+
+    return ExtProcClient(args.target, tls=args.tls, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.server_name)
+
+
+async def run_extproc(args: argparse.Namespace, body: bytes | None) -> dict[str, Any]:
+    from . import extproc_protocol as xp
+
+    headers = dict(h.split(":", 1) for h in args.header)
+    subset = None if args.subset is None else [s for s in args.subset if s]
+    async with _grpc_client(args) as client:
+        d = await client.lifecycle(
+            body, chunks=args.chunks, subset=subset, headers=headers, served=args.served, timeout=args.timeout,
+            request_mode=xp.MODE_NAMES[args.request_mode], response_mode=xp.MODE_NAMES[args.response_mode],
+        )  # fmt: skip
+    out: dict[str, Any] = {"routed": d.routed, "responses": d.responses}
+    if d.routed:
+        out.update(destination=d.destination, metadata=d.metadata, headers=d.headers, body_unchanged=d.body == (body or b""))
+    else:
+        out.update(status=d.status, error=d.error)
+    return out
+
+
+async def run_health(args: argparse.Namespace) -> dict[str, str]:
+    names = args.service or ["", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"]
+    async with _grpc_client(args) as client:
+        return {name: await client.health(name, timeout=args.timeout) for name in names}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.action in ("extproc", "health"):
+        try:
+            if args.action == "health":
+                result: dict[str, Any] = asyncio.run(run_health(args))
+                ok = all(v == "SERVING" for v in result.values())
+            else:
+                body = None if args.no_body else json.dumps(query_body(args)).encode()
+                result = asyncio.run(run_extproc(args, body))
+                ok = result["routed"]
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"kvr epp: cannot read the body: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - unreachable server, TLS failure, timeout, protocol violation
+            print(f"kvr epp: no answer from {args.target}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0 if ok else 1
     names = Names(prefix=args.subject_prefix)
     if args.action == "query":
         try:

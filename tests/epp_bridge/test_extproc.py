@@ -408,3 +408,32 @@ async def test_label_filter_applies_to_ext_proc_and_epp_query(stack, conn):
         reply = msgspec.json.decode(msg.data)
         assert reply["status"] == "ok" and reply["headers"]["x-gateway-destination-endpoint"] in eligible, reply
     await wait_no_bookings(conn, LAB)
+
+
+# --- operator client -------------------------------------------------------------------------
+
+
+async def test_kvr_epp_extproc_and_health_commands_over_mtls(stack, conn):
+    pki = stack["pki"]
+    tls = ["--target", stack["c"], "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key),
+           "--server-name", "localhost"]  # fmt: skip
+
+    async def kvr(*argv: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "epp", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        return proc.returncode, out.decode() + err.decode()
+
+    rc, out = await kvr("health", *tls)
+    assert rc == 0 and json.loads(out) == dict.fromkeys(("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"), "SERVING")
+    rc, out = await kvr("extproc", *tls, "--token-ids", ",".join(str(t) for t in range(9000, 9040)), "--chunks", "3", "--request-mode", "streamed")
+    result = json.loads(out)
+    assert rc == 0 and result["routed"] and result["body_unchanged"], out
+    assert result["destination"].split(",")[0] in {endpoint(11), endpoint(15)}
+    assert result["metadata"]["envoy.lb"]["x-gateway-destination-endpoint"] == result["destination"]
+    rc, out = await kvr("extproc", *tls, "--token-ids", "1,2,3,4,5", "--subset", "")
+    assert rc == 1 and json.loads(out)["status"] == 503
+    rc, out = await kvr("health", "--target", stack["c"], "--timeout", "2")  # plaintext to an mTLS port
+    assert rc == 2 and "no answer" in out
+    await wait_no_bookings(conn, LAB)
