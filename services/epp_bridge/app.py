@@ -323,19 +323,29 @@ class EppBridgeApp:
 
         return handle
 
-    def booking_update(self, pool: str, req: CleanupRequest, after: asyncio.Task[None] | None = None) -> asyncio.Task[None]:
-        """Send a booking update in the background, after `after` (the same request's previous one)."""
-        task = asyncio.create_task(self._booking_update(pool, req, after))
+    def booking_updates(self, pool: str, pending: list[CleanupRequest]) -> asyncio.Task[None]:
+        """Send one request's queued booking updates in order, in the background, until `pending`
+        is empty (the caller may append while this runs). A `prefill_complete` with a `free` already
+        queued behind it is skipped: the free releases everything, and a short response would
+        otherwise cost the scheduler one more JetStream round trip for nothing."""
+        task = asyncio.create_task(self._send_updates(pool, pending))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _booking_update(self, pool: str, req: CleanupRequest, after: asyncio.Task[None] | None) -> None:
-        if after is not None:
-            await asyncio.wait([after])
+    async def _send_updates(self, pool: str, pending: list[CleanupRequest]) -> None:
+        while pending:
+            req = pending.pop(0)
+            if req.phase == "prefill_complete" and any(p.phase == "free" for p in pending):
+                metrics.EXTPROC_BOOKING_UPDATES.labels(req.phase, "skipped").inc()
+                continue
+            await self._booking_update(pool, req)
+
+    async def _booking_update(self, pool: str, req: CleanupRequest) -> None:
         outcome = "internal"
         for delay in UPDATE_RETRY_DELAYS_S:
-            await asyncio.sleep(delay)
+            if delay:
+                await asyncio.sleep(delay)
             try:
                 reply = await self.cleanup(pool, req)
             except Exception as exc:  # noqa: BLE001 - retried; the booking TTL is the backstop

@@ -78,6 +78,8 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
         self.pool = pool
         self.fallbacks = max(0, min(int(cfg.grpc_fallbacks), 16))
         self.max_body_bytes: int = cfg.epp_max_body_bytes
+        self.max_decisions = max(1, int(cfg.grpc_max_decisions))
+        self.deciding = 0
         self.credentials = server_credentials(cfg)
         self.tls_mode = "off" if self.credentials is None else ("mtls" if cfg.grpc_tls_client_ca else "tls")
         self.health = health.aio.HealthServicer()
@@ -139,7 +141,7 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
             self._server = None
 
     def status(self) -> dict[str, Any]:
-        return {"port": self.port, "pool": self.pool, "tls": self.tls_mode, "streams": self.streams}
+        return {"port": self.port, "pool": self.pool, "tls": self.tls_mode, "streams": self.streams, "deciding": self.deciding}
 
     # --- the RPC ----------------------------------------------------------------------------
 
@@ -178,8 +180,8 @@ class _Stream:
         self.outcome: str | None = None
         self.reply: SelectReply | None = None
         self.lifecycle = xp.BookingLifecycle(booked=False)
-        self.response_body_seen = False
-        self._chain: asyncio.Task[None] | None = None
+        self._pending: list[CleanupRequest] = []
+        self._sender: asyncio.Task[None] | None = None
 
     # --- dispatch ---------------------------------------------------------------------------
 
@@ -247,6 +249,11 @@ class _Stream:
     async def _decide(self, body: bytes | None, body_end_of_stream: bool = True) -> tuple[list[pb.ProcessingResponse], bool]:
         assert self.config is not None
         self.decided = True
+        server = self.server
+        if server.deciding >= server.max_decisions:
+            # Shed at once: queueing more would only push every request past the select deadline.
+            return self._fail("overloaded", f"{server.deciding} requests are being decided already (--grpc-max-decisions)"), True
+        server.deciding += 1
         started = time.perf_counter()
         try:
             ask = self._ask(body)
@@ -272,6 +279,7 @@ class _Stream:
                 log.exception("extproc.decision_failed", request_id=self.request_id)
             return self._fail(code, message, path), True
         finally:
+            server.deciding -= 1
             metrics.EXTPROC_DECISION_SECONDS.observe(time.perf_counter() - started)
 
         self.outcome = "routed"
@@ -369,4 +377,6 @@ class _Stream:
                 worker_id=target[0] if target and phase == "move" else None,
                 dp_rank=target[1] if target and phase == "move" else None,
             )  # fmt: skip
-            self._chain = self.app.booking_update(self.pool, req, after=self._chain)
+            self._pending.append(req)
+        if self._pending and (self._sender is None or self._sender.done()):
+            self._sender = self.app.booking_updates(self.pool, self._pending)

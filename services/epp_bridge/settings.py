@@ -48,6 +48,13 @@ SETTINGS = REGISTRY.register(
         Setting("grpc_tls_client_ca", "", "PEM CA bundle: ext_proc clients must present a certificate it signed (mTLS); empty = no client certificates"),
         Setting("grpc_max_streams", 4096, "ext_proc streams served at once; more get RESOURCE_EXHAUSTED", int),
         Setting(
+            "grpc_max_decisions",
+            128,
+            "ext_proc requests being decided at once (parse, tokenize, select); more are answered 429 `overloaded` at once "
+            "instead of queueing past the select deadline",
+            int,
+        ),
+        Setting(
             "epp_embedded_scheduler",
             False,
             "one-process mode: run the scheduler, with its index replica, inside the bridge and call it "

@@ -335,6 +335,25 @@ async def test_held_open_requests_spread_then_the_longest_prefix_wins_again(conn
     assert d.endpoints[0] == endpoint(1)
 
 
+async def test_the_first_response_chunk_completes_prefill_and_the_end_frees(conn, epp):
+    s, d = await hold_open(epp, chat(list(range(5500, 5540))))
+    target = (int(d.headers["x-worker-instance-id"]), int(d.headers["x-dp-rank"]))
+
+    async def load():
+        st = await state(conn)
+        return next(((ld.active_prefill_tokens, ld.active_requests) for ld in st.loads if (ld.worker_id, ld.dp_rank) == target), None)
+
+    assert (await load())[0] > 0  # 40 prompt tokens, nothing cached: prefill pending
+    await s.response([b"data: first token\n\n"], end=False)
+
+    async def prefilled():
+        return await load() == (0, 1)
+
+    await wait_for(prefilled)
+    await s.finish()  # the stream ends (the gateway closes it after the response)
+    await wait_no_bookings(conn)
+
+
 async def test_a_stream_cancelled_before_the_response_frees_its_booking(conn, epp):
     s, d = await hold_open(epp, chat(list(range(5000, 5040))))
     assert len((await state(conn)).bookings) == 1
