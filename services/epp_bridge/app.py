@@ -131,6 +131,11 @@ class EppBridgeApp:
         if self._tokenize_pool is not None:
             self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def stop_timeout_s(self) -> float:
+        """run_app's bound on `stop()`: the ext_proc drain plus the usual 10 s."""
+        return 10.0 + (float(self.cfg.grpc_drain_s) if self.extproc is not None else 0.0)
+
     def ready(self) -> bool:
         connected = self._rt is not None and self._rt.nc.is_connected
         return self._ready and connected and (self._embedded is None or self._embedded.ready())

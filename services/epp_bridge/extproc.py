@@ -130,7 +130,8 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
                 last = ready
             await asyncio.sleep(HEALTH_POLL_S)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        grace = float(self.cfg.grpc_drain_s) if grace is None else grace
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)

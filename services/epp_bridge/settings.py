@@ -46,6 +46,13 @@ SETTINGS = REGISTRY.register(
         Setting("grpc_tls_cert", "", "PEM certificate (chain) of the ext_proc server; with --grpc-tls-key turns TLS on"),
         Setting("grpc_tls_key", "", "PEM private key of the ext_proc server"),
         Setting("grpc_tls_client_ca", "", "PEM CA bundle: ext_proc clients must present a certificate it signed (mTLS); empty = no client certificates"),
+        Setting(
+            "grpc_drain_s",
+            20.0,
+            "on SIGTERM: seconds in-flight ext_proc streams may go on (health says NOT_SERVING at once); then they are "
+            "cancelled and their bookings freed",
+            float,
+        ),
         Setting("grpc_max_streams", 4096, "ext_proc streams served at once; more get RESOURCE_EXHAUSTED", int),
         Setting(
             "grpc_max_decisions",

@@ -134,7 +134,8 @@ async def _connect_or_stop(url: str, name: str, stop: asyncio.Event) -> NATS | N
 
 async def _close(nc: NATS, app: ServiceApp, http: HealthServer) -> None:
     try:
-        await asyncio.wait_for(app.stop(), 10)
+        # An app that drains client streams on stop says how long it may take (`stop_timeout_s`).
+        await asyncio.wait_for(app.stop(), getattr(app, "stop_timeout_s", 10))
     except Exception:  # noqa: BLE001
         get_logger("kvr").exception("service.stop_failed")
     with contextlib.suppress(Exception):

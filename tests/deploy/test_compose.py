@@ -89,11 +89,24 @@ def test_router_services_are_replicated_and_wait_for_nats() -> None:
     for name in ("indexer", "scheduler", "epp-bridge"):
         assert services[name]["deploy"]["replicas"] == 2, name
         assert services[name]["depends_on"]["nats"]["condition"] == "service_healthy"
+    for name in ("indexer", "scheduler"):
         assert "ports" not in services[name], "replicas cannot share a published host port"
     assert "deploy" not in services["mock-workers"] or services["mock-workers"]["deploy"].get("replicas", 1) >= 1
     replay = services["replay"]
     assert replay["profiles"] == ["replay"], "the replay job runs only on demand"
     assert replay["restart"] == "no"
+
+
+def test_epp_bridge_publishes_its_ext_proc_port_once_per_replica() -> None:
+    import re
+
+    bridge = compose()["services"]["epp-bridge"]
+    grpc_port = bridge["environment"]["KVR_GRPC_PORT"]
+    (mapping,) = bridge["ports"]
+    m = re.fullmatch(r"\$\{EPP_GRPC_PORTS:-(\d+)-(\d+)\}:(\d+)", mapping)
+    assert m, mapping
+    first, last, container = (int(g) for g in m.groups())
+    assert container == int(grpc_port) and last - first + 1 >= bridge["deploy"]["replicas"]
 
 
 def test_nats_has_jetstream_persistence_healthcheck_and_monitoring() -> None:

@@ -456,3 +456,34 @@ async def test_kvr_epp_extproc_and_health_commands_over_mtls(stack, conn):
     rc, out = await kvr("health", "--target", stack["c"], "--timeout", "2")  # plaintext to an mTLS port
     assert rc == 2 and "no answer" in out
     await wait_no_bookings(conn, LAB)
+
+
+# --- shutdown --------------------------------------------------------------------------------
+
+
+async def test_sigterm_drains_open_streams_then_frees_their_bookings_and_exits_0(stack, conn):
+    port = free_port()
+    proc = ServiceProcess("epp-bridge", ["--grpc-port", str(port), "--grpc-host", "127.0.0.1", "--grpc-drain-s", "1"],
+                          nats_url=stack["url"], pools=(POOL,), log_path=str(stack["logs"] / "d.log")).start()  # fmt: skip
+    try:
+        await asyncio.to_thread(proc.wait_ready, 60)
+        async with ExtProcClient(f"127.0.0.1:{port}") as client:
+            s, d = await hold_open(client, chat(list(range(9500, 9540))))
+            assert len((await state(conn)).bookings) == 1
+            proc.proc.send_signal(15)
+
+            async def not_serving():
+                try:
+                    return await client.health("readiness", timeout=1) != "SERVING"
+                except grpc.aio.AioRpcError:
+                    return True
+
+            await wait_for(not_serving)  # the gateway stops sending new requests here
+            await asyncio.sleep(2)  # past --grpc-drain-s: the stream is cancelled, its booking freed
+            with pytest.raises((grpc.aio.AioRpcError, AssertionError, asyncio.InvalidStateError)):
+                await s.response(end=False)
+                await s.finish()
+            await wait_no_bookings(conn)
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    finally:
+        proc.terminate()
