@@ -109,6 +109,11 @@ def _check_router_pool(docs: Any, min_replicas: int) -> None:
         svc = services[name]
         assert svc["spec"]["selector"].items() <= labels.items()
         assert svc["spec"]["ports"][0]["targetPort"] == "http" and "http" in ports
+        if svc_name == "epp-bridge":  # ext_proc for gateways, on the port the ConfigMap sets
+            grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc")
+            assert grpc["appProtocol"] == "http2" and ports[grpc["targetPort"]] == grpc["port"]
+            bridge_env = next(d for n, d in by_kind(docs, "ConfigMap").items() if n.startswith("kvr-epp-bridge"))["data"]
+            assert int(bridge_env["KVR_GRPC_PORT"]) == grpc["port"]
         assert pdbs[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
         hpa = hpas[name]["spec"]
         assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
@@ -208,15 +213,31 @@ def test_inference_pool_points_at_the_epp_and_the_vllm_pods() -> None:
     assert ref["port"]["number"] in {p["port"] for p in epp_svc["spec"]["ports"]}
     route = next(iter(by_kind(docs, "HTTPRoute").values()))
     assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == pool["metadata"]["name"]
-    # The EPP configuration names the kvr plugins that call epp.query / epp.cleanup.
-    config_map = by_kind(docs, "ConfigMap")["llama-8b-epp-config"]
-    import yaml
+    # The picker is the kvr bridge itself: gRPC ext_proc on the Service port, declared like GAIE's EPP.
+    (port,) = [p for p in epp_svc["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert port["name"] == "grpc-ext-proc" and port["appProtocol"] == "http2" and port["protocol"] == "TCP"
+    deployments = by_kind(docs, "Deployment")
+    bridge = next(d for d in deployments.values() if d["spec"]["selector"]["matchLabels"].items() <= epp_svc["spec"]["selector"].items())
+    (container,) = containers(bridge)
+    assert container["args"] == ["epp-bridge"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(env["KVR_GRPC_PORT"]) == named[port["targetPort"]] == ref["port"]["number"]
+    assert env["KVR_GRPC_TLS_CERT"] and env["KVR_GRPC_TLS_KEY"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert any(env["KVR_GRPC_TLS_CERT"].startswith(m + "/") for m in mounts)
+    # Active-active: several replicas, a PodDisruptionBudget, no leader election, no plugin config.
+    assert bridge["spec"]["replicas"] >= 2
+    (pdb,) = by_kind(docs, "PodDisruptionBudget").values()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_spec_labels(bridge).items()
+    assert 1 <= pdb["spec"]["minAvailable"] < bridge["spec"]["replicas"]
+    text = (K8S / "examples" / "gaie" / "inferencepool.yaml").read_text()
+    assert "leader-election" not in text and "EndpointPickerConfig" not in text
+    assert not by_kind(docs, "ConfigMap") and not by_kind(docs, "Role")
 
-    epp_config = yaml.safe_load(config_map["data"]["epp-config.yaml"])
-    plugin_types = {p["type"] for p in epp_config["plugins"]}
-    assert {"kvr-scorer", "kvr-headers", "kvr-cleanup", "max-score-picker"} <= plugin_types
-    refs = {p["pluginRef"] for p in epp_config["schedulingProfiles"][0]["plugins"]}
-    assert refs <= {p.get("name", p["type"]) for p in epp_config["plugins"]}
+
+def pod_spec_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"]["labels"]
 
 
 def _settings_value(env: dict[str, str], name: str) -> float:
