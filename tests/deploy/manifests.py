@@ -56,7 +56,12 @@ def load_yaml(path: Path) -> Any:
 
 
 def yaml_files() -> list[Path]:
-    return sorted(p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext))
+    """YAML files under deploy/, except Helm templates (Go templates, rendered by tests/deploy/test_helm.py)."""
+    helm_templates = DEPLOY / "helm"
+    return sorted(
+        p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext)
+        if not (p.is_relative_to(helm_templates) and "templates" in p.relative_to(helm_templates).parts)
+    )  # fmt: skip
 
 
 def kustomization_resources(folder: Path) -> list[Path]:
