@@ -44,7 +44,7 @@ ENV PATH=/opt/kvr/bin:$PATH \
     KVR_LOG_FORMAT=json
 WORKDIR /home/kvr
 USER 10001:10001
-# 8080: /healthz /readyz /metrics; 9002: the EPP bridge's ext_proc gRPC port when KVR_GRPC_PORT=9002
+# 8080: /healthz /readyz /metrics; 9002: the EPP bridge's ext_proc gRPC port (epp-bridge --grpc-port 9002)
 EXPOSE 8080 9002
 # Liveness of the process's HTTP server (/healthz on KVR_HTTP_PORT); readiness (/readyz) is left
 # to the orchestrator because a service is healthy long before it has caught up with its streams.
