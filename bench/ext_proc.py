@@ -188,6 +188,12 @@ async def open_bookings(url: str) -> int:
         await nc.close()
 
 
+async def seed(url: str, workers: int, prefixes: list[list[int]]) -> None:
+    nc = await nats.connect(url)
+    await seed_fleet(nc, workers, prefixes)
+    await nc.close()
+
+
 async def settle_bookings(url: str, limit: float) -> int:
     deadline = time.monotonic() + limit
     while True:
@@ -346,21 +352,18 @@ def main() -> int:
         try:
             procs, targets = start_layout(layout, server.url, logs, args.bridge_args.split())
             if layout != "floor":
-                async def seed() -> None:
-                    nc = await nats.connect(server.url)
-                    await seed_fleet(nc, args.workers, prefixes)
-                    await nc.close()
-
-                asyncio.run(seed())
+                asyncio.run(seed(server.url, args.workers, prefixes))
+            assert server.proc is not None
+            nats_pid = server.proc.pid
             for load in args.loads.split(","):
                 rate = {"target": args.rate, "light": args.light_rate}.get(load)
                 pids = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs}
-                gen0, nats0, t0 = cpu_seconds(os.getpid()), cpu_seconds(server.proc.pid), time.perf_counter()
+                gen0, nats0, t0 = cpu_seconds(os.getpid()), cpu_seconds(nats_pid), time.perf_counter()
                 frees0 = frees_confirmed(procs)
                 res = asyncio.run(drive(targets, bodies, rate, args.concurrency, args.duration))
                 wall = time.perf_counter() - t0
                 res["generator_cpu_pct"] = round((cpu_seconds(os.getpid()) - gen0) / wall * 100)
-                res["nats_server_cpu_pct"] = round((cpu_seconds(server.proc.pid) - nats0) / wall * 100)
+                res["nats_server_cpu_pct"] = round((cpu_seconds(nats_pid) - nats0) / wall * 100)
                 res["service_cpu_pct"] = [round((cpu_seconds(pid) - c) / wall * 100) for pid, c in pids.items()]
                 # Let the last frees (and any late-booking compensation) land before the next load.
                 res["open_bookings_after"] = asyncio.run(settle_bookings(server.url, 30)) if layout != "floor" else 0

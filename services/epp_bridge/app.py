@@ -17,10 +17,18 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
 from schemas import codec
-from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest
-from schemas.openai import EppQueryTyped, OpenAiBody
+from schemas.api import (
+    CleanupReply,
+    CleanupRequest,
+    EppQueryReply,
+    EppQueryRequest,
+    SelectReply,
+    SelectRequest,
+)
 from schemas.discovery import WorkerRecord
+from schemas.openai import EppQueryTyped, OpenAiBody
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for, serve, unsubscribe_all
 from services.runtime.service import Runtime
@@ -31,7 +39,12 @@ from . import metrics
 from .decision import NO_PROMPT, RouteAsk, Routed, query_reply, select_request
 from .extproc import ExtProcServer
 from .labels import LabelFilter, parse_label_filters
-from .link import DeadlinePassed, EmbeddedSchedulerLink, NatsSchedulerLink, SchedulerLink
+from .link import (
+    DeadlinePassed,
+    EmbeddedSchedulerLink,
+    NatsSchedulerLink,
+    SchedulerLink,
+)
 from .pods import PodIndex
 from .prompt import needs_tokenizer, parse_body, prompt_tokens
 from .tokenizer import PoolTokenizer, parse_tokenizer_dirs

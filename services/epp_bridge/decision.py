@@ -7,7 +7,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from schemas.api import EppPod, EppQueryReply, EppQueryRequest, SelectReply, SelectRequest, Target
+from schemas.api import (
+    EppPod,
+    EppQueryReply,
+    EppQueryRequest,
+    SelectReply,
+    SelectRequest,
+    Target,
+)
 from schemas.hashing import local_block_hashes, salt_seed
 from schemas.openai import OpenAiBody
 

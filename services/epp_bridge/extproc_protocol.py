@@ -86,8 +86,7 @@ def header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
 def _struct_field(md: base_pb2.Metadata, namespace: str, key: str) -> struct_pb2.Value | None:
     if namespace not in md.filter_metadata:
         return None
-    fields = md.filter_metadata[namespace].fields
-    return fields[key] if key in fields else None
+    return md.filter_metadata[namespace].fields.get(key)
 
 
 def _endpoints_of(value: struct_pb2.Value) -> list[str]:
