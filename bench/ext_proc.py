@@ -301,7 +301,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
     if not rows:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
     labels = [f"{r['layout']}\n{r['load']}" for r in rows]
     x = range(len(rows))
     a1.bar(x, [r["lifecycles_per_s"] for r in rows], color="#4a7ab0")
@@ -309,10 +309,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     a1.set_ylabel("lifecycles / s")
     a2.bar(x, [r["decision_p99_ms"] for r in rows], color="#b07a4a")
     a2.axhline(P99_TARGET_MS, color="red", linestyle="--", linewidth=1, label=f"p99 target {P99_TARGET_MS:.0f} ms")
-    a2.set_ylabel("decision p99 (ms)")
+    a2.set_ylabel("decision p99 (ms, log)")
+    a2.set_yscale("log")
     for ax in (a1, a2):
         ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
