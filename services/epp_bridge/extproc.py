@@ -33,6 +33,7 @@ from schemas.api import CleanupRequest, SelectReply
 from schemas.openai import OpenAiBody
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for
+from services.runtime.tracing import server_span
 
 from . import extproc_protocol as xp
 from . import metrics
@@ -259,7 +260,9 @@ class _Stream:
         try:
             ask = self._ask(body)
             try:
-                routed = await self.app.route(self.pool, ask)
+                # Continues the gateway's trace (traceparent of the HTTP request) into scheduler.select.
+                with server_span("ext_proc.decide", self.headers, **{"kvr.pool": self.pool, "kvr.request_id": self.request_id}):
+                    routed = await self.app.route(self.pool, ask)
             except asyncio.CancelledError:
                 # The stream went away mid-decision: the scheduler may still book it.
                 if ask.book:
@@ -321,7 +324,8 @@ class _Stream:
 
     def _fail(self, code: str, message: str, path: str | None = None) -> list[pb.ProcessingResponse]:
         self.outcome = code
-        log.debug("extproc.rejected", request_id=self.request_id, code=code, message=message, path=path)
+        log.debug("extproc.rejected", request_id=self.request_id, x_request_id=self.headers.get("x-request-id"),
+                  code=code, message=message, path=path)  # fmt: skip
         self._update(self.lifecycle.finished())
         return [xp.immediate_response(code, message, path)]
 
