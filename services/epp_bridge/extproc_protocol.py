@@ -2,7 +2,7 @@
 
 Everything here works on the generated protos of `xds-protos` (envoy.service.ext_proc.v3); the
 server (`extproc.py`) and the client (`extproc_client.py`) share it. Protocol references: GAIE's
-"Endpoint Picker Protocol" (docs/proposals/004-endpoint-picker-protocol) and its reference EPP
+"Endpoint Picker Protocol" (kubernetes-sigs/gateway-api-inference-extension, proposal 004) and its reference EPP
 (pkg/epp/handlers/server.go, request.go, response.go), Envoy's
 api/envoy/service/ext_proc/v3/external_processor.proto and
 api/envoy/extensions/filters/http/ext_proc/v3/processing_mode.proto.
