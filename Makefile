@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# helm + kubectl for the chart and overlay rendering tests (best effort: without them those tests skip)
+$(BIN)/helm: tools/fetch-k8s-tools.sh | $(STAMP)
+	@tools/fetch-k8s-tools.sh $(BIN) || true
+
 run: $(STAMP)
 	$(BIN)/kvr dev
 
-test: $(STAMP)
+test: $(STAMP) $(BIN)/helm
 	$(BIN)/kvr schemas check
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 

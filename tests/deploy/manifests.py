@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,16 @@ def example_files() -> list[Path]:
 
 
 @functools.cache
+def tool(name: str) -> str | None:
+    """`name` from PATH, else from the virtual environment's bin (where `make` puts helm and kubectl)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
 def kustomize_command() -> tuple[str, ...] | None:
-    if shutil.which("kubectl"):
-        return ("kubectl", "kustomize")
-    if shutil.which("kustomize"):
-        return ("kustomize", "build")
+    if kubectl := tool("kubectl"):
+        return (kubectl, "kustomize")
+    if kustomize := tool("kustomize"):
+        return (kustomize, "build")
     return None
 
 

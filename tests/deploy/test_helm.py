@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import yaml
 from services.config_table import load_all
 from services.runtime.config import REGISTRY
 
-from .manifests import REPO, by_kind, containers, load_yaml, pod_spec, validate_k8s
+from .manifests import REPO, by_kind, containers, load_yaml, pod_spec, tool, validate_k8s
 
 pytestmark = pytest.mark.unit
 
@@ -112,7 +111,7 @@ def test_every_kvr_variable_of_the_chart_is_a_setting():
 
 
 def helm_command() -> str | None:
-    return os.environ.get("KVR_HELM") or shutil.which("helm")
+    return os.environ.get("KVR_HELM") or tool("helm")
 
 
 needs_helm = pytest.mark.skipif(
@@ -125,7 +124,7 @@ needs_helm = pytest.mark.skipif(
 def rendered(name: str) -> tuple[dict[str, Any], ...]:
     helm = helm_command()
     assert helm is not None
-    args = [helm, "template", "kvr-test", str(CHART), "--namespace", "kvr"]
+    args = [helm, "template", "edge", str(CHART), "--namespace", "kvr"]
     if VALUE_FILES[name] is not None:
         args += ["--values", str(VALUE_FILES[name])]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60)
@@ -168,14 +167,14 @@ def test_rendered_objects_validate_and_the_bridge_is_the_endpoint_picker(name: s
             assert ref["configMapRef"]["name"] in configmaps
         mounts = {m["name"] for m in container.get("volumeMounts", [])}
         assert mounts <= {v["name"] for v in pod_spec(dep).get("volumes", [])}
-    common = configmaps["kvr-test-kvr-common"]["data"]
+    common = configmaps["edge-kvr-common"]["data"]
     assert common["KVR_POOL"] == ",".join(values["pools"]) and common["KVR_NATS_URL"] == values["nats"]["url"]
-    scheduler = configmaps["kvr-test-kvr-scheduler"]["data"]
+    scheduler = configmaps["edge-kvr-scheduler"]["data"]
     assert int(scheduler["KVR_BLOCK_SIZE"]) == values["blockSize"] and scheduler["KVR_SELECTION_POLICY"] == values["routing"]["policy"]
-    bridge_env = configmaps["kvr-test-kvr-epp-bridge"]["data"]
-    bridge = deployments["kvr-test-kvr-epp-bridge"]
+    bridge_env = configmaps["edge-kvr-epp-bridge"]["data"]
+    bridge = deployments["edge-kvr-epp-bridge"]
     assert bridge["spec"]["replicas"] == values["eppBridge"]["replicas"]
-    grpc = next(p for p in services["kvr-test-kvr-epp-bridge"]["spec"]["ports"] if p["name"] == "grpc-ext-proc")
+    grpc = next(p for p in services["edge-kvr-epp-bridge"]["spec"]["ports"] if p["name"] == "grpc-ext-proc")
     assert grpc["appProtocol"] == "http2" and grpc["port"] == int(bridge_env["KVR_GRPC_PORT"]) == values["extProc"]["port"]
     assert bridge_env["KVR_GRPC_POOL"] in values["pools"]
     if values["extProc"]["tls"]["secretName"]:
@@ -187,6 +186,6 @@ def test_rendered_objects_validate_and_the_bridge_is_the_endpoint_picker(name: s
     if values["inferencePool"]["enabled"]:
         (pool,) = pools.values()
         ref = pool["spec"]["endpointPickerRef"]
-        assert ref["name"] == "kvr-test-kvr-epp-bridge" and ref["port"]["number"] == grpc["port"]
+        assert ref["name"] == "edge-kvr-epp-bridge" and ref["port"]["number"] == grpc["port"]
     else:
         assert not pools
