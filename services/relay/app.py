@@ -1,8 +1,10 @@
 """`kvr relay`: vLLM/SGLang ZMQ KV events → KVR_KV RouterEvents, plus the worker's discovery heartbeat.
 
-Flow per dp rank: `RankIntake` (ZMQ SUB + replay) → `decode_batch` → `Converter` (RouterEvents with
-ids) → `Publisher` (bounded drop-oldest buffer → JetStream with Nats-Msg-Id). Start-up order matters:
-the per-rank event-id high-water marks are loaded *before* the sockets open, so ids never go back.
+Flow per dp rank: `RankIntake` (ZMQ SUB + replay) → `OutBuffer` (bounded, still encoded) →
+`decode_batch` → `Converter` (RouterEvents with ids) → `Publisher` (JetStream with Nats-Msg-Id).
+Batches are converted when the publisher takes them, so the converter's state is exactly what was
+published, even after the buffer dropped batches. Start-up order matters: the per-rank event-id
+high-water marks are loaded *before* the sockets open, so ids never go back.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from . import metrics
 from .convert import Converter
 from .decode import BadBatch, decode_batch
 from .ingest import RankIntake, rank_endpoints
-from .publisher import IdReservations, OutBuffer, OutMessage, Publisher
+from .publisher import IdReservations, OutBuffer, Pending, Publisher
 
 WORKER_ID_MASK = (1 << 53) - 1
 
@@ -82,13 +84,6 @@ def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int
     return codec.convert(codec.to_builtins(record), WorkerRecord)
 
 
-def _blocks_of(ev: RouterEvent) -> int:
-    data = ev.event.data
-    if isinstance(data, str):
-        return 0
-    return len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
-
-
 class RelayApp:
     def __init__(self, cfg: SimpleNamespace) -> None:
         self.cfg = cfg
@@ -130,9 +125,10 @@ class RelayApp:
             self.converter.set_next_id(rank, await self.ids.load(rank))
         self.publisher = Publisher(
             rt.nc,
-            OutBuffer(cfg.buffer_messages),
+            OutBuffer(self._convert, cfg.buffer_messages, cfg.buffer_bytes),
             pool=self.pool,
             worker_id=self.worker_id,
+            subject_of=lambda rank: rt.names.kv_subject(self.pool, self.worker_id, rank),
             reserve=self.ids.ensure,
             timeout_s=cfg.publish_timeout_s,
             msgpack=cfg.publish_encoding == "msgpack",
@@ -210,61 +206,40 @@ class RelayApp:
     # -- events --------------------------------------------------------------------------------
 
     def apply_batch(self, dp_rank: int, seq: int, payload: bytes, source: str) -> None:
-        try:
-            batch = decode_batch(payload)
-        except BadBatch as exc:
-            self.invalid_batches += 1
-            metrics.INVALID.labels(exc.reason).inc()
-            if self.rt is not None:
-                self.rt.log.warning("relay.bad_batch", dp_rank=dp_rank, seq=seq, reason=exc.reason, detail=exc.detail[:200])
-            return
-        # Room is made *before* converting, so a repairing `cleared` gets a smaller id than this batch.
-        self._make_room()
         # The socket a batch arrived on decides its rank (the envelope's rank is informational).
-        self._emit(dp_rank, self.converter.convert(dp_rank, batch.events))
+        self._push(Pending(dp_rank, payload))
 
     def clear_rank(self, dp_rank: int, cause: str) -> None:
-        self._make_room()
-        self._clear(dp_rank, cause)
+        self._push(Pending(dp_rank, None, cause))
 
-    def _clear(self, dp_rank: int, cause: str) -> None:
-        metrics.CLEARED_SENT.labels(cause).inc()
-        self._emit(dp_rank, self.converter.clear(dp_rank))
-
-    def _make_room(self) -> None:
-        """Drop the oldest buffered messages when full. Dropped removes would leave stale blocks in the
-        index, so every affected rank gets a `cleared` and rebuilds from newer events."""
+    def _push(self, item: Pending) -> None:
         if self.publisher is None:
             return
-        dropped = self.publisher.make_room()
-        if not dropped:
-            return
-        ranks = set()
-        for msg in dropped:
-            metrics.DROPPED_MESSAGES.inc()
-            metrics.DROPPED_EVENTS.inc(len(msg.events))
-            ranks.add(msg.dp_rank)
-        if self.rt is not None:
-            self.rt.log.warning("relay.buffer_dropped", messages=len(dropped), ranks=sorted(ranks))
-        for rank in sorted(ranks):
-            self._clear(rank, "buffer_overflow")
+        episodes = self.publisher.buffer.overflows
+        dropped = self.publisher.push(item)
+        if dropped and self.publisher.buffer.overflows > episodes and self.rt is not None:
+            # Logged once per overflow episode (per rank), not per dropped batch.
+            self.rt.log.warning(
+                "relay.buffer_overflow", dropped=len(dropped), clears_pending=self.publisher.buffer.pending_clears()
+            )
 
-    def _emit(self, dp_rank: int, events: list[RouterEvent]) -> None:
+    def _convert(self, item: Pending) -> list[RouterEvent]:
+        """An item taken by the publisher → RouterEvents with ids (decode errors count and skip)."""
+        if item.payload is None:
+            metrics.CLEARED_SENT.labels(item.cause).inc()
+            out = self.converter.clear(item.dp_rank)
+        else:
+            try:
+                batch = decode_batch(item.payload)
+            except BadBatch as exc:
+                self.invalid_batches += 1
+                metrics.INVALID.labels(exc.reason).inc()
+                if self.rt is not None:
+                    self.rt.log.warning("relay.bad_batch", dp_rank=item.dp_rank, reason=exc.reason, detail=exc.detail[:200])
+                return []
+            out = self.converter.convert(item.dp_rank, batch.events)
         self._count()
-        if not events or self.publisher is None or self.rt is None:
-            return
-        subject = self.rt.names.kv_subject(self.pool, self.worker_id, dp_rank)
-        # One message per engine batch, split when it alone would exceed the per-message caps.
-        chunk: list[RouterEvent] = []
-        n_blocks = 0
-        for ev in events:
-            size = _blocks_of(ev)
-            if chunk and (n_blocks + size > self.cfg.max_blocks_per_message or len(chunk) >= self.publisher.max_events):
-                self.publisher.push(OutMessage(subject, dp_rank, chunk, n_blocks))
-                chunk, n_blocks = [], 0
-            chunk.append(ev)
-            n_blocks += size
-        self.publisher.push(OutMessage(subject, dp_rank, chunk, n_blocks))
+        return out
 
     def _count(self) -> None:
         counts = self.converter.drain_counts()

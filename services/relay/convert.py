@@ -9,10 +9,13 @@ Rules (Dynamo's worker-side publisher, `lib/kv-router/src/publisher/`):
 - Stores without tokens (CPU offload / connector tiers) are resolved through the engine-hash →
   tokens_hash map learned from earlier stores (bounded LRU); the store is cut at the first block the
   map does not know.
-- Refcount de-duplication per (dp rank, tier): engines with several KV groups report a block more
-  than once. A store whose blocks are *all* already held is suppressed (it would change nothing);
-  a remove is forwarded only when a block's count drops to zero; a remove of a never-seen hash is
-  forwarded unchanged (the indexer counts and ignores it).
+- Holders per (dp rank, tier, block hash) = the set of KV-cache groups (`group_idx`) that hold the
+  block. Hybrid models report a block once per group; vLLM's `kv_cache_report_mode="full"` re-reports
+  cached blocks on every prefix hit but removes each (hash, group) once. So a store adds its group
+  to the set (a repeated store in the same group is idempotent), a store whose blocks are *all*
+  already held is suppressed, and a remove is forwarded only when the last group drops the block.
+  A remove without a group (None) from a publisher that stored with groups drops every group. A
+  remove of a never-seen hash is forwarded unchanged (the indexer counts and ignores it).
 - Consecutive compatible events of one engine batch are merged (same rank and tier; stores only when
   the chain continues; removes always; `cleared` is a barrier), at most `max_batch_blocks` blocks per
   RouterEvent. Each RouterEvent then gets the next event id of its (worker, dp_rank).
@@ -61,6 +64,8 @@ def storage_tier(medium: str | None) -> str | None:
 
 _seed = lru_cache(maxsize=1024)(salt_seed)
 
+NO_GROUP = -1  # the group of events without `group_idx` (vLLM before #37688, SGLang)
+
 
 class BoundedMap(OrderedDict[int, int | str]):
     """An LRU dict with a fixed capacity (oldest entry evicted first)."""
@@ -83,7 +88,9 @@ class RankState:
 
     tokens: BoundedMap  # engine block hash → tokens_hash (any tier; tokens do not change)
     salts: BoundedMap  # engine block hash → cache salt, for salted chains only
-    held: dict[str, dict[int, int]] = field(default_factory=dict)  # tier → engine hash → refcount
+    # tier → engine hash → holding KV-cache group(s): one group as an int (the common case, and
+    # compact), several as a set; group None is kept as NO_GROUP.
+    held: dict[str, dict[int, int | set[int]]] = field(default_factory=dict)
     next_id: int = 1
 
 
@@ -239,12 +246,17 @@ class Converter:
             if not pairs:
                 return None
         held = state.held.setdefault(tier, {})
+        group = NO_GROUP if ev.group_idx is None else ev.group_idx
         already = True
         for bh, _ in pairs:
-            count = held.get(bh, 0)
-            if count == 0:
+            holders = held.get(bh)
+            if holders is None:
+                held[bh] = group
                 already = False
-            held[bh] = count + 1
+            elif isinstance(holders, set):
+                holders.add(group)
+            elif holders != group:
+                held[bh] = {holders, group}
         if already:
             self.counts["dedup_stores"] += 1
             return None
@@ -255,16 +267,24 @@ class Converter:
         if tier is None or not ev.block_hashes:
             return None
         held = state.held.setdefault(tier, {})
+        group = NO_GROUP if ev.group_idx is None else ev.group_idx
         out: list[int] = []
         for bh in ev.block_hashes:
-            count = held.get(bh)
-            if count is None:
+            holders = held.get(bh)
+            if holders is None:
                 out.append(bh)  # never seen: forward unchanged
-            elif count > 1:
-                held[bh] = count - 1
-            else:
+            elif isinstance(holders, set):
+                if group == NO_GROUP and NO_GROUP not in holders:
+                    del held[bh]  # no group given: the block is gone from every group
+                    out.append(bh)
+                    continue
+                holders.discard(group)
+                if len(holders) == 1:
+                    held[bh] = holders.pop()
+            elif holders == group or group == NO_GROUP:
                 del held[bh]
                 out.append(bh)
+            # else: another group still holds the block
         if len(out) < len(ev.block_hashes):
             self.counts["dedup_removes"] += len(ev.block_hashes) - len(out)
         if not out:

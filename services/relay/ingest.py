@@ -25,6 +25,8 @@ from .seqtrack import SeqTracker, SeqVerdict
 log = get_logger("kvr.relay.ingest")
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+# Frames taken back to back before the intake yields to the event loop (the publisher) once.
+YIELD_EVERY = 16
 
 ApplyFn = Callable[[int, int, bytes, str], None]  # (dp_rank, seq, payload, source)
 ClearFn = Callable[[int, str], None]  # (dp_rank, cause)
@@ -133,8 +135,15 @@ class RankIntake:
 
     async def _run(self) -> None:
         assert self.sub is not None
+        burst = 0
         while True:
+            # A ready socket answers recv without suspending, so draining a backlog would hold the
+            # event loop until the socket is empty and the publisher could not run meanwhile.
+            if burst >= YIELD_EVERY:
+                burst = 0
+                await asyncio.sleep(0)
             frames = await self.sub.recv_multipart()
+            burst += 1
             try:
                 await self.on_frames(frames)
             except asyncio.CancelledError:

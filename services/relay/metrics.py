@@ -37,9 +37,10 @@ PUBLISHED_EVENTS = Counter("kvr_relay_published_events_total", "RouterEvents ack
 PUBLISHED_BLOCKS = Counter("kvr_relay_published_blocks_total", "blocks acknowledged by JetStream")
 PUBLISH_DUPLICATES = Counter("kvr_relay_publish_duplicates_total", "publishes JetStream reported as duplicates")
 PUBLISH_FAILURES = Counter("kvr_relay_publish_failures_total", "failed publish attempts (retried)")
-DROPPED_MESSAGES = Counter("kvr_relay_dropped_messages_total", "messages dropped from a full buffer (oldest first)")
-DROPPED_EVENTS = Counter("kvr_relay_dropped_events_total", "RouterEvents dropped from a full buffer")
-BUFFERED = Gauge("kvr_relay_buffer_messages", "messages waiting to be published")
+DROPPED_MESSAGES = Counter("kvr_relay_dropped_messages_total", "engine batches dropped from a full buffer (oldest first)")
+DROPPED_BYTES = Counter("kvr_relay_dropped_bytes_total", "encoded bytes of the engine batches dropped from a full buffer")
+BUFFERED = Gauge("kvr_relay_buffer_messages", "engine batches (and clears) waiting to be converted and published")
+BUFFERED_BYTES = Gauge("kvr_relay_buffer_bytes", "encoded bytes of the engine batches waiting in the buffer")
 PUBLISH_SECONDS = Histogram(
     "kvr_relay_publish_seconds", "JetStream publish round trip", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 )

@@ -1,9 +1,14 @@
-"""JetStream publishing with a bounded drop-oldest buffer, so the ZMQ intake never waits on NATS.
+"""JetStream publishing through a bounded buffer, so the ZMQ intake never waits on NATS.
 
-`OutBuffer` is the pure part (FIFO with a message bound). `Publisher` drains it in order: before a
-message whose last event id exceeds the persisted high-water mark of its rank it persists a new mark
-(`IdReservations`), then publishes with `Nats-Msg-Id` and retries the *same* message until JetStream
-acknowledges it, so a NATS outage loses nothing that fits in the buffer and never duplicates.
+`OutBuffer` is the pure part. It holds engine batches *still encoded* (and requests to clear a rank)
+and converts them only when the publisher takes them, so the converter's state (refcounts, event
+ids) always describes exactly what is published. Full (by batches or bytes) = drop the oldest
+batches and mark their rank for ONE `cleared`, taken before anything newer of that rank: the index
+then rebuilds from exactly the batches that were kept, and a long NATS stall costs one `cleared` per
+rank, not one per drop. `Publisher` drains it in order: before a message whose last event id exceeds
+the persisted high-water mark of its rank it persists a new mark (`IdReservations`), then publishes
+with `Nats-Msg-Id` and retries the *same* message until JetStream acknowledges it, so a NATS outage
+loses nothing that fits in the buffer and never duplicates.
 """
 
 from __future__ import annotations
@@ -27,12 +32,33 @@ from . import metrics
 
 log = get_logger("kvr.relay.publisher")
 
+OVERFLOW = "buffer_overflow"
+
+
+def blocks_of(ev: RouterEvent) -> int:
+    data = ev.event.data
+    if isinstance(data, str):
+        return 0
+    return len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
+
+
+@dataclass(slots=True)
+class Pending:
+    """One engine batch of one rank, still encoded, or (payload None) a request to clear the rank."""
+
+    dp_rank: int
+    payload: bytes | None = None
+    cause: str = ""  # of a clear: start, engine_restart, unrecoverable_gap, buffer_overflow
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if self.payload is not None else 0
+
 
 @dataclass(slots=True)
 class OutMessage:
-    """RouterEvents of one rank, in id order, produced from one engine batch."""
+    """RouterEvents of one rank, in id order: one JetStream message."""
 
-    subject: str
     dp_rank: int
     events: list[RouterEvent]
     n_blocks: int
@@ -59,48 +85,101 @@ class Outgoing:
     n_blocks: int
 
 
-class OutBuffer:
-    """FIFO of messages waiting for JetStream, bounded by evicting the oldest (`make_room`)."""
+Convert = Callable[[Pending], list[RouterEvent]]
 
-    def __init__(self, max_messages: int) -> None:
-        self.max_messages = max(1, max_messages)
-        self._q: deque[OutMessage] = deque()
+
+class OutBuffer:
+    """FIFO of engine batches waiting for JetStream, bounded by batches and bytes (pure).
+
+    `convert` turns an item into RouterEvents (decode + `Converter`); it is called only from
+    `next_message`, in buffer order. Overflow drops the oldest items and records one pending clear
+    per affected rank; the clear is taken before every remaining item (all newer than the dropped
+    ones) and ends the rank's overflow episode: drops before it is taken add no second clear.
+    """
+
+    def __init__(self, convert: Convert, max_batches: int, max_bytes: int = 1 << 62) -> None:
+        self.convert = convert
+        self.max_batches = max(1, max_batches)
+        self.max_bytes = max(1, max_bytes)
+        self._q: deque[Pending] = deque()
+        self._bytes = 0
+        self._clears: dict[int, None] = {}  # ranks with a pending overflow clear, in order
+        # Converted events not yet published (an engine batch larger than one message's caps).
+        self._carry: list[RouterEvent] = []
+        self._carry_rank = 0
+        self.dropped_batches = 0
+        self.dropped_bytes = 0
+        self.overflows = 0  # overflow episodes (= clears they cost)
 
     def __len__(self) -> int:
-        return len(self._q)
+        return len(self._q) + len(self._clears) + (1 if self._carry else 0)
 
-    def make_room(self) -> list[OutMessage]:
-        """Evict the oldest messages until one more fits; returns what was evicted."""
-        dropped = []
-        while len(self._q) >= self.max_messages:
-            dropped.append(self._q.popleft())
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def pending_clears(self) -> list[int]:
+        return list(self._clears)
+
+    def push(self, item: Pending) -> list[Pending]:
+        """Append; when full, drop the oldest items first. Returns what was dropped."""
+        dropped: list[Pending] = []
+        while self._q and (len(self._q) >= self.max_batches or self._bytes + item.size > self.max_bytes):
+            old = self._q.popleft()
+            self._bytes -= old.size
+            dropped.append(old)
+            self.dropped_batches += 1
+            self.dropped_bytes += old.size
+            if old.dp_rank not in self._clears:
+                self._clears[old.dp_rank] = None
+                self.overflows += 1
+        self._q.append(item)
+        self._bytes += item.size
         return dropped
 
-    def push(self, msg: OutMessage) -> None:
-        """Append; callers run `make_room` first (a repairing `cleared` may exceed the bound by one per rank)."""
-        self._q.append(msg)
+    def _next_rank(self) -> int | None:
+        if self._clears:
+            return next(iter(self._clears))
+        return self._q[0].dp_rank if self._q else None
 
-    def peek(self) -> OutMessage | None:
-        return self._q[0] if self._q else None
+    def _pop(self) -> Pending:
+        if self._clears:
+            rank = next(iter(self._clears))
+            del self._clears[rank]
+            return Pending(rank, None, OVERFLOW)
+        item = self._q.popleft()
+        self._bytes -= item.size
+        return item
 
-    def pop(self) -> OutMessage:
-        return self._q.popleft()
-
-    def take(self, max_events: int, max_blocks: int = 1 << 62) -> list[OutMessage]:
-        """Pop the head and the following messages of the same subject, up to `max_events` events
-        and `max_blocks` blocks (the head is always taken whole)."""
-        if not self._q:
-            return []
-        head = self._q.popleft()
-        out, events, blocks = [head], len(head.events), head.n_blocks
-        while self._q and self._q[0].subject == head.subject:
-            nxt = self._q[0]
-            if events + len(nxt.events) > max_events or blocks + nxt.n_blocks > max_blocks:
+    def next_message(self, max_events: int, max_blocks: int = 1 << 62) -> OutMessage | None:
+        """Convert and take the next message: the carry, then pending clears, then queued items,
+        coalescing consecutive items of one rank up to `max_events` events and `max_blocks` blocks
+        (one event is always taken). None when nothing is left."""
+        max_events, max_blocks = max(1, max_events), max(1, max_blocks)
+        events, rank = self._carry, self._carry_rank
+        self._carry = []
+        blocks = sum(blocks_of(ev) for ev in events)
+        while len(events) < max_events and blocks < max_blocks:
+            nxt = self._next_rank()
+            if nxt is None or (events and nxt != rank):
                 break
-            out.append(self._q.popleft())
-            events += len(nxt.events)
-            blocks += nxt.n_blocks
-        return out
+            item = self._pop()
+            rank = item.dp_rank
+            out = self.convert(item)
+            events.extend(out)
+            blocks += sum(blocks_of(ev) for ev in out)
+        if not events:
+            return None
+        n, n_blocks = 0, 0
+        for ev in events:
+            size = blocks_of(ev)
+            if n and (n >= max_events or n_blocks + size > max_blocks):
+                break
+            n += 1
+            n_blocks += size
+        if n < len(events):
+            self._carry, self._carry_rank = events[n:], rank
+        return OutMessage(rank, events[:n], n_blocks)
 
 
 def id_key(pool: str, worker_id: int, dp_rank: int) -> str:
@@ -158,9 +237,10 @@ class IdReservations:
 
 
 class Publisher:
-    """Drains the buffer in order. Consecutive messages of one rank are coalesced into one publish
-    (up to `max_events` events); once attempted, a publish is retried unchanged, so a retry after a
-    lost ack is de-duplicated by JetStream instead of publishing a different payload under its id."""
+    """Drains the buffer in order. Consecutive items of one rank are coalesced into one publish (up to
+    `max_events` events and `max_blocks` blocks); once attempted, a publish is retried unchanged, so a
+    retry after a lost ack is de-duplicated by JetStream instead of publishing a different payload
+    under its id."""
 
     def __init__(
         self,
@@ -169,6 +249,7 @@ class Publisher:
         *,
         pool: str,
         worker_id: int,
+        subject_of: Callable[[int], str],
         reserve: Callable[[int, int], Awaitable[None]],
         timeout_s: float = 2.0,
         msgpack: bool = True,
@@ -180,6 +261,7 @@ class Publisher:
         self.buffer = buffer
         self.pool = pool
         self.worker_id = worker_id
+        self.subject_of = subject_of
         self.reserve = reserve
         self.timeout_s = timeout_s
         self.msgpack = msgpack
@@ -197,17 +279,20 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-publisher")
 
-    def make_room(self) -> list[OutMessage]:
-        return self.buffer.make_room()
-
-    def push(self, msg: OutMessage) -> None:
-        self.buffer.push(msg)
-        self._kick()
-
-    def _kick(self) -> None:
+    def push(self, item: Pending) -> list[Pending]:
+        """Queue an item (never waits); returns the items a full buffer dropped to make room."""
+        dropped = self.buffer.push(item)
+        if dropped:
+            metrics.DROPPED_MESSAGES.inc(len(dropped))
+            metrics.DROPPED_BYTES.inc(sum(d.size for d in dropped))
         self._idle.clear()
         self._wake.set()
+        self._gauges()
+        return dropped
+
+    def _gauges(self) -> None:
         metrics.BUFFERED.set(len(self.buffer))
+        metrics.BUFFERED_BYTES.set(self.buffer.bytes)
 
     def pending(self) -> int:
         return len(self.buffer) + (1 if self.inflight is not None else 0)
@@ -223,31 +308,29 @@ class Publisher:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
 
-    def _encode(self, msgs: list[OutMessage]) -> Outgoing:
-        events = [ev for m in msgs for ev in m.events]
-        head = msgs[0]
-        headers = {"Nats-Msg-Id": kv_msg_id(self.pool, self.worker_id, head.dp_rank, head.first_id)}
+    def _encode(self, msg: OutMessage) -> Outgoing:
+        headers = {"Nats-Msg-Id": kv_msg_id(self.pool, self.worker_id, msg.dp_rank, msg.first_id)}
         if self.msgpack:
             headers[codec.CONTENT_TYPE_HEADER] = codec.MSGPACK
-            payload = codec.encode_msgpack(events)
+            payload = codec.encode_msgpack(msg.events)
         else:
-            payload = codec.encode_json(events)
+            payload = codec.encode_json(msg.events)
         return Outgoing(
-            head.subject, head.dp_rank, msgs[-1].last_id, headers, payload, len(events), sum(m.n_blocks for m in msgs)
+            self.subject_of(msg.dp_rank), msg.dp_rank, msg.last_id, headers, payload, len(msg.events), msg.n_blocks
         )
 
     async def _run(self) -> None:
         backoff = 0.05
         while True:
             if self.inflight is None:
-                msgs = self.buffer.take(self.max_events, self.max_blocks)
-                if not msgs:
+                msg = self.buffer.next_message(self.max_events, self.max_blocks)
+                self._gauges()
+                if msg is None:
                     self._idle.set()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                self.inflight = self._encode(msgs)
-                metrics.BUFFERED.set(len(self.buffer))
+                self.inflight = self._encode(msg)
             out = self.inflight
             try:
                 await self.reserve(out.dp_rank, out.last_id)

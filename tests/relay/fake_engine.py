@@ -53,6 +53,7 @@ class LegacyBlockStored(LegacyEvent, tag="BlockStored"):
 class LegacyBlockRemoved(LegacyEvent, tag="BlockRemoved"):
     block_hashes: list[ExternalBlockHash]
     medium: str | None
+    group_idx: int | None = None
 
 
 class LegacyAllBlocksCleared(LegacyEvent, tag="AllBlocksCleared"):
@@ -258,9 +259,68 @@ class FakeEngine:
             ev = MapBlockStored(hashes, parent_ext, ids, bs, None, medium, lora_name, extra, group_idx, "full_attention")
         return ev, digests
 
-    def removed(self, digests: list[bytes], medium: str | None = "GPU") -> Any:
+    def removed(self, digests: list[bytes], medium: str | None = "GPU", group_idx: int | None = None) -> Any:
         hashes = [self._ext(d) for d in digests]
-        return LegacyBlockRemoved(hashes, medium) if self.encoding == "legacy" else MapBlockRemoved(hashes, medium)
+        if self.encoding == "legacy":
+            return LegacyBlockRemoved(hashes, medium, group_idx)
+        return MapBlockRemoved(hashes, medium, group_idx)
 
     def cleared(self) -> Any:
         return LegacyAllBlocksCleared() if self.encoding == "legacy" else MapAllBlocksCleared()
+
+
+class BlockPoolSim:
+    """vLLM's prefix-cache block pool as far as its KV events go (vllm/v1/core/block_pool.py).
+
+    Per KV-cache group: `capacity` blocks, cached full blocks kept after their request and evicted
+    least recently used first; a newly cached block is a `BlockStored`, an eviction one
+    `BlockRemoved` per hash (and group). With `full_report` (a request sent with
+    `kv_cache_report_mode="full"`) the cached prefix a request reuses is reported again as a
+    `BlockStored`, once per group, with no matching removal. `cached()` is the truth an index fed by
+    these events must end with: the blocks some group still holds.
+    """
+
+    def __init__(self, eng: FakeEngine, capacity: int | dict[int | None, int], groups: tuple[int | None, ...] = (None,)) -> None:
+        self.eng = eng
+        self.groups = groups
+        self.capacity = capacity if isinstance(capacity, dict) else dict.fromkeys(groups, capacity)
+        self.lru: dict[int | None, dict[bytes, None]] = {g: {} for g in groups}  # insertion order = LRU order
+
+    def cached(self) -> set[int]:
+        return {int.from_bytes(d[-8:], "big") for lru in self.lru.values() for d in lru}
+
+    def request(self, tokens: list[int], full_report: bool = False) -> list[Any]:
+        bs = self.eng.block_size
+        chunks = [tokens[i * bs : (i + 1) * bs] for i in range(len(tokens) // bs)]
+        digests: list[bytes] = []
+        prev: bytes | None = None
+        for chunk in chunks:
+            prev = engine_hash(prev, chunk, ())
+            digests.append(prev)
+        mine = set(digests)
+        events: list[Any] = []
+        for g in self.groups:
+            lru = self.lru[g]
+            hit = 0
+            while hit < len(digests) and digests[hit] in lru:
+                hit += 1
+            if full_report and hit:
+                events.append(self.eng.stored(tokens[: hit * bs], group_idx=g)[0])
+            for i in range(hit, len(digests)):
+                while len(lru) >= self.capacity[g]:
+                    victim = next((d for d in lru if d not in mine), None)
+                    if victim is None:
+                        break  # everything cached belongs to this request: keep it (over capacity)
+                    del lru[victim]
+                    events.append(self.eng.removed([victim], group_idx=g))
+                parent = digests[i - 1] if i else None
+                ev, made = self.eng.stored(chunks[i], parent=parent, group_idx=g)
+                assert made == [digests[i]]
+                events.append(ev)
+                lru[digests[i]] = None
+            # vLLM frees a request's blocks tail first, so a prefix outlives its continuations and
+            # the cache stays prefix-closed (no second physical copy of a hash is ever made here).
+            for d in reversed(digests):
+                lru.pop(d, None)
+                lru[d] = None
+        return events

@@ -98,7 +98,8 @@ class RefIndex:
 
     def apply(self, ev: RouterEvent) -> None:
         key = (ev.worker_id, ev.event.dp_rank)
-        if ev.event.event_id <= self.last_id.get(key, 0):
+        last = self.last_id.get(key)
+        if last is not None and ev.event.event_id <= last:
             self.duplicates += 1
             return
         self.last_id[key] = ev.event.event_id

@@ -20,10 +20,11 @@ from services.relay.decode import (
     decode_batch,
 )
 from services.relay.ingest import parse_replay_frames, rank_endpoints
-from services.relay.publisher import OutBuffer, OutMessage
+from services.relay.publisher import OutBuffer, Pending
 from services.relay.seqtrack import SeqTracker, SeqVerdict
 
-from .fake_engine import EventBatch, FakeEngine
+from .fake_engine import BlockPoolSim, EventBatch, FakeEngine
+from .helpers import RefIndex
 
 enc = msgspec.msgpack.encode
 TOKENS = list(range(1, 33))  # docs/protocol.md §6 test vector: 2 blocks of 16
@@ -202,17 +203,89 @@ def test_token_less_offload_store_resolves_through_learned_hashes():
     assert conv.counts["unresolved_stores"] == 1
 
 
-def test_refcount_dedup_of_repeated_stores_and_removes():
+def test_holders_per_kv_group_repeated_stores_are_idempotent_and_the_last_group_removes():
     eng, conv = engine("map"), Converter(1, 16)
     ev, digests = eng.stored(TOKENS, group_idx=0)
     ev_again, _ = eng.stored(TOKENS, group_idx=1)
     out = convert(conv, eng, [ev, ev_again])
     assert len(out) == 1 and conv.counts["dedup_stores"] == 1
-    assert convert(conv, eng, [eng.removed(digests)]) == []  # count 2 → 1
-    out = convert(conv, eng, [eng.removed(digests)])  # 1 → 0: forwarded
+    assert convert(conv, eng, [eng.removed(digests, group_idx=0)]) == []  # group 1 still holds them
+    out = convert(conv, eng, [eng.removed(digests, group_idx=1)])  # the last group: forwarded
     assert [e.kind for e in out] == ["removed"]
-    out = convert(conv, eng, [eng.removed(digests)])  # never seen now: forwarded unchanged
+    out = convert(conv, eng, [eng.removed(digests, group_idx=1)])  # never seen now: forwarded unchanged
     assert [e.kind for e in out] == ["removed"]
+
+
+def test_full_report_mode_restores_are_idempotent_so_one_remove_per_hash_drops_the_block():
+    # vLLM with kv_cache_report_mode="full" re-reports cached blocks on every prefix hit and removes
+    # each hash once: counting each store as a reference would swallow that removal (stale blocks).
+    eng, conv = engine("map"), Converter(1, 16)
+    ev, digests = eng.stored(TOKENS, group_idx=0)
+    assert len(convert(conv, eng, [ev])) == 1
+    for _ in range(3):
+        assert convert(conv, eng, [eng.stored(TOKENS, group_idx=0)[0]]) == []  # prefix hits
+    out = convert(conv, eng, [eng.removed(digests[1:], group_idx=0)])
+    assert [e.kind for e in out] == ["removed"] and len(out[0].event.data.removed.block_hashes) == 1
+    # Without group_idx (older vLLM, SGLang) the same holds: one group, idempotent stores.
+    ev, digests = eng.stored(list(range(300, 332)))
+    for _ in range(2):
+        convert(conv, eng, [ev])
+    assert [e.kind for e in convert(conv, eng, [eng.removed(digests)])] == ["removed"]
+    # A remove without a group of a block stored by groups drops it from every group.
+    ev0, digests = eng.stored(list(range(500, 516)), group_idx=0)
+    ev1, _ = eng.stored(list(range(500, 516)), group_idx=1)
+    convert(conv, eng, [ev0, ev1])
+    assert [e.kind for e in convert(conv, eng, [eng.removed(digests)])] == ["removed"]
+
+
+hash_ops = st.lists(
+    st.tuples(st.sampled_from(["store", "remove"]), st.lists(st.integers(0, 5), min_size=1, max_size=3),
+              st.sampled_from([None, 0, 1, 2])),  # fmt: skip
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hash_ops)
+def test_forwarded_blocks_equal_a_brute_force_model_of_holders_per_group(ops):
+    # Model: the set of (hash, group) pairs the engine holds; a hash is indexed while any pair holds
+    # it. A remove without a group of a hash only held by groups drops every group.
+    conv = Converter(1, 1)
+    holders: set[tuple[int, int | None]] = set()
+    index: set[int] = set()
+    for op, hashes, group in ops:
+        if op == "store":
+            holders |= {(h, group) for h in hashes}
+            ev = BlockStored([1000 + h for h in hashes], None, list(hashes), 1, "GPU", None, None, None, group)
+        else:
+            for h in hashes:
+                if group is None and (h, None) not in holders:
+                    holders = {p for p in holders if p[0] != h}
+                holders.discard((h, group))
+            ev = BlockRemoved([1000 + h for h in hashes], "GPU", group)
+        for out in conv.convert(0, [ev]):
+            if out.kind == "stored":
+                index |= {b.block_hash for b in out.event.data.stored.blocks}
+            elif out.kind == "removed":
+                index -= set(out.event.data.removed.block_hashes)
+        assert index == {1000 + h for h, _ in holders}
+
+
+@pytest.mark.parametrize(("groups", "capacity"), [((None,), 24), ((0,), 24), ((0, 1), {0: 24, 1: 10})])
+@pytest.mark.parametrize("full_report", [False, True])
+def test_vllm_block_pool_leaves_no_stale_and_no_missing_blocks(groups, capacity, full_report):
+    import random
+
+    rng = random.Random(7)
+    eng, conv = engine("map"), Converter(3, 16)
+    pool = BlockPoolSim(eng, capacity, groups)
+    prefixes = [[rng.randrange(1, 1000) for _ in range(16 * rng.randrange(1, 4))] for _ in range(12)]
+    index = RefIndex().apply_all(conv.clear(0))
+    for _ in range(300):
+        tokens = rng.choice(prefixes) + [rng.randrange(1, 1000) for _ in range(16 * rng.randrange(0, 3))]
+        index.apply_all(convert(conv, eng, pool.request(tokens, full_report=full_report)))
+        held = {h for _, h, _ in next(iter(index.state().values()), set())}
+        assert held == pool.cached()  # no stale block (evicted but indexed), none missing
 
 
 def test_batching_merges_chains_and_removes_and_respects_the_cap():
@@ -288,25 +361,131 @@ def test_rank_endpoints_and_replay_frames():
     assert parse_replay_frames([b"x"]) is None and parse_replay_frames([b"", b"123", b"p"]) is None
 
 
-def test_out_buffer_evicts_oldest_and_coalesces_one_subject_up_to_the_cap():
-    conv = Converter(1, 16)
+def _stores_of(eng: FakeEngine, n: int, start: int = 0) -> list[bytes]:
+    """n engine batches, one 1-block store each (batch i stores tokens i*16 … i*16+15)."""
+    return [batch(eng, [eng.stored(list(range(i * 16, i * 16 + 16)))[0]]) for i in range(start, start + n)]
 
-    def msg(rank: int, n: int) -> OutMessage:
-        return OutMessage(f"s.{rank}", rank, [conv.clear(rank)[0] for _ in range(n)], 0)
 
-    buf = OutBuffer(3)
-    for m in (msg(0, 1), msg(0, 2), msg(1, 1)):
-        assert buf.make_room() == []
-        buf.push(m)
-    dropped = buf.make_room()
-    assert [(d.dp_rank, len(d.events)) for d in dropped] == [(0, 1)]
-    buf.push(msg(0, 1))
-    buf.push(msg(0, 1))
-    taken = buf.take(max_events=10)
-    assert [(m.dp_rank, len(m.events)) for m in taken] == [(0, 2)]  # the next message is another rank
-    assert [(m.dp_rank, len(m.events)) for m in buf.take(10)] == [(1, 1)]
-    assert [len(m.events) for m in buf.take(1)] == [1]  # cap reached: one message even if more would fit the subject
-    assert len(buf) == 1
+def _buffer(conv: Converter, max_batches: int, max_bytes: int = 1 << 62) -> OutBuffer:
+    def convert(item: Pending) -> list[RouterEvent]:
+        if item.payload is None:
+            return conv.clear(item.dp_rank)
+        return conv.convert(item.dp_rank, decode_batch(item.payload).events)
+
+    return OutBuffer(convert, max_batches, max_bytes)
+
+
+def test_out_buffer_converts_when_taken_and_coalesces_one_rank_up_to_the_caps():
+    eng, conv = engine("map"), Converter(1, 16)
+    buf = _buffer(conv, 10)
+    for payload in _stores_of(eng, 3):
+        assert buf.push(Pending(0, payload)) == []
+    buf.push(Pending(1, None, "start"))
+    buf.push(Pending(0, _stores_of(eng, 1, 3)[0]))
+    assert conv.next_id(0) == 1  # nothing converted yet
+    first = buf.next_message(max_events=2)
+    assert first is not None and first.dp_rank == 0 and [e.event.event_id for e in first.events] == [1, 2]
+    second = buf.next_message(max_events=10)  # the third rank-0 batch; the next item is rank 1
+    assert second is not None and [e.event.event_id for e in second.events] == [3]
+    third = buf.next_message(10)
+    assert third is not None and (third.dp_rank, [e.kind for e in third.events]) == (1, ["cleared"])
+    last = buf.next_message(10, max_blocks=1)
+    assert last is not None and last.n_blocks == 1 and buf.next_message(10) is None and len(buf) == 0
+
+
+def test_a_batch_over_the_caps_is_carried_into_the_next_messages_in_order():
+    eng, conv = engine("map"), Converter(1, 16, max_batch_blocks=2)
+    buf = _buffer(conv, 10)
+    buf.push(Pending(0, batch(eng, [eng.stored(list(range(16 * 7)))[0]])))  # 7 blocks → 4 events
+    buf.push(Pending(0, _stores_of(eng, 1, 100)[0]))
+    sizes = []
+    while (msg := buf.next_message(max_events=10, max_blocks=3)) is not None:
+        sizes.append([len(e.event.data.stored.blocks) for e in msg.events])
+    assert sizes == [[2], [2], [2, 1], [1]]  # ids stay in order across the carry
+
+
+def test_overflow_keeps_the_newest_batches_and_costs_one_clear_per_rank_per_episode():
+    eng, conv = engine("map"), Converter(1, 16)
+    buf = _buffer(conv, 5)
+    payloads = _stores_of(eng, 40)
+    dropped = 0
+    for i, payload in enumerate(payloads[:20]):
+        dropped += len(buf.push(Pending(i % 2, payload)))
+    assert dropped == 15 and buf.overflows == 2 and buf.pending_clears() == [0, 1]
+    out = []
+    while (msg := buf.next_message(100)) is not None:
+        out.extend(msg.events)
+    kinds = [(e.event.dp_rank, e.kind) for e in out]
+    assert kinds.count((0, "cleared")) == 1 and kinds.count((1, "cleared")) == 1
+    # Each rank's cleared comes first; then exactly the 5 newest batches, converted from scratch.
+    for rank in (0, 1):
+        mine = [e for e in out if e.event.dp_rank == rank]
+        assert mine[0].kind == "cleared"
+        kept = [payloads[i] for i in range(15, 20) if i % 2 == rank]
+        fresh = Converter(1, 16)
+        want = [b for p in kept for e in fresh.convert(rank, decode_batch(p).events) for b in e.event.data.stored.blocks]
+        assert [b for e in mine[1:] for b in e.event.data.stored.blocks] == want
+    # The episode ended when the clear was taken: a later overflow costs one more clear.
+    for payload in payloads[20:27]:
+        buf.push(Pending(0, payload))
+    assert buf.overflows == 3 and buf.pending_clears() == [0]
+
+
+def test_overflow_by_bytes_drops_oldest_and_an_oversized_batch_still_fits_alone():
+    eng, conv = engine("map"), Converter(1, 16)
+    payloads = _stores_of(eng, 4)
+    buf = _buffer(conv, 100, max_bytes=2 * len(payloads[0]) + 1)
+    for payload in payloads:
+        buf.push(Pending(0, payload))
+    assert len(buf) == 3 and buf.dropped_batches == 2 and buf.bytes <= buf.max_bytes  # 2 batches + 1 clear
+    big = batch(eng, [eng.stored(list(range(16 * 40)))[0]])
+    buf.push(Pending(0, big))
+    assert buf.bytes == len(big) and buf.dropped_batches == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push0", "push1", "take"]), st.integers(1, 4)), max_size=80), st.integers(1, 6))
+def test_out_buffer_index_always_equals_a_fold_of_the_batches_kept_after_the_last_clear(ops, bound):
+    # Brute force: per rank, the index equals a fresh conversion of the batches that were published
+    # after the rank's last clear (overflow or not), i.e. nothing dropped leaves a trace.
+    eng, conv = engine("map"), Converter(1, 16)
+    buf = _buffer(conv, bound)
+    published: list[RouterEvent] = []
+    taken_payloads: dict[int, list[bytes]] = {0: [], 1: []}
+    payload_of: dict[int, tuple[int, bytes]] = {}
+    n = 0
+
+    def convert(item: Pending) -> list[RouterEvent]:
+        if item.payload is None:
+            taken_payloads[item.dp_rank] = []
+            return conv.clear(item.dp_rank)
+        taken_payloads[item.dp_rank].append(item.payload)
+        return conv.convert(item.dp_rank, decode_batch(item.payload).events)
+
+    buf.convert = convert
+    for op, k in ops:
+        if op == "take":
+            for _ in range(k):
+                msg = buf.next_message(3)
+                if msg is not None:
+                    published.extend(msg.events)
+            continue
+        rank = 0 if op == "push0" else 1
+        # Repeated blocks (n % 5) make stores depend on the converter's refcounts.
+        payload = batch(eng, [eng.stored(list(range((n % 5) * 16, (n % 5) * 16 + 16)))[0]])
+        payload_of[n] = (rank, payload)
+        n += 1
+        buf.push(Pending(rank, payload))
+    while (msg := buf.next_message(3)) is not None:
+        published.extend(msg.events)
+    got = RefIndex().apply_all(published).state()
+    for rank in (0, 1):
+        fresh = Converter(1, 16)
+        want_events = fresh.clear(rank) + [e for p in taken_payloads[rank] for e in fresh.convert(rank, decode_batch(p).events)]
+        want = RefIndex().apply_all(want_events).state()
+        assert {k: v for k, v in got.items() if k[1] == rank} == {k: v for k, v in want.items() if k[1] == rank}
+    clears = [e for e in published if e.kind == "cleared"]
+    assert len(clears) == buf.overflows
 
 
 def test_default_message_caps_keep_payloads_under_nats_max_payload():

@@ -10,12 +10,23 @@ import pytest
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
+from services.indexer.index import PrefixIndex
 from services.relay.app import worker_id_for
 from services.relay.convert import Converter
 from services.relay.decode import decode_batch
+from services.relay.publisher import Pending
 
-from .fake_engine import FakeEngine
-from .helpers import RefIndex, metric, ports, read_kv, relay_cfg, start_relay, wait_for, wait_kv
+from .fake_engine import BlockPoolSim, FakeEngine
+from .helpers import (
+    RefIndex,
+    metric,
+    ports,
+    read_kv,
+    relay_cfg,
+    start_relay,
+    wait_for,
+    wait_kv,
+)
 
 P1 = list(range(1, 65))  # 4 blocks
 P2 = P1[:32] + list(range(1000, 1032))  # shares 2 blocks with P1
@@ -237,30 +248,84 @@ async def test_nats_restart_while_engine_publishes_loses_nothing(nats_server, nc
         await eng.close()
 
 
-async def test_buffer_overflow_drops_oldest_then_clears(nats_server, nc):
+def indexed(events: list[RouterEvent]) -> dict:
+    """What the indexer holds after these events: the real `PrefixIndex`, read back through its dump."""
+    index = PrefixIndex()
+    index.apply_all(events)
+    return RefIndex().apply_all(index.dump()).state()
+
+
+async def test_nats_stall_under_a_burst_costs_one_cleared_and_the_index_equals_the_kept_batches(nats_server, nc):
+    # vLLM in full report mode re-stores its 128 cached prompts round and round while NATS is down:
+    # the buffer keeps the newest 100 batches, one cleared goes ahead of them, and the index ends
+    # with exactly what those batches say (they re-store every block, so all 128 are back).
     zp, rp = ports()
-    eng = FakeEngine(zp, rp).start()
-    relay = await start_relay(relay_cfg(nats_server.url, zp, rp, "--buffer-messages", "5", "--publish-timeout-s", "0.3"))
+    eng = FakeEngine(zp, rp, encoding="map").start()
+    bound = 200
+    relay = await start_relay(relay_cfg(nats_server.url, zp, rp, "--buffer-messages", str(bound), "--publish-timeout-s", "0.3"))
+    buf = relay.app.publisher.buffer
+    taken: list[Pending] = []
+    convert = buf.convert
+    buf.convert = lambda item: taken.append(item) or convert(item)  # type: ignore[func-returns-value]
+    pool = BlockPoolSim(eng, 128)
+    prompts = [list(range(i * 16, i * 16 + 16)) for i in range(128)]
     dropped = metric("kvr_relay_dropped_messages_total")
     js = nc.jetstream()
     try:
         await eng.wait_subscribed()
-        await eng.publish([eng.stored(P1)[0]])
-        await wait_for(lambda: relay.app.publisher.published_events == 2, 10, "first batch published")
+        for tokens in prompts:  # the engine caches all 128 before the stall
+            await eng.publish(pool.request(tokens, full_report=True))
+        await wait_for(lambda: relay.app.publisher.pending() == 0, 10, "warm-up published")
         await asyncio.to_thread(nats_server.stop)
-        for i in range(20):
-            await eng.publish([eng.stored(list(range(i * 16, i * 16 + 16)))[0]])
-        await wait_for(lambda: relay.app.intakes[0].live_batches == 21, 10, "intake to take every batch")
-        assert metric("kvr_relay_dropped_messages_total") - dropped >= 10
-        assert len(relay.app.publisher.buffer) <= 5 + 1  # bound + one repairing cleared
+        sent = []
+        for i in range(1000):
+            await eng.publish(pool.request(prompts[(i * 37) % 128], full_report=True))
+            sent.append(eng.buffer[-1][1])
+        await wait_for(lambda: relay.app.intakes[0].live_batches == 128 + 1000, 10, "intake to take every batch")
+        assert len(buf) <= bound + 1  # the kept batches plus one pending clear
         await asyncio.to_thread(nats_server.start)
         await wait_for(lambda: relay.app.publisher.pending() == 0, 20, "publisher to drain")
         events = [ev for _, ev in await read_kv(js)]
         ids = [e.event.event_id for e in events]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
-        index = RefIndex().apply_all(events)
-        assert index.match(P1) == {(WID, 0): 0}  # cleared after the drop: no stale state
-        assert index.match(list(range(19 * 16, 20 * 16))) == {(WID, 0): 1}  # newest batch kept
+        clears = [i for i, e in enumerate(events) if e.kind == "cleared"]
+        assert len(clears) == 2  # the relay's start, then one for the whole overflow episode
+        assert metric("kvr_relay_dropped_messages_total") - dropped > 700
+        at = max(i for i, item in enumerate(taken) if item.payload is None)
+        kept = [item.payload for item in taken[at + 1 :]]
+        assert len(kept) == bound and kept == sent[-bound:]  # the newest batches, in order
+        fresh = Converter(WID, 16)
+        want = fresh.clear(0) + [e for p in kept for e in fresh.convert(0, decode_batch(p).events)]
+        assert [(e.kind, e.event.data) for e in events[clears[-1] :]] == [(e.kind, e.event.data) for e in want]
+        state = indexed(events)
+        assert state == indexed(want)
+        assert {h for _, h, _ in state[(WID, 0, "device")]} == pool.cached()  # all 128, none stale
+    finally:
+        await relay.stop()
+        await eng.close()
+
+
+async def test_vllm_full_report_mode_and_hybrid_groups_leave_no_stale_blocks(nats_url, nc):
+    import random
+
+    zp, rp = ports()
+    eng = FakeEngine(zp, rp, encoding="map").start()
+    relay = await start_relay(relay_cfg(nats_url, zp, rp))
+    rng = random.Random(3)
+    pool = BlockPoolSim(eng, {0: 48, 1: 20}, groups=(0, 1))  # a full-attention and a smaller group
+    prefixes = [[rng.randrange(1, 5000) for _ in range(16 * rng.randrange(1, 4))] for _ in range(20)]
+    js = nc.jetstream()
+    try:
+        await eng.wait_subscribed()
+        for _ in range(200):
+            tokens = rng.choice(prefixes) + [rng.randrange(1, 5000) for _ in range(16 * rng.randrange(0, 3))]
+            await eng.publish(pool.request(tokens, full_report=rng.random() < 0.7))
+        await wait_for(lambda: relay.app.intakes[0].live_batches == 200, 10, "intake to take every batch")
+        await wait_for(lambda: relay.app.publisher.pending() == 0, 10, "publisher to drain")
+        state = indexed([ev for _, ev in await read_kv(js)])
+        held = {h for _, h, _ in state[(WID, 0, "device")]}
+        assert held == pool.cached()  # 0 stale (evicted by every group but indexed), 0 missing
+        assert metric("kvr_relay_convert_total", what="dedup_stores") > 0
     finally:
         await relay.stop()
         await eng.close()
