@@ -256,9 +256,9 @@ def indexed(events: list[RouterEvent]) -> dict:
 
 
 async def test_nats_stall_under_a_burst_costs_one_cleared_and_the_index_equals_the_kept_batches(nats_server, nc):
-    # vLLM in full report mode re-stores its 128 cached prompts round and round while NATS is down:
-    # the buffer keeps the newest 100 batches, one cleared goes ahead of them, and the index ends
-    # with exactly what those batches say (they re-store every block, so all 128 are back).
+    # The engine cycles 160 one-block prompts through a 128-block cache (each batch evicts one block
+    # and stores one) while NATS is down: the buffer keeps the newest 200 batches, one cleared goes
+    # ahead of them, and the index ends with exactly what those batches say, i.e. the 128 cached.
     zp, rp = ports()
     eng = FakeEngine(zp, rp, encoding="map").start()
     bound = 200
@@ -268,18 +268,19 @@ async def test_nats_stall_under_a_burst_costs_one_cleared_and_the_index_equals_t
     convert = buf.convert
     buf.convert = lambda item: taken.append(item) or convert(item)  # type: ignore[func-returns-value]
     pool = BlockPoolSim(eng, 128)
-    prompts = [list(range(i * 16, i * 16 + 16)) for i in range(128)]
+    prompts = [list(range(i * 16, i * 16 + 16)) for i in range(160)]
     dropped = metric("kvr_relay_dropped_messages_total")
     js = nc.jetstream()
     try:
         await eng.wait_subscribed()
-        for tokens in prompts:  # the engine caches all 128 before the stall
+        for tokens in prompts[:128]:  # the engine fills its cache before the stall
             await eng.publish(pool.request(tokens, full_report=True))
+        await wait_for(lambda: relay.app.intakes[0].live_batches == 128, 10, "warm-up taken")
         await wait_for(lambda: relay.app.publisher.pending() == 0, 10, "warm-up published")
         await asyncio.to_thread(nats_server.stop)
         sent = []
         for i in range(1000):
-            await eng.publish(pool.request(prompts[(i * 37) % 128], full_report=True))
+            await eng.publish(pool.request(prompts[(128 + i) % 160], full_report=True))
             sent.append(eng.buffer[-1][1])
         await wait_for(lambda: relay.app.intakes[0].live_batches == 128 + 1000, 10, "intake to take every batch")
         assert len(buf) <= bound + 1  # the kept batches plus one pending clear
