@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from .bookings import BookingId
 from .events import RouterEvent
 from .types import (
     MAX_BLOCK_HASHES,
@@ -147,6 +148,8 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     book: bool = True
     # Extension: how many next-best decode targets to return in `SelectReply.fallbacks`.
     fallbacks: Annotated[int, Meta(ge=0, le=MAX_FALLBACKS)] = 0
+    # This select's booking attempt (a retry of the same attempt reuses it); generated when absent.
+    booking_id: BookingId | None = None
 
     def __post_init__(self) -> None:
         if self.token_ids is None and self.block_hashes is None:
@@ -173,6 +176,8 @@ class SelectReply(msgspec.Struct):
     policy: str = "kv"
     # Next-best decode targets, best first (as many as `SelectRequest.fallbacks` asked and exist).
     fallbacks: list[Target] = []
+    request_id: str = ""
+    booking_id: str = ""  # the booking that holds the request ("" = nothing booked)
 
 
 class StateRequest(msgspec.Struct):
@@ -266,6 +271,9 @@ class CleanupRequest(msgspec.Struct, omit_defaults=True):
     phase: Literal["prefill_complete", "free", "move"]
     worker_id: WorkerId | None = None
     dp_rank: DpRank | None = None
+    # Only this booking of the request id. A `free` of a booking not (yet) made cancels it: a
+    # select that books it later (its caller gave up) books nothing.
+    booking_id: BookingId | None = None
 
     def __post_init__(self) -> None:
         if self.phase == "move" and self.worker_id is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Union
 
 import msgspec
@@ -9,12 +10,22 @@ from msgspec import Meta
 
 from .types import MAX_TOKENS, DpRank, Hash, NonNegInt, Pool, RequestId, WorkerId, U64_MASK, to_u64
 
+# One select's attempt to book a request (unique per attempt; retries of the same attempt reuse it).
+BookingId = Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")]
+
+
+def new_booking_id() -> str:
+    return uuid.uuid4().hex[:20]
+
 
 class _BookingBase(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
     request_id: RequestId
     router_id: Annotated[str, Meta(min_length=1, max_length=128)]
     pool: Pool
     ts_ms: NonNegInt = 0
+    # The booking (select attempt) an event belongs to; "" (events of older versions) = every
+    # booking of the request id.
+    booking_id: BookingId = ""
 
 
 class BookingAdd(_BookingBase, tag="add", kw_only=True):
@@ -57,7 +68,11 @@ class BookingMove(_BookingBase, tag="move", kw_only=True):
 BookingEvent = Union[BookingAdd, BookingPrefillComplete, BookingFree, BookingMove]
 
 
-def booking_msg_id(pool: str, request_id: str, type_: str, leg: str = "") -> str:
-    """`Nats-Msg-Id: {pool}:{request_id}:{type}`; a disaggregated prefill leg appends `:prefill`."""
+def booking_msg_id(pool: str, request_id: str, type_: str, leg: str = "", booking_id: str = "") -> str:
+    """`Nats-Msg-Id: {pool}:{request_id}:{type}:{booking_id}`, `:prefill` appended for a disaggregated
+    prefill leg. Unique per booking, so a request id booked again after its free is a new message,
+    while a retried publish of the same event is still dropped by JetStream."""
     base = f"{pool}:{request_id}:{type_}"
+    if booking_id:
+        base = f"{base}:{booking_id}"
     return f"{base}:{leg}" if leg else base

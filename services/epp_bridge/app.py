@@ -3,8 +3,9 @@
 Query = size check → parse body → tokens (nvext.token_data, token-id prompt, or the pool's tokenizer)
 → pods ∩ discovery → scheduler.select (book as asked) → reply with routing headers. Every check runs
 before the scheduler is called, so a rejected query books nothing. The one failure that can follow a
-booking is a select deadline passing while the scheduler still books; the bridge then frees that
-request id in the background (a few attempts, since the late booking may land after the first free).
+booking is a select deadline passing while the scheduler still books (or books later); the bridge
+names each select's booking (`booking_id`) and then frees that booking in the background: in the
+bookings stream that free also cancels it, so the late select books nothing whenever it comes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
 )
+from schemas.bookings import new_booking_id
 from schemas.discovery import WorkerRecord
 from schemas.openai import EppQueryTyped, OpenAiBody
 from services.runtime.logs import get_logger
@@ -52,10 +54,13 @@ from .tokenizer import PoolTokenizer, parse_tokenizer_dirs
 log = get_logger("kvr.epp_bridge")
 
 QUEUE = "epp_bridge"
-# Delays of the background frees after a select timeout: the late booking may not be applied yet.
+# Attempts of the background free after a select timeout (retried only while the scheduler cannot
+# be reached: one answered free settles it, see _free_late_booking).
 COMPENSATION_DELAYS_S = (0.0, 0.5, 2.0)
 # Attempts of a booking update from an ext_proc stream (prefill_complete, free, move).
 UPDATE_RETRY_DELAYS_S = (0.0, 0.2, 1.0)
+
+
 class EppBridgeApp:
     def __init__(self, cfg: SimpleNamespace) -> None:
         self.cfg = cfg
@@ -296,34 +301,38 @@ class EppBridgeApp:
 
     async def _select(self, pool: str, sreq: SelectRequest) -> SelectReply:
         assert self.link is not None
+        if sreq.book and not sreq.booking_id:
+            sreq.booking_id = new_booking_id()
         try:
             return await self.link.select(pool, sreq, self.select_timeout_s)
         except DeadlinePassed:
             if sreq.book:
-                self._compensate(pool, sreq.request_id)
+                self._compensate(pool, sreq.request_id, sreq.booking_id or "")
             raise
 
-    def _compensate(self, pool: str, request_id: str) -> None:
-        task = asyncio.create_task(self._free_late_booking(pool, request_id))
+    def _compensate(self, pool: str, request_id: str, booking_id: str) -> None:
+        task = asyncio.create_task(self._free_late_booking(pool, request_id, booking_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _free_late_booking(self, pool: str, request_id: str) -> None:
+    async def _free_late_booking(self, pool: str, request_id: str, booking_id: str) -> None:
+        """Free exactly this query's booking (never a newer booking of a reused request id). The
+        scheduler publishes the free even when the booking is not in the stream yet, and every
+        replica then ignores its late add: one answer settles it, whatever the select does later."""
         assert self._rt is not None
+        req = CleanupRequest(request_id=request_id, phase="free", booking_id=booking_id)
         for delay in COMPENSATION_DELAYS_S:
             await asyncio.sleep(delay)
             try:
                 assert self.link is not None
-                reply = await self.link.booking(pool, CleanupRequest(request_id=request_id, phase="free"), self.cleanup_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - best effort; the booking TTL is the backstop
+                reply = await self.link.booking(pool, req, self.cleanup_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - retried; the unconfirmed-booking TTL is the backstop
                 log.warning("epp.compensating_free_failed", pool=pool, request_id=request_id, error=str(exc))
                 metrics.COMPENSATING_FREES.labels("error").inc()
                 continue
-            if reply.known:
-                metrics.COMPENSATING_FREES.labels("freed").inc()
-                log.info("epp.late_booking_freed", pool=pool, request_id=request_id)
-                return
-        metrics.COMPENSATING_FREES.labels("not_booked").inc()
+            metrics.COMPENSATING_FREES.labels("freed" if reply.known else "cancelled").inc()
+            log.info("epp.late_booking_freed" if reply.known else "epp.late_booking_cancelled", pool=pool, request_id=request_id)
+            return
 
     # --- epp.cleanup -----------------------------------------------------------------------------
 

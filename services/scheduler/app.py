@@ -29,7 +29,15 @@ from schemas.api import (
     Target as WireTarget,
     WorkerLoad,
 )
-from schemas.bookings import BookingAdd, BookingEvent, BookingFree, BookingMove, BookingPrefillComplete, booking_msg_id
+from schemas.bookings import (
+    BookingAdd,
+    BookingEvent,
+    BookingFree,
+    BookingMove,
+    BookingPrefillComplete,
+    booking_msg_id,
+    new_booking_id,
+)
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
@@ -107,6 +115,7 @@ class SchedulerApp:
         self.selector = Selector(busy, rng)
         self.pool_policy = _policy_table(list(getattr(cfg, "pool_policy", []) or []))
         self.ttl_ms = int(cfg.booking_ttl_s * 1000)
+        self.unconfirmed_ttl_ms = int(cfg.booking_unconfirmed_ttl_s * 1000)
         self.trackers: dict[str, LoadTracker] = {}
         self.predicted: PredictedCache | None = None
         self.overlap: OverlapSource | None = None
@@ -130,15 +139,17 @@ class SchedulerApp:
         self._hit_ratio: dict[str, Any] = {}
         self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
         self._removed: dict[str, set[int]] = {}
-        # (pool, request_id, leg) → our own add, applied before the stream delivers it (see _book)
-        self._provisional: dict[tuple[str, str, str], BookingAdd] = {}
+        # (pool, request_id, booking_id, leg) → our own add, applied before the stream delivers it (see _book)
+        self._provisional: dict[tuple[str, str, str, str], BookingAdd] = {}
+        # (pool, request_id) → the select booking it on this replica right now
+        self._booking_now: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
-        self.trackers = {pool: LoadTracker(self.ttl_ms) for pool in rt.pools}
+        self.trackers = {pool: LoadTracker(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
         if self.cfg.no_kv_events:
             self.predicted = PredictedCache(int(self.cfg.approx_ttl_s * 1000), self.cfg.approx_max_blocks, self.cfg.block_size)
             self.overlap = PredictedOverlap(self.predicted, now_ms)
@@ -331,22 +342,23 @@ class SchedulerApp:
                 self.remote_lags_ms.append(lag)
             m.BOOKING_LAG.observe(lag / 1000.0)
         if isinstance(ev, BookingAdd):
-            if self._provisional.pop((ev.pool, ev.request_id, ev.leg), None) is not None:
-                # The stream's copy is authoritative (it may even be another replica's booking of the
-                # same request id that won the JetStream de-duplication): replace ours with it.
-                tracker.discard_leg(ev.request_id, ev.leg)
+            if self._provisional.pop((ev.pool, ev.request_id, ev.booking_id, ev.leg), None) is not None:
+                # The stream's copy is authoritative (a free may have cancelled the booking before
+                # it landed): replace ours with it.
+                tracker.discard_leg(ev.request_id, ev.leg, ev.booking_id)
             removed = self._removed.get(ev.pool)
             ok = not (removed and ev.worker_id in removed) and tracker.add(ev, now)
             kind = "add"
         elif isinstance(ev, BookingPrefillComplete):
-            ok = tracker.prefill_complete(ev.request_id)
+            ok = tracker.prefill_complete(ev.request_id, ev.booking_id, ev.ts_ms, now)
             kind = "prefill_complete"
         elif isinstance(ev, BookingMove):
             removed = self._removed.get(ev.pool)
-            ok = not (removed and ev.worker_id in removed) and tracker.move(ev.request_id, (ev.worker_id, ev.dp_rank))
+            target = (ev.worker_id, ev.dp_rank)
+            ok = not (removed and ev.worker_id in removed) and tracker.move(ev.request_id, target, booking_id=ev.booking_id)
             kind = "move"
         else:
-            ok = tracker.free(ev.request_id)
+            ok = tracker.free(ev.request_id, ev.booking_id, ev.ts_ms, now)
             kind = "free"
         m.BOOKINGS_APPLIED.labels(kind, "applied" if ok else "noop").inc()
 
@@ -389,7 +401,7 @@ class SchedulerApp:
         return await self.rt.js.publish(
             self.rt.names.bookings_subject(pool, self.router_id),
             codec.encode_json(event),
-            headers={"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg)},
+            headers={"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)},
         )
 
     # --- periodic ----------------------------------------------------------------------------
@@ -403,8 +415,8 @@ class SchedulerApp:
             except Exception:  # noqa: BLE001 - never let the sweeper die
                 log.exception("scheduler.sweep_failed")
 
-    def expire_now(self) -> None:
-        now = now_ms()
+    def expire_now(self, now: int | None = None) -> None:
+        now = now_ms() if now is None else now
         for pool, tracker in self.trackers.items():
             gone = tracker.expire(now)
             if gone:
@@ -435,8 +447,13 @@ class SchedulerApp:
         return WireTarget(worker_id=c.worker_id, dp_rank=c.dp_rank, pod_name=c.pod_name, endpoint=c.endpoint)
 
     def _existing_reply(self, pool: str, req: SelectRequest, tracker: LoadTracker, block_size: int) -> SelectReply | None:
-        """A retried select of a request that is already booked answers with the booked targets."""
-        legs = {leg.leg: leg for leg in tracker.legs_of(req.request_id)}
+        """A retried select of a request that is already booked answers with the booked targets
+        (of its oldest booking, if concurrent selects on several replicas booked it more than once)."""
+        booked = tracker.legs_of(req.request_id)
+        if not booked:
+            return None
+        booking_id = booked[0].booking_id
+        legs = {leg.leg: leg for leg in booked if leg.booking_id == booking_id}
         decode = legs.get("")
         if decode is None:
             return None
@@ -456,6 +473,8 @@ class SchedulerApp:
             cost=0.0,
             mode="disaggregated" if prefill else "aggregated",
             policy="booked",
+            request_id=req.request_id,
+            booking_id=booking_id,
         )
 
     def decides_inline(self, book: bool) -> bool:
@@ -553,19 +572,28 @@ class SchedulerApp:
         decision = self.selector.select(cands, tracker, overlaps, inp)
         t3 = time.perf_counter()
         _PHASE["scoring"].observe(t3 - t2)
+        if req.book and tracker.is_active(req.request_id):
+            # A concurrent select of the same request id on this replica booked it meanwhile.
+            existing = self._existing_reply(pool, req, tracker, block_size)
+            if existing is not None:
+                return existing
 
         if self.predicted is not None:
             now = now_ms()
             self.predicted.record(pool, decision.decode.candidate.target, seq, now)
             if decision.prefill is not None:
                 self.predicted.record(pool, decision.prefill.candidate.target, seq, now)
+        booking_id = ""
         if req.book:
-            await self._book(pool, req, decision, isl, seq, block_size)
+            booking_id = req.booking_id or new_booking_id()
+            await self._book(pool, req, decision, isl, seq, block_size, booking_id)
             _PHASE["booking"].observe(time.perf_counter() - t3)
-            # A concurrent select of the same request id (here or on another replica) may have
-            # booked first; JetStream dropped our add as a duplicate, so answer with what is booked.
+            # Another replica may have booked the same attempt first (JetStream dropped our add as
+            # a duplicate), or a free cancelled it before it landed: answer with what is booked.
             booked = self._existing_reply(pool, req, tracker, block_size)
-            if booked is not None and (booked.decode.worker_id, booked.decode.dp_rank) != decision.decode.candidate.target:
+            if booked is None or booked.booking_id != booking_id:
+                booking_id = ""
+            elif (booked.decode.worker_id, booked.decode.dp_rank) != decision.decode.candidate.target:
                 return booked
         if local:
             hit = self._hit_ratio.get(pool) or self._hit_ratio.setdefault(pool, m.KV_HIT_RATE.labels(pool))
@@ -580,12 +608,16 @@ class SchedulerApp:
             mode=decision.mode,  # type: ignore[arg-type]
             policy=decision.policy,
             fallbacks=[self._wire_target(f.candidate) for f in decision.fallbacks],
+            request_id=req.request_id,
+            booking_id=booking_id,
         )
 
-    async def _book(self, pool: str, req: SelectRequest, d: Decision, isl: int, seq: list[int], block_size: int) -> None:
+    async def _book(
+        self, pool: str, req: SelectRequest, d: Decision, isl: int, seq: list[int], block_size: int, booking_id: str
+    ) -> None:
         ts = now_ms()
         common = dict(
-            request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, isl_tokens=isl,
+            request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, isl_tokens=isl, booking_id=booking_id,
             sequence_hashes=seq, expected_output_tokens=req.expected_output_tokens, block_size=block_size,
         )  # fmt: skip
         events: list[BookingAdd] = []
@@ -601,52 +633,85 @@ class SchedulerApp:
         # cheapest worker (measured with the offline simulator: mean TTFT 4× worse on the Mooncake
         # conversation trace's 3-second bursts). The stream's copy replaces it when it arrives.
         tracker = self.trackers[pool]
-        mine = [ev for ev in events if tracker.add(ev, ts)]
+        mine = [ev for ev in events if tracker.add(ev, ts, provisional=True)]
         for ev in mine:
-            self._provisional[(pool, ev.request_id, ev.leg)] = ev
+            self._provisional[(pool, ev.request_id, booking_id, ev.leg)] = ev
         pubs = [self._publish_ack(pool, ev, "add", ev.leg) for ev in events]
         t0 = time.perf_counter()
+        # A prefill_complete / free of this request on this replica waits for this booking to be
+        # applied from the stream, so it lands after the add (see _booking).
+        busy_key = (pool, req.request_id)
+        busy: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._booking_now[busy_key] = busy
 
         def take_back(ev: BookingAdd) -> None:
-            if self._provisional.pop((pool, ev.request_id, ev.leg), None) is not None:
-                tracker.discard_leg(ev.request_id, ev.leg)
+            if self._provisional.pop((pool, ev.request_id, booking_id, ev.leg), None) is not None:
+                tracker.discard_leg(ev.request_id, ev.leg, booking_id)
 
         try:
-            acks = await asyncio.gather(*pubs)
-        except BaseException:
-            # Not (known to be) in the stream: take the provisional legs back. If a publish did land
-            # after all, its stream copy re-adds the booking like on every other replica.
-            for ev in mine:
-                take_back(ev)
-            raise
-        for ev, ack in zip(events, acks):
-            if ack.duplicate:
-                # JetStream dropped it (same request id booked within the duplicate window): the stream
-                # will never deliver this add, so it must not stay on this replica only.
-                take_back(ev)
-        t1 = time.perf_counter()
-        _PHASE["booking_publish"].observe(t1 - t0)
-        await self._wait_applied(max(ack.seq for ack in acks))
-        _PHASE["booking_apply"].observe(time.perf_counter() - t1)
+            try:
+                acks = await asyncio.gather(*pubs)
+            except BaseException:
+                # Not (known to be) in the stream: take the provisional legs back. If a publish did land
+                # after all, its stream copy re-adds the booking like on every other replica.
+                for ev in mine:
+                    take_back(ev)
+                raise
+            for ev, ack in zip(events, acks):
+                if ack.duplicate:
+                    # JetStream dropped it (this booking attempt was published before, e.g. by another
+                    # replica): the stream will not deliver it again, so it must not stay here only.
+                    take_back(ev)
+            t1 = time.perf_counter()
+            _PHASE["booking_publish"].observe(t1 - t0)
+            await self._wait_applied(max(ack.seq for ack in acks))
+            _PHASE["booking_apply"].observe(time.perf_counter() - t1)
+        finally:
+            busy.set_result(None)
+            if self._booking_now.get(busy_key) is busy:
+                del self._booking_now[busy_key]
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
         tracker = self.trackers.get(pool)
         if tracker is None:
             raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
-        if not tracker.is_active(req.request_id):
+        booking = self._booking_now.get((pool, req.request_id))
+        if booking is not None:
+            # This replica is booking the request right now: let the add reach the stream first.
+            await asyncio.wait([booking], timeout=self.cfg.booking_sync_timeout_s)
+        ts, bookings = self._bookings_of(tracker, req)
+        if not bookings:
+            # Another replica may have booked it a few ms ago.
             await self._sync_to_tail()
-            if not tracker.is_active(req.request_id):
-                return CleanupReply(request_id=req.request_id, known=False)
-        base = dict(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=now_ms())
-        leg = ""
-        if req.phase == "move":
-            ev: Any = BookingMove(worker_id=req.worker_id, dp_rank=req.dp_rank or 0, **base)  # type: ignore[arg-type]
-            leg = f"{ev.worker_id}.{ev.dp_rank}"  # one move per target in the de-duplication window
-        else:
-            ev = (BookingPrefillComplete if req.phase == "prefill_complete" else BookingFree)(**base)  # type: ignore[arg-type]
-        seq = await self._publish(pool, ev, req.phase, leg)
-        await self._wait_applied(seq)
+            ts, bookings = self._bookings_of(tracker, req)
+        if not bookings:
+            if req.phase == "free" and req.booking_id:
+                # A booking not (yet) in the stream: publish the free anyway. Every replica then
+                # ignores a later add of it (a select that books after its caller gave up).
+                ev = BookingFree(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts,
+                                 booking_id=req.booking_id)  # fmt: skip
+                await self._wait_applied(await self._publish(pool, ev, "free"))
+            return CleanupReply(request_id=req.request_id, known=False)
+        # One event per booking (usually one), stamped with the instant its legs were seen alive.
+        events: list[BookingEvent] = []
+        for b in bookings:
+            base = dict(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, booking_id=b)
+            if req.phase == "move":
+                events.append(BookingMove(worker_id=req.worker_id, dp_rank=req.dp_rank or 0, **base))  # type: ignore[arg-type]
+            else:
+                events.append((BookingPrefillComplete if req.phase == "prefill_complete" else BookingFree)(**base))  # type: ignore[arg-type]
+        # One move per target and booking in the de-duplication window.
+        leg = f"{req.worker_id}.{req.dp_rank or 0}" if req.phase == "move" else ""
+        acks = await asyncio.gather(*(self._publish_ack(pool, ev, req.phase, leg) for ev in events))
+        await self._wait_applied(max(ack.seq for ack in acks))
         return CleanupReply(request_id=req.request_id, known=True)
+
+    def _bookings_of(self, tracker: LoadTracker, req: CleanupRequest) -> tuple[int, list[str]]:
+        """(now, the request's bookings that the stream holds and that are alive now)."""
+        now = now_ms()
+        self.expire_now(now)
+        found = tracker.bookings_of(req.request_id, provisional=False)
+        return now, [b for b in found if not req.booking_id or b == req.booking_id]
 
     async def _state(self, pool: str, req: StateRequest) -> StateReply:
         return self.export_state(pool)

@@ -35,6 +35,8 @@ SETTINGS = REGISTRY.register(
         ),
         Setting("load_report_max_age_s", 10.0, "worker load reports older than this are ignored for busy detection", float),
         Setting("booking_ttl_s", 300.0, "a booking without free expires after this many seconds", float),
+        Setting("booking_unconfirmed_ttl_s", 60.0,
+                "a booking without prefill_complete expires after this many seconds (0 = booking_ttl_s)", float),
         Setting("bookings_feed", "push", "how KVR_BOOKINGS is consumed: push (lowest lag) or pull", choices=("push", "pull")),
         Setting("expiry_sweep_s", 1.0, "how often expired bookings are swept", float),
         Setting("max_request_tokens", 131072, "largest prompt (tokens) accepted by select", int),

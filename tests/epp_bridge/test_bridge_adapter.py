@@ -29,6 +29,7 @@ class ScriptedScheduler:
         self.selects: list[SelectRequest] = []
         self.bookings: dict[str, str] = {}
         self.cleanups: list[CleanupRequest] = []
+        self.cancelled: set[str] = set()  # booking ids freed before they were booked
         self.delay_s = 0.0
         self.error: ServiceError | None = None
 
@@ -42,8 +43,8 @@ class ScriptedScheduler:
         if self.error:
             raise self.error
         wid = (req.pinned_worker_id if req.pinned_worker_id is not None else (req.allowed_worker_ids or [1])[0])
-        if req.book:
-            self.bookings[req.request_id] = "active"
+        if req.book and req.booking_id not in self.cancelled:  # like the real scheduler
+            self.bookings[req.request_id] = req.booking_id or "active"
         prefill = Target(9, 0, "vllm-9", "10.0.0.9:8000") if req.mode == "disaggregated" else None
         return SelectReply(
             decode=Target(wid, 0, f"vllm-{wid}", None), prefill=prefill, overlap_blocks=0,
@@ -53,9 +54,11 @@ class ScriptedScheduler:
 
     async def booking(self, req: CleanupRequest, _msg) -> CleanupReply:
         self.cleanups.append(req)
-        known = req.request_id in self.bookings
+        known = req.request_id in self.bookings and req.booking_id in (None, self.bookings[req.request_id])
         if known and req.phase == "free":
             del self.bookings[req.request_id]
+        elif not known and req.phase == "free" and req.booking_id:
+            self.cancelled.add(req.booking_id)
         return CleanupReply(request_id=req.request_id, known=known)
 
 
@@ -146,12 +149,13 @@ async def test_late_scheduler_is_a_timeout_and_its_booking_is_freed(nc, setup):
     sched.delay_s = 0.6  # the bridge waits 0.3 s
     reply = await ask(nc, NAMES.epp_query(POOL), {"request_id": "late-1", "body": {"prompt": [1, 2]}})
     assert reply["status"] == "error" and reply["error"]["code"] == "timeout"
-    for _ in range(100):
-        if "late-1" not in sched.bookings and any(c.request_id == "late-1" for c in sched.cleanups):
-            break
-        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # the scheduler answers the select (too late) after the free arrived
     assert "late-1" not in sched.bookings
-    assert [c.phase for c in sched.cleanups if c.request_id == "late-1"][-1] == "free"
+    # One free, of exactly the booking this query asked for (a reused request id's newer booking is
+    # never touched); answered "not booked", which cancelled it, so no retries follow.
+    (select,) = [r for r in sched.selects if r.request_id == "late-1"]
+    frees = [(c.phase, c.booking_id) for c in sched.cleanups if c.request_id == "late-1"]
+    assert select.booking_id and frees == [("free", select.booking_id)]
     # A dry run (book=false) that times out needs no compensation.
     await ask(nc, NAMES.epp_query(POOL), {"request_id": "late-2", "body": {"prompt": [1]}, "book": False})
     await asyncio.sleep(0.7)

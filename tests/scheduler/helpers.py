@@ -19,9 +19,9 @@ def cands(*records: WorkerRecord) -> list[Candidate]:
 
 
 def add(rid: str, wid: int, hashes: list[int], *, isl: int | None = None, overlap: int = 0, rank: int = 0,
-        leg: str = "", track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16) -> BookingAdd:  # fmt: skip
+        leg: str = "", track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16, bid: str = "") -> BookingAdd:  # fmt: skip
     return BookingAdd(
         request_id=rid, router_id="r", pool=pool, worker_id=wid, dp_rank=rank, ts_ms=ts,
         isl_tokens=len(hashes) * bs if isl is None else isl, overlap_blocks=overlap, sequence_hashes=hashes,
-        leg=leg, track_prefill_tokens=track, block_size=bs,
+        leg=leg, track_prefill_tokens=track, block_size=bs, booking_id=bid,
     )  # fmt: skip

@@ -305,13 +305,72 @@ async def test_a_burst_of_concurrent_selects_spreads_instead_of_herding(nats_url
         assert app.trackers[POOL].request_ids() == []
 
 
-async def test_reused_request_id_inside_the_duplicate_window_leaves_no_local_booking(nats_url, nc, indexer):
-    # JetStream drops the second `add` of a request id (same Nats-Msg-Id within its duplicate window):
-    # the provisional copy must not stay behind on the replica that made it.
+async def test_a_reused_request_id_books_again_and_every_reply_names_its_request_and_booking(nats_url, nc, indexer):
+    # Inside JetStream's duplicate window: the booking's message id is per attempt, so the second
+    # booking of "again" is not dropped as a duplicate of the first (it used to book nothing).
     async with running_scheduler(nats_url, "--router-id", "s1") as app:
         await put(nc, 1)
         await eventually(lambda: worker_ids(app) == {1})
-        await select(nc, request_id="again")
+        first = await select(nc, request_id="again")
+        assert first.request_id == "again" and first.booking_id
         assert (await cleanup(nc, "again", "free")).known
-        await select(nc, request_id="again")
-        assert app.trackers[POOL].request_ids() == [] and not app._provisional
+        second = await select(nc, request_id="again")
+        assert second.request_id == "again" and second.booking_id not in ("", first.booking_id)
+        assert app.trackers[POOL].bookings_of("again") == [second.booking_id] and not app._provisional
+        assert (await cleanup(nc, "again", "prefill_complete")).known
+        assert (await cleanup(nc, "again", "free")).known
+        assert app.trackers[POOL].request_ids() == []
+        assert (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.messages == 5
+        dry = await select(nc, request_id="dry", book=False)
+        assert dry.request_id == "dry" and dry.booking_id == ""
+
+
+async def test_a_free_before_the_booking_cancels_it_on_every_replica(nats_url, nc, indexer):
+    # The bridge gave up on a select and freed its booking before the (late) select booked it.
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        req = CleanupRequest(request_id="late", phase="free", booking_id="b-late")
+        assert not (await request(nc, NAMES.booking(POOL), req, CleanupReply)).known
+        late = await select(nc, request_id="late", booking_id="b-late")
+        assert late.booking_id == "" and not app.trackers[POOL].is_active("late") and not app._provisional
+        # A new attempt of the same request id books; a replica started now replays the same.
+        again = await select(nc, request_id="late", booking_id="b-next")
+        assert again.booking_id == "b-next"
+        async with running_scheduler(nats_url, "--router-id", "s2") as other:
+            await eventually(lambda: other.trackers[POOL].digest() == app.trackers[POOL].digest())
+            assert other.trackers[POOL].bookings_of("late") == ["b-next"]
+        # A free naming another booking of a known request leaves the booked one alone.
+        assert not (await request(nc, NAMES.booking(POOL), req, CleanupReply)).known
+        assert app.trackers[POOL].bookings_of("late") == ["b-next"]
+
+
+async def test_a_retried_select_of_one_booking_on_two_replicas_books_it_once(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as a, running_scheduler(nats_url, "--router-id", "s2") as b:
+        await put(nc, 1)
+        await put(nc, 2)
+        await eventually(lambda: worker_ids(a) == worker_ids(b) == {1, 2})
+        req = SelectRequest(request_id="twice", token_ids=TOKENS, booking_id="b-1")
+        r1, r2 = await asyncio.gather(a.select(POOL, req), b.select(POOL, req))
+        assert r1.booking_id == r2.booking_id == "b-1" and r1.decode.worker_id == r2.decode.worker_id
+        await eventually(lambda: a.trackers[POOL].digest() == b.trackers[POOL].digest())
+        assert [leg.booking_id for leg in a.trackers[POOL].legs_of("twice")] == ["b-1"]
+        assert (await b.booking(POOL, CleanupRequest(request_id="twice", phase="free"))).known
+        await eventually(lambda: not a.trackers[POOL].is_active("twice"))
+
+
+async def test_unconfirmed_bookings_expire_after_the_short_window_confirmed_ones_keep_the_ttl(nats_url, nc, indexer):
+    flags = ("--booking-unconfirmed-ttl-s", "1", "--booking-ttl-s", "60", "--expiry-sweep-s", "0.1")
+    async with running_scheduler(nats_url, "--router-id", "s1", *flags) as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        await select(nc, request_id="abandoned")
+        await select(nc, request_id="running")
+        assert (await cleanup(nc, "running", "prefill_complete")).known
+        await eventually(lambda: app.trackers[POOL].request_ids() == ["running"], 3)
+        assert not (await cleanup(nc, "abandoned", "prefill_complete")).known  # too late
+        # A replica that starts now replays both adds and the prefill_complete: the same view.
+        async with running_scheduler(nats_url, "--router-id", "s2", *flags) as other:
+            assert other.trackers[POOL].request_ids() == ["running"]
+            assert other.trackers[POOL].digest() == app.trackers[POOL].digest()
+        assert (await cleanup(nc, "running", "free")).known

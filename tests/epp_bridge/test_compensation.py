@@ -1,0 +1,71 @@
+"""A booking whose client gave up at the bridge's deadline is reclaimed: the real bridge and the real
+scheduler on a real nats-server, with an indexer that answers too late.
+
+The bridge used to free the request id at 0, 0.5 and 2 s after its deadline and stop at the first
+"known"; a select that booked after the last attempt (an overloaded or slow scheduler) kept its
+booking until the 300 s TTL. Now the bridge frees the select's own booking once, and that free
+also cancels the booking in the stream, so the late add books nothing on any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from schemas import codec
+from schemas.api import MatchReply, MatchRequest
+from schemas.bookings import BookingAdd, BookingEvent, BookingFree
+from services.runtime.responder import serve
+
+from tests.scheduler.conftest import NAMES, POOL, running_scheduler
+from .helpers import record, register, start_bridge
+
+
+def compensations(outcome: str) -> float:
+    return REGISTRY.get_sample_value("kvr_epp_compensating_frees_total", {"outcome": outcome}) or 0.0
+
+
+async def bookings_stream(nc: Any) -> list[Any]:
+    js = nc.jetstream()
+    info = await js.stream_info(NAMES.bookings_stream)
+    return [codec.decode((await js.get_msg(NAMES.bookings_stream, s)).data, BookingEvent)
+            for s in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages]  # fmt: skip
+
+
+async def test_a_select_that_books_after_the_bridge_gave_up_books_nothing(nats_url, nc):
+    matched = asyncio.Event()
+
+    async def slow_match(req: MatchRequest, _msg: Any) -> MatchReply:
+        await asyncio.sleep(3.0)  # later than every compensation attempt of the old bridge
+        matched.set()
+        return MatchReply(block_size=4, scores=[], tier_scores={}, tree_sizes=[], stream_seq=0)
+
+    sub = await serve(nc, NAMES.match(POOL), MatchRequest, slow_match, queue="indexer", max_inflight=8)
+    cancelled = compensations("cancelled")
+    async with running_scheduler(nats_url, "--router-id", "s1", "--match-timeout-s", "10", "--block-size", "4") as app:
+        await register(nc, [record(1), record(2)])
+        bridge = await start_bridge(nc, nats_url, "--pool", POOL, "--epp-select-timeout-s", "0.3")
+        try:
+            for _ in range(100):
+                if len(app.candidates(POOL)) == 2 and len(bridge.watcher.directory.live(POOL)) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            msg = await nc.request(NAMES.epp_query(POOL), codec.encode_json({"request_id": "gave-up", "body": {"prompt": [1] * 8}}), timeout=5)
+            assert b'"timeout"' in msg.data
+            await asyncio.wait_for(matched.wait(), 5)
+            for _ in range(100):  # the late select publishes its add and applies it from the stream
+                events = await bookings_stream(nc)
+                if any(isinstance(e, BookingAdd) for e in events):
+                    break
+                await asyncio.sleep(0.05)
+            kinds = [(type(e).__name__, e.request_id, e.booking_id) for e in events]
+            free, add = kinds
+            assert free[0] == BookingFree.__name__ and add[0] == BookingAdd.__name__  # the cancel came first
+            assert free[1:] == add[1:] == ("gave-up", add[2]) and add[2]
+            assert app.trackers[POOL].request_ids() == [] and app.export_state(POOL).bookings == []
+            assert compensations("cancelled") - cancelled == 1
+        finally:
+            await bridge.stop()
+            await sub.unsubscribe()
