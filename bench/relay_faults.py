@@ -4,7 +4,8 @@ Two scenarios, each with a synthetic vLLM engine in a child process publishing o
 socket to the real `RelayApp` (in this process), which publishes to a real nats-server:
 
   stall — the engine cycles 160 one-block prompts through a 128-block cache (every batch evicts
-          one block and stores one): a burst of --burst batches is sent while nats-server is stalled for --stall-s seconds (SIGSTOP, or stopped with --stall stop). Printed: `cleared`
+          one block and stores one): a burst of --burst batches is sent while nats-server is
+          stalled for --stall-s seconds (SIGSTOP, or stopped with --stall stop). Printed: `cleared`
           events on the stream after the stall, blocks in the index (the real PrefixIndex fed with
           the stream) against the engine's cache and against a fresh conversion of the batches the
           relay kept (the surviving batches), stale and missing blocks, time to drain.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -80,7 +82,7 @@ def engine_process(port: int, phases: list[list[bytes]], ready: Any, go: list[An
     pub.recv()  # a subscriber arrived
     ready.set()
     seq = 0
-    for payloads, start, finished in zip(phases, go, done):
+    for payloads, start, finished in zip(phases, go, done, strict=True):
         start.wait()
         for payload in payloads:
             pub.send_multipart([b"", seq.to_bytes(8, "big"), payload])
@@ -152,7 +154,12 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
         spy = hasattr(buf, "convert")  # converts when publishing (this version): record what it took
         if spy:
             convert = buf.convert
-            buf.convert = lambda item: taken.append(item) or convert(item)  # type: ignore[method-assign]
+
+            def spy(item: Any) -> Any:
+                taken.append(item)
+                return convert(item)
+
+            buf.convert = spy
         child.start()
         await wait_until(ready.is_set, 10, "engine subscriber")
         intake = app.intakes[0]
@@ -216,10 +223,8 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
         if child.is_alive():
             child.kill()
         if server.proc is not None and args.stall == "pause":
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(server.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         server.cleanup()
 
 

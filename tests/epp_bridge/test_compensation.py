@@ -18,8 +18,8 @@ from schemas import codec
 from schemas.api import MatchReply, MatchRequest
 from schemas.bookings import BookingAdd, BookingEvent, BookingFree
 from services.runtime.responder import serve
-
 from tests.scheduler.conftest import NAMES, POOL, running_scheduler
+
 from .helpers import record, register, start_bridge
 
 
@@ -52,7 +52,8 @@ async def test_a_select_that_books_after_the_bridge_gave_up_books_nothing(nats_u
                 if len(app.candidates(POOL)) == 2 and len(bridge.watcher.directory.live(POOL)) == 2:
                     break
                 await asyncio.sleep(0.02)
-            msg = await nc.request(NAMES.epp_query(POOL), codec.encode_json({"request_id": "gave-up", "body": {"prompt": [1] * 8}}), timeout=5)
+            query = {"request_id": "gave-up", "body": {"prompt": [1] * 8}}
+            msg = await nc.request(NAMES.epp_query(POOL), codec.encode_json(query), timeout=5)
             assert b'"timeout"' in msg.data
             await asyncio.wait_for(matched.wait(), 5)
             for _ in range(100):  # the late select publishes its add and applies it from the stream

@@ -266,7 +266,12 @@ async def test_nats_stall_under_a_burst_costs_one_cleared_and_the_index_equals_t
     buf = relay.app.publisher.buffer
     taken: list[Pending] = []
     convert = buf.convert
-    buf.convert = lambda item: taken.append(item) or convert(item)  # type: ignore[func-returns-value]
+
+    def spy(item: Pending) -> list[RouterEvent]:
+        taken.append(item)
+        return convert(item)
+
+    buf.convert = spy
     pool = BlockPoolSim(eng, 128)
     prompts = [list(range(i * 16, i * 16 + 16)) for i in range(160)]
     dropped = metric("kvr_relay_dropped_messages_total")

@@ -18,8 +18,8 @@ def cands(*records: WorkerRecord) -> list[Candidate]:
     return candidates_from(records)
 
 
-def add(rid: str, wid: int, hashes: list[int], *, isl: int | None = None, overlap: int = 0, rank: int = 0,
-        leg: str = "", track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16, bid: str = "") -> BookingAdd:  # fmt: skip
+def add(rid: str, wid: int, hashes: list[int], *, isl: int | None = None, overlap: int = 0, rank: int = 0, leg: str = "",
+        track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16, bid: str = "") -> BookingAdd:  # fmt: skip
     return BookingAdd(
         request_id=rid, router_id="r", pool=pool, worker_id=wid, dp_rank=rank, ts_ms=ts,
         isl_tokens=len(hashes) * bs if isl is None else isl, overlap_blocks=overlap, sequence_hashes=hashes,
