@@ -151,8 +151,8 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
         dropped0 = metrics.DROPPED_MESSAGES._value.get()
         taken: list[Any] = []
         buf = publisher.buffer
-        spy = hasattr(buf, "convert")  # converts when publishing (this version): record what it took
-        if spy:
+        can_spy = hasattr(buf, "convert")  # converts when publishing (this version): record what it took
+        if can_spy:
             convert = buf.convert
 
             def spy(item: Any) -> Any:
@@ -206,7 +206,7 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
             result["cleared_per_rank_after_stall"] = {
                 str(r): sum(e.kind == "cleared" and e.event.dp_rank == r for e in after) for r in {e.event.dp_rank for e in after}
             }
-            if spy:
+            if can_spy:
                 at = max(i for i, item in enumerate(taken) if item.payload is None)
                 kept = [item.payload for item in taken[at + 1 :]]
                 fresh = Converter(app.worker_id, BLOCK)
