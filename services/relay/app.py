@@ -237,7 +237,16 @@ class RelayApp:
                 if self.rt is not None:
                     self.rt.log.warning("relay.bad_batch", dp_rank=item.dp_rank, reason=exc.reason, detail=exc.detail[:200])
                 return []
-            out = self.converter.convert(item.dp_rank, batch.events)
+            try:
+                out = self.converter.convert(item.dp_rank, batch.events)
+            except Exception:  # noqa: BLE001 - one bad batch must never stop the publisher
+                # The converter may have changed part of its state: start the rank over.
+                self.invalid_batches += 1
+                metrics.INVALID.labels("convert_failed").inc()
+                metrics.CLEARED_SENT.labels("convert_failed").inc()
+                if self.rt is not None:
+                    self.rt.log.exception("relay.convert_failed", dp_rank=item.dp_rank)
+                out = self.converter.clear(item.dp_rank)
         self._count()
         return out
 

@@ -8,7 +8,7 @@ ZMQ_BATCHES = Counter("kvr_relay_zmq_batches_total", "engine batches received (l
 INVALID = Counter(
     "kvr_relay_invalid_total",
     "frames / batches / events skipped as unreadable, by reason "
-    "(frames, seq, bad_msgpack, bad_envelope, bad_event, unknown_event)",
+    "(frames, seq, bad_msgpack, bad_envelope, bad_event, unknown_event, convert_failed)",
     ["reason"],
 )
 EVENTS_IN = Counter("kvr_relay_engine_events_total", "engine events decoded (all types)")

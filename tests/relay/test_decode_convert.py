@@ -488,6 +488,23 @@ def test_out_buffer_index_always_equals_a_fold_of_the_batches_kept_after_the_las
     assert len(clears) == buf.overflows
 
 
+def test_a_converter_error_clears_the_rank_instead_of_stopping_the_publisher(monkeypatch):
+    from services.relay.app import RelayApp
+
+    from .helpers import relay_cfg
+
+    app = RelayApp(relay_cfg("nats://127.0.0.1:1", 5557, None))
+    eng = engine("map")
+
+    def broken(rank: int, events: list) -> list[RouterEvent]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(app.converter, "convert", broken)
+    out = app._convert(Pending(0, _stores_of(eng, 1)[0]))
+    assert [e.kind for e in out] == ["cleared"] and app.invalid_batches == 1
+    assert app._convert(Pending(0, b"\xc1")) == [] and app.invalid_batches == 2  # undecodable: skipped
+
+
 def test_default_message_caps_keep_payloads_under_nats_max_payload():
     from schemas import codec
     from services.relay.settings import SETTINGS
