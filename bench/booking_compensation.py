@@ -87,6 +87,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server.cleanup()
 
 
+def _repo_relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=300)
@@ -99,7 +104,8 @@ def main() -> int:
     result = asyncio.run(run(args))
     for key, value in result.items():
         print(f"{key:<18} {value}")
-    out = {"params": vars(args), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "result": result}
+    params = vars(args) | {"out": _repo_relative(args.out)}
+    out = {"params": params, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "result": result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

@@ -228,6 +228,11 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
         server.cleanup()
 
 
+def _repo_relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--burst", type=int, default=12_000, help="engine batches sent during the stall")
@@ -251,7 +256,8 @@ def main() -> int:
         for key, value in r.items():
             if key != "scenario":
                 print(f"  {key:<32} {value}")
-    out = {"params": vars(args), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "results": results}
+    params = vars(args) | {"out": _repo_relative(args.out)}
+    out = {"params": params, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
