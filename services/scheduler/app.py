@@ -224,6 +224,9 @@ class SchedulerApp:
             "applied_seq": self._applied_seq,
             "workers": self._worker_count(),
             "bookings": {pool: len(t.by_request) for pool, t in self.trackers.items()},
+            # unconfirmed legs past their window (kept for a late prefill_complete) and cancelled bookings
+            "dormant_legs": {pool: len(t.dormant) for pool, t in self.trackers.items()},
+            "cancelled_bookings": {pool: len(t.cancels) for pool, t in self.trackers.items()},
             "booking_lag_ms": summary(self.lags_ms),
             "convergence_lag_ms": summary(self.remote_lags_ms),
             "sync_timeouts": self.sync_timeouts,
