@@ -217,7 +217,7 @@ class RankIntake:
             replayed = await self._fetch_replay(start)
             if replayed is None:
                 cleared = self._unrecoverable(cleared, "replay timed out")
-            for seq, payload in replayed or ():
+            for i, (seq, payload) in enumerate(replayed or ()):
                 if seq < expected:
                     continue  # before what we asked for (or already applied)
                 if seq > expected:
@@ -225,6 +225,8 @@ class RankIntake:
                 metrics.REPLAYED_BATCHES.labels(self.label).inc()
                 self._apply_one(seq, payload, "replay")
                 expected = seq + 1
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # a replay of thousands of batches: let the publisher run
         if trigger_seq >= expected:
             if trigger_seq > expected:
                 cleared = self._unrecoverable(cleared, f"replay ended at {expected - 1}, live is at {trigger_seq}")
