@@ -141,8 +141,6 @@ class SchedulerApp:
         self._removed: dict[str, set[int]] = {}
         # (pool, request_id, booking_id, leg) → our own add, applied before the stream delivers it (see _book)
         self._provisional: dict[tuple[str, str, str, str], BookingAdd] = {}
-        # (pool, request_id) → the select booking it on this replica right now
-        self._booking_now: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -641,50 +639,37 @@ class SchedulerApp:
             self._provisional[(pool, ev.request_id, booking_id, ev.leg)] = ev
         pubs = [self._publish_ack(pool, ev, "add", ev.leg) for ev in events]
         t0 = time.perf_counter()
-        # A prefill_complete / free of this request on this replica waits for this booking to be
-        # applied from the stream, so it lands after the add (see _booking).
-        busy_key = (pool, req.request_id)
-        busy: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._booking_now[busy_key] = busy
 
         def take_back(ev: BookingAdd) -> None:
             if self._provisional.pop((pool, ev.request_id, booking_id, ev.leg), None) is not None:
                 tracker.discard_leg(ev.request_id, ev.leg, booking_id)
 
         try:
-            try:
-                acks = await asyncio.gather(*pubs)
-            except BaseException:
-                # Not (known to be) in the stream: take the provisional legs back. If a publish did land
-                # after all, its stream copy re-adds the booking like on every other replica.
-                for ev in mine:
-                    take_back(ev)
-                raise
-            for ev, ack in zip(events, acks):
-                if ack.duplicate:
-                    # JetStream dropped it (this booking attempt was published before, e.g. by another
-                    # replica): the stream will not deliver it again, so it must not stay here only.
-                    take_back(ev)
-            t1 = time.perf_counter()
-            _PHASE["booking_publish"].observe(t1 - t0)
-            await self._wait_applied(max(ack.seq for ack in acks))
-            _PHASE["booking_apply"].observe(time.perf_counter() - t1)
-        finally:
-            busy.set_result(None)
-            if self._booking_now.get(busy_key) is busy:
-                del self._booking_now[busy_key]
+            acks = await asyncio.gather(*pubs)
+        except BaseException:
+            # Not (known to be) in the stream: take the provisional legs back. If a publish did land
+            # after all, its stream copy re-adds the booking like on every other replica.
+            for ev in mine:
+                take_back(ev)
+            raise
+        for ev, ack in zip(events, acks):
+            if ack.duplicate:
+                # JetStream dropped it (this booking attempt was published before, e.g. by another
+                # replica): the stream will not deliver it again, so it must not stay here only.
+                take_back(ev)
+        t1 = time.perf_counter()
+        _PHASE["booking_publish"].observe(t1 - t0)
+        await self._wait_applied(max(ack.seq for ack in acks))
+        _PHASE["booking_apply"].observe(time.perf_counter() - t1)
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
         tracker = self.trackers.get(pool)
         if tracker is None:
             raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
-        booking = self._booking_now.get((pool, req.request_id))
-        if booking is not None:
-            # This replica is booking the request right now: let the add reach the stream first.
-            await asyncio.wait([booking], timeout=self.cfg.booking_sync_timeout_s)
         ts, bookings = self._bookings_of(tracker, req)
         if not bookings:
-            # Another replica may have booked it a few ms ago.
+            # Another replica (or a select of this one, whose add is in flight) may have booked it a
+            # few ms ago: the stream's tail as of now includes that add.
             await self._sync_to_tail()
             ts, bookings = self._bookings_of(tracker, req)
         if not bookings:

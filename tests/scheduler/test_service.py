@@ -374,3 +374,18 @@ async def test_unconfirmed_bookings_expire_after_the_short_window_confirmed_ones
             assert other.trackers[POOL].request_ids() == ["running"]
             assert other.trackers[POOL].digest() == app.trackers[POOL].digest()
         assert (await cleanup(nc, "running", "free")).known
+
+
+async def test_a_cleanup_while_this_replica_is_still_booking_lands_after_the_add(nats_url, nc, indexer):
+    async with running_scheduler(nats_url, "--router-id", "s1") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        for phase in ("free", "prefill_complete"):
+            rid = f"racing-{phase}"
+            booking = asyncio.create_task(app.select(POOL, SelectRequest(request_id=rid, token_ids=TOKENS)))
+            while not app.trackers[POOL].is_active(rid):  # the add is provisional, its publish in flight
+                await asyncio.sleep(0)
+            reply = await app.booking(POOL, CleanupRequest(request_id=rid, phase=phase))  # type: ignore[arg-type]
+            assert reply.known and (await booking).booking_id
+            legs = app.trackers[POOL].legs_of(rid)
+            assert (legs == []) if phase == "free" else (len(legs) == 1 and legs[0].confirmed)
