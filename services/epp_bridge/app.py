@@ -295,6 +295,7 @@ class EppBridgeApp:
                                  policy="least_loaded", book=False, fallbacks=ask.fallbacks)  # fmt: skip
         else:
             sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks)
+            sreq.booking_id = ask.booking_id or None  # None: _select names the booking
         reply = await self._select(pool, sreq)
         metrics.PHASE_SELECT.observe(time.perf_counter() - t2)
         return Routed(reply, prompt)

@@ -40,6 +40,8 @@ class RouteAsk:
     book: bool = True
     policy: str | None = None
     fallbacks: int = 0
+    # The booking's name, when the caller must be able to free it without a reply (ext_proc).
+    booking_id: str = ""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from schemas import codec
 from schemas.api import CleanupRequest, SelectReply
+from schemas.bookings import new_booking_id
 from schemas.openai import OpenAiBody
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for
@@ -266,7 +267,7 @@ class _Stream:
             except asyncio.CancelledError:
                 # The stream went away mid-decision: the scheduler may still book it.
                 if ask.book:
-                    self.app._compensate(self.pool, self.request_id)
+                    self.app._compensate(self.pool, self.request_id, ask.booking_id)
                 self.outcome = "aborted"
                 raise
             reply = routed.reply
@@ -320,6 +321,7 @@ class _Stream:
             endpoints=self.subset,
             book=parsed is not None,
             fallbacks=self.server.fallbacks,
+            booking_id=new_booking_id(),
         )
 
     def _fail(self, code: str, message: str, path: str | None = None) -> list[pb.ProcessingResponse]:
@@ -381,6 +383,7 @@ class _Stream:
                 request_id=self.request_id, phase=phase,  # type: ignore[arg-type]
                 worker_id=target[0] if target and phase == "move" else None,
                 dp_rank=target[1] if target and phase == "move" else None,
+                booking_id=(self.reply.booking_id or None) if self.reply is not None else None,
             )  # fmt: skip
             self._pending.append(req)
         if self._pending and (self._sender is None or self._sender.done()):

@@ -10,6 +10,8 @@ also cancels the booking in the stream, so the late add books nothing on any rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -68,5 +70,52 @@ async def test_a_select_that_books_after_the_bridge_gave_up_books_nothing(nats_u
             assert app.trackers[POOL].request_ids() == [] and app.export_state(POOL).bookings == []
             assert compensations("cancelled") - cancelled == 1
         finally:
+            await bridge.stop()
+            await sub.unsubscribe()
+
+
+async def test_an_ext_proc_stream_gone_mid_decision_cancels_its_late_booking(nats_url, nc):
+    import grpc
+
+    from services.epp_bridge.extproc_client import ExtProcClient
+    from services.runtime.embedded import free_port
+
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def held_match(req: MatchRequest, _msg: Any) -> MatchReply:
+        asked.set()
+        await release.wait()  # the decision is under way until the test lets it finish
+        return MatchReply(block_size=4, scores=[], tier_scores={}, tree_sizes=[], stream_seq=0)
+
+    sub = await serve(nc, NAMES.match(POOL), MatchRequest, held_match, queue="indexer", max_inflight=8)
+    port = free_port()
+    async with running_scheduler(nats_url, "--router-id", "s1", "--match-timeout-s", "10", "--block-size", "4") as app:
+        await register(nc, [record(1), record(2)])
+        bridge = await start_bridge(nc, nats_url, "--pool", POOL, "--grpc-port", str(port), "--epp-select-timeout-s", "10")
+        client = ExtProcClient(f"127.0.0.1:{port}")
+        try:
+            for _ in range(100):
+                if len(app.candidates(POOL)) == 2 and len(bridge.watcher.directory.live(POOL)) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            stream = client.stream()
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "nvext": {"token_data": [1] * 8}})
+            deciding = asyncio.create_task(stream.request(body.encode()))
+            await asyncio.wait_for(asked.wait(), 5)
+            stream.cancel()  # the client went away while the scheduler decides
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await deciding
+            await asyncio.sleep(0.3)  # the stream's compensation reaches the scheduler first
+            release.set()
+            for _ in range(100):
+                events = await bookings_stream(nc)
+                if any(isinstance(e, BookingAdd) for e in events):
+                    break
+                await asyncio.sleep(0.05)
+            (free, add) = events
+            assert isinstance(free, BookingFree) and isinstance(add, BookingAdd) and free.booking_id == add.booking_id != ""
+            assert app.trackers[POOL].request_ids() == []
+        finally:
+            await client.close()
             await bridge.stop()
             await sub.unsubscribe()
