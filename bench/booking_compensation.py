@@ -57,6 +57,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await register(nc, [record(w) for w in range(1, 5)])
             bridge = await start_bridge(nc, server.url, "--pool", POOL, "--epp-select-timeout-s", str(args.select_timeout_s),
                                         "--log-level", "error")  # fmt: skip
+            assert bridge.watcher is not None
             while len(app.candidates(POOL)) < 4 or len(bridge.watcher.directory.live(POOL)) < 4:
                 await asyncio.sleep(0.02)
 
