@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
+from services.runtime.config import HelpFormatter
 from services.runtime.embedded import NatsServer
 from services.runtime.procs import ServiceProcess
 
@@ -33,17 +34,17 @@ TRACE_CANDIDATES = (REPO / "data" / DEFAULT_TRACE, Path("data") / DEFAULT_TRACE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvr dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="kvr dev", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--trace", default=os.environ.get("KVR_DEV_TRACE", ""),
-                   help=f"Mooncake JSONL trace, plain or .gz (default: data/{DEFAULT_TRACE}, else a generated one)")
-    p.add_argument("--start", type=int, default=3000, help="first trace line of the slice (default 3000)")
-    p.add_argument("--limit", type=int, default=300, help="requests in the slice (default 300)")
-    p.add_argument("--speedup", type=float, default=10.0, help="simulation speed-up (default 10)")
-    p.add_argument("--workers", type=int, default=4, help="mock workers (default 4)")
-    p.add_argument("--kv-blocks", type=int, default=16384, help="KV blocks per worker (default 16384 × 64 tokens)")
-    p.add_argument("--max-output-tokens", type=int, default=32, help="output tokens cap per request (default 32)")
+                   help=f"Mooncake JSONL trace, plain or .gz [env KVR_DEV_TRACE; default: data/{DEFAULT_TRACE}, else a generated one]")
+    p.add_argument("--start", type=int, default=3000, help="first trace line of the slice")
+    p.add_argument("--limit", type=int, default=300, help="requests in the slice")
+    p.add_argument("--speedup", type=float, default=10.0, help="simulation speed-up")
+    p.add_argument("--workers", type=int, default=4, help="mock workers")
+    p.add_argument("--kv-blocks", type=int, default=16384, help="KV blocks per worker (of 64 tokens)")
+    p.add_argument("--max-output-tokens", type=int, default=32, help="output tokens cap per request")
     p.add_argument("--compare", default="kv,round_robin,random", help="policies to compare")
-    p.add_argument("--run-dir", default="", help="where logs, store and report go (default .kvr/dev/<time>)")
+    p.add_argument("--run-dir", default="", help="where logs, store and report go (default: .kvr/dev/<time>)")
     p.add_argument("--no-serve", action="store_true", help="exit after the comparison instead of serving until Ctrl-C")
     return p
 

@@ -32,6 +32,8 @@ import msgspec
 
 from schemas import codec
 from schemas.subjects import Names
+from services.runtime.config import HelpFormatter
+from services.runtime.logs import setup_logging
 
 
 def _json_arg(text: str) -> Any:
@@ -56,16 +58,16 @@ def _message(text: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvr epp", description="send epp.query / epp.cleanup requests to the EPP bridge")
+    parser = argparse.ArgumentParser(prog="kvr epp", description=__doc__, formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL")
+    common.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL(s), comma-separated")
     common.add_argument("--pool", default="default", help="pool to ask")
     common.add_argument("--subject-prefix", default="kvr", help="subject prefix")
-    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
-    common.add_argument("--request-id", default=None, help="request id (query: default a fresh uuid)")
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply, connecting included")
+    common.add_argument("--request-id", default=None, help="request id (default for query: a fresh uuid)")
     sub = parser.add_subparsers(dest="action", required=True)
 
-    q = sub.add_parser("query", parents=[common], help="ask where to send a request")
+    q = sub.add_parser("query", parents=[common], help="ask where to send a request", formatter_class=HelpFormatter)
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="completions prompt text")
     src.add_argument("--message", action="append", type=_message, help="chat message ROLE:TEXT (repeatable, in order)")
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nvext", type=_json_arg, default=None, help="nvext object (JSON) merged into the body")
     q.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
     q.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
-    q.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto")
-    q.add_argument("--policy", choices=["kv", "round_robin", "random", "least_loaded"], default=None)
+    q.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto", help="routing mode")
+    q.add_argument("--policy", choices=["kv", "round_robin", "random", "least_loaded"], default=None,
+                   help="routing policy (default: the scheduler's)")
     q.add_argument("--no-book", action="store_true", help="do not book the request (dry run)")
     q.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
     q.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
@@ -92,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     grpc_common.add_argument("--server-name", default=None, help="TLS server name to verify, when not the target's host")
     grpc_common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
 
-    x = sub.add_parser("extproc", parents=[grpc_common], help="route one request through ext_proc as Envoy does")
+    x = sub.add_parser(
+        "extproc", parents=[grpc_common], help="route one request through ext_proc as Envoy does", formatter_class=HelpFormatter
+    )
     xsrc = x.add_mutually_exclusive_group(required=True)
     xsrc.add_argument("--prompt", help="completions prompt text")
     xsrc.add_argument("--message", action="append", type=_message, help="chat message ROLE:TEXT (repeatable, in order)")
@@ -110,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--served", default=None, help="report this endpoint as the one that served the request (a fallback)")
     x.add_argument("--header", action="append", default=[], help="extra request header NAME:VALUE (repeatable)")
 
-    h = sub.add_parser("health", parents=[grpc_common], help="gRPC health of an endpoint picker (the protocol's four service names)")
+    h = sub.add_parser(
+        "health", parents=[grpc_common], help="gRPC health of an endpoint picker (the protocol's four service names)",
+        formatter_class=HelpFormatter,
+    )
     h.add_argument("--service", action="append", default=None, help="service name to check (default: the four of the protocol)")
 
-    c = sub.add_parser("cleanup", parents=[common], help="report prefill completion or free a booked request")
-    c.add_argument("--phase", choices=["prefill_complete", "free"], required=True)
+    c = sub.add_parser(
+        "cleanup", parents=[common], help="report prefill completion or free a booked request", formatter_class=HelpFormatter
+    )
+    c.add_argument("--phase", choices=["prefill_complete", "free"], required=True, help="what happened to the request")
     c.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
     return parser
 
@@ -156,18 +166,37 @@ def query_payload(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def send(nats_url: str, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
-    import nats
+    """One request and its decoded reply; connecting and waiting share the `timeout` budget."""
+    from services.runtime.natsio import connect
 
-    nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    nc = await connect(nats_url, "kvr-epp", connect_timeout=timeout, max_wait_s=timeout)
     try:
         ctype = codec.MSGPACK if msgpack else None
         headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None
-        msg = await nc.request(subject, codec.encode(payload, ctype), timeout=timeout, headers=headers)
+        wait = max(deadline - loop.time(), 0.05)
+        msg = await nc.request(subject, codec.encode(payload, ctype), timeout=wait, headers=headers)
         if codec.is_msgpack(codec.content_type_of(msg.headers)):
             return msgspec.msgpack.decode(msg.data)
         return msgspec.json.decode(msg.data)
     finally:
         await nc.close()
+
+
+def no_answer(exc: BaseException, subject: str, pool: str, timeout: float) -> str:
+    """The one line `kvr epp` prints when there is no reply."""
+    from nats.errors import NoRespondersError
+
+    from services.runtime.natsio import NatsUnreachable
+
+    if isinstance(exc, NatsUnreachable):
+        return f"kvr epp: {exc}"
+    if isinstance(exc, NoRespondersError):
+        return f"kvr epp: no EPP bridge serves pool {pool!r} ({subject} has no responders; check --pool and --subject-prefix)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"kvr epp: no reply on {subject} within {timeout:g} s"
+    return f"kvr epp: no answer on {subject}: {type(exc).__name__}: {exc}"
 
 
 def _grpc_client(args: argparse.Namespace) -> Any:
@@ -203,6 +232,7 @@ async def run_health(args: argparse.Namespace) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging("console", "warning")  # the reply alone on stdout; trouble as one line on stderr
     if args.action in ("extproc", "health"):
         try:
             if args.action == "health":
@@ -235,8 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         subject = names.epp_cleanup(args.pool)
     try:
         reply = asyncio.run(send(args.nats_url, subject, payload, args.timeout, args.msgpack))
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:  # noqa: BLE001 - connection refused, no responders, timeout
-        print(f"kvr epp: no answer on {subject}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(no_answer(exc, subject, args.pool, args.timeout), file=sys.stderr)
         return 2
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0 if isinstance(reply, dict) and reply.get("status") == "ok" else 1

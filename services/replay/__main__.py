@@ -19,7 +19,7 @@ from services.mock_worker.app import FleetConfig
 from services.mock_worker.engine import EngineConfig
 from services.runtime.config import COMMON, add_settings, names_of, resolve
 from services.runtime.logs import setup_logging
-from services.runtime.natsio import StreamSettings, connect, provision
+from services.runtime.natsio import NatsUnreachable, StreamSettings, connect, provision
 
 from .fleets import InProcessFleet, SpawnedFleet
 from .offline import OfflineConfig, cost_with_overrides, run_offline
@@ -78,7 +78,7 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     pool = cfg.pool[0]
     requests, skipped = select_requests(cfg, trace)
     policies = cfg.compare or [cfg.policy]
-    nc = await connect(cfg.nats_url, "kvr-replay", max_wait_s=30)
+    nc = await connect(cfg.nats_url, "kvr-replay", max_wait_s=cfg.connect_timeout_s)
     runs: list[RunResult] = []
     try:
         await provision(nc.jetstream(), names, StreamSettings())
@@ -238,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         outcome = replay_offline(cfg, args.trace, console) if cfg.offline else asyncio.run(replay(cfg, args.trace, console))
-    except (TraceError, FileNotFoundError) as exc:
-        console.print(f"[red]kvr replay: {exc}[/]")
+    except (TraceError, FileNotFoundError, NatsUnreachable) as exc:
+        print(f"kvr replay: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

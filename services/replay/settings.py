@@ -17,6 +17,7 @@ SETTINGS = REGISTRY.register(
         Setting("max_output_tokens", 0, "cap on output tokens per request (0 = the trace's)", int),
         Setting("max_input_tokens", 131072, "skip trace requests with longer prompts", int),
         Setting("request_timeout_s", 300.0, "give up on a request after this many wall seconds", float),
+        Setting("connect_timeout_s", 10.0, "online mode: give up when no NATS server answers within this many seconds", float),
         Setting("fleet", "spawn", "mock fleet per run: spawn (child process), inproc, external (already running)",
                 choices=("spawn", "inproc", "external")),
         Setting("workers", 8, "mock workers per run (fleet spawn/inproc)", int),

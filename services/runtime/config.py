@@ -108,6 +108,18 @@ class Registry:
 REGISTRY = Registry()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` of hand-written client flags: the default after each help text that does not already
+    give one (a flag whose default is "unset" or off — None, False, [] — has none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or default == []:
+            return text
+        return f"{text} (default: {default!r})" if isinstance(default, str) else f"{text} (default: {default})"
+
+
 def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
     for s in settings:
         kwargs: dict[str, Any] = {"dest": s.name, "help": f"{s.help} [env {s.env}, default {s.default!r}]"}

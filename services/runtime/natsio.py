@@ -30,46 +30,108 @@ class ProvisioningError(RuntimeError):
     """An existing stream/bucket whose configuration conflicts with what this service needs."""
 
 
+class NatsUnreachable(ConnectionError):
+    """No NATS server answered within a bounded connect's `max_wait_s`; the message is one line."""
+
+
 async def connect(url: str, name: str, *, connect_timeout: float = 2.0, max_wait_s: float | None = None) -> NATS:
-    """Connect with retry/backoff (the server may start after us) and reconnect forever afterwards."""
+    """Connect with retry/backoff (the server may start after us) and reconnect forever afterwards.
+
+    Unbounded (`max_wait_s=None`, services): every failed round is logged and retried. Bounded
+    (clients): nothing is logged; after `max_wait_s` it raises `NatsUnreachable` with the last cause,
+    so a command-line client can print one line. nats-py's own retry loop is switched off for the
+    first connect (its `max_reconnect_attempts=0` means *unlimited*, and a refused connection would
+    loop inside `nc.connect` for ever); reconnecting is switched on once connected.
+    """
     servers = [u.strip() for u in url.split(",") if u.strip()]
     delay = 0.1
     loop = asyncio.get_running_loop()
     deadline = None if max_wait_s is None else loop.time() + max_wait_s
+    last_error: BaseException | None = None
+    connected = False
 
     async def on_error(exc: Exception) -> None:
+        nonlocal last_error
+        if not connected:
+            last_error = exc  # a failed first attempt: reported once, below
+            return
         log.warning("nats.error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
-        log.warning("nats.disconnected")
+        if not connected:  # a failed first attempt being cleaned up
+            return
+        if nc.is_closed:  # our own close/drain at shutdown, not a lost connection
+            log.info("nats.closed")
+        else:
+            log.warning("nats.disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats.reconnected", url=str(nc.connected_url.geturl() if nc.connected_url else ""))
 
-    nc = NATS()
     while True:
+        nc = NATS()
+        last_error = None
+        remaining = None if deadline is None else max(deadline - loop.time(), 0.05)
         try:
-            await nc.connect(
-                servers=servers,
-                name=name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                pending_size=64 * 1024 * 1024,
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    name=name,
+                    connect_timeout=connect_timeout if remaining is None else min(connect_timeout, remaining),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,  # nats-py: each server tried twice, then NoServersError
+                    reconnect_time_wait=0,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    pending_size=64 * 1024 * 1024,
+                ),
+                remaining,
             )
-            log.info("nats.connected", url=servers)
+            nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1)
+            connected = True
+            log.info("nats.connected", url=[_without_userinfo(s) for s in servers])
             return nc
+        except asyncio.CancelledError:
+            await _close_quietly(nc)
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to reach the server is retried
-            if deadline is not None and loop.time() >= deadline:
-                raise
-            log.warning("nats.connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
-            await asyncio.sleep(delay + random.random() * delay * 0.2)
+            await _close_quietly(nc)
+            cause = _describe(last_error if isinstance(exc, nats.errors.NoServersError) and last_error else exc)
+            if deadline is not None:
+                if loop.time() >= deadline - 0.01:
+                    where = ", ".join(_without_userinfo(s) for s in servers)
+                    raise NatsUnreachable(f"cannot reach NATS at {where} within {max_wait_s:g} s ({cause})") from None
+            else:
+                log.warning("nats.connect_failed", error=cause, retry_in_s=round(delay, 2))
+            pause = delay + random.random() * delay * 0.2
+            if deadline is not None:
+                pause = min(pause, max(deadline - loop.time(), 0.0))
+            await asyncio.sleep(pause)
             delay = min(delay * 2, 5.0)
-            nc = NATS()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "no answer in time"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _without_userinfo(server: str) -> str:
+    """A server URL fit for a log line or an error message (credentials in it are dropped)."""
+    scheme, sep, rest = server.rpartition("://")
+    host = rest.rpartition("@")[2]
+    return f"{scheme}{sep}{host}" if sep else host
+
+
+async def _close_quietly(nc: NATS) -> None:
+    try:
+        if not nc.is_closed:
+            await asyncio.wait_for(nc.close(), 2)
+    except Exception:  # noqa: BLE001 - a half-open client; nothing left to release
+        pass
 
 
 @dataclass(frozen=True)
@@ -165,4 +227,4 @@ async def provision(js: JetStreamContext, names: Names, settings: StreamSettings
     return result
 
 
-__all__ = ["NATS", "ProvisioningError", "StreamSettings", "connect", "ensure_stream", "provision", "stream_configs", "nats"]
+__all__ = ["NATS", "NatsUnreachable", "ProvisioningError", "StreamSettings", "connect", "ensure_stream", "provision", "stream_configs", "nats"]
