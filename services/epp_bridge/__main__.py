@@ -10,23 +10,12 @@ from services.runtime.config import Setting
 from services.runtime.service import main_for
 
 from .app import make_app
-from .settings import SETTINGS
+from .settings import COMMAND_SETTINGS
 
 
 def all_settings() -> tuple[Setting, ...]:
     """The bridge's settings, plus the scheduler's and indexer's for one-process mode."""
-    out = list(SETTINGS)
-    names = {s.name for s in out}
-    for module in ("services.scheduler.settings", "services.indexer.settings"):
-        try:
-            extra = __import__(module, fromlist=["SETTINGS"]).SETTINGS
-        except ImportError:
-            continue
-        for s in extra:
-            if s.name not in names:
-                out.append(s)
-                names.add(s.name)
-    return tuple(out)
+    return COMMAND_SETTINGS
 
 
 def _make_app(cfg):  # type: ignore[no-untyped-def]

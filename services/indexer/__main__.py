@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from services.runtime.service import main_for
 
 from .app import make_app, tune_gc
-from .settings import SETTINGS
+from .settings import COMMAND_SETTINGS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     tune_gc()
-    return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", SETTINGS, make_app, argv)
+    return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", COMMAND_SETTINGS, make_app, argv)
 
 
 if __name__ == "__main__":

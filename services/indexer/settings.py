@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.config import REGISTRY, Setting
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "indexer",
@@ -16,6 +16,9 @@ SETTINGS = REGISTRY.register(
         Setting("lag_interval_s", 1.0, "how often the stream position is polled for the lag metrics", float),
     ],
 )
+
+COMMAND_SETTINGS = SETTINGS
+REGISTRY.command("indexer", (*COMMON, *COMMAND_SETTINGS))
 
 DEFAULTS = {s.name: s.default for s in SETTINGS}
 

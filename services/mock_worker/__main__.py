@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from services.runtime.service import main_for
 
-from .settings import SETTINGS
+from .settings import COMMAND_SETTINGS
 
 
 def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays fast
@@ -17,7 +17,7 @@ def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("mock-workers", "simulated engine fleet publishing real KV events", SETTINGS, make_app, argv)
+    return main_for("mock-workers", "simulated engine fleet publishing real KV events", COMMAND_SETTINGS, make_app, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.config import REGISTRY, Setting
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "mock-workers",
@@ -23,3 +23,6 @@ SETTINGS = REGISTRY.register(
         Setting("max_inflight_acks", 256, "JetStream publishes awaiting an ack, per worker", int),
     ],
 )
+
+COMMAND_SETTINGS = SETTINGS
+REGISTRY.command("mock-workers", (*COMMON, *COMMAND_SETTINGS))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from services.runtime.service import main_for
 
-from .settings import SETTINGS
+from .settings import COMMAND_SETTINGS
 
 
 def make_app(cfg):  # type: ignore[no-untyped-def]
@@ -22,7 +22,7 @@ def make_app(cfg):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("relay", "vLLM/SGLang ZMQ KV events → KVR_KV, with replay and discovery heartbeat", SETTINGS, make_app, argv)
+    return main_for("relay", "vLLM/SGLang ZMQ KV events → KVR_KV, with replay and discovery heartbeat", COMMAND_SETTINGS, make_app, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.config import REGISTRY, Setting
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "relay",
@@ -46,3 +46,6 @@ SETTINGS = REGISTRY.register(
         Setting("heartbeat_ttl_s", 15.0, "discovery record TTL; re-put every ttl/3", float),
     ],
 )
+
+COMMAND_SETTINGS = SETTINGS
+REGISTRY.command("relay", (*COMMON, *COMMAND_SETTINGS))

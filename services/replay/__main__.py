@@ -25,13 +25,12 @@ from .fleets import InProcessFleet, SpawnedFleet
 from .offline import OfflineConfig, cost_with_overrides, run_offline
 from .report import markdown_table, summarize, write_report
 from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
-from .settings import SETTINGS
+from .settings import CLIENT_COMMON, SETTINGS
 from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
-# COMMON settings that make sense for a client tool
-_CLIENT_COMMON = [s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level")]
+_CLIENT_COMMON = list(CLIENT_COMMON)
 
 
 @dataclass

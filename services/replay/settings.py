@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.config import REGISTRY, Setting
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "replay",
@@ -42,3 +42,7 @@ SETTINGS = REGISTRY.register(
         Setting("offline_fused_decode_steps", 256, "offline: max pure-decode passes committed at once", int),
     ],
 )
+
+# COMMON settings that make sense for a client tool
+CLIENT_COMMON = tuple(s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level"))
+REGISTRY.command("replay", (*CLIENT_COMMON, *SETTINGS))

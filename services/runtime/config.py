@@ -84,13 +84,24 @@ COMMON: tuple[Setting, ...] = (
 
 @dataclass
 class Registry:
-    """Every setting of every command, for the README table and the manifests test."""
+    """Every setting of every command, for the README table and the manifests test.
+
+    `groups`: each scope's own declarations. `commands`: what each `kvr` command really parses, in
+    order (COMMON included), with the defaults that command applies; the README table is built from
+    these, so a command that overrides a default shows it."""
 
     groups: dict[str, tuple[Setting, ...]] = field(default_factory=dict)
+    commands: dict[str, tuple[Setting, ...]] = field(default_factory=dict)
 
     def register(self, scope: str, settings: Iterable[Setting]) -> tuple[Setting, ...]:
         items = tuple(Setting(**{**s.__dict__, "scope": scope}) for s in settings)
         self.groups[scope] = items
+        return items
+
+    def command(self, name: str, settings: Iterable[Setting]) -> tuple[Setting, ...]:
+        """Record the full settings of `kvr <name>` (what its parser gets) and return them."""
+        items = tuple(settings)
+        self.commands[name] = items
         return items
 
     def ordered_groups(self) -> list[tuple[str, tuple[Setting, ...]]]:
@@ -167,23 +178,52 @@ def names_of(cfg: Any) -> Names:
     )
 
 
+def default_text(value: Any) -> str:
+    shown = ",".join(str(x) for x in value) if isinstance(value, list) else value
+    return f"`{shown}`" if shown not in ("", None) else "(empty)"
+
+
+# The long-running services: a COMMON setting they all parse is "used by all services".
+SERVICES = ("epp-bridge", "indexer", "mock-workers", "relay", "scheduler")
+
+
 def markdown_table() -> str:
+    """One row per setting: which commands parse it and, where they differ, each command's default."""
     lines = [
         "| env var | flag | default | used by | meaning |",
         "|---|---|---|---|---|",
     ]
-    rows: dict[str, list[str]] = {}
-    scopes: dict[str, list[str]] = {}
-    for s in COMMON:
-        scopes.setdefault(s.name, []).append("all services")
-    for scope, items in REGISTRY.ordered_groups():
+    order = [s.name for s in REGISTRY.all()]
+    first: dict[str, Setting] = {s.name: s for s in REGISTRY.all()}
+    users: dict[str, dict[str, Any]] = {name: {} for name in order}  # setting → command → default
+    helps: dict[str, dict[str, list[str]]] = {}  # setting → help text → commands
+    for command, items in sorted(REGISTRY.commands.items()):
         for s in items:
-            if s.name not in {c.name for c in COMMON}:
-                scopes.setdefault(s.name, []).append(scope)
-    for s in REGISTRY.all():
-        default = ",".join(str(x) for x in s.default) if isinstance(s.default, list) else s.default
-        default_text = f"`{default}`" if default not in ("", None) else "(empty)"
-        rows[s.name] = [f"`{s.env}`", f"`{s.flag}`", default_text, ", ".join(dict.fromkeys(scopes[s.name])), s.help]
-    for row in rows.values():
+            users.setdefault(s.name, {})[command] = s.default
+            helps.setdefault(s.name, {}).setdefault(s.help, []).append(command)
+            if s.name not in first:
+                first[s.name] = s
+                order.append(s.name)
+    common = {s.name for s in COMMON}
+    for name in order:
+        s, by_command = first[name], users[name]
+        if not by_command:  # declared, but no command registered (a partial import): scope only
+            by_command = {s.scope: s.default}
+        commands = list(by_command)
+        if name in common and set(SERVICES) <= set(commands):
+            who = ["all services", *(c for c in commands if c not in SERVICES)]
+        else:
+            who = commands
+        defaults: dict[str, list[str]] = {}
+        for command, value in by_command.items():
+            defaults.setdefault(default_text(value), []).append(command)
+        if len(defaults) == 1:
+            default_cell = next(iter(defaults))
+        else:
+            default_cell = "; ".join(f"{text} ({', '.join(cmds)})" for text, cmds in defaults.items())
+        meaning = s.help + "".join(
+            f"; {', '.join(cmds)}: {text}" for text, cmds in helps.get(name, {}).items() if text != s.help
+        )
+        row = [f"`{s.env}`", f"`{s.flag}`", default_cell, ", ".join(who), meaning]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines) + "\n"

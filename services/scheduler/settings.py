@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from services.runtime.config import REGISTRY, Setting
+import dataclasses
+
+from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 
 def _opt_float(raw: str) -> float | None:
@@ -54,3 +57,20 @@ SETTINGS = REGISTRY.register(
         Setting("approx_max_blocks", 1 << 20, "approximate mode: size cap of the predicted cache (blocks)", int),
     ],
 )
+
+# The scheduler's index replica restores the indexer service's snapshots but writes none unless
+# asked: serialising one pauses selection in ~10 ms pieces, and N replicas rewriting the same object
+# every minute is load for nothing while the indexer Deployment keeps it fresh.
+INDEX_REPLICA_DEFAULTS = {"snapshot_every_events": 0, "snapshot_interval_s": 0.0}
+
+# What `kvr scheduler` parses besides COMMON: its own settings, plus the indexer's for its index
+# replica (with INDEX_REPLICA_DEFAULTS).
+COMMAND_SETTINGS: tuple[Setting, ...] = (
+    *SETTINGS,
+    *(
+        dataclasses.replace(s, default=INDEX_REPLICA_DEFAULTS[s.name]) if s.name in INDEX_REPLICA_DEFAULTS else s
+        for s in INDEXER_SETTINGS
+        if s.name not in {x.name for x in SETTINGS}
+    ),
+)
+REGISTRY.command("scheduler", (*COMMON, *COMMAND_SETTINGS))

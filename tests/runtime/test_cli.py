@@ -179,3 +179,24 @@ def test_help_formatter_leaves_unset_and_switch_flags_alone():
     assert blocks["--s"].endswith("text (default: 'a')")
     assert blocks["--own"].endswith("mine (default: whatever b means)")
     assert blocks["--unset"].endswith("optional") and blocks["--flag"].endswith("switch")
+
+
+@pytest.mark.unit
+def test_each_command_parses_exactly_the_settings_and_defaults_the_configuration_table_shows(capsys):
+    """The README table is built from REGISTRY.commands; the commands' own parsers must agree."""
+    from services.config_table import load_all
+    from services.runtime.config import REGISTRY
+
+    load_all()
+    assert set(REGISTRY.commands) == {"epp-bridge", "indexer", "mock-workers", "relay", "replay", "scheduler"}
+    for command, settings in REGISTRY.commands.items():
+        blocks = help_blocks(command_help(capsys, command, "--help"))
+        flags = {flag for flag in blocks if flag != "--help"}
+        assert flags == {s.flag for s in settings}, command
+        for s in settings:
+            assert f"[env {s.env}, default {s.default!r}]" in blocks[s.flag], (command, s.flag, blocks[s.flag])
+    # the overrides the table has to show
+    scheduler = {s.name: s.default for s in REGISTRY.commands["scheduler"]}
+    assert scheduler["snapshot_every_events"] == 0 and scheduler["snapshot_interval_s"] == 0.0
+    assert {s.name: s.default for s in REGISTRY.commands["replay"]}["speedup"] == 10.0
+    assert {s.name: s.default for s in REGISTRY.commands["mock-workers"]}["block_size"] == 64
