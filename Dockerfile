@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # One image for every kvr service; the command picks the service:
-#   docker run kvr:dev indexer | scheduler | epp-bridge | relay | mock-workers | replay ...
+#   docker build -t kvr:dev .                    the router image (default target `runtime`)
+#   docker run kvr:dev indexer | scheduler | epp-bridge | relay | mock-workers ...
+#   docker build --target sim -t kvr:dev-sim .   + the `kvr[sim]` extra, for `kvr replay` / `kvr dev` jobs
 # Configuration is by KVR_* environment variables (see `kvr config-table`).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -26,14 +28,18 @@ RUN /opt/kvr/bin/pip install --constraint requirements.lock . \
  && /opt/kvr/bin/kvr --help >/dev/null \
  && /opt/kvr/bin/kvr schemas check
 
-# ---- runtime: slim base, no compilers, non-root ---------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# ---- build-sim: the same virtualenv plus the simulation extra (numpy, matplotlib, rich) ---------
+FROM build AS build-sim
+RUN /opt/kvr/bin/pip install --constraint requirements.lock ".[sim]" \
+ && /opt/kvr/bin/kvr replay --help >/dev/null
+
+# ---- base: what both images share (slim, no compilers, non-root); no virtualenv yet ----------
+FROM ${PYTHON_IMAGE} AS base
 LABEL org.opencontainers.image.title="kvr" \
       org.opencontainers.image.description="KV-cache-aware router for LLM inference fleets (NATS JetStream)" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 kvr \
  && useradd --system --uid 10001 --gid kvr --home-dir /home/kvr --create-home --shell /usr/sbin/nologin kvr
-COPY --from=build /opt/kvr /opt/kvr
 # The Mooncake traces (~1 MB gzipped, with their provenance and license notice) so that `kvr replay
 # data/...` and `kvr dev` work in the container as in a checkout; compose may mount another folder here.
 COPY data /home/kvr/data
@@ -52,3 +58,11 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('KVR_HTTP_PORT', '8080'), timeout=2)"]
 ENTRYPOINT ["kvr"]
 CMD ["--help"]
+
+# ---- sim: replay / dev jobs (compose's `replay` service builds this target) -------------------
+FROM base AS sim
+COPY --from=build-sim /opt/kvr /opt/kvr
+
+# ---- runtime (default, last): the router image, without the simulation extra ------------------
+FROM base AS runtime
+COPY --from=build /opt/kvr /opt/kvr

@@ -43,4 +43,4 @@ lock:
 	$(BIN)/python -m uv pip compile --quiet pyproject.toml --extra dev -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .kvr

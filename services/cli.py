@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands that need the `kvr[sim]` extra (simulation, progress bars, plots); the router image has
+# none of these packages, so they say so in one line instead of a traceback.
+SIM_COMMANDS = frozenset({"replay", "dev"})
+SIM_PACKAGES = ("numpy", "matplotlib", "rich")
+
+
+def missing_sim_packages() -> list[str]:
+    return [name for name in SIM_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: kvr <command> [options]", "", "commands:"]
@@ -37,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"kvr: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if name in SIM_COMMANDS and (missing := missing_sim_packages()):
+        print(
+            f"kvr {name}: needs the simulation extra ({', '.join(missing)} not installed): pip install 'kvr[sim]'"
+            " (the image: build the `sim` target)",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

@@ -60,22 +60,50 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
     return args, stages
 
 
+def effective(stage: Stage, stages: list[Stage]) -> Stage:
+    """A stage with what it inherits: `FROM <earlier stage>` starts from that stage's instructions."""
+    parent = next((s for s in stages if s.name == stage.base and s is not stage), None)
+    if parent is None:
+        return stage
+    inherited = effective(parent, stages)
+    return Stage(inherited.base, stage.name, [*inherited.instructions, *stage.instructions])
+
+
 @pytest.fixture(scope="module")
 def stages() -> list[Stage]:
     return parse_dockerfile((REPO / "Dockerfile").read_text())[1]
 
 
-def test_multi_stage_on_slim_python_311(stages: list[Stage]) -> None:
+@pytest.fixture(scope="module")
+def runtime(stages: list[Stage]) -> Stage:
+    """The default target (the last stage), with what it inherits."""
+    return effective(stages[-1], stages)
+
+
+def test_multi_stage_on_slim_python_311(stages: list[Stage], runtime: Stage) -> None:
     assert len(stages) >= 2
-    build, runtime = stages[0], stages[-1]
+    build = stages[0]
     assert runtime.base.startswith("python:3.11-slim"), runtime.base
     assert build.base == runtime.base, "the virtualenv is copied across stages: same interpreter required"
     copies = runtime.all("COPY")
     assert any(c.startswith(f"--from={build.name} /opt/kvr") for c in copies)
 
 
-def test_final_stage_runs_kvr_as_a_non_root_user_without_compilers(stages: list[Stage]) -> None:
-    runtime = stages[-1]
+def test_router_image_leaves_out_the_sim_extra_and_the_sim_target_has_it(stages: list[Stage], runtime: Stage) -> None:
+    by_name = {s.name: effective(s, stages) for s in stages if s.name}
+    venv_of = {
+        name: next(c.split()[0].removeprefix("--from=") for c in st.all("COPY") if c.endswith("/opt/kvr /opt/kvr"))
+        for name, st in by_name.items()
+        if any(c.endswith("/opt/kvr /opt/kvr") for c in st.all("COPY"))
+    }
+    router_installs = " ".join(by_name[venv_of[stages[-1].name]].all("RUN"))
+    assert "pip install --constraint requirements.lock ." in router_installs and "[sim]" not in router_installs
+    sim_installs = " ".join(by_name[venv_of["sim"]].all("RUN"))
+    assert '".[sim]"' in sim_installs and "--constraint requirements.lock" in sim_installs
+    assert by_name["sim"].base == runtime.base and by_name["sim"].all("USER") == runtime.all("USER")
+
+
+def test_final_stage_runs_kvr_as_a_non_root_user_without_compilers(runtime: Stage) -> None:
     users = runtime.all("USER")
     assert users, "final stage must switch to a non-root user"
     user = users[-1].split(":")[0]
@@ -117,9 +145,8 @@ def test_build_inputs_exist_and_are_not_dockerignored(stages: list[Stage]) -> No
             assert not _dockerignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
 
 
-def test_image_carries_the_shipped_traces_where_replay_finds_them(stages: list[Stage]) -> None:
+def test_image_carries_the_shipped_traces_where_replay_finds_them(runtime: Stage) -> None:
     """`kvr replay data/...` and `kvr dev` resolve `data/` against the runtime WORKDIR."""
-    runtime = stages[-1]
     workdir = runtime.all("WORKDIR")[-1]
     assert f"data {workdir}/data" in runtime.all("COPY")
     assert list((REPO / "data").glob("*.jsonl.gz")), "data/ holds the Mooncake traces"
