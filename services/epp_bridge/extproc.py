@@ -34,7 +34,7 @@ from schemas.bookings import new_booking_id
 from schemas.openai import OpenAiBody
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, error_for
-from services.runtime.tracing import server_span
+from services.runtime.tracing import context_from_headers, server_span
 
 from . import extproc_protocol as xp
 from . import metrics
@@ -262,7 +262,8 @@ class _Stream:
             ask = self._ask(body)
             try:
                 # Continues the gateway's trace (traceparent of the HTTP request) into scheduler.select.
-                with server_span("ext_proc.decide", self.headers, **{"kvr.pool": self.pool, "kvr.request_id": self.request_id}):
+                ctx = context_from_headers(self.headers)
+                with server_span("ext_proc.decide", None, context=ctx, **{"kvr.pool": self.pool, "kvr.request_id": self.request_id}):
                     routed = await self.app.route(self.pool, ask)
             except asyncio.CancelledError:
                 # The stream went away mid-decision: the scheduler may still book it.

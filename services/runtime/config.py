@@ -69,7 +69,8 @@ COMMON: tuple[Setting, ...] = (
     Setting("http_host", "0.0.0.0", "address the HTTP server binds"),
     Setting("log_format", "auto", "log format", choices=("auto", "json", "console")),
     Setting("log_level", "info", "log level", choices=("debug", "info", "warning", "error")),
-    Setting("otlp_endpoint", "", "OTLP/HTTP traces endpoint, e.g. http://otel:4318/v1/traces (empty = off)"),
+    Setting("otlp_endpoint", "", "OTLP traces endpoint; wins over OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; over HTTP a base URL "
+            "gets /v1/traces (empty: the OTEL_* variables; none set = tracing off)"),
     Setting("trace_file", "", "write finished spans as JSON lines to this file (debugging, tests)"),
     Setting("kv_stream", "KVR_KV", "KV-events stream name"),
     Setting("workers_bucket", "KVR_WORKERS", "worker discovery KV bucket"),

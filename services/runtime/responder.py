@@ -20,7 +20,7 @@ from schemas.codec import RemoteError, SchemaError
 
 from .fastmetrics import Counter, Histogram
 from .logs import get_logger
-from .tracing import inject_headers, server_span, span
+from .tracing import client_span, inject_headers, server_span
 
 log = get_logger("kvr.responder")
 T = TypeVar("T")
@@ -165,7 +165,7 @@ async def request(
 ) -> T:
     """Send a typed request and decode the typed reply; error envelopes raise `RemoteError`."""
     ctype = codec.MSGPACK if msgpack else None
-    with span(span_name or subject):
+    with client_span(span_name or subject, **{"messaging.destination": subject}):
         headers = inject_headers({codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None)
         data = payload if isinstance(payload, (bytes, bytearray)) else codec.encode(payload, ctype)
         msg = await nc.request(subject, data, timeout=timeout, headers=headers or None)

@@ -69,7 +69,10 @@ def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> ar
 
 async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     setup_logging(cfg.log_format, cfg.log_level, service=name)
-    setup_tracing(f"kvr-{name}", cfg.otlp_endpoint, cfg.trace_file)
+    try:
+        setup_tracing(f"kvr-{name}", cfg.otlp_endpoint, cfg.trace_file)
+    except ValueError as exc:  # e.g. an OTEL_EXPORTER_OTLP_PROTOCOL kvr does not support
+        raise SystemExit(f"kvr {name}: {exc}") from None
     log = get_logger(f"kvr.{name}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -45,6 +45,7 @@ from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, serve, unsubscribe_all
 from services.runtime.service import Runtime
+from services.runtime.tracing import consumer_span, inject_headers, producer_span
 from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
@@ -316,7 +317,8 @@ class SchedulerApp:
 
     def _apply_booking(self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         try:
-            self._apply_event(data)
+            with consumer_span("bookings process", headers, **{"messaging.destination": subject}):
+                self._apply_event(data)
         finally:
             self._applied_seq = seq
             waiters = self._waiters
@@ -399,11 +401,13 @@ class SchedulerApp:
 
     async def _publish_ack(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> Any:
         assert self.rt is not None
-        return await self.rt.js.publish(
-            self.rt.names.bookings_subject(pool, self.router_id),
-            codec.encode_json(event),
-            headers={"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)},
-        )
+        subject = self.rt.names.bookings_subject(pool, self.router_id)
+        with producer_span("bookings publish", **{"messaging.destination": subject, "kvr.booking": type_}):
+            return await self.rt.js.publish(
+                subject,
+                codec.encode_json(event),
+                headers=inject_headers({"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)}),
+            )
 
     # --- periodic ----------------------------------------------------------------------------
 
