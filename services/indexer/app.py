@@ -108,6 +108,7 @@ class IndexerApp:
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         names = rt.names
+        m.init_pools(rt.pools)
         self._prefix = names.prefix + "."
         if self.restore:
             await self._restore_snapshots()

@@ -47,6 +47,16 @@ HISTORY_LOST = Counter(
     ["pool"],
 )
 
+
+
+def init_pools(pools: list[str]) -> None:
+    """Create the failure counters of each pool at 0, so an alert on their increase has a series to
+    watch before the first failure (an absent series is not a zero)."""
+    for pool in pools:
+        SNAPSHOTS.labels(pool, "error")
+        HISTORY_LOST.labels(pool)
+
+
 # IndexerApp instances alive in this process (one normally; tests and embedding may create more).
 APPS: weakref.WeakSet[Any] = weakref.WeakSet()
 

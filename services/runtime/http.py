@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
+
+READY = Gauge("kvr_ready", "1 while /readyz answers 200 (caught up with the streams and serving), else 0")
 
 
 class HealthServer:
@@ -36,6 +38,8 @@ class HealthServer:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _metrics(self, _req: web.Request) -> web.Response:
+        if self._registry is REGISTRY:
+            READY.set(1 if self._ready() else 0)
         return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> int:

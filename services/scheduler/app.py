@@ -177,6 +177,8 @@ class SchedulerApp:
         # Workers first: replayed bookings are then applied against the same directory as live ones.
         self.watcher.start()
         await self.watcher.caught_up.wait()
+        for pool in rt.pools:
+            self._worker_gauges(pool)  # 0 is a value: "no live workers" must be visible, not absent
         self.follower.start()
         await self.follower.caught_up.wait()
         await self._note_tail()
