@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit integration lock schemas bench clean
+.PHONY: install run test unit integration lock schemas bench clean prometheus
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ integration: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/kvr schemas export
+
+# Prometheus and promtool for the dashboard/alert checks (tests/deploy/test_prometheus.py), from
+# Debian's package; nothing to do when promtool is already there. Needs root and apt-get. On a host
+# with systemd the package also starts a prometheus service on :9090 (containers' policy-rc.d stops that).
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version | head -1
 
 lock:
 	$(BIN)/python -m uv pip compile --quiet pyproject.toml --extra dev -o requirements.lock

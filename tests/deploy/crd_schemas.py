@@ -191,9 +191,51 @@ HTTP_ROUTE = _resource(
     },
 )
 
+PROMETHEUS_RULE = _resource(
+    "monitoring.coreos.com/v1",
+    "PrometheusRule",
+    {
+        "type": "object",
+        "required": ["groups"],
+        "properties": {
+            "groups": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["name", "rules"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "interval": _DURATION,
+                        "rules": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["alert", "expr"],
+                                "properties": {
+                                    "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                    "expr": {"type": "string", "minLength": 1},
+                                    "for": _DURATION,
+                                    "labels": _LABELS,
+                                    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                },
+                                "additionalProperties": False,
+                            },
+                        },
+                    },
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+)
+
 # (apiVersion, kind) → schema
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOL,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
 }

@@ -160,10 +160,17 @@ def test_grafana_mounts_provisioning_and_a_dashboard_that_exist() -> None:
 
 
 def _dashboard_module() -> Any:
+    return _load(COMPOSE_DIR / "grafana" / "build_dashboard.py", "kvr_build_dashboard")
+
+
+def _alerts_module() -> Any:
+    return _load(COMPOSE_DIR / "prometheus" / "build_alerts.py", "kvr_build_alerts")
+
+
+def _load(path: Path, name: str) -> Any:
     import importlib.util
 
-    path = COMPOSE_DIR / "grafana" / "build_dashboard.py"
-    spec = importlib.util.spec_from_file_location("kvr_build_dashboard", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -171,14 +178,23 @@ def _dashboard_module() -> Any:
     return module
 
 
-def test_dashboard_json_is_current() -> None:
-    current = (COMPOSE_DIR / "grafana" / "dashboards" / "kvr.json").read_text()
-    assert current == _dashboard_module().render(), "run: .venv/bin/python deploy/compose/grafana/build_dashboard.py"
+@pytest.mark.parametrize("builder", ["grafana/build_dashboard.py", "prometheus/build_alerts.py"])
+def test_generated_dashboards_and_rules_are_current(builder: str) -> None:
+    module = _dashboard_module() if "dashboard" in builder else _alerts_module()
+    outputs = module.outputs()
+    assert len(outputs) == 2  # compose and Kubernetes
+    for path, text in outputs.items():
+        assert path.read_text() == text, f"run: .venv/bin/python deploy/compose/{builder}"
 
 
-# Metric names of prometheus-nats-exporter (-jsz=all) the dashboard uses; the exporter is a
-# separate program, so these are listed rather than imported.
-NATS_EXPORTER_METRICS = {"jetstream_consumer_num_pending"}
+def test_compose_prometheus_loads_the_alert_rules() -> None:
+    prom = load_yaml(COMPOSE_DIR / "prometheus" / "prometheus.yml")
+    mounts = dict(v.rsplit(":", 2)[:2] for v in compose()["services"]["prometheus"]["volumes"] if v.startswith("."))
+    for rule_file in prom["rule_files"]:
+        source = next(src for src, target in mounts.items() if target == rule_file)
+        assert (COMPOSE_DIR / source).resolve() == _alerts_module().OUT
+
+
 METRIC_MODULES = (
     "services.runtime.responder",
     "services.indexer.metrics",
@@ -188,7 +204,7 @@ METRIC_MODULES = (
 )
 
 
-def test_dashboard_queries_only_metrics_the_services_export() -> None:
+def test_dashboard_and_alerts_query_only_metrics_the_services_export() -> None:
     import importlib
 
     from prometheus_client import REGISTRY
@@ -198,11 +214,12 @@ def test_dashboard_queries_only_metrics_the_services_export() -> None:
     exported = set(REGISTRY._names_to_collectors)  # every sample name, suffixes included
     dashboard = json.loads((COMPOSE_DIR / "grafana" / "dashboards" / "kvr.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    used = {name for expr in exprs for name in re.findall(r"\b((?:kvr|jetstream)_[a-z0-9_]+)\b", expr)}
-    assert len(used) >= 15
-    unknown = {n for n in used if n.startswith("kvr_") and n not in exported}
-    unknown |= {n for n in used if n.startswith("jetstream_") and n not in NATS_EXPORTER_METRICS}
-    assert not unknown, f"the dashboard queries metrics no service exports: {sorted(unknown)}"
+    exprs += [a.expr for a in _alerts_module().ALERTS]
+    used = {name for expr in exprs for name in re.findall(r"\b([a-z][a-z0-9_]*_[a-z0-9_]+)\s*[{(\[]", expr)}
+    used = {n for n in used if n.startswith("kvr_")}
+    assert len(used) >= 20
+    unknown = {n for n in used if n not in exported}
+    assert not unknown, f"the dashboard or the alerts query metrics no service exports: {sorted(unknown)}"
 
 
 def test_replay_and_external_mock_fleet_run_at_the_same_speed() -> None:

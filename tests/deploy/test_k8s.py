@@ -146,6 +146,25 @@ def test_production_overlay_pool_shape() -> None:
     assert {s["metadata"]["name"] for s in selected} == {f"kvr-{s}" for s in ROUTER_SERVICES}
     for svc in selected:
         assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} >= {
+        "KvrIndexerConsumerLag", "KvrIndexHistoryLost", "KvrSnapshotFailures", "KvrNoLiveWorkers",
+        "KvrEppErrorRatio", "KvrOverloaded", "KvrNotReady",
+    }  # fmt: skip
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grafana_sidecar_gets_the_same_dashboard_as_compose(overlay: str) -> None:
+    import json
+
+    docs = render(K8S / "overlays" / overlay)
+    (dashboard,) = [d for d in by_kind(docs, "ConfigMap").values() if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    compose_json = (K8S.parent / "compose" / "grafana" / "dashboards" / "kvr.json").read_text()
+    assert json.loads(dashboard["data"]["kvr.json"]) == json.loads(compose_json)
+    assert {v["name"] for v in json.loads(compose_json)["templating"]["list"]} == {"namespace", "pool"}
+    if overlay == "dev":
+        assert not by_kind(docs, "PrometheusRule"), "dev clusters may lack the Prometheus Operator CRDs"
 
 
 @needs_kustomize
