@@ -74,5 +74,8 @@ SETTINGS = REGISTRY.register(
 
 # What `kvr epp-bridge` parses besides COMMON: its own settings, plus the scheduler's (with its index
 # replica's) for one-process mode, whose defaults are the scheduler's.
-COMMAND_SETTINGS: tuple[Setting, ...] = (*SETTINGS, *(s for s in SCHEDULER_SETTINGS if s.name not in {x.name for x in SETTINGS}))
+COMMAND_SETTINGS: tuple[Setting, ...] = (
+    *SETTINGS,
+    *(s for s in SCHEDULER_SETTINGS if s.name not in {x.name for x in SETTINGS}),
+)
 REGISTRY.command("epp-bridge", (*COMMON, *COMMAND_SETTINGS))

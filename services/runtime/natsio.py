@@ -227,4 +227,6 @@ async def provision(js: JetStreamContext, names: Names, settings: StreamSettings
     return result
 
 
-__all__ = ["NATS", "NatsUnreachable", "ProvisioningError", "StreamSettings", "connect", "ensure_stream", "provision", "stream_configs", "nats"]
+__all__ = [
+    "NATS", "NatsUnreachable", "ProvisioningError", "StreamSettings", "connect", "ensure_stream", "provision", "stream_configs", "nats",
+]  # fmt: skip

@@ -182,7 +182,9 @@ def tracer(name: str = "kvr") -> trace.Tracer:
     return _tracer if _tracer is not None and name == "kvr" else trace.get_tracer(name)
 
 
-def _start(name: str, kind: trace.SpanKind, parent: otel_context.Context | None, attributes: dict[str, Any]) -> AbstractContextManager[trace.Span]:
+def _start(
+    name: str, kind: trace.SpanKind, parent: otel_context.Context | None, attributes: dict[str, Any]
+) -> AbstractContextManager[trace.Span]:
     if _tracer is None:
         return _OFF
     return _tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes or None)

@@ -88,6 +88,7 @@ def test_every_dashboard_query_and_alert_signal_returns_data_from_a_scraped_dev_
         ServiceProcess("mock-workers", ["--count", "4", "--speedup", "10"], nats_url=nats.url, pools=[POOL]),
     ]
     prom_proc = replay = None
+    prom_log, replay_log = open(logs / "prometheus.log", "wb"), open(logs / "replay.log", "wb")  # noqa: SIM115
     try:
         for svc in services:
             svc.log_path = str(logs / f"{svc.command}.log")
@@ -108,14 +109,14 @@ def test_every_dashboard_query_and_alert_signal_returns_data_from_a_scraped_dev_
         prom_proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=open(logs / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+            stdout=prom_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         replay = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "replay", str(REPO / "data" / "mooncake_synthetic_trace.jsonl.gz"),
              "--fleet", "external", "--nats-url", nats.url, "--pool", POOL, "--start", "3000", "--limit", "120",
              "--speedup", "10", "--workers", "4", "--max-output-tokens", "16", "--progress", "false",
              "--out", str(tmp_path / "replay")],
-            cwd=REPO, stdout=open(logs / "replay.log", "wb"), stderr=subprocess.STDOUT,
+            cwd=REPO, stdout=replay_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
         queries = dashboard_queries() + [(f"alert {a.name}", a.signal) for a in _alerts_module().ALERTS]
@@ -150,3 +151,5 @@ def test_every_dashboard_query_and_alert_signal_returns_data_from_a_scraped_dev_
         for svc in reversed(services):
             svc.terminate()
         nats.cleanup()
+        prom_log.close()
+        replay_log.close()

@@ -199,7 +199,7 @@ def test_one_trace_from_the_gateway_through_bridge_scheduler_and_bookings(protoc
         receiver.close()
     spans = [s for s in receiver.spans if s.trace_id == trace_id]
     servers = [s for s in spans if s.name == "epp.query" and s.kind == "SERVER" and s.parent_span_id == gateway_span]
-    bridge = next(s for s in servers if _children(spans, s, "scheduler.select", "SERVER") or _children(spans, s, Names().select("t"), "CLIENT"))
+    bridge = next(s for s in servers if _children(spans, s, Names().select("t"), "CLIENT"))
     assert bridge.service == "gateway-picker"
     (client,) = _children(spans, bridge, Names().select("t"), "CLIENT")
     assert client.service == "gateway-picker"
