@@ -210,7 +210,7 @@ async def test_operator_client_sends_real_requests(nats_url, setup, tmp_path):
     code, reply = await kvr_epp(nats_url, "query", "--prompt", "needs a tokenizer")
     assert code == 1 and reply["error"]["code"] == "invalid_request"
     code, reply = await kvr_epp(nats_url, "query", "--message", "user:hi", "--pool", "nobody-serves-this", "--timeout", "0.5")
-    assert code == 2 and "no answer" in reply["stderr"]
+    assert code == 2 and "no EPP bridge serves pool 'nobody-serves-this'" in reply["stderr"]
 
 
 async def test_pod_index_follows_discovery_changes_but_not_heartbeats(nc, setup):
