@@ -436,7 +436,9 @@ class SchedulerApp:
     def _load_gauges(self) -> None:
         seen: set[tuple[str, str, str]] = set()
         for pool, tracker in self.trackers.items():
-            for target in tracker.targets():
+            # Live workers without load too: an idle worker shows 0, not a gap in the panel.
+            live = {(c.worker_id, c.dp_rank) for c in self.candidates(pool)} if self.watcher is not None else set()
+            for target in sorted(live | set(tracker.targets())):
                 labels = (pool, str(target[0]), str(target[1]))
                 view = tracker.view(target)
                 m.ACTIVE_BLOCKS.labels(*labels).set(view.active_blocks)
