@@ -229,7 +229,7 @@ def context_from_headers(
     `raw_value`/`value`) and open its SERVER span as `server_span(name, None, context=ctx)`, so that
     a `traceparent` from the gateway is continued through the bridge, the scheduler and the booking.
     """
-    if not headers:
+    if _tracer is None or not headers:  # tracing off: nothing to continue, and no scan of the headers
         return None
     items = headers.items() if isinstance(headers, Mapping) else headers
     carrier: dict[str, str] = {}

@@ -16,6 +16,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections import Counter
 
 import grpc
@@ -94,9 +95,11 @@ def stack(tmp_path_factory):
     try:
         for name, command, pools, extra in (
             ("indexer", "indexer", (POOL, LAB), []),
-            ("scheduler", "scheduler", (POOL, LAB), ["--block-size", str(BLOCK), "--seed", "1", "--embedded-indexer", "false"]),
+            ("scheduler", "scheduler", (POOL, LAB), ["--block-size", str(BLOCK), "--seed", "1", "--embedded-indexer", "false",
+                                                    "--trace-file", str(logs / "scheduler.spans")]),
             ("b", "epp-bridge", (POOL,), ["--grpc-port", str(ports["b"]), "--grpc-host", "127.0.0.1",
-                                         "--grpc-tls-cert", str(pki.server_cert), "--grpc-tls-key", str(pki.server_key)]),
+                                         "--grpc-tls-cert", str(pki.server_cert), "--grpc-tls-key", str(pki.server_key),
+                                         "--trace-file", str(logs / "b.spans")]),
             ("c", "epp-bridge", (LAB,), ["--grpc-port", str(ports["c"]), "--grpc-host", "127.0.0.1",
                                          "--grpc-tls-cert", str(pki.server_cert), "--grpc-tls-key", str(pki.server_key),
                                          "--grpc-tls-client-ca", str(pki.ca),
@@ -388,6 +391,32 @@ async def test_two_replicas_alternating_see_each_others_bookings(stack, conn, ep
         assert len(by_worker) >= 3 and by_worker["1"] < 8, by_worker
         for s, _ in held:
             s.cancel()
+    await wait_no_bookings(conn)
+
+
+async def test_the_gateways_traceparent_is_continued_through_ext_proc_into_the_scheduler(stack, conn):
+    """An HTTP `traceparent` reaches the bridge in ext_proc request headers (any case): the decision
+    is a SERVER span of that trace, and the select crosses into the scheduler as CLIENT → SERVER."""
+    trace_id, gateway_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    async with _client(stack["b"], stack["pki"]) as client:
+        decision = await client.lifecycle(chat(list(range(9000, 9040))), headers={"TraceParent": f"00-{trace_id}-{gateway_span}-01"})
+    assert decision.routed
+
+    def spans(name: str) -> list[dict]:
+        path = stack["logs"] / f"{name}.spans"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [span for span in map(json.loads, lines) if span["trace_id"] == trace_id]
+
+    async def traced():
+        bridge, sched = spans("b"), spans("scheduler")
+        return (bridge, sched) if any(s["name"] == "scheduler.select" for s in sched) else None
+
+    bridge, sched = await wait_for(traced)
+    (decide,) = [s for s in bridge if s["name"] == "ext_proc.decide"]
+    assert decide["kind"] == "SERVER" and decide["parent_span_id"] == gateway_span
+    (call,) = [s for s in bridge if s["kind"] == "CLIENT" and s["parent_span_id"] == decide["span_id"]]
+    (select,) = [s for s in sched if s["name"] == "scheduler.select"]
+    assert select["kind"] == "SERVER" and select["parent_span_id"] == call["span_id"]
     await wait_no_bookings(conn)
 
 

@@ -133,6 +133,8 @@ def test_gateway_traceparent_from_http_headers_is_continued(clean_env, http_rece
                ("tracestate", b"vendor=x")]  # fmt: skip
     tracing.setup_tracing("kvr-test", http_receiver.url)
     ctx = tracing.context_from_headers(headers)
+    assert tracing.context_from_headers({"content-type": "application/json"}) is None
+    assert tracing.context_from_headers(None) is None
     with tracing.server_span("ext_proc.process", None, context=ctx) as server:
         with tracing.client_span("scheduler.select"):
             pass
@@ -142,8 +144,6 @@ def test_gateway_traceparent_from_http_headers_is_continued(clean_env, http_rece
     server_span, client = by_name["ext_proc.process"], by_name["scheduler.select"]
     assert (server_span.kind, server_span.trace_id, server_span.parent_span_id) == ("SERVER", trace_id, parent_id)
     assert (client.kind, client.trace_id, client.parent_span_id) == ("CLIENT", trace_id, server_span.span_id)
-    assert tracing.context_from_headers({"content-type": "application/json"}) is None
-    assert tracing.context_from_headers(None) is None
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
