@@ -24,7 +24,11 @@ WORKDIR /src
 COPY pyproject.toml requirements.lock README.md ./
 COPY schemas ./schemas
 COPY services ./services
+# xds-protos (ext_proc's Envoy protos) ships an old copy of opentelemetry/proto/ over the files of
+# opentelemetry-proto, which the OTLP trace exporters need: reinstall the latter last, then import both.
 RUN /opt/kvr/bin/pip install --constraint requirements.lock . \
+ && /opt/kvr/bin/pip install --no-deps --force-reinstall --constraint requirements.lock opentelemetry-proto \
+ && /opt/kvr/bin/python -c "import opentelemetry.exporter.otlp.proto.http.trace_exporter, opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
  && /opt/kvr/bin/kvr --help >/dev/null \
  && /opt/kvr/bin/kvr schemas check
 

@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 	@$(BIN)/python -m uv pip sync --quiet --python $(BIN)/python requirements.lock
 	@$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@# xds-protos ships an old copy of opentelemetry/proto/ (no InstrumentationScope) over the same
+	@# files as opentelemetry-proto; whichever installs last wins. The OTLP exporters need the latter's.
+	@$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --no-deps --reinstall-package opentelemetry-proto \
+	  "$$(grep '^opentelemetry-proto==' requirements.lock)"
+	@$(BIN)/python -c "import opentelemetry.exporter.otlp.proto.http.trace_exporter, opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 	@echo "environment ready in $(VENV)"
 
