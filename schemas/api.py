@@ -14,6 +14,7 @@ from .types import (
     MAX_TAINTS,
     MAX_TOKENS,
     MAX_WORKER_IDS,
+    BlockSize,
     DpRank,
     FiniteFloat,
     Hash,
@@ -93,11 +94,11 @@ class WorkerScore(msgspec.Struct, array_like=False):
 
 
 class MatchReply(msgspec.Struct, omit_defaults=False):
-    block_size: int
+    block_size: BlockSize
     scores: list[WorkerScore]
     tier_scores: dict[str, list[WorkerScore]]
     tree_sizes: list[WorkerScore]
-    stream_seq: int
+    stream_seq: NonNegInt
     status: Literal["ok"] = "ok"
 
 
@@ -106,7 +107,7 @@ class DumpRequest(msgspec.Struct):
 
 
 class DumpReply(msgspec.Struct):
-    stream_seq: int
+    stream_seq: NonNegInt
     events: list[RouterEvent]
     status: Literal["ok"] = "ok"
 
@@ -167,10 +168,10 @@ class Target(msgspec.Struct):
 class SelectReply(msgspec.Struct):
     decode: Target
     prefill: Target | None
-    overlap_blocks: int
-    isl_tokens: int
-    block_size: int
-    cost: float
+    overlap_blocks: NonNegInt
+    isl_tokens: NonNegInt
+    block_size: BlockSize
+    cost: FiniteFloat
     status: Literal["ok"] = "ok"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     policy: str = "kv"
@@ -187,17 +188,17 @@ class StateRequest(msgspec.Struct):
 class WorkerLoad(msgspec.Struct):
     worker_id: WorkerId
     dp_rank: DpRank
-    active_prefill_tokens: int
-    active_blocks: int
-    active_requests: int
+    active_prefill_tokens: NonNegInt
+    active_blocks: NonNegInt
+    active_requests: NonNegInt
 
 
 class StateReply(msgspec.Struct):
     router_id: str
-    stream_seq: int
+    stream_seq: NonNegInt
     loads: list[WorkerLoad]
     bookings: list[str]
-    workers: list[int]
+    workers: list[WorkerId]
     status: Literal["ok"] = "ok"
     # Fingerprint of the whole load view (every leg, its tokens, blocks and expiry) on live workers;
     # equal digests = replicas converged.
@@ -253,12 +254,12 @@ class EppQueryReply(msgspec.Struct):
     request_id: str
     decode: Target
     prefill: Target | None
-    overlap_blocks: int
-    isl_tokens: int
-    block_size: int
-    cost: float
+    overlap_blocks: NonNegInt
+    isl_tokens: NonNegInt
+    block_size: BlockSize
+    cost: FiniteFloat
     headers: dict[str, str]
-    token_ids: list[int] | None = None
+    token_ids: list[TokenId] | None = None
     status: Literal["ok"] = "ok"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
 

@@ -67,16 +67,26 @@ def content_type_of(headers: dict[str, str] | None) -> str | None:
 
 
 def decode(data: bytes | bytearray | memoryview, type_: type[T] | Any, content_type: str | None = None) -> T:
-    """Decode `data` as `type_`; raises `SchemaError` (with a field path) on any mismatch."""
+    """Decode `data` as `type_`; raises `SchemaError` (with a field path) on any mismatch.
+
+    Whatever the bytes are, the only exception is `SchemaError`: msgspec raises `UnicodeDecodeError`
+    for invalid UTF-8 in a string and `RecursionError` for nesting deeper than the interpreter's
+    recursion limit (~1,000 levels), and a callers' `except SchemaError` must cover those too."""
+    msgpack = is_msgpack(content_type)
     try:
-        if is_msgpack(content_type):
+        if msgpack:
             return _msgpack_decoder(type_).decode(data)
         return _json_decoder(type_).decode(data)
     except msgspec.ValidationError as exc:
         raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:
-        kind = "msgpack" if is_msgpack(content_type) else "JSON"
-        raise SchemaError(f"malformed {kind}: {exc}", None) from None
+        raise SchemaError(f"malformed {'msgpack' if msgpack else 'JSON'}: {exc}", None) from None
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"invalid UTF-8 at byte {exc.start}", None) from None
+    except RecursionError:
+        raise SchemaError("nesting too deep", None) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # anything else a value can make msgspec raise
+        raise SchemaError(f"undecodable {'msgpack' if msgpack else 'JSON'}: {type(exc).__name__}: {exc}", None) from None
 
 
 def encode(obj: Any, content_type: str | None = None) -> bytes:

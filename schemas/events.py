@@ -61,7 +61,7 @@ EventPayload = Union[EventData, Literal["cleared"]]
 
 
 class KvCacheEvent(msgspec.Struct, omit_defaults=True):
-    event_id: NonNegInt
+    event_id: NonNegInt  # Dynamo's is a u64 counter; < 2**63 here (msgspec bounds stop at i64)
     data: EventPayload
     dp_rank: DpRank = 0
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-from .types import MAX_TOKENS, DpRank, NonNegInt, RequestId, TokenId, WorkerId
+from .types import MAX_TOKENS, DpRank, FiniteFloat, NonNegInt, RequestId, TokenId, WorkerId
 
 OptStr = Annotated[str, Meta(max_length=1024)] | None
 
@@ -31,8 +31,8 @@ class GenerateFirstToken(msgspec.Struct, tag_field="type", tag="first_token", kw
     worker_id: WorkerId
     dp_rank: DpRank = 0
     # simulated milliseconds (already multiplied back by the worker's speed-up)
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
+    queue_ms: FiniteFloat = 0.0
+    ttft_ms: FiniteFloat = 0.0
     status: Literal["ok"] = "ok"
 
 
@@ -43,8 +43,8 @@ class GenerateDone(msgspec.Struct, tag_field="type", tag="done", kw_only=True):
     prompt_tokens: NonNegInt
     cached_tokens: NonNegInt
     output_tokens: NonNegInt
-    ttft_ms: float
-    e2e_ms: float
+    ttft_ms: FiniteFloat
+    e2e_ms: FiniteFloat
     preemptions: NonNegInt = 0
     status: Literal["ok"] = "ok"
 

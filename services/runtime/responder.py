@@ -60,6 +60,17 @@ def error_for(exc: BaseException) -> tuple[str, str, str | None]:
 # Inline requests handled back to back before the subscription task yields to the event loop once,
 # so a burst cannot starve the other tasks (stream followers, the NATS read loop).
 INLINE_BURST = 64
+# Requests larger than this are refused before decoding (NATS' max_payload, 1 MiB by default, is
+# usually lower; this bounds the decode work when a server is configured with a larger one).
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
+def decode_request(data: bytes, request_type: Any, content_type: str | None, max_bytes: int) -> Any:
+    """The typed request, or `SchemaError` for anything that is not one (too large, undecodable,
+    invalid UTF-8, nested too deep, wrong shape): every endpoint answers those `invalid_request`."""
+    if len(data) > max_bytes:
+        raise SchemaError(f"request is {len(data)} bytes, more than the limit of {max_bytes}", "$")
+    return codec.decode(data, request_type, content_type)
 
 
 async def serve(
@@ -72,6 +83,7 @@ async def serve(
     endpoint: str | None = None,
     max_inflight: int = 1,
     inline: Callable[[Any], bool] | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
 ) -> Subscription:
     """Answer requests on `subject`. `max_inflight` > 1 runs handlers concurrently (for handlers that
     await other services); 1 keeps strict arrival order and the lowest overhead for CPU-only handlers.
@@ -93,7 +105,7 @@ async def serve(
         with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as current:
             try:
                 if req is None:
-                    req = codec.decode(msg.data, request_type, ctype)
+                    req = decode_request(msg.data, request_type, ctype, max_bytes)
                 reply = await handler(req, msg)
                 payload = codec.encode(reply, ctype)
             except BaseException as exc:  # noqa: BLE001 - map everything to the envelope
@@ -127,11 +139,12 @@ async def serve(
         req = None
         if inline is not None:
             try:
-                req = codec.decode(msg.data, request_type, codec.content_type_of(msg.headers))
-            except SchemaError:
-                await answer(msg)  # the envelope for a bad request; nothing to wait for
+                req = decode_request(msg.data, request_type, codec.content_type_of(msg.headers), max_bytes)
+                runs_inline = inline(req)
+            except Exception:  # noqa: BLE001 - answer() decodes again and replies with the envelope
+                await answer(msg)
                 return
-            if inline(req):
+            if runs_inline:
                 await answer(msg, req)
                 burst += 1
                 if burst >= INLINE_BURST:
