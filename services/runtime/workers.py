@@ -104,6 +104,7 @@ class WorkerWatcher:
         expire: bool = True,
         sweep_interval_s: float = 0.5,
         notify_unknown_removals: bool = False,
+        max_lag_s: float = 0.0,
     ) -> None:
         self.nc = nc
         self.bucket = bucket
@@ -124,6 +125,8 @@ class WorkerWatcher:
             self._apply,
             name=f"workers-{bucket}",
             batch=256,
+            max_lag_s=max_lag_s,
+            track_history=False,  # history 1: superseded revisions are dropped by design
         )
         self._sweeper: asyncio.Task[None] | None = None
         self.invalid_records = 0
@@ -131,6 +134,10 @@ class WorkerWatcher:
     @property
     def caught_up(self) -> asyncio.Event:
         return self.follower.caught_up
+
+    def ready(self) -> bool:
+        """Caught up with the bucket, connected, not lagging (see `StreamFollower.ready`)."""
+        return self.follower.ready()
 
     def start(self) -> None:
         self.follower.start()
