@@ -39,7 +39,7 @@ from schemas.events import RouterEvent, StoredBlock, removed_event, stored_event
 TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
 LOWER_TIERS: tuple[str, ...] = TIERS[1:]
 EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
-OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block")
+OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity")
 DEVICE = "device"
 SNAPSHOT_VERSION = 1
 
@@ -144,7 +144,9 @@ class PrefixIndex:
 
     # ---- events -----------------------------------------------------------------------------
 
-    def apply(self, event: RouterEvent) -> str:
+    def apply(self, event: RouterEvent, cap: int | None = None) -> str:
+        """Fold one event. `cap`: the most blocks this (worker, dp rank) may hold in the event's tier;
+        a store that would go over is refused whole (`over_capacity`)."""
         ev = event.event
         key = (event.worker_id, ev.dp_rank)
         data = ev.data
@@ -165,7 +167,10 @@ class PrefixIndex:
             gap = eid != last + 1
         self.cursors[key] = eid
         if kind == "stored":
-            outcome = self._store(key, event.storage_tier, data.stored)  # type: ignore[union-attr, arg-type]
+            if cap is not None and self._over_cap(key, event.storage_tier, data.stored.blocks, cap):  # type: ignore[union-attr]
+                outcome = "over_capacity"
+            else:
+                outcome = self._store(key, event.storage_tier, data.stored)  # type: ignore[union-attr, arg-type]
         elif kind == "removed":
             outcome = self._remove(key, event.storage_tier, data.removed.block_hashes)  # type: ignore[union-attr]
         else:
@@ -262,6 +267,17 @@ class PrefixIndex:
             parent = node
         self.nodes += created
         return "ok"
+
+    def _over_cap(self, key: WorkerKey, tier: str, blocks: list[StoredBlock], cap: int) -> bool:
+        w = self._workers.get(key)
+        lk = w.blocks.get(tier) if w is not None else None
+        held = len(lk) if lk else 0
+        if held + len(blocks) <= cap:
+            return False  # the common case: no need to look at the hashes
+        new = {b.block_hash for b in blocks}
+        if lk:
+            new.difference_update(lk.keys())
+        return held + len(new) > cap
 
     def _add_alias(self, node: _Node, tier: str, slot: int) -> None:
         if node.alias is None:

@@ -16,7 +16,8 @@ from services.runtime import fastmetrics
 
 MESSAGES = fastmetrics.Counter(
     "kvr_indexer_messages_total",
-    "KVR_KV messages by outcome (ok, malformed, skipped_covered = already in the restored snapshot)",
+    "KVR_KV messages by outcome (ok; malformed, bad_subject, subject_mismatch: refused; held: worker not in discovery yet; "
+    "removed_worker; skipped_covered: already in the restored snapshot; skipped_replayed: re-read for another worker)",
     ["pool", "outcome"],
 )
 DROPPED_EVENTS = Counter(
@@ -47,6 +48,11 @@ HISTORY_LOST = Counter(
     ["pool"],
 )
 
+BACKFILLS = Counter(
+    "kvr_indexer_backfills_total",
+    "Workers whose early messages (published before their record appeared) had to be read again from the stream, by kind",
+    ["pool", "kind"],
+)
 
 
 def init_pools(pools: list[str]) -> None:
@@ -71,6 +77,17 @@ class IndexCollector(Collector):
         nodes = GaugeMetricFamily("kvr_indexer_nodes", "Radix tree nodes", labels=["pool"])
         workers = GaugeMetricFamily("kvr_indexer_workers", "(worker, dp_rank) pairs holding blocks", labels=["pool"])
         age = GaugeMetricFamily("kvr_indexer_snapshot_age_seconds", "Seconds since the last snapshot written or loaded", labels=["pool"])
+        failing = GaugeMetricFamily(
+            "kvr_indexer_snapshot_failures", "Consecutive failed snapshot writes (0 after a good one)", labels=["pool"]
+        )
+        unknown = CounterMetricFamily(
+            "kvr_indexer_unknown_worker_messages",
+            "Messages of workers not in discovery: held, evicted (buffer full), released (applied when the record appeared), "
+            "discarded (worker deleted), rewinds/probes (re-read from the stream), forgotten_workers",
+            labels=["pool", "outcome"],
+        )
+        held = GaugeMetricFamily("kvr_indexer_unknown_worker_buffer_bytes", "Bytes held for workers not in discovery", labels=["pool"])
+        tracked = GaugeMetricFamily("kvr_indexer_unknown_workers", "Workers not in discovery with messages waiting", labels=["pool"])
         now = time.time()
         for app in list(APPS):
             for pool, st in app.pool_states().items():
@@ -83,7 +100,13 @@ class IndexCollector(Collector):
                 workers.add_metric([pool], len(st.index.worker_keys()))
                 if st.snapshot_time:
                     age.add_metric([pool], now - st.snapshot_time)
-        yield from (events, gaps, blocks, nodes, workers, age)
+                failing.add_metric([pool], st.snapshot_failures)
+                adm = app.admission.pools[pool]
+                for outcome, n in adm.counts.items():
+                    unknown.add_metric([pool, outcome], n)
+                held.add_metric([pool], adm.held_bytes)
+                tracked.add_metric([pool], len(adm.first_seq))
+        yield from (events, gaps, blocks, nodes, workers, age, failing, unknown, held, tracked)
 
 
 _COLLECTOR = IndexCollector()

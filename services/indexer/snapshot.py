@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -24,6 +25,7 @@ class LoadedSnapshot:
     size: int
     seconds: float
     written_at: float
+    admission: dict[str, Any] | None = None  # see admission.Admission.to_state (absent in older snapshots)
 
 
 async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot | None:
@@ -36,7 +38,11 @@ async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot |
         return None
     data = result.data or b""
     index, seq, state = decode_snapshot(data)
-    return LoadedSnapshot(index, seq, len(data), time.perf_counter() - started, float(state.get("written_at", 0.0)))
+    admission = state.get("admission")
+    return LoadedSnapshot(
+        index, seq, len(data), time.perf_counter() - started, float(state.get("written_at", 0.0)),
+        admission if isinstance(admission, dict) else None,
+    )  # fmt: skip
 
 
 def serialise(index: PrefixIndex, stream_seq: int) -> bytes:
@@ -47,7 +53,7 @@ def serialise(index: PrefixIndex, stream_seq: int) -> bytes:
 PIECE = 10_000
 
 
-async def serialise_cooperatively(index: PrefixIndex, stream_seq: int) -> bytes:
+async def serialise_cooperatively(index: PrefixIndex, stream_seq: int, extra: dict[str, Any] | None = None) -> bytes:
     """`serialise`, yielding to the event loop between pieces of the tree walk, so matches keep being
     answered. The caller keeps events from being applied until this returns."""
     steps = index.snapshot_steps(PIECE)
@@ -58,7 +64,7 @@ async def serialise_cooperatively(index: PrefixIndex, stream_seq: int) -> bytes:
             state = done.value
             break
         await asyncio.sleep(0)
-    return encode_state(state, stream_seq, {"written_at": time.time()})
+    return encode_state(state, stream_seq, {"written_at": time.time(), **(extra or {})})
 
 
 async def upload(js: JetStreamContext, bucket: str, name: str, data: bytes) -> None:

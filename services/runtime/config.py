@@ -16,6 +16,8 @@ from typing import Any
 
 from schemas.subjects import Names
 
+from .natsio import BOOKINGS_MAX_BYTES, KV_MAX_BYTES
+
 
 def parse_bool(value: str | bool) -> bool:
     if isinstance(value, bool):
@@ -78,8 +80,16 @@ COMMON: tuple[Setting, ...] = (
     Setting("snapshots_bucket", "KVR_SNAPSHOTS", "index snapshot object store"),
     Setting("kv_max_age_s", 3600.0, "max age of KV events in the stream (seconds)", float),
     Setting("bookings_max_age_s", 600.0, "max age of booking events in the stream (seconds)", float),
+    Setting("kv_max_bytes", KV_MAX_BYTES, "byte limit of the KV-events stream; the oldest events go first (<= 0: none)", int),
+    Setting("bookings_max_bytes", BOOKINGS_MAX_BYTES, "byte limit of the bookings stream; new bookings are refused when full (<= 0: none)", int),
     Setting("stream_replicas", 1, "replicas of streams/buckets created by this service", int),
     Setting("provision", True, "create streams/buckets when missing", bool),
+    Setting(
+        "max_ready_lag_s",
+        5.0,
+        "/readyz fails while a followed stream's state is staler than this many seconds (0 = no limit)",
+        float,
+    ),
 )
 
 

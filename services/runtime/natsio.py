@@ -134,28 +134,52 @@ async def _close_quietly(nc: NATS) -> None:
         pass
 
 
+KV_MAX_BYTES = 1 << 30
+BOOKINGS_MAX_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     kv_max_age_s: float = 3600.0
     bookings_max_age_s: float = 600.0
     replicas: int = 1
     duplicate_window_s: float = 120.0
+    kv_max_bytes: int = KV_MAX_BYTES  # <= 0: no byte limit
+    bookings_max_bytes: int = BOOKINGS_MAX_BYTES
+
+
+def _max_bytes(value: int) -> int:
+    return value if value > 0 else -1
 
 
 def stream_configs(names: Names, settings: StreamSettings) -> list[StreamConfig]:
+    """KVR_KV discards the *oldest* events when full: every replica has applied them already and the
+    indexer's snapshots carry their effect; a replica that would need them to restore is told
+    (`history_lost`). KVR_BOOKINGS refuses *new* bookings when full: it is the only copy of the
+    replicated load (no snapshot), so dropping old adds would silently under-count load on every
+    replica that starts later; a refused publish is an explicit `overloaded` instead. Sizing:
+    docs/deploy.md, "Retention and stream limits"."""
     common = dict(
         storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD,
         num_replicas=settings.replicas,
         duplicate_window=settings.duplicate_window_s,
     )
     return [
-        StreamConfig(name=names.kv_stream, subjects=names.kv_stream_subjects(), max_age=settings.kv_max_age_s, **common),
+        StreamConfig(
+            name=names.kv_stream,
+            subjects=names.kv_stream_subjects(),
+            max_age=settings.kv_max_age_s,
+            max_bytes=_max_bytes(settings.kv_max_bytes),
+            discard=DiscardPolicy.OLD,
+            **common,
+        ),
         StreamConfig(
             name=names.bookings_stream,
             subjects=names.bookings_stream_subjects(),
             max_age=settings.bookings_max_age_s,
+            max_bytes=_max_bytes(settings.bookings_max_bytes),
+            discard=DiscardPolicy.NEW,
             **common,
         ),
     ]
@@ -165,7 +189,10 @@ def _differences(want: StreamConfig, have: StreamConfig) -> list[str]:
     diffs = []
     if sorted(want.subjects or []) != sorted(have.subjects or []):
         diffs.append(f"subjects: want {want.subjects}, have {have.subjects}")
-    for attr in ("storage", "retention", "num_replicas"):
+    w_bytes, h_bytes = _max_bytes(want.max_bytes or -1), _max_bytes(have.max_bytes or -1)
+    if w_bytes != h_bytes:
+        diffs.append(f"max_bytes: want {w_bytes}, have {h_bytes}")
+    for attr in ("storage", "retention", "discard", "num_replicas"):
         w, h = getattr(want, attr), getattr(have, attr)
         if w is not None and w != h:
             diffs.append(f"{attr}: want {getattr(w, 'value', w)}, have {getattr(h, 'value', h)}")

@@ -57,8 +57,9 @@ class ServiceApp(Protocol):
 
 def stream_settings(cfg: SimpleNamespace) -> StreamSettings:
     return StreamSettings(
-        kv_max_age_s=cfg.kv_max_age_s, bookings_max_age_s=cfg.bookings_max_age_s, replicas=cfg.stream_replicas
-    )
+        kv_max_age_s=cfg.kv_max_age_s, bookings_max_age_s=cfg.bookings_max_age_s, replicas=cfg.stream_replicas,
+        kv_max_bytes=cfg.kv_max_bytes, bookings_max_bytes=cfg.bookings_max_bytes,
+    )  # fmt: skip
 
 
 def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> argparse.ArgumentParser:

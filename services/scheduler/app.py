@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js.errors import APIError
 
 from schemas import codec
 from schemas.api import (
@@ -41,6 +42,7 @@ from schemas.bookings import (
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from services.runtime.badinput import malformed
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
 from services.runtime.responder import ServiceError, serve, unsubscribe_all
@@ -68,6 +70,7 @@ from .selector import (
 
 log = get_logger("kvr.scheduler")
 QUEUE = "scheduler"
+STREAM_FULL = 10077  # JetStream error code of a publish refused by a full discard-new stream
 LAG_WINDOW = 20_000
 _PHASE = {
     phase: m.PHASE_SECONDS.labels(phase)
@@ -158,16 +161,20 @@ class SchedulerApp:
             self.overlap = embedded
         else:
             self.overlap = NatsOverlap(rt.nc, rt.names, self.cfg.match_timeout_s)
+        max_lag = float(getattr(self.cfg, "max_ready_lag_s", 0.0))
         self.watcher = WorkerWatcher(
             rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove,
-            notify_unknown_removals=True,
+            notify_unknown_removals=True, max_lag_s=max_lag,
         )  # fmt: skip
         if self.cfg.bookings_feed == "push":
-            self.follower = PushFollower(rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking)
+            self.follower = PushFollower(
+                rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking, max_lag_s=max_lag
+            )
         else:
             self.follower = StreamFollower(
-                rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings"
-            )
+                rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings",
+                max_lag_s=max_lag,
+            )  # fmt: skip
         self._tasks.append(asyncio.create_task(self._catch_up(), name="scheduler-catch-up"))
         log.info("scheduler.starting", router_id=self.router_id, pools=rt.pools, overlap=type(self.overlap).__name__)
 
@@ -209,7 +216,15 @@ class SchedulerApp:
             await self.overlap.stop()
 
     def ready(self) -> bool:
-        return self._ready and (self.overlap is None or self.overlap.ready())
+        """Caught up with discovery, bookings and (own replica) the index; connected; not lagging."""
+        return (
+            self._ready
+            and (self.overlap is None or self.overlap.ready())
+            and self.follower is not None
+            and self.follower.ready()
+            and self.watcher is not None
+            and self.watcher.ready()
+        )
 
     def status(self) -> dict[str, Any]:
         def summary(window: deque[float]) -> dict[str, Any]:
@@ -233,6 +248,10 @@ class SchedulerApp:
             "sync_timeouts": self.sync_timeouts,
             "match_failures": self.match_failures,
             "predicted_blocks": self.predicted.size() if self.predicted else None,
+            "followers": {
+                "bookings": self.follower.state() if self.follower else None,
+                "workers": self.watcher.follower.state() if self.watcher else None,
+            },
         }
 
     def _handler(self, pool: str, fn: Any) -> Any:
@@ -334,7 +353,7 @@ class SchedulerApp:
             ev = codec.decode(data, BookingEvent)
         except SchemaError as exc:
             m.BOOKINGS_INVALID.inc()
-            log.warning("scheduler.booking_invalid", error=str(exc))
+            malformed("bookings", "schema", "scheduler.booking_invalid", error=str(exc)[:300], size=len(data))
             return
         tracker = self.trackers.get(ev.pool)
         if tracker is None:
@@ -405,11 +424,17 @@ class SchedulerApp:
         assert self.rt is not None
         subject = self.rt.names.bookings_subject(pool, self.router_id)
         with producer_span("bookings publish", **{"messaging.destination": subject, "kvr.booking": type_}):
-            return await self.rt.js.publish(
-                subject,
-                codec.encode_json(event),
-                headers=inject_headers({"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)}),
-            )
+            try:
+                return await self.rt.js.publish(
+                    subject,
+                    codec.encode_json(event),
+                    headers=inject_headers({"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)}),
+                )
+            except APIError as exc:
+                if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
+                    m.BOOKINGS_REFUSED.inc()
+                    raise ServiceError("overloaded", f"the bookings stream is full ({type_} not recorded); retry later") from None
+                raise
 
     # --- periodic ----------------------------------------------------------------------------
 

@@ -35,3 +35,6 @@ BOOKINGS_DROPPED_WORKER = Counter("kvr_scheduler_bookings_worker_removed_total",
 WORKERS = Gauge("kvr_scheduler_workers", "live workers known", ["pool", "role"])
 PREDICTED_BLOCKS = Gauge("kvr_scheduler_predicted_blocks", "approximate mode: predicted cached blocks")
 LOAD_REPORTS_INVALID = Counter("kvr_scheduler_load_reports_invalid_total", "worker load reports that failed to decode")
+BOOKINGS_REFUSED = Counter(
+    "kvr_scheduler_bookings_refused_total", "booking events the full bookings stream refused (the request got `overloaded`)"
+)

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from schemas import codec
+from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent, kv_msg_id
 from services.indexer.app import IndexerApp
 from services.indexer.settings import SETTINGS
 from services.runtime.config import COMMON, resolve
 from services.runtime.natsio import StreamSettings, provision
 from services.runtime.service import Runtime
+from services.runtime.workers import put_worker
 from schemas.subjects import Names
 
 NAMES = Names()
@@ -27,9 +29,30 @@ def make_cfg(**overrides):
     return cfg
 
 
-async def publish(js, pool: str, events: list[RouterEvent] | RouterEvent, *, msgpack: bool = False) -> int:
-    """Publish one message (one event or a batch of one worker/dp rank); returns its stream sequence."""
+_REGISTERED: dict[int, tuple[object, set[tuple[str, int]]]] = {}
+
+
+async def register(js, pool: str, worker_id: int, **fields) -> None:  # noqa: ANN001, ANN003
+    """Put the worker's discovery record, as a real worker does before (or while) it publishes."""
+    nc = js._nc
+    record = WorkerRecord(worker_id=worker_id, pool=pool, ttl_s=3600, dp_size=fields.pop("dp_size", 1024), **fields)
+    await put_worker(nc, NAMES.workers_bucket, record)
+    _REGISTERED.setdefault(id(nc), (nc, set()))[1].add((pool, worker_id))
+
+
+async def publish(js, pool: str, events: list[RouterEvent] | RouterEvent, *, msgpack: bool = False, register_worker: bool = True) -> int:
+    """Publish one message (one event or a batch of one worker/dp rank); returns its stream sequence.
+    The worker is registered in discovery first (once per connection) unless `register_worker=False`:
+    the indexer holds messages of workers it does not know yet."""
     first = events[0] if isinstance(events, list) else events
+    known = _REGISTERED.get(id(js._nc))
+    if register_worker and (known is None or (pool, first.worker_id) not in known[1]):
+        kv = await js.key_value(NAMES.workers_bucket)
+        try:
+            await kv.get(f"{pool}.{first.worker_id}")  # the test put its own record: keep it
+            _REGISTERED.setdefault(id(js._nc), (js._nc, set()))[1].add((pool, first.worker_id))
+        except Exception:  # noqa: BLE001 - no record (or a deleted one): register now
+            await register(js, pool, first.worker_id)
     headers = {"Nats-Msg-Id": kv_msg_id(pool, first.worker_id, first.event.dp_rank, first.event.event_id)}
     if msgpack:
         headers[codec.CONTENT_TYPE_HEADER] = codec.MSGPACK

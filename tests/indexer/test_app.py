@@ -120,13 +120,13 @@ async def test_deleting_discovery_key_removes_worker_blocks(nc, start_indexer):
     assert await scores_of(nc, [1, 2]) == {(2, 0): 1}
     assert app.index("p").worker_keys() == [(2, 0)]
     # A zombie's events are ignored until the worker is put again ...
-    seq = await publish(js, "p", stored_event(1, 5, chain(12, [1])))
+    seq = await publish(js, "p", stored_event(1, 5, chain(12, [1])), register_worker=False)
     await wait_for(lambda: app.applied_seq >= seq)
     assert await scores_of(nc, [1]) == {(2, 0): 1}
     assert app.pool_states()["p"].dropped == 1
     # ... and a re-registered worker's events are applied once the put has been seen.
     await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool="p", ttl_s=3600))
-    await wait_for(lambda: 1 not in app.pool_states()["p"].removed)
+    await wait_for(lambda: 1 not in app.admission.pools["p"].removed)
     seq = await publish(js, "p", stored_event(1, 7, chain(13, [1])))  # a new instance: any first event id
     await wait_for(lambda: app.applied_seq >= seq)
     assert await scores_of(nc, [1]) == {(1, 0): 1, (2, 0): 1}
@@ -237,7 +237,7 @@ async def test_snapshot_is_serialised_in_pieces_while_matches_are_answered_and_c
     for wid in (1, 2):
         await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=wid, pool="p", ttl_s=3600))
     seq = await publish(js, "p", stored_event(1, 0, chain(10, [1, 2, 3])))
-    await wait_for(lambda: app.applied_seq >= seq and 2 not in app.pool_states()["p"].removed)
+    await wait_for(lambda: app.applied_seq >= seq and 2 not in app.admission.pools["p"].removed)
     index = app.index("p")
     for c in range(20):  # 20,000 more nodes, straight into the index
         index.apply(stored_event(2, c, [(10**6 * (c + 1) + i, 10**6 * (c + 1) + i) for i in range(1000)]))

@@ -6,7 +6,8 @@ import asyncio
 
 import msgspec
 import pytest
-from nats.js.api import StreamConfig
+import nats.js.errors
+from nats.js.api import DiscardPolicy, StreamConfig
 
 from schemas import MatchReply, MatchRequest, RemoteError, codec
 from schemas.subjects import Names
@@ -38,6 +39,29 @@ async def test_provisioning_is_idempotent(nc):
     assert info.config.subjects == ["kvr.*.kv.>"]
     assert info.config.max_age == pytest.approx(3600)
     assert info.config.duplicate_window == pytest.approx(120)
+    assert info.config.max_bytes == 1 << 30 and info.config.discard == DiscardPolicy.OLD
+    bookings = await js.stream_info("KVR_BOOKINGS")
+    assert bookings.config.max_bytes == 256 << 20 and bookings.config.discard == DiscardPolicy.NEW
+
+
+async def test_stream_byte_limits_are_compared_and_a_full_bookings_stream_refuses(nc):
+    js = nc.jetstream()
+    await provision(js, NAMES, StreamSettings(kv_max_bytes=0, bookings_max_bytes=4096))
+    with pytest.raises(ProvisioningError) as err:
+        await provision(js, NAMES, StreamSettings(kv_max_bytes=1 << 20, bookings_max_bytes=4096))
+    assert "KVR_KV" in str(err.value) and "max_bytes: want 1048576, have -1" in str(err.value)
+    await js.delete_stream("KVR_KV")
+    await js.add_stream(StreamConfig(name="KVR_KV", subjects=["kvr.*.kv.>"], max_age=3600, duplicate_window=120, discard=DiscardPolicy.NEW))
+    with pytest.raises(ProvisioningError, match="discard: want old, have new"):
+        await provision(js, NAMES, StreamSettings(kv_max_bytes=0, bookings_max_bytes=4096))
+    # discard new: a full bookings stream refuses the publish, it never drops what it accepted
+    stored = 0
+    with pytest.raises(nats.js.errors.APIError):
+        for _ in range(100):
+            await js.publish("kvr.p.bookings.r", b"x" * 500)
+            stored += 1
+    info = await js.stream_info("KVR_BOOKINGS")
+    assert info.state.messages == stored and info.state.first_seq == 1
 
 
 async def test_conflicting_stream_is_reported_not_changed(nc):
