@@ -373,9 +373,12 @@ class IndexerApp:
             self.follower.rewind(admit.rewind_from)
         if admit.probe_from is not None:
             m.BACKFILLS.labels(pool, "probe").inc()
-            task = asyncio.create_task(self._probe(pool, worker_id, admit.probe_from), name="indexer-probe")
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
+            self._start_probe(pool, worker_id, admit.probe_from)
+
+    def _start_probe(self, pool: str, worker_id: int, from_seq: int) -> None:
+        task = asyncio.create_task(self._probe(pool, worker_id, from_seq), name="indexer-probe")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     async def _probe(self, pool: str, worker_id: int, from_seq: int) -> None:
         """The worker's first message at or after `from_seq`, straight from the stream."""
@@ -472,16 +475,21 @@ class IndexerApp:
             if loaded is None:
                 log.info("snapshot.none", pool=pool)
                 continue
-            st.index = loaded.index
-            st.sizes_cache = (-1, [])
-            st.covered_seq = st.restored_seq = st.snapshot_seq = loaded.stream_seq
-            self.admission.restore(pool, loaded.admission, covered=loaded.stream_seq)
-            st.snapshot_time = loaded.written_at or time.time()
+            self.restore_pool(pool, loaded)
             m.RESTORE_SECONDS.labels(pool).set(loaded.seconds)
             log.info(
                 "snapshot.restored", pool=pool, stream_seq=loaded.stream_seq, bytes=loaded.size,
                 blocks=loaded.index.blocks, seconds=round(loaded.seconds, 3),
             )  # fmt: skip
+
+    def restore_pool(self, pool: str, loaded: snapshot.LoadedSnapshot) -> None:
+        """Take a pool's state from a snapshot (before discovery and the stream are followed)."""
+        st = self._states[pool]
+        st.index = loaded.index
+        st.sizes_cache = (-1, [])
+        st.covered_seq = st.restored_seq = st.snapshot_seq = loaded.stream_seq
+        self.admission.restore(pool, loaded.admission, covered=loaded.stream_seq)
+        st.snapshot_time = loaded.written_at or time.time()
 
     async def _check_history(self, start_seq: int) -> int:
         """Loudly report when the stream no longer holds events we need (max_age passed them);

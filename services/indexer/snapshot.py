@@ -37,7 +37,10 @@ async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot |
     except NotFoundError:
         return None
     data = result.data or b""
-    index, seq, state = decode_snapshot(data)
+    try:
+        index, seq, state = decode_snapshot(data)
+    except Exception as exc:  # noqa: BLE001 - any undecodable object is a corrupt snapshot, not a crash
+        raise ValueError(f"corrupt snapshot {name}: {type(exc).__name__}: {exc}") from None
     admission = state.get("admission")
     return LoadedSnapshot(
         index, seq, len(data), time.perf_counter() - started, float(state.get("written_at", 0.0)),
