@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def parse_id(token: str, limit: int) -> int | None:
+    """A subject or key token as a number: canonical ASCII decimal (no sign, no leading zero, no
+    other digits) up to `limit`; None otherwise, so one id has exactly one spelling."""
+    if not token or len(token) > 20 or not token.isascii() or not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+        return None
+    value = int(token)
+    return value if value <= limit else None
+
+
 @dataclass(frozen=True)
 class Names:
     prefix: str = "kvr"

@@ -51,18 +51,12 @@ from enum import Enum
 from typing import Any
 
 from schemas.events import RouterEvent
+from schemas.subjects import parse_id
 
 from .index import LOWER_TIERS, TIERS
 
 WORKER_ID_LIMIT = 1 << 53
 DP_RANK_LIMIT = 65535
-
-
-def _canonical_int(token: str, limit: int) -> int | None:
-    if not token or not token.isascii() or not token.isdigit() or (len(token) > 1 and token[0] == "0") or len(token) > 16:
-        return None
-    value = int(token)
-    return value if value <= limit else None
 
 
 def parse_kv_subject(subject: str, prefix: str) -> tuple[str, int, int] | None:
@@ -74,8 +68,8 @@ def parse_kv_subject(subject: str, prefix: str) -> tuple[str, int, int] | None:
     parts = subject[len(head) :].split(".")
     if len(parts) != 4 or parts[1] != "kv" or not parts[0]:
         return None
-    worker = _canonical_int(parts[2], WORKER_ID_LIMIT - 1)
-    dp = _canonical_int(parts[3], DP_RANK_LIMIT)
+    worker = parse_id(parts[2], WORKER_ID_LIMIT - 1)
+    dp = parse_id(parts[3], DP_RANK_LIMIT)
     if worker is None or dp is None:
         return None
     return parts[0], worker, dp

@@ -18,7 +18,9 @@ from nats.aio.client import Client as NATS
 from schemas import codec
 from schemas.codec import SchemaError
 from schemas.discovery import WorkerRecord
+from schemas.subjects import parse_id
 
+from .badinput import malformed
 from .follower import StreamFollower
 from .logs import get_logger
 
@@ -85,9 +87,10 @@ class WorkerDirectory:
 
 def parse_key(key: str) -> tuple[str, int] | None:
     pool, _, wid = key.rpartition(".")
-    if not pool or not wid.isdigit():
+    worker_id = parse_id(wid, (1 << 53) - 1)
+    if not pool or worker_id is None:
         return None
-    return pool, int(wid)
+    return pool, worker_id
 
 
 class WorkerWatcher:
@@ -154,7 +157,7 @@ class WorkerWatcher:
         parsed = parse_key(key)
         if parsed is None:
             self.invalid_records += 1
-            log.warning("workers.bad_key", key=key)
+            malformed(self.follower.stream, "bad_key", "workers.bad_key", key=key[:200])
             return
         pool, worker_id = parsed
         op = (headers or {}).get(KV_OP)
@@ -169,14 +172,15 @@ class WorkerWatcher:
                 self._on_remove(pool, worker_id)
             return
         try:
-            record = codec.decode(data, WorkerRecord)
+            record = codec.decode(data, WorkerRecord, codec.content_type_of(headers))
         except SchemaError as exc:
             self.invalid_records += 1
-            log.warning("workers.bad_record", key=key, error=str(exc))
+            malformed(self.follower.stream, "schema", "workers.bad_record", key=key[:200], error=str(exc)[:300], size=len(data))
             return
         if record.pool != pool or record.worker_id != worker_id:
             self.invalid_records += 1
-            log.warning("workers.key_mismatch", key=key, pool=record.pool, worker_id=record.worker_id)
+            malformed(self.follower.stream, "key_mismatch", "workers.key_mismatch", key=key[:200], pool=record.pool,
+                      worker_id=record.worker_id)  # fmt: skip
             return
         is_new = self.directory.put(record, seq, now_ms())
         if is_new:

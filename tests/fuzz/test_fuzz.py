@@ -1,0 +1,68 @@
+"""Fuzzed requests to every endpoint and fuzzed stream messages, against real services on a real
+nats-server (the short version of bench/hostile_input.py): always a reply, never `internal`, no
+state change from a rejected request; every malformed stream message counted, no traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from hostile_input import Mutator, SEEDS, Stack, fuzz_endpoints, fuzz_streams  # noqa: E402
+
+from schemas import codec  # noqa: E402
+
+N = int(os.environ.get("KVR_FUZZ_N", "150"))
+
+
+def test_the_generator_is_seeded_and_hostile() -> None:
+    first, second = Mutator(SEEDS["scheduler.select"], 3), Mutator(SEEDS["scheduler.select"], 3)
+    a = [first.next() for _ in range(300)]
+    b = [second.next() for _ in range(300)]
+    assert a == b
+    kinds = {kind for _, _, kind in a}
+    assert {"invalid_utf8", "deep_field", "deep_whole", "raw_number", "msgpack_bad_utf8"} <= kinds
+    rejected = 0
+    for data, headers, _ in a:
+        try:
+            codec.decode(data, __import__("schemas.api", fromlist=["x"]).SelectRequest, codec.content_type_of(headers))
+        except codec.SchemaError:
+            rejected += 1
+    assert rejected > 200  # mostly invalid, a few still valid (the service must handle both)
+
+
+@pytest.fixture
+async def stack(nats_url: str):  # noqa: ANN201
+    s = await Stack.start(nats_url)
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def test_every_endpoint_answers_every_fuzzed_request(stack: Stack, capsys) -> None:
+    results = await fuzz_endpoints(stack, N, seed=11)
+    assert set(results) == set(SEEDS)
+    for endpoint, res in results.items():
+        assert res.sent == N
+        assert res.no_reply == 0, (endpoint, res.examples)
+        assert res.internal == 0, (endpoint, res.examples)
+        assert res.state_changed == 0, (endpoint, res.examples)
+        assert res.codes["invalid_request"] > N // 2, (endpoint, dict(res.codes))
+    assert "Traceback" not in capsys.readouterr().out
+
+
+async def test_every_malformed_stream_message_is_counted_without_a_traceback(stack: Stack, capsys) -> None:
+    res = await fuzz_streams(stack, N, seed=5)
+    for stream in ("kv", "discovery", "bookings"):
+        r = res[stream]
+        assert r["malformed_expected"] > N // 2, res
+        assert r["malformed_counted"] == r["malformed_expected"], (stream, res)
+    assert res["kv_counted_by_scheduler_replica"] == res["kv"]["malformed_expected"]
+    assert res["discovery_counted_by_scheduler"] == res["discovery"]["malformed_expected"]
+    assert res["apply_failures"] == 0
+    assert "Traceback" not in capsys.readouterr().out
