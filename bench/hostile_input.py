@@ -57,6 +57,7 @@ from schemas.subjects import Names  # noqa: E402
 from services.indexer.admission import binding_error, parse_kv_subject  # noqa: E402
 from services.runtime.config import COMMON, resolve  # noqa: E402
 from services.runtime.embedded import NatsServer  # noqa: E402
+from services.runtime.logs import setup_logging  # noqa: E402
 from services.runtime.natsio import provision  # noqa: E402
 from services.runtime.procs import ServiceProcess  # noqa: E402
 from services.runtime.service import Runtime, build_parser, stream_settings  # noqa: E402
@@ -482,6 +483,13 @@ def _varz(server: NatsServer) -> dict:
         return json.loads(resp.read())
 
 
+def _readyz(proc: ServiceProcess) -> dict[str, Any]:
+    try:
+        return proc.readyz()
+    except OSError:  # not listening yet
+        return {}
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -523,14 +531,14 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
         ready_at = None
         ready_early = False
         while time.monotonic() - started < 120:
-            status = proc.readyz() if proc.proc else {}
+            status = _readyz(proc)
             applied = int(status.get("applied_seq", 0) or 0)
             if status.get("_http_status") == 200:
                 ready_at = time.monotonic() - started
                 ready_early = applied < last
                 break
             await asyncio.sleep(0.02)
-        final = proc.readyz()
+        final = _readyz(proc)
         result = {
             "messages": messages, "blocks_per_message": blocks, "payload_mb": round(payload_bytes / 2**20, 1),
             "seconds_to_ready": round(ready_at, 2) if ready_at is not None else None,
@@ -576,7 +584,7 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
         for proc in (indexer, scheduler):
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                status = proc.readyz()
+                status = _readyz(proc)
                 followers = status.get("followers") or {}
                 applied = status.get("applied_seq") if proc is indexer else None
                 if proc is scheduler:
@@ -586,8 +594,8 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
                 await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         after = {"indexer": rss_mb(indexer.proc.pid), "scheduler": rss_mb(scheduler.proc.pid)}  # type: ignore[union-attr]
-        unknown = (indexer.readyz().get("pools") or {}).get(POOL, {}).get("unknown_workers", {})
-        blocks = (indexer.readyz().get("pools") or {}).get(POOL, {}).get("blocks", {})
+        pool_status = (_readyz(indexer).get("pools") or {}).get(POOL, {})
+        unknown, blocks = pool_status.get("unknown_workers", {}), pool_status.get("blocks", {})
         result = {
             "workers": workers, "blocks": messages * blocks_per_message, "messages": messages, "publish_s": round(publish_s, 1),
             "rss_before_mb": {k: round(v, 1) for k, v in before.items()}, "rss_after_mb": {k: round(v, 1) for k, v in after.items()},
@@ -682,6 +690,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=".kvr/bench-hostile")
     ap.add_argument("--out", default=str(RESULTS / "hostile_input.json"))
     args = ap.parse_args()
+    setup_logging("console", "error")  # the in-process services log every rejected request at debug
     res = asyncio.run(amain(args))
     print(_table(res))
     Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
