@@ -24,6 +24,7 @@ import nats  # noqa: E402
 from bench.indexer_core import build_events, make_prompts  # noqa: E402
 from schemas import codec  # noqa: E402
 from schemas.api import MatchRequest  # noqa: E402
+from schemas.discovery import WorkerRecord  # noqa: E402
 from schemas.events import kv_msg_id, stored_event  # noqa: E402
 from schemas.hashing import sequence_hashes  # noqa: E402
 from schemas.subjects import Names  # noqa: E402
@@ -34,6 +35,7 @@ from services.runtime.embedded import NatsServer  # noqa: E402
 from services.runtime.natsio import StreamSettings, provision  # noqa: E402
 from services.runtime.procs import ServiceProcess  # noqa: E402
 from services.runtime.service import Runtime  # noqa: E402
+from services.runtime.workers import put_worker  # noqa: E402
 from tests.indexer.conftest import make_cfg  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -198,6 +200,8 @@ async def amain(args: argparse.Namespace) -> dict:
         nc = await nats.connect(server.url, pending_size=256 * 1024 * 1024)
         js = nc.jetstream()
         await provision(js, NAMES, StreamSettings())
+        for w in range(64):  # the indexer holds messages of workers that are not in discovery
+            await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=w, pool=POOL, ttl_s=3600))
         rng = random.Random(1)
         last_seq, total_blocks, prompts = await publish_ingest(js, rng, args.ingest_messages, 64, 64)
         ingest_s = await ingest(nc, last_seq)

@@ -141,3 +141,43 @@ async def test_a_failing_snapshot_is_counted_logged_and_retried(nc, start_indexe
     assert app.pool_states()["p"].snapshot_failures == 0
     obj = await (await js.object_store(NAMES.snapshots_bucket)).get("p.index")
     assert msgspec.msgpack.decode(obj.data)["admission"]["admitted"] == [1]
+
+
+async def test_ready_only_once_a_backlog_of_large_messages_is_applied_and_not_while_disconnected(nats_server, nc):
+    """Short version of the backlog goal (bench/hostile_input.py --only backlog runs 200 × 8,192)."""
+    from services.indexer.app import IndexerApp
+    from services.runtime.natsio import StreamSettings, provision
+    from services.runtime.service import Runtime
+
+    from .conftest import make_cfg
+
+    js = nc.jetstream()
+    await provision(js, NAMES, StreamSettings())
+    for w in range(4):
+        await register(js, "p", w, total_kv_blocks=10**6)
+    last = 0
+    for i in range(24):
+        w = i % 4
+        blocks = [(w * 10**9 + i * 8192 + b, i * 8192 + b) for b in range(8192)]
+        last = (await js.publish(NAMES.kv_subject("p", w, 0), codec.encode_msgpack(stored_event(w, i // 4, blocks)),
+                                 headers={codec.CONTENT_TYPE_HEADER: codec.MSGPACK})).seq  # fmt: skip
+    cfg = make_cfg(pool=["p"], snapshot_every_events=0, snapshot_interval_s=0, max_ready_lag_s=5.0)
+    app = IndexerApp(cfg)
+    await app.start(Runtime("indexer", cfg, nc))
+    try:
+        early = []
+        while not app.ready():
+            early.append(app.applied_seq)
+            await asyncio.sleep(0.005)
+        assert app.applied_seq == last and app.index("p").blocks == 24 * 8192
+        assert len(early) > 1  # observed not ready while it was applying
+        assert app.follower is not None and app.follower.resets == 0
+
+        nats_server.stop()
+        await wait_for(lambda: not nc.is_connected, 10)
+        assert not app.ready()
+        nats_server.start()
+        await wait_for(lambda: nc.is_connected, 15)
+        await wait_for(app.ready, 15)
+    finally:
+        await app.stop()
