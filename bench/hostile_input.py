@@ -36,7 +36,6 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,7 +48,6 @@ import nats  # noqa: E402
 import nats.errors  # noqa: E402
 
 from schemas import codec  # noqa: E402
-from schemas.api import SelectRequest  # noqa: E402
 from schemas.bookings import BookingEvent  # noqa: E402
 from schemas.discovery import WorkerRecord  # noqa: E402
 from schemas.events import RouterEvent, kv_msg_id, stored_event  # noqa: E402
@@ -143,7 +141,7 @@ class Mutator:
         "extra_field", "truncated", "msgpack", "msgpack_garbage", "msgpack_bad_utf8", "root_type", "empty",
     )  # fmt: skip
 
-    def __init__(self, seeds: list[dict[str, Any]], seed: int) -> None:
+    def __init__(self, seeds: list[Any], seed: int) -> None:
         self.seeds = seeds
         self.rng = random.Random(seed)
 
@@ -168,7 +166,9 @@ class Mutator:
             return data, None, kind
         if kind == "deep_field":
             depth = rng.choice([100, 900, 1000, 1500, 5000])
-            return msgspec.json.encode(_set(obj, rng.choice(paths), _deep(depth, rng))) if depth < 900 else _deep_text(obj, rng.choice(paths), depth), None, kind
+            path = rng.choice(paths)
+            data = msgspec.json.encode(_set(obj, path, _deep(depth, rng))) if depth < 900 else _deep_text(obj, path, depth)
+            return data, None, kind
         if kind == "deep_whole":
             depth = rng.choice([1000, 3000, 20000])
             return b"[" * depth + msgspec.json.encode(obj) + b"]" * depth, None, kind
@@ -379,7 +379,7 @@ def _kv_malformed(subject: str, data: bytes, headers: dict[str, str] | None) -> 
     if parsed is None:
         return True
     try:
-        payload = codec.decode(data, RouterEvent | list[RouterEvent], codec.content_type_of(headers))
+        payload: RouterEvent | list[RouterEvent] = codec.decode(data, RouterEvent | list[RouterEvent], codec.content_type_of(headers))
     except codec.SchemaError:
         return True
     events = payload if isinstance(payload, list) else [payload]
@@ -393,7 +393,7 @@ def _record_malformed(key: str, data: bytes) -> bool:
     if parsed is None:
         return True
     try:
-        rec = codec.decode(data, WorkerRecord)
+        rec: WorkerRecord = codec.decode(data, WorkerRecord)
     except codec.SchemaError:
         return True
     return (rec.pool, rec.worker_id) != parsed
@@ -407,10 +407,15 @@ def _booking_malformed(data: bytes) -> bool:
     return False
 
 
-KV_SEEDS = [msgspec.to_builtins(stored_event(1, 100, [(1100, 11), (1101, 12)])), msgspec.to_builtins([stored_event(1, 101, [(1102, 13)])])]
-RECORD_SEEDS = [msgspec.to_builtins(WorkerRecord(worker_id=7, pool=POOL, total_kv_blocks=10, ttl_s=3600, heartbeat_ms=1))]
-BOOKING_SEEDS = [{"type": "add", "request_id": "b-1", "router_id": "x", "pool": POOL, "worker_id": 1, "ts_ms": 1, "sequence_hashes": [1, 2]},
-                 {"type": "free", "request_id": "b-1", "router_id": "x", "pool": POOL}]  # fmt: skip
+KV_SEEDS: list[Any] = [
+    msgspec.to_builtins(stored_event(1, 100, [(1100, 11), (1101, 12)])),
+    msgspec.to_builtins([stored_event(1, 101, [(1102, 13)])]),
+]
+RECORD_SEEDS: list[Any] = [msgspec.to_builtins(WorkerRecord(worker_id=7, pool=POOL, total_kv_blocks=10, ttl_s=3600, heartbeat_ms=1))]
+BOOKING_SEEDS: list[Any] = [
+    {"type": "add", "request_id": "b-1", "router_id": "x", "pool": POOL, "worker_id": 1, "ts_ms": 1, "sequence_hashes": [1, 2]},
+    {"type": "free", "request_id": "b-1", "router_id": "x", "pool": POOL},
+]
 BAD_KV_SUBJECTS = ["kvr.p.kv.01.0", "kvr.p.kv.1", "kvr.p.kv.1.0.0", "kvr.p.kv.x.0", "kvr.p.kv.1.99999", "kvr.p.kv.2.0"]
 
 
@@ -562,10 +567,10 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
         js = nc.jetstream()
         await provision(js, NAMES, stream_settings(_cfg([*COMMON], server.url)))
         await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool=POOL, ttl_s=3600))
-        common = dict(nats_url=server.url, pools=[POOL])
-        indexer = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"],
-                                 log_path=str(workdir / "indexer-flood.log"), **common).start()  # fmt: skip
-        scheduler = ServiceProcess("scheduler", args=["--router-id", "flood"], log_path=str(workdir / "scheduler-flood.log"), **common).start()
+        indexer = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], nats_url=server.url,
+                                 pools=[POOL], log_path=str(workdir / "indexer-flood.log")).start()  # fmt: skip
+        scheduler = ServiceProcess("scheduler", args=["--router-id", "flood"], nats_url=server.url, pools=[POOL],
+                                   log_path=str(workdir / "scheduler-flood.log")).start()  # fmt: skip
         await asyncio.to_thread(indexer.wait_ready)
         await asyncio.to_thread(scheduler.wait_ready)
         await asyncio.sleep(1.0)
@@ -577,15 +582,14 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
         for chunk in range(0, messages, 2000):
             items = []
             for i in range(chunk, min(messages, chunk + 2000)):
-                w = 10_000 + i % workers
-                items.append((NAMES.kv_subject(POOL, w, 0), _stored_chain(w, i // workers, (i // workers) * blocks_per_message, blocks_per_message), mp))
+                w, n = 10_000 + i % workers, i // workers
+                items.append((NAMES.kv_subject(POOL, w, 0), _stored_chain(w, n, n * blocks_per_message, blocks_per_message), mp))
             last = await _publish_all(js, items)
         publish_s = time.monotonic() - started
         for proc in (indexer, scheduler):
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 status = _readyz(proc)
-                followers = status.get("followers") or {}
                 applied = status.get("applied_seq") if proc is indexer else None
                 if proc is scheduler:
                     applied = _scheduler_kv_applied(proc)
@@ -642,7 +646,8 @@ def _table(res: dict[str, Any]) -> str:
         for ep, r in res["fuzz"]["endpoints"].items():
             codes = r["codes"]
             other = sum(v for k, v in codes.items() if k not in ("ok", "invalid_request", "internal"))
-            lines.append(f"| {ep} | {r['sent']} | {codes.get('ok', 0)} | {codes.get('invalid_request', 0)} | {other} | {r['internal']} | {r['no_reply']} | {r['state_changed']} |")
+            row = [ep, r["sent"], codes.get("ok", 0), codes.get("invalid_request", 0), other, r["internal"], r["no_reply"], r["state_changed"]]
+            lines.append("| " + " | ".join(str(c) for c in row) + " |")
         lines.append("")
         lines.append("| stream | sent | malformed (expected) | counted | ")
         lines.append("|---|---|---|---|")
@@ -653,8 +658,11 @@ def _table(res: dict[str, Any]) -> str:
     if "backlog" in res:
         b = res["backlog"]
         lines.append("")
-        lines.append(f"backlog {b['messages']} × {b['blocks_per_message']} blocks ({b['payload_mb']} MB): ready after {b['seconds_to_ready']} s, "
-                     f"ready before all applied: {b['ready_before_all_applied']}, slow consumers: {b['slow_consumers']}, resets: {b['follower_resets']}")  # fmt: skip
+        lines.append(
+            f"backlog {b['messages']} × {b['blocks_per_message']} blocks ({b['payload_mb']} MB): ready after {b['seconds_to_ready']} s, "
+            f"ready before all applied: {b['ready_before_all_applied']}, slow consumers: {b['slow_consumers']}, "
+            f"resets: {b['follower_resets']}"
+        )
     if "flood" in res:
         f = res["flood"]
         lines.append("")

@@ -339,7 +339,7 @@ class IndexerApp:
     def _apply_message(self, st: PoolState, seq: int, worker_id: int, dp_rank: int, data: bytes, ctype: str | None) -> None:
         pool = st.pool
         try:
-            payload = codec.decode(data, KvPayload, ctype)
+            payload: RouterEvent | list[RouterEvent] = codec.decode(data, KvPayload, ctype)
         except SchemaError as exc:
             st.malformed += 1
             m.MESSAGES.labels(pool, "malformed").inc()
@@ -466,7 +466,7 @@ class IndexerApp:
     async def _restore_snapshots(self) -> None:
         assert self.rt is not None
         names = self.rt.names
-        for pool, st in self._states.items():
+        for pool in self._states:
             try:
                 loaded = await snapshot.load(self.rt.js, names.snapshots_bucket, names.snapshot_object(pool))
             except ValueError as exc:

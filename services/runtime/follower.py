@@ -339,7 +339,7 @@ class StreamFollower:
             await self._nc.publish(subject, request, reply=self._inbox)
             try:
                 await asyncio.wait_for(pull.done.wait(), self.expires_s + 2.0)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 raise _ConsumerLost("no answer to a pull request") from None
             status = pull.status
             if status == "rewind":

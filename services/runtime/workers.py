@@ -172,7 +172,7 @@ class WorkerWatcher:
                 self._on_remove(pool, worker_id)
             return
         try:
-            record = codec.decode(data, WorkerRecord, codec.content_type_of(headers))
+            record: WorkerRecord = codec.decode(data, WorkerRecord, codec.content_type_of(headers))
         except SchemaError as exc:
             self.invalid_records += 1
             malformed(self.follower.stream, "schema", "workers.bad_record", key=key[:200], error=str(exc)[:300], size=len(data))

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from hostile_input import Mutator, SEEDS, Stack, fuzz_endpoints, fuzz_streams  # noqa: E402
+from hostile_input import SEEDS, Mutator, Stack, fuzz_endpoints, fuzz_streams  # noqa: E402
 
 from schemas import codec  # noqa: E402
 
