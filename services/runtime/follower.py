@@ -74,11 +74,13 @@ class _Rewind(Exception):
 
 
 class _Pull:
-    """One outstanding pull request."""
+    """One outstanding pull request; its replies come to `{inbox}.{n}`, so a late status of an
+    earlier request (e.g. "Batch Completed" after the count was reached) cannot end this one."""
 
-    __slots__ = ("batch", "received", "done", "status", "description")
+    __slots__ = ("n", "batch", "received", "done", "status", "description")
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, n: int, batch: int) -> None:
+        self.n = n
         self.batch = batch
         self.received = 0
         self.done = asyncio.Event()
@@ -274,8 +276,8 @@ class StreamFollower:
             if generation == self._generation:
                 await self._on_msg(msg)
 
-        self._sub = await self._nc.subscribe(self._nc.new_inbox(), cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
-        self._inbox = self._sub.subject
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
         self._budget = max(self.max_bytes, (self._nc.max_payload or 0) + MESSAGE_OVERHEAD)
         self._poll_due = True
         if info.num_pending == 0:  # nothing of the filter from next_seq on: caught up right away
@@ -326,6 +328,7 @@ class StreamFollower:
         prefix = getattr(self._js, "_prefix", "$JS.API")
         subject = f"{prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self._consumer}"
         expires_ns = int(self.expires_s * 1e9)
+        n = 0
         while not self._stopping:
             await self._running.wait()
             if self._rewind_to is not None:
@@ -334,9 +337,10 @@ class StreamFollower:
                 self._poll_due = False
                 with contextlib.suppress(Exception):
                     await self._poll()
-            pull = self._pull = _Pull(self.batch)
+            n += 1
+            pull = self._pull = _Pull(n, self.batch)
             request = json.dumps({"batch": self.batch, "max_bytes": self._budget, "expires": expires_ns}).encode()
-            await self._nc.publish(subject, request, reply=self._inbox)
+            await self._nc.publish(subject, request, reply=f"{self._inbox}.{n}")
             try:
                 await asyncio.wait_for(pull.done.wait(), self.expires_s + 2.0)
             except TimeoutError:
@@ -370,7 +374,7 @@ class StreamFollower:
             status = headers.get("Status", "")
             if status == "100":  # idle heartbeat
                 return
-            if pull is not None:
+            if pull is not None and msg.subject == f"{self._inbox}.{pull.n}":
                 pull.finish(status or "?", headers.get("Description", ""))
             return
         meta = parse_ack_reply(reply)

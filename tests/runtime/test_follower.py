@@ -208,3 +208,26 @@ async def test_rewind_reads_again_from_a_sequence_in_order(nc) -> None:
         await wait_for(lambda: seen[-1] == 11, 5)
     finally:
         await follower.stop()
+
+
+async def test_one_pull_at_a_time_even_when_batches_complete_by_count(nc) -> None:
+    """A batch filled by count is followed by the server's 'Batch Completed' status: it must not end
+    the next pull early (which would leave pulls open on the server, each worth max_bytes)."""
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="B1", subjects=["b1.>"]))
+    for i in range(60):
+        await js.publish("b1.x", str(i).encode())
+    seen: list[int] = []
+    follower = StreamFollower(nc, "B1", ["b1.>"], lambda s, *_: seen.append(s), batch=2, name="b1")
+    follower.start()
+    try:
+        await asyncio.wait_for(follower.caught_up.wait(), 10)
+        assert seen == list(range(1, 61))
+        waiting = []
+        for _ in range(10):
+            info = await js.consumer_info("B1", follower._consumer)  # type: ignore[arg-type]
+            waiting.append(info.num_waiting)
+            await asyncio.sleep(0.05)
+        assert max(waiting) <= 1, waiting
+    finally:
+        await follower.stop()
