@@ -105,8 +105,9 @@ class EppBridgeApp:
         else:
             self.link = NatsSchedulerLink(rt)
         self.watcher = WorkerWatcher(
-            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove, expire=False
-        )
+            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove, expire=False,
+            max_lag_s=float(getattr(self.cfg, "max_ready_lag_s", 0.0)),
+        )  # fmt: skip
         self.watcher.start()
         for pool in rt.pools:
             self._subs.append(
@@ -155,8 +156,10 @@ class EppBridgeApp:
         return 10.0 + (float(self.cfg.grpc_drain_s) if self.extproc is not None else 0.0)
 
     def ready(self) -> bool:
+        # connected, and the discovery follower caught up and not lagging (--max-ready-lag-s)
         connected = self._rt is not None and self._rt.nc.is_connected
-        return self._ready and connected and (self._embedded is None or self._embedded.ready())
+        watching = self.watcher is not None and self.watcher.ready()
+        return self._ready and connected and watching and (self._embedded is None or self._embedded.ready())
 
     def _answers_inline(self, req: EppQueryRequest) -> bool:
         """One-process mode: a query that will not suspend (no tokenizer thread, no booking, overlap
