@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -15,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from hostile_input import SEEDS, Mutator, Stack, fuzz_endpoints, fuzz_streams  # noqa: E402
 
 from schemas import codec  # noqa: E402
+from schemas.api import SelectRequest  # noqa: E402
+from services.runtime.embedded import NatsServer  # noqa: E402
 
 N = int(os.environ.get("KVR_FUZZ_N", "150"))
 
@@ -29,7 +32,7 @@ def test_the_generator_is_seeded_and_hostile() -> None:
     rejected = 0
     for data, headers, _ in a:
         try:
-            codec.decode(data, __import__("schemas.api", fromlist=["x"]).SelectRequest, codec.content_type_of(headers))
+            codec.decode(data, SelectRequest, codec.content_type_of(headers))
         except codec.SchemaError:
             rejected += 1
     assert rejected > 200  # mostly invalid, a few still valid (the service must handle both)
@@ -66,3 +69,25 @@ async def test_every_malformed_stream_message_is_counted_without_a_traceback(sta
     assert res["discovery_counted_by_scheduler"] == res["discovery"]["malformed_expected"]
     assert res["apply_failures"] == 0
     assert "Traceback" not in capsys.readouterr().out
+
+
+async def test_oversize_requests_are_refused_before_decoding(tmp_path) -> None:
+    """With a server that lets 9 MB through, every endpoint still refuses it: `invalid_request`."""
+    conf = tmp_path / "big.conf"
+    conf.write_text("max_payload: 16MB\n")
+    server = NatsServer(extra_args=["-c", str(conf)]).start()
+    try:
+        s = await Stack.start(server.url)
+        try:
+            big = b'{"request_id": "big", "token_ids": [' + b"1," * (4_700_000) + b'1], "block_hashes": null}'
+            for endpoint, subject in sorted(s.subjects.items()):
+                before = await s.fingerprint()
+                msg = await s.nc.request(subject, big, timeout=10)
+                reply = msgspec.json.decode(msg.data)
+                assert reply["error"]["code"] == "invalid_request", (endpoint, reply)
+                assert "more than the limit" in reply["error"]["message"]
+                assert await s.fingerprint() == before
+        finally:
+            await s.stop()
+    finally:
+        server.cleanup()
