@@ -518,6 +518,7 @@ def _stored_chain(worker: int, event_id: int, start: int, n: int) -> bytes:
 async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
     """KVR_KV holds `messages` × `blocks` before `kvr indexer` starts: time to ready, ready too early?"""
     server = NatsServer(log_file=str(workdir / "nats-backlog.log")).start()
+    procs: list[ServiceProcess] = []
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
@@ -531,13 +532,16 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
         payload_bytes = sum(len(d) for _, d, _ in items)
         last = await _publish_all(js, items, window=8)
         proc = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], nats_url=server.url,
-                              pools=[POOL], log_path=str(workdir / "indexer-backlog.log")).start()  # fmt: skip
+                              pools=[POOL], log_path=str(workdir / "indexer-backlog.log"))  # fmt: skip
+        procs.append(proc.start())
         started = time.monotonic()
-        ready_at = None
+        ready_at = first_applied_at = None
         ready_early = False
         while time.monotonic() - started < 120:
             status = _readyz(proc)
             applied = int(status.get("applied_seq", 0) or 0)
+            if applied and first_applied_at is None:
+                first_applied_at = time.monotonic() - started
             if status.get("_http_status") == 200:
                 ready_at = time.monotonic() - started
                 ready_early = applied < last
@@ -547,30 +551,35 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
         result = {
             "messages": messages, "blocks_per_message": blocks, "payload_mb": round(payload_bytes / 2**20, 1),
             "seconds_to_ready": round(ready_at, 2) if ready_at is not None else None,
+            # process start → first message applied (interpreter, imports, connect, discovery)
+            "seconds_to_first_applied": round(first_applied_at, 2) if first_applied_at is not None else None,
             "ready_before_all_applied": ready_early, "applied_seq_at_ready": final.get("applied_seq"), "last_seq": last,
             "slow_consumers": _varz(server)["slow_consumers"],
             "follower_resets": (final.get("followers") or {}).get("kv", {}).get("resets"),
             "indexer_rss_mb": round(rss_mb(proc.proc.pid), 1) if proc.proc else None,
         }  # fmt: skip
-        proc.terminate()
         await nc.close()
         return result
     finally:
+        for p in procs:
+            p.terminate()
         server.cleanup()
 
 
 async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_message: int = 500) -> dict[str, Any]:
     """Unregistered worker ids publish `total_blocks`: RSS of the indexer and a scheduler before/after."""
     server = NatsServer(log_file=str(workdir / "nats-flood.log")).start()
+    procs: list[ServiceProcess] = []
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await provision(js, NAMES, stream_settings(_cfg([*COMMON], server.url)))
         await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool=POOL, ttl_s=3600))
         indexer = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], nats_url=server.url,
-                                 pools=[POOL], log_path=str(workdir / "indexer-flood.log")).start()  # fmt: skip
+                                 pools=[POOL], log_path=str(workdir / "indexer-flood.log"))  # fmt: skip
         scheduler = ServiceProcess("scheduler", args=["--router-id", "flood"], nats_url=server.url, pools=[POOL],
-                                   log_path=str(workdir / "scheduler-flood.log")).start()  # fmt: skip
+                                   log_path=str(workdir / "scheduler-flood.log"))  # fmt: skip
+        procs.extend((indexer.start(), scheduler.start()))
         await asyncio.to_thread(indexer.wait_ready)
         await asyncio.to_thread(scheduler.wait_ready)
         await asyncio.sleep(1.0)
@@ -606,11 +615,11 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
             "rss_growth_mb": {k: round(after[k] - before[k], 1) for k in before},
             "indexer_unknown_workers": unknown, "indexer_blocks": blocks,
         }  # fmt: skip
-        indexer.terminate()
-        scheduler.terminate()
         await nc.close()
         return result
     finally:
+        for p in procs:
+            p.terminate()
         server.cleanup()
 
 
@@ -659,7 +668,8 @@ def _table(res: dict[str, Any]) -> str:
         b = res["backlog"]
         lines.append("")
         lines.append(
-            f"backlog {b['messages']} × {b['blocks_per_message']} blocks ({b['payload_mb']} MB): ready after {b['seconds_to_ready']} s, "
+            f"backlog {b['messages']} × {b['blocks_per_message']} blocks ({b['payload_mb']} MB): ready after {b['seconds_to_ready']} s "
+            f"(first message applied after {b['seconds_to_first_applied']} s), "
             f"ready before all applied: {b['ready_before_all_applied']}, slow consumers: {b['slow_consumers']}, "
             f"resets: {b['follower_resets']}"
         )
@@ -674,6 +684,8 @@ def _table(res: dict[str, Any]) -> str:
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    for old in workdir.glob("*.log"):
+        old.unlink()  # one run's logs only
     res: dict[str, Any] = {"args": vars(args)}
     only = set(args.only.split(",")) if args.only else {"fuzz", "backlog", "flood"}
     if "fuzz" in only:
