@@ -686,7 +686,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("*.log"):
         old.unlink()  # one run's logs only
-    res: dict[str, Any] = {"args": vars(args)}
+    res: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}}
     only = set(args.only.split(",")) if args.only else {"fuzz", "backlog", "flood"}
     if "fuzz" in only:
         res["fuzz"] = await run_fuzz(args.fuzz_requests, args.fuzz_messages, args.seed)
