@@ -265,8 +265,11 @@ class Stack:
         indexer = IndexerApp(icfg)
         await indexer.start(Runtime("indexer", icfg, nc))
         names = {s.name for s in SCHEDULER}
+        # Bookings of accepted requests must not expire while the fuzz runs: the state check compares
+        # the load view before and after each rejected request, and an expiry in between is not its doing.
         scfg = _cfg([*COMMON, *SCHEDULER, *(s for s in indexer_settings if s.name not in names)], nats_url,
-                    "--router-id", "fuzz", "--snapshot-every-events", "0", "--snapshot-interval-s", "0")  # fmt: skip
+                    "--router-id", "fuzz", "--snapshot-every-events", "0", "--snapshot-interval-s", "0",
+                    "--booking-ttl-s", "86400", "--booking-unconfirmed-ttl-s", "86400")  # fmt: skip
         scheduler = SchedulerApp(scfg)
         await scheduler.start(Runtime("scheduler", scfg, nc))
         bcfg = _cfg([*COMMON, *BRIDGE], nats_url)
