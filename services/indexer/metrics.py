@@ -44,7 +44,7 @@ SNAPSHOTS = Counter("kvr_indexer_snapshots_total", "Snapshot writes by outcome",
 RESTORE_SECONDS = Gauge("kvr_indexer_restore_seconds", "Time to load the snapshot at start", ["pool"])
 HISTORY_LOST = Counter(
     "kvr_indexer_history_lost_total",
-    "Starts where KVR_KV had already dropped events newer than the snapshot (index rebuilt from what exists)",
+    "KVR_KV dropped events this replica still needed: newer than its snapshot at start, or not read yet while it ran",
     ["pool"],
 )
 
