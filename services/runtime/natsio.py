@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -18,58 +22,256 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from prometheus_client import Counter, Gauge
 
 from schemas.subjects import Names
 
-from .logs import get_logger
+from .logs import get_logger, redact
+from .natsauth import NatsAuth, NatsConfigError, redact_url
 
 log = get_logger("kvr.nats")
+
+CONNECT_FAILURES = Counter("kvr_nats_connect_failures_total", "Failed NATS (re)connect attempts, by cause", ["kind"])
+PERMISSION_DENIED = Counter(
+    "kvr_nats_permission_denied_total", "Publishes or subscriptions the NATS server refused (permissions violation)", ["op"]
+)
+CONNECTED = Gauge("kvr_nats_connected", "1 while connected to a NATS server")
+
+# Failure kinds of a (re)connect attempt; `authorization`, `tls` and `config` need an operator.
+OPERATOR_KINDS = frozenset({"authorization", "tls", "config"})
+_PERMISSION_RE = re.compile(r'permissions violation for (publish|subscription) to "?([^"]*)"?', re.IGNORECASE)
+_MAX_DENIED_SUBJECTS = 1024
 
 
 class ProvisioningError(RuntimeError):
     """An existing stream/bucket whose configuration conflicts with what this service needs."""
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 2.0, max_wait_s: float | None = None) -> NATS:
-    """Connect with retry/backoff (the server may start after us) and reconnect forever afterwards."""
+def describe_failure(exc: BaseException, auth: NatsAuth) -> tuple[str, str]:
+    """(kind, one-line cause) of a failed connect, naming the setting to fix, never a secret."""
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, NatsConfigError):
+        return "config", text
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or text
+        ca = auth.tls_ca or "unset, so the system CAs"
+        return "tls", f"the NATS server certificate is not trusted ({why}); KVR_NATS_TLS_CA is {ca}"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(getattr(exc, "reason", "") or text)
+        if "CERTIFICATE_REQUIRED" in reason.upper():
+            if auth.tls_cert:
+                return "tls", f"the NATS server rejected the client certificate {auth.tls_cert} ({reason})"
+            return "tls", "the NATS server requires a client certificate (mutual TLS): set KVR_NATS_TLS_CERT and KVR_NATS_TLS_KEY"
+        if any(word in reason.upper() for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")):
+            return "tls", f"the NATS server rejected the client certificate {auth.tls_cert or '(none)'} ({reason})"
+        if "WRONG_VERSION_NUMBER" in reason.upper() or "RECORD_LAYER" in reason.upper():
+            return "tls", f"TLS handshake failed ({reason}): does the server speak TLS, and is handshake_first the same on both sides?"
+        return "tls", f"TLS handshake failed ({reason})"
+    if "authorization violation" in low or ("authentication" in low and ("expired" in low or "revoked" in low)):
+        return "authorization", f"the NATS server rejected the credentials ({auth.method()}): {text.removeprefix('nats: ')}"
+    if "no ssl context" in low or "secure connection" in low or "tls required" in low:
+        return "tls", "the NATS server requires TLS: set KVR_NATS_TLS_CA (the CA of its certificate)"
+    if "tls" in low and "not" in low and ("available" in low or "configured" in low):
+        return "tls", f"the NATS server does not offer TLS ({text}); unset KVR_NATS_TLS_* or enable TLS on the server"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        hint = " (a server with TLS handshake_first needs KVR_NATS_TLS_HANDSHAKE_FIRST=true)" if not auth.tls_handshake_first else ""
+        return "timeout", f"no answer from the NATS server in time{hint}"
+    if isinstance(exc, OSError):
+        return "unreachable", f"{type(exc).__name__}: {exc.strerror or text}"
+    if isinstance(exc, nats.errors.NoServersError):
+        return "unreachable", "no NATS server could be reached"
+    return "error", f"{type(exc).__name__}: {text}"
+
+
+@dataclass
+class ConnectionState:
+    """What `/readyz` and the logs say about this process's NATS connection (nothing secret)."""
+
+    servers: str = ""
+    auth: str = ""
+    tls: str = ""
+    state: str = "connecting"  # connecting | connected | reconnecting | closed
+    attempts: int = 0
+    error_kind: str | None = None
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    denied: dict[str, set[str]] = field(default_factory=lambda: {"publish": set(), "subscription": set()})
+    denied_total: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def reason(self) -> str | None:
+        """Why this process is not usable, or None while connected."""
+        if self.connected:
+            return None
+        if self.error:
+            return f"NATS {self.state}: {self.error_kind}: {self.error}"
+        return f"NATS {self.state}"
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, "servers": self.servers, "auth": self.auth, "tls": self.tls}
+        if not self.connected:
+            out["attempts"] = self.attempts
+        if self.error and not self.connected:
+            out["error_kind"], out["error"] = self.error_kind, self.error
+        if self.denied_total:
+            out["permission_denied"] = {
+                "total": self.denied_total,
+                "subjects": {op: sorted(subjects)[:20] for op, subjects in self.denied.items() if subjects},
+            }
+        return out
+
+    def note_denied(self, message: str) -> bool:
+        """Record a permissions violation; True the first time this (operation, subject) is seen."""
+        m = _PERMISSION_RE.search(message)
+        op, subject = (m.group(1).lower(), m.group(2)) if m else ("publish", message)
+        PERMISSION_DENIED.labels("subscribe" if op == "subscription" else "publish").inc()
+        self.denied_total += 1
+        seen = self.denied.setdefault(op, set())
+        if subject in seen or len(seen) >= _MAX_DENIED_SUBJECTS:
+            return False
+        seen.add(subject)
+        return True
+
+
+async def connect(
+    url: str,
+    name: str,
+    *,
+    auth: NatsAuth | None = None,
+    state: ConnectionState | None = None,
+    connect_timeout: float = 2.0,
+    max_wait_s: float | None = None,
+) -> NATS:
+    """Connect with retry/backoff (the server may start after us) and reconnect forever afterwards.
+
+    A failure is logged once per distinct cause (an error line for credentials, TLS and settings, a
+    warning for an unreachable server) and kept in `state` for `/readyz`; a publish or subscription
+    the server refuses is logged once per subject and counted in `kvr_nats_permission_denied_total`.
+    """
+    auth = auth or NatsAuth()
+    state = state if state is not None else ConnectionState()
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    state.servers, state.auth, state.tls = redact_url(url), auth.method(), auth.tls_description()
+    if state.auth == "no credentials" and "@" in url:
+        state.auth = "credentials in the URL (development only)"
+    attempt_error: BaseException | None = None  # what the last server said, behind NoServersError
     delay = 0.1
     loop = asyncio.get_running_loop()
     deadline = None if max_wait_s is None else loop.time() + max_wait_s
+    last_logged: tuple[str, str] | None = None
+
+    def failed(exc: BaseException) -> tuple[str, str]:
+        nonlocal last_logged
+        if isinstance(exc, nats.errors.NoServersError) and attempt_error is not None:
+            exc = attempt_error
+        kind, reason = describe_failure(exc, auth)
+        reason = redact(reason)
+        state.attempts += 1
+        state.error_kind, state.error = kind, reason
+        CONNECT_FAILURES.labels(kind).inc()
+        if (kind, reason) != last_logged:
+            last_logged = (kind, reason)
+            level = log.error if kind in OPERATOR_KINDS else log.warning
+            event = "nats.connect_failed" if state.state == "connecting" else "nats.reconnect_failed"
+            level(event, kind=kind, reason=reason, servers=state.servers, auth=state.auth, tls=state.tls)
+        return kind, reason
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats.error", error=str(exc) or type(exc).__name__)
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            if state.note_denied(text):
+                m = _PERMISSION_RE.search(text)
+                log.error(
+                    "nats.permission_denied",
+                    op=m.group(1).lower() if m else "?",
+                    subject=m.group(2) if m else text,
+                    auth=state.auth,
+                    hint="this NATS user lacks the permission (docs/security.md has every role's subjects)",
+                )
+            return
+        nonlocal attempt_error
+        if state.state == "connecting":
+            attempt_error = exc  # the attempt raises too; `failed` reports it once
+            return
+        failed(exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats.disconnected")
+        if state.state == "connected":
+            state.state = "reconnecting"
+            CONNECTED.set(0)
+            log.warning("nats.disconnected", servers=state.servers)
 
     async def on_reconnect() -> None:
-        log.info("nats.reconnected", url=str(nc.connected_url.geturl() if nc.connected_url else ""))
+        nonlocal last_logged
+        state.state, state.since, state.attempts, last_logged = "connected", time.time(), 0, None
+        state.error_kind = state.error = None
+        CONNECTED.set(1)
+        log.info("nats.reconnected", url=redact_url(nc.connected_url.geturl() if nc.connected_url else ""))
 
-    nc = NATS()
+    async def on_closed() -> None:
+        if state.state != "connecting":  # not a failed first attempt being cleaned up
+            state.state = "closed"
+            CONNECTED.set(0)
+
     while True:
+        nc = NATS()
+        attempt_error = None
         try:
+            options = auth.options(name)
+            # Reconnecting is switched on once connected: a first connect that fails raises here,
+            # so every cause goes through `failed` (one line per cause) and our backoff.
             await nc.connect(
                 servers=servers,
                 name=name,
                 connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,  # nats-py: each server tried (twice) once, then NoServersError
+                reconnect_time_wait=0,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 pending_size=64 * 1024 * 1024,
+                **options,
             )
-            log.info("nats.connected", url=servers)
+            nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1)
+            state.state, state.since = "connected", time.time()
+            state.error_kind = state.error = None
+            CONNECTED.set(1)
+            log.info(
+                "nats.connected",
+                url=redact_url(nc.connected_url.geturl() if nc.connected_url else url),
+                servers=state.servers,
+                auth=state.auth,
+                tls=state.tls,
+                attempts=state.attempts + 1,
+            )
+            state.attempts = 0
             return nc
+        except asyncio.CancelledError:
+            await _quiet_close(nc)
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to reach the server is retried
+            await _quiet_close(nc)
+            kind, reason = failed(exc)
             if deadline is not None and loop.time() >= deadline:
-                raise
-            log.warning("nats.connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
+                raise ConnectionError(f"NATS {kind}: {reason}") from None
+            # Wrong credentials or certificates do not fix themselves quickly: back off further.
+            cap = 30.0 if kind in OPERATOR_KINDS else 5.0
             await asyncio.sleep(delay + random.random() * delay * 0.2)
-            delay = min(delay * 2, 5.0)
-            nc = NATS()
+            delay = min(delay * 2, cap)
+
+
+async def _quiet_close(nc: NATS) -> None:
+    try:
+        if not nc.is_closed:
+            await asyncio.wait_for(nc.close(), 2)
+    except Exception:  # noqa: BLE001 - a half-open client; nothing to release beyond its socket
+        pass
 
 
 @dataclass(frozen=True)
@@ -165,4 +367,4 @@ async def provision(js: JetStreamContext, names: Names, settings: StreamSettings
     return result
 
 
-__all__ = ["NATS", "ProvisioningError", "StreamSettings", "connect", "ensure_stream", "provision", "stream_configs", "nats"]
+__all__ = ["NATS", "ConnectionState", "NatsAuth", "ProvisioningError", "StreamSettings", "connect", "describe_failure", "ensure_stream", "provision", "stream_configs", "nats"]

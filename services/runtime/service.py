@@ -23,8 +23,10 @@ from schemas.subjects import Names
 
 from .config import COMMON, Setting, add_settings, names_of, resolve
 from .http import HealthServer
-from .logs import get_logger, setup_logging
-from .natsio import StreamSettings, connect, provision
+from .logs import get_logger, redact_fields, setup_logging
+from .natsauth import NatsAuth, redact_url
+from .natsio import ConnectionState, StreamSettings, connect, provision
+from .tasks import cancel_and_wait
 from .tracing import setup_tracing, shutdown_tracing
 
 
@@ -78,11 +80,30 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
             loop.add_signal_handler(sig, stop.set)
 
     started = False
-    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=app.status)
+    conn = ConnectionState()
+    rt: Runtime | None = None
+
+    def status() -> dict[str, Any]:
+        # Served before NATS is reachable: a 503 that says why (wrong password, untrusted CA, ...).
+        body: dict[str, Any] = {}
+        if rt is not None:
+            try:
+                body.update(app.status())
+            except Exception as exc:  # noqa: BLE001 - a status page must not fail the probe
+                body["status_error"] = f"{type(exc).__name__}: {exc}"
+        body["nats"] = conn.snapshot()
+        reason = conn.reason() if rt is None else None
+        if reason is None and not started:
+            reason = "starting: provisioning, catching up with the streams"
+        if reason is not None:
+            body["reason"] = reason
+        return redact_fields(body)
+
+    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=status)
     port = await http.start()
     log.info("http.listening", port=port, endpoints=["/healthz", "/readyz", "/metrics"])
 
-    nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop)
+    nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop, NatsAuth.from_cfg(cfg), conn)
     if nc is None:
         await http.stop()
         return 0
@@ -95,7 +116,7 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
         await app.start(rt)
         started = True
         frozen = freeze_startup_heap()
-        log.info("service.started", pools=rt.pools, nats=cfg.nats_url, gc_frozen_objects=frozen)
+        log.info("service.started", pools=rt.pools, nats=redact_url(cfg.nats_url), gc_frozen_objects=frozen)
         await stop.wait()
         log.info("service.stopping")
     except Exception:
@@ -121,14 +142,14 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
-async def _connect_or_stop(url: str, name: str, stop: asyncio.Event) -> NATS | None:
-    connect_task = asyncio.create_task(connect(url, name))
+async def _connect_or_stop(url: str, name: str, stop: asyncio.Event, auth: NatsAuth, state: ConnectionState) -> NATS | None:
+    connect_task = asyncio.create_task(connect(url, name, auth=auth, state=state))
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({connect_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if connect_task in done:
         stop_task.cancel()
         return connect_task.result()
-    connect_task.cancel()
+    await cancel_and_wait(connect_task)
     return None
 
 
