@@ -32,6 +32,8 @@ import msgspec
 
 from schemas import codec
 from schemas.subjects import Names
+from services.runtime.config import NATS_CONNECTION, add_settings, resolve
+from services.runtime.logs import redact, setup_logging
 
 
 def _json_arg(text: str) -> Any:
@@ -58,7 +60,7 @@ def _message(text: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvr epp", description="send epp.query / epp.cleanup requests to the EPP bridge")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL")
+    add_settings(common, NATS_CONNECTION)  # --nats-url, credentials and TLS files (env KVR_NATS_*)
     common.add_argument("--pool", default="default", help="pool to ask")
     common.add_argument("--subject-prefix", default="kvr", help="subject prefix")
     common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
@@ -155,10 +157,12 @@ def query_payload(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
-async def send(nats_url: str, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
-    import nats
+async def send(conn: Any, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
+    """`conn`: the resolved NATS_CONNECTION settings (URL, credentials, TLS)."""
+    from services.runtime.natsauth import NatsAuth
+    from services.runtime.natsio import connect
 
-    nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0)
+    nc = await connect(conn.nats_url, "kvr-epp", auth=NatsAuth.from_cfg(conn), connect_timeout=timeout, max_wait_s=timeout)
     try:
         ctype = codec.MSGPACK if msgpack else None
         headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None
@@ -220,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0 if ok else 1
+    setup_logging("console", "warning")  # connection trouble on stderr; the reply alone on stdout
+    conn = resolve(args, NATS_CONNECTION)
     names = Names(prefix=args.subject_prefix)
     if args.action == "query":
         try:
@@ -234,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {"request_id": args.request_id, "phase": args.phase}
         subject = names.epp_cleanup(args.pool)
     try:
-        reply = asyncio.run(send(args.nats_url, subject, payload, args.timeout, args.msgpack))
+        reply = asyncio.run(send(conn, subject, payload, args.timeout, args.msgpack))
     except Exception as exc:  # noqa: BLE001 - connection refused, no responders, timeout
-        print(f"kvr epp: no answer on {subject}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"kvr epp: no answer on {subject}: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0 if isinstance(reply, dict) and reply.get("status") == "ok" else 1

@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.mock_worker.app import FleetConfig
 from services.mock_worker.engine import EngineConfig
-from services.runtime.config import COMMON, add_settings, names_of, resolve
+from services.runtime.config import COMMON, NATS_CONNECTION, add_settings, names_of, resolve
 from services.runtime.logs import setup_logging
+from services.runtime.natsauth import NatsAuth
 from services.runtime.natsio import StreamSettings, connect, provision
 
 from .fleets import InProcessFleet, SpawnedFleet
@@ -31,7 +32,7 @@ from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
 # COMMON settings that make sense for a client tool
-_CLIENT_COMMON = [s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level")]
+_CLIENT_COMMON = [*NATS_CONNECTION, *(s for s in COMMON if s.name in ("pool", "subject_prefix", "log_format", "log_level"))]
 
 
 @dataclass
@@ -78,7 +79,7 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     pool = cfg.pool[0]
     requests, skipped = select_requests(cfg, trace)
     policies = cfg.compare or [cfg.policy]
-    nc = await connect(cfg.nats_url, "kvr-replay", max_wait_s=30)
+    nc = await connect(cfg.nats_url, "kvr-replay", auth=NatsAuth.from_cfg(cfg), max_wait_s=30)
     runs: list[RunResult] = []
     try:
         await provision(nc.jetstream(), names, StreamSettings())
