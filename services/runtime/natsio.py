@@ -39,6 +39,7 @@ CONNECTED = Gauge("kvr_nats_connected", "1 while connected to a NATS server")
 
 # Failure kinds of a (re)connect attempt; `authorization`, `tls` and `config` need an operator.
 OPERATOR_KINDS = frozenset({"authorization", "tls", "config"})
+_PRIORITY = {"authorization": 5, "tls": 4, "config": 3, "timeout": 2, "unreachable": 1}
 _PERMISSION_RE = re.compile(r'permissions violation for (publish|subscription) to "?([^"]*)"?', re.IGNORECASE)
 _MAX_DENIED_SUBJECTS = 1024
 
@@ -158,21 +159,33 @@ async def connect(
     state.servers, state.auth, state.tls = redact_url(url), auth.method(), auth.tls_description()
     if state.auth == "no credentials" and "@" in url:
         state.auth = "credentials in the URL (development only)"
-    attempt_error: BaseException | None = None  # what the last server said, behind NoServersError
+    attempt_errors: list[BaseException] = []  # what the servers said during one first-connect attempt
+    generic_streak = 0
     delay = 0.1
     loop = asyncio.get_running_loop()
     deadline = None if max_wait_s is None else loop.time() + max_wait_s
     last_logged: tuple[str, str] | None = None
 
-    def failed(exc: BaseException) -> tuple[str, str]:
-        nonlocal last_logged
-        if isinstance(exc, nats.errors.NoServersError) and attempt_error is not None:
-            exc = attempt_error
-        kind, reason = describe_failure(exc, auth)
+    def failed(exc: BaseException, info: dict[str, Any] | None = None) -> tuple[str, str]:
+        nonlocal last_logged, generic_streak
+        # The most telling of what this attempt saw: a TLS alert beats the connection reset after it.
+        seen = [describe_failure(e, auth) for e in (*attempt_errors, exc) if not isinstance(e, nats.errors.NoServersError)]
+        if info and info.get("tls_verify") and not auth.tls_cert:
+            # The server's INFO said it verifies client certificates; with TLS 1.3 its refusal often
+            # reaches us as a bare reset, so say what the INFO told us.
+            seen.append(("tls", "the NATS server requires a client certificate (mutual TLS): set KVR_NATS_TLS_CERT and KVR_NATS_TLS_KEY"))
+        kind, reason = max(seen or [describe_failure(exc, auth)], key=lambda kr: _PRIORITY.get(kr[0], 0))
         reason = redact(reason)
         state.attempts += 1
-        state.error_kind, state.error = kind, reason
         CONNECT_FAILURES.labels(kind).inc()
+        # A specific cause (credentials, TLS, settings) is not overwritten by one vaguer failure: with
+        # TLS 1.3 a rejected client certificate shows up as a reset as often as an alert.
+        if kind not in OPERATOR_KINDS and state.error_kind in OPERATOR_KINDS:
+            generic_streak += 1
+            if generic_streak < 3:
+                return state.error_kind, state.error or ""
+        generic_streak = 0
+        state.error_kind, state.error = kind, reason
         if (kind, reason) != last_logged:
             last_logged = (kind, reason)
             level = log.error if kind in OPERATOR_KINDS else log.warning
@@ -193,21 +206,22 @@ async def connect(
                     hint="this NATS user lacks the permission (docs/security.md has every role's subjects)",
                 )
             return
-        nonlocal attempt_error
         if state.state == "connecting":
-            attempt_error = exc  # the attempt raises too; `failed` reports it once
+            attempt_errors.append(exc)  # the attempt raises too; `failed` reports it once
             return
         failed(exc)
 
     async def on_disconnect() -> None:
+        if nc.is_closed or nc.is_draining:
+            return  # our own close or drain at shutdown, not an outage
         if state.state == "connected":
             state.state = "reconnecting"
             CONNECTED.set(0)
             log.warning("nats.disconnected", servers=state.servers)
 
     async def on_reconnect() -> None:
-        nonlocal last_logged
-        state.state, state.since, state.attempts, last_logged = "connected", time.time(), 0, None
+        nonlocal last_logged, generic_streak
+        state.state, state.since, state.attempts, last_logged, generic_streak = "connected", time.time(), 0, None, 0
         state.error_kind = state.error = None
         CONNECTED.set(1)
         log.info("nats.reconnected", url=redact_url(nc.connected_url.geturl() if nc.connected_url else ""))
@@ -219,7 +233,7 @@ async def connect(
 
     while True:
         nc = NATS()
-        attempt_error = None
+        attempt_errors.clear()
         try:
             options = auth.options(name)
             # Reconnecting is switched on once connected: a first connect that fails raises here,
@@ -257,7 +271,7 @@ async def connect(
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to reach the server is retried
             await _quiet_close(nc)
-            kind, reason = failed(exc)
+            kind, reason = failed(exc, getattr(nc, "_server_info", None))
             if deadline is not None and loop.time() >= deadline:
                 raise ConnectionError(f"NATS {kind}: {reason}") from None
             # Wrong credentials or certificates do not fix themselves quickly: back off further.
@@ -267,11 +281,15 @@ async def connect(
 
 
 async def _quiet_close(nc: NATS) -> None:
-    try:
-        if not nc.is_closed:
-            await asyncio.wait_for(nc.close(), 2)
-    except Exception:  # noqa: BLE001 - a half-open client; nothing to release beyond its socket
-        pass
+    """Release a client whose first connect failed. Its socket is closed directly: nats-py's close()
+    waits for a TLS transport whose handshake failed to finish closing, which can take forever, and
+    nothing else was started (no read loop, no flusher) before the failure."""
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        try:
+            transport.close()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 @dataclass(frozen=True)

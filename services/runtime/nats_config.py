@@ -1,0 +1,68 @@
+"""`kvr nats-config`: the nats-server accounts, users and permissions of every kvr role, from the one
+role table (`services.runtime.permissions`).
+
+    kvr nats-config --pool llama,qwen                 # nats-server config: `accounts { KVR { ... } }`
+    kvr nats-config --pool llama --format helm        # values for the official NATS chart (config.merge + env)
+    kvr nats-config --format table                    # the role/subject table of docs/security.md
+
+Passwords are never written: each user's password is an environment reference
+(`$KVR_NATS_PASSWORD_<ROLE>`) that nats-server resolves at start, fed from the same Kubernetes Secret
+the kvr pod mounts as its KVR_NATS_PASSWORD_FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from .config import COMMON, add_settings, names_of, resolve
+from .permissions import Raw, Scope, User, accounts_config, default_identities, helm_value, markdown_table, password_env, render_conf, role_permissions
+
+NAME_SETTINGS = [s for s in COMMON if s.name in ("pool", "subject_prefix", "kv_stream", "workers_bucket", "bookings_stream", "snapshots_bucket")]
+
+
+def users_for(cfg: Any, relay_bucket: str = "KVR_RELAY") -> list[User]:
+    names = names_of(cfg)
+    users = []
+    for role, scope in default_identities(cfg.pool):
+        perms = role_permissions(role, Scope(names=names, pools=scope.pools, relay_bucket=relay_bucket))
+        users.append(User(perms, password=Raw("$" + password_env(perms.user))))
+    return users
+
+
+def helm_values(users: Sequence[User], secret_prefix: str = "kvr-nats-") -> dict[str, Any]:
+    """`config.merge.accounts` plus the nats container's env entries that read each password from
+    the user's Secret (`<secret_prefix><user without kvr->`, key `password`)."""
+    env = {
+        password_env(u.permissions.user): {
+            "valueFrom": {"secretKeyRef": {"name": secret_prefix + u.permissions.user.removeprefix("kvr-"), "key": "password"}}
+        }
+        for u in users
+    }
+    return {"config": {"merge": {"accounts": helm_value(accounts_config(users))}}, "container": {"env": env}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvr nats-config", description=__doc__.splitlines()[0])
+    add_settings(parser, NAME_SETTINGS)
+    parser.add_argument("--relay-bucket", default="KVR_RELAY", help="the relays' event-id bucket (relay --relay-bucket)")
+    parser.add_argument("--format", choices=["conf", "helm", "table"], default="conf")
+    args = parser.parse_args(argv)
+    cfg = resolve(args, NAME_SETTINGS)
+    if args.format == "table":
+        print(markdown_table(cfg.pool, names_of(cfg)), end="")
+        return 0
+    users = users_for(cfg, args.relay_bucket)
+    if args.format == "helm":
+        print(yaml.safe_dump(helm_values(users), sort_keys=False, width=200), end="")
+    else:
+        print("accounts: " + render_conf(accounts_config(users)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
