@@ -216,7 +216,15 @@ def role_permissions(role: str, scope: Scope | None = None) -> RolePermissions:
         grants += [Grant("pub", f"{API}.INFO", "account usage"), Grant("pub", f"{API}.STREAM.NAMES", "list streams"),
                    Grant("pub", f"{API}.STREAM.LIST", "list streams with state")]  # fmt: skip
         for s in every_stream:
-            grants += [Grant("pub", f"{API}.CONSUMER.INFO.{s}.*", "consumer lag"), Grant("pub", f"{API}.CONSUMER.LIST.{s}", "consumers")]
+            grants += [
+                Grant("pub", f"{API}.CONSUMER.INFO.{s}.*", "consumer lag"),
+                Grant("pub", f"{API}.CONSUMER.LIST.{s}", "consumers"),
+                Grant("pub", f"{API}.STREAM.MSG.GET.{s}", "read one message / KV key"),
+                Grant("pub", f"{API}.CONSUMER.CREATE.{s}", "read the stream (ordered consumer, e.g. `nats stream view`)"),
+                Grant("pub", f"{API}.CONSUMER.CREATE.{s}.>", "read the stream (named consumer)"),
+                Grant("pub", f"{API}.CONSUMER.MSG.NEXT.{s}.*", "fetch from its consumer"),
+                Grant("pub", f"$JS.FC.{s}.>", "flow-control replies of its ordered consumer"),
+            ]
         grants += _ask(
             [n.dump(p) for p in pools] + [n.match(p) for p in pools] + [f"{n.scheduler_state(p)}" for p in pools]
             + [f"{n.scheduler_state(p)}.*" for p in pools],

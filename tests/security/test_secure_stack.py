@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import MatchReply, MatchRequest
+from nats.js.errors import KeyNotFoundError
+
+from schemas import MatchReply, MatchRequest, codec
+from schemas.discovery import WorkerRecord
 from schemas.subjects import Names
 from services.relay.app import worker_id_for
 from services.runtime.natsauth import NatsAuth
@@ -199,6 +202,25 @@ async def test_every_role_connects_with_its_own_identity_and_the_gateway_path_wo
         await asyncio.sleep(0.1)
     assert status["pools"][POOL]["snapshot_seq"] > 0, status
 
+    # Expiry: a discovery record that stops heartbeating is deleted by the indexer's and the
+    # schedulers' sweepers, each with its own identity (a guarded KV delete).
+    writer, nc = await connect_as(secure, "mock-workers"), await connect_as(secure, "operator")
+    try:
+        record = WorkerRecord(worker_id=77, pool=POOL, model="m", pod_name="gone-77", heartbeat_ms=0, ttl_s=0.3)
+        await (await writer.jetstream().key_value("KVR_WORKERS")).put(f"{POOL}.77", codec.encode_json(record))
+        kv = await nc.jetstream().key_value("KVR_WORKERS")
+        for _ in range(100):
+            try:
+                await kv.get(f"{POOL}.77")
+            except KeyNotFoundError:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(KeyNotFoundError):
+            await kv.get(f"{POOL}.77")
+    finally:
+        await writer.close()
+        await nc.close()
+
     # Nothing any service did in normal operation was refused by the server.
     for name in ("indexer", "scheduler", "epp-bridge", "mock-workers", "relay"):
         metrics = procs[name].metrics()
@@ -247,6 +269,26 @@ async def test_the_relay_identity_cannot_publish_bookings_or_another_pools_event
         assert nc.is_connected and (await js.stream_info("KVR_BOOKINGS")).state.messages == bookings_before
     finally:
         await nc.close()
+
+
+def test_replay_drives_the_secured_stack_as_the_replay_identity(secure, stack, logs, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(
+        json.dumps({"timestamp": 20 * i, "input_length": 256, "output_length": 4, "hash_ids": [1, 2, 3, 10 + i]}) + "\n"
+        for i in range(12)
+    ))  # fmt: skip
+    out = kvr(["replay", str(trace), "--nats-url", secure.url, "--fleet", "external", "--speedup", "20", "--progress", "false",
+               "--out", str(tmp_path / "report"), "--request-timeout-s", "20"],
+              secure.get("replay").env(), logs / "replay.log", timeout=120)  # fmt: skip
+    assert out.returncode in (0, 1), out.stdout[-2000:] + out.stderr[-2000:]  # 1: some requests failed
+    records = [json.loads(line) for line in (tmp_path / "report" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 12
+    # The pool also holds the relay's worker (vllm-0, no engine behind it here): requests routed
+    # there fail at generate; every request routed to a simulated worker completes.
+    relay_worker = worker_id_for(BOUND_POD)
+    assert all(r["error"] is None for r in records if r["worker_id"] != relay_worker), records
+    assert sum(r["error"] is None for r in records) >= 4
+    assert "permission_denied" not in (logs / "replay.log").read_text()
 
 
 EXPECTED_FAILURES = {
@@ -318,7 +360,15 @@ async def test_tls_handshake_first(tmp_path):
 def test_no_log_line_of_this_module_contains_a_secret(secure, stack, logs):
     """Runs last in this module: every process's stdout/stderr to its exit, the CLI outputs, the server log."""
     assert stop_all(stack) == dict.fromkeys(stack["procs"], 0), "every service drains and exits 0 on SIGTERM"
-    (logs / "nats-server.log").write_text((secure.base / "nats-server.log").read_text())
+    server_log = (secure.base / "nats-server.log").read_text()
+    (logs / "nats-server.log").write_text(server_log)
+    # To the end (deregistration, the last snapshot, drains) no kvr identity was refused anything,
+    # except the relay deliberately running as the wrong pod.
+    for name in ("indexer", "scheduler", "epp-bridge", "mock-workers", "relay", "provision", "epp-cli", "replay"):
+        assert "permission_denied" not in (logs / f"{name}.log").read_text(), name
+    violations = [line for line in server_log.splitlines() if "Violation" in line]
+    # Only the two relay identities of the refusal tests were refused (`KVR/user:kvr-relay-default...`).
+    assert violations and all(f"/user:kvr-relay-{POOL}" in line for line in violations), violations
     secrets = secure.secrets()
     assert len(secrets) >= 10
     files = sorted(logs.glob("*.log"))
