@@ -55,7 +55,7 @@ def describe_failure(exc: BaseException, auth: NatsAuth) -> tuple[str, str]:
     if isinstance(exc, NatsConfigError):
         return "config", text
     if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or text
+        why = getattr(exc, "verify_message", None) or text
         ca = auth.tls_ca or "unset, so the system CAs"
         return "tls", f"the NATS server certificate is not trusted ({why}); KVR_NATS_TLS_CA is {ca}"
     if isinstance(exc, ssl.SSLError):
