@@ -6,7 +6,7 @@ role table (`services.runtime.permissions`).
     kvr nats-config --format table                    # the role/subject table of docs/security.md
 
 Passwords are never written: each user's password is an environment reference
-(`$KVR_NATS_PASSWORD_<ROLE>`) that nats-server resolves at start, fed from the same Kubernetes Secret
+(`$PASSWORD_KVR_<ROLE>`) that nats-server resolves at start, fed from the same Kubernetes Secret
 the kvr pod mounts as its KVR_NATS_PASSWORD_FILE.
 """
 

@@ -317,8 +317,9 @@ def default_identities(pools: Sequence[str]) -> list[tuple[str, Scope]]:
 
 
 def password_env(user: str) -> str:
-    """The environment variable that carries a user's password into nats-server (from a Secret)."""
-    return "KVR_NATS_PASSWORD_" + user.removeprefix("kvr-").upper().replace("-", "_")
+    """The environment variable that carries a user's password into nats-server (from a Secret); not a
+    kvr setting, hence no KVR_ prefix."""
+    return "PASSWORD_" + user.upper().replace("-", "_")
 
 
 def accounts_config(users: Sequence[User], *, account: str = ACCOUNT) -> dict[str, Any]:

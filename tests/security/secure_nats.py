@@ -17,7 +17,7 @@ import nkeys
 from services.runtime.embedded import NatsServer
 from services.runtime.permissions import ROLES, Scope, User, accounts_config, render_conf, role_permissions
 
-from .pki import CertificateAuthority, Issued
+from services.runtime.devpki import CertificateAuthority, Issued
 
 
 @dataclass

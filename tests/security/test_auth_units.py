@@ -21,7 +21,7 @@ from services.runtime.natsauth import NatsAuth, NatsConfigError, inbox_prefix_fo
 from services.runtime.natsio import ConnectionState, describe_failure
 from services.runtime.permissions import ROLES, Raw, Scope, User, accounts_config, markdown_table, render_conf, role_permissions
 
-from .pki import CertificateAuthority
+from services.runtime.devpki import CertificateAuthority
 
 pytestmark = pytest.mark.unit
 
@@ -244,7 +244,7 @@ def test_nats_config_cli_outputs_share_the_table():
     ]  # fmt: skip
     values = helm_values(users)
     entries = values["config"]["merge"]["accounts"]["KVR"]["users"]
-    assert entries[0]["password"] == "<< $KVR_NATS_PASSWORD_INDEXER >>"
-    assert values["container"]["env"]["KVR_NATS_PASSWORD_RELAY_LLAMA"]["valueFrom"]["secretKeyRef"] == {"name": "kvr-nats-relay-llama", "key": "password"}
+    assert entries[0]["password"] == "<< $PASSWORD_KVR_INDEXER >>"
+    assert values["container"]["env"]["PASSWORD_KVR_RELAY_LLAMA"]["valueFrom"]["secretKeyRef"] == {"name": "kvr-nats-relay-llama", "key": "password"}
     table = markdown_table(["llama"], Names())
     assert "**relay** (`kvr-relay-llama`)" in table and "`kvr.llama.kv.*.*`" in table

@@ -1,4 +1,9 @@
-"""A throw-away PKI for the security tests: a CA, server and client certificates, made with `cryptography`."""
+"""A throw-away PKI for development and tests: a CA, server and client certificates (`cryptography`).
+
+Used by the security tests and by the secured compose profile's generator
+(deploy/compose/secure/generate.py). `cryptography` is a development dependency (`pip install -e .[dev]`);
+production certificates come from cert-manager (deploy/k8s/nats/certificates.yaml) or your own PKI.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ class Issued:
 class CertificateAuthority:
     """A self-signed CA that writes `<name>.crt` / `<name>.key` pairs into `directory`."""
 
-    def __init__(self, directory: Path, name: str = "kvr-test-ca") -> None:
+    def __init__(self, directory: Path, name: str = "kvr-test-ca", days: int = 1) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._key = _key()
@@ -47,7 +52,7 @@ class CertificateAuthority:
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -59,6 +64,7 @@ class CertificateAuthority:
             )  # fmt: skip
             .sign(self._key, hashes.SHA256())
         )
+        self.days = days
         self.cert_path = directory / f"{name}.crt"
         self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
@@ -77,7 +83,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=self.days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
