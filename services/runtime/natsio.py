@@ -210,6 +210,8 @@ async def connect(
             attempt_errors.append(exc)  # the attempt raises too; `failed` reports it once
             return
         failed(exc)
+        if state.state == "reconnecting":
+            refresh_tls()  # the next attempt uses the certificate files as they are by then
 
     async def on_disconnect() -> None:
         if nc.is_closed or nc.is_draining:
@@ -218,6 +220,16 @@ async def connect(
             state.state = "reconnecting"
             CONNECTED.set(0)
             log.warning("nats.disconnected", servers=state.servers)
+        refresh_tls()
+
+    def refresh_tls() -> None:
+        """Reconnect with the certificate files as they are now: a renewed client certificate or CA
+        bundle (cert-manager rotation) is used without a restart."""
+        if auth.uses_tls:
+            try:
+                nc.options["tls"] = auth.ssl_context()
+            except NatsConfigError as exc:
+                failed(exc)
 
     async def on_reconnect() -> None:
         nonlocal last_logged, generic_streak

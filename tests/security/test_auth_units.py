@@ -248,3 +248,21 @@ def test_nats_config_cli_outputs_share_the_table():
     assert values["container"]["env"]["PASSWORD_KVR_RELAY_LLAMA"]["valueFrom"]["secretKeyRef"] == {"name": "kvr-nats-relay-llama", "key": "password"}
     table = markdown_table(["llama"], Names())
     assert "**relay** (`kvr-relay-llama`)" in table and "`kvr.llama.kv.*.*`" in table
+
+
+def test_nkey_users_replace_passwords_for_identities_with_public_keys(tmp_path):
+    import os
+
+    import nkeys
+
+    keys = [nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))).public_key.decode() for _ in range(2)]
+    (tmp_path / "kvr-indexer.pub").write_text(f"# old and new during a rotation\n{keys[0]}\n{keys[1]}\n")
+    cfg = SimpleNamespace(pool=["default"], subject_prefix="kvr", kv_stream="KVR_KV", workers_bucket="KVR_WORKERS",
+                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")  # fmt: skip
+    users = users_for(cfg, nkeys_dir=tmp_path)
+    indexer = [u for u in users if u.permissions.user == "kvr-indexer"]
+    assert [u.nkey for u in indexer] == keys and all("password" not in u.entry() for u in indexer)
+    assert "PASSWORD_KVR_INDEXER" not in helm_values(users)["container"]["env"]
+    (tmp_path / "kvr-gateway.pub").write_text("not-a-key\n")
+    with pytest.raises(ValueError, match="NKEY user public keys"):
+        users_for(cfg, nkeys_dir=tmp_path)
