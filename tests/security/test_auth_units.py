@@ -118,7 +118,19 @@ def test_redact_url_masks_passwords_and_tokens_and_registers_them():
     assert "s3cr3t-token" not in logs.redact("token s3cr3t-token")
 
 
-def test_structlog_and_stdlib_lines_never_carry_a_registered_secret(capsys):
+@pytest.fixture
+def own_logging():
+    """setup_logging binds structlog and the root logger to this test's captured stderr: undo after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    root.handlers = []
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers, root.level = handlers, level
+
+
+def test_structlog_and_stdlib_lines_never_carry_a_registered_secret(capsys, own_logging):
     logs.register_secret("hunter2-very-secret")
     logs.setup_logging("json", "info", service="t")
     try:
