@@ -278,3 +278,10 @@ def test_nkey_users_replace_passwords_for_identities_with_public_keys(tmp_path):
     (tmp_path / "kvr-gateway.pub").write_text("not-a-key\n")
     with pytest.raises(ValueError, match="NKEY user public keys"):
         users_for(cfg, nkeys_dir=tmp_path)
+
+
+def test_docs_security_holds_the_role_table_of_the_code():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    start, end = "<!-- role-table:start -->\n", "<!-- role-table:end -->"
+    section = text.split(start, 1)[1].split(end, 1)[0]
+    assert section == markdown_table(["default"], Names()), "regenerate: kvr nats-config --format table"
