@@ -42,7 +42,7 @@ class CertificateAuthority:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self._name = subject
         self.certificate = (
@@ -70,7 +70,7 @@ class CertificateAuthority:
 
     def issue(self, name: str, *, server: bool = False, client: bool = False, hosts: tuple[str, ...] = ()) -> Issued:
         key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         usages = []
         if server:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)

@@ -22,7 +22,18 @@ from typing import Any
 import yaml
 
 from .config import COMMON, add_settings, names_of, resolve
-from .permissions import Raw, Scope, User, accounts_config, default_identities, helm_value, markdown_table, password_env, render_conf, role_permissions
+from .permissions import (
+    Raw,
+    Scope,
+    User,
+    accounts_config,
+    default_identities,
+    helm_value,
+    markdown_table,
+    password_env,
+    render_conf,
+    role_permissions,
+)
 
 NAME_SETTINGS = [s for s in COMMON if s.name in ("pool", "subject_prefix", "kv_stream", "workers_bucket", "bookings_stream", "snapshots_bucket")]
 

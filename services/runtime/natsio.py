@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import ssl
@@ -298,10 +299,8 @@ async def _quiet_close(nc: NATS) -> None:
     nothing else was started (no read loop, no flusher) before the failure."""
     transport = getattr(nc, "_transport", None)
     if transport is not None:
-        try:
+        with contextlib.suppress(Exception):  # already gone
             transport.close()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
 
 
 @dataclass(frozen=True)
@@ -397,4 +396,7 @@ async def provision(js: JetStreamContext, names: Names, settings: StreamSettings
     return result
 
 
-__all__ = ["NATS", "ConnectionState", "NatsAuth", "ProvisioningError", "StreamSettings", "connect", "describe_failure", "ensure_stream", "provision", "stream_configs", "nats"]
+__all__ = [
+    "NATS", "ConnectionState", "NatsAuth", "ProvisioningError", "StreamSettings", "connect", "describe_failure", "ensure_stream",
+    "provision", "stream_configs", "nats",
+]  # fmt: skip

@@ -144,7 +144,7 @@ def test_production_pods_mount_their_own_credentials_as_files() -> None:
         assert (env["KVR_NATS_TLS_CA"], env["KVR_NATS_TLS_CERT"], env["KVR_NATS_TLS_KEY"]) == (
             f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key")  # fmt: skip
         assert env["KVR_NATS_URL"].startswith("tls://") and env["KVR_PROVISION"] == "false"
-        assert not any("PASSWORD=" in v or "password" == k.lower() for k, v in env.items()), "no secret in a ConfigMap"
+        assert not any("PASSWORD=" in v or k.lower() == "password" for k, v in env.items()), "no secret in a ConfigMap"
 
 
 @needs_kustomize

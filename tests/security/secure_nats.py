@@ -14,10 +14,9 @@ from pathlib import Path
 
 import nkeys
 
+from services.runtime.devpki import CertificateAuthority, Issued
 from services.runtime.embedded import NatsServer
 from services.runtime.permissions import ROLES, Scope, User, accounts_config, render_conf, role_permissions
-
-from services.runtime.devpki import CertificateAuthority, Issued
 
 
 @dataclass

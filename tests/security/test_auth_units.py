@@ -16,12 +16,11 @@ import structlog
 from schemas.subjects import Names
 from services.runtime import logs
 from services.runtime.config import COMMON, NATS_CONNECTION
+from services.runtime.devpki import CertificateAuthority
 from services.runtime.nats_config import helm_values, users_for
 from services.runtime.natsauth import NatsAuth, NatsConfigError, inbox_prefix_for, redact_url
 from services.runtime.natsio import ConnectionState, describe_failure
 from services.runtime.permissions import ROLES, Raw, Scope, User, accounts_config, markdown_table, render_conf, role_permissions
-
-from services.runtime.devpki import CertificateAuthority
 
 pytestmark = pytest.mark.unit
 

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from nats.js.errors import KeyNotFoundError
 
 from schemas import MatchReply, MatchRequest, codec
@@ -32,9 +31,9 @@ from services.runtime.natsio import PERMISSION_DENIED, ConnectionState, connect
 from services.runtime.permissions import Scope
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
-
 from tests.relay.fake_engine import FakeEngine
 from tests.relay.helpers import ports
+
 from .secure_nats import SecureNats
 
 pytestmark = pytest.mark.integration
@@ -144,7 +143,7 @@ def stop_all(state: dict) -> dict[str, int | None]:
     """SIGTERM every process of the stack (once, side by side); their exit codes."""
     running = {name: proc for name, proc in state["procs"].items() if proc.proc is not None}
     with ThreadPoolExecutor(len(running) or 1) as pool:
-        state["codes"].update(zip(running, pool.map(lambda p: p.terminate(), running.values())))
+        state["codes"].update(zip(running, pool.map(lambda p: p.terminate(), running.values()), strict=True))
     return state["codes"]
 
 
