@@ -213,3 +213,40 @@ def test_secured_compose_files_start_a_real_server_that_the_services_identities_
             await nc.close()
 
         asyncio.run(attempt())
+
+
+# ---- the kvr Helm chart (deploy/helm/kvr) ------------------------------------------------------------
+
+
+def _helm() -> str | None:
+    from .test_helm import helm_command
+
+    return helm_command()
+
+
+@pytest.mark.skipif(_helm() is None, reason="no helm binary (PATH or KVR_HELM)")
+def test_kvr_chart_gives_each_component_its_own_nats_identity() -> None:
+    from .test_helm import CHART, rendered
+
+    docs = rendered("identities")
+    configmaps = by_kind(docs, "ConfigMap")
+    common = configmaps["edge-kvr-common"]["data"]
+    assert common["KVR_NATS_PASSWORD_FILE"] == "/etc/kvr/nats/password" and common["KVR_PROVISION"] == "false"
+    assert (common["KVR_NATS_TLS_CA"], common["KVR_NATS_TLS_CERT"], common["KVR_NATS_TLS_KEY"]) == (
+        "/etc/kvr/nats-tls/ca.crt", "/etc/kvr/nats-tls/tls.crt", "/etc/kvr/nats-tls/tls.key")  # fmt: skip
+    server_secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in load_yaml(VALUES)["container"]["env"].values()}
+    users = {u.permissions.user for u in table_users(["default"])}
+    deployments = by_kind(docs, "Deployment")
+    assert len(deployments) == 3
+    for name, dep in deployments.items():
+        component = name.removeprefix("edge-kvr-")
+        assert configmaps[f"edge-kvr-{component}"]["data"]["KVR_NATS_USER"] == f"kvr-{component}" in users
+        volumes = {v["name"]: v["secret"]["secretName"] for v in pod_spec(dep)["volumes"] if "secret" in v}
+        assert volumes["nats-credentials"] == f"kvr-nats-{component}" in server_secrets
+        assert volumes["nats-tls"] == f"kvr-nats-tls-{component}"
+        (container,) = containers(dep)
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["nats-credentials"] == "/etc/kvr/nats" and mounts["nats-tls"] == "/etc/kvr/nats-tls"
+    both = subprocess.run([_helm(), "template", "edge", str(CHART), "--values", str(CHART / "ci" / "identities-values.yaml"),
+                           "--set", "nats.credentialsSecret=shared"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert both.returncode != 0 and "choose one way to authenticate" in both.stderr
