@@ -25,7 +25,7 @@ from .config import COMMON, Setting, add_settings, names_of, resolve
 from .http import HealthServer
 from .logs import get_logger, redact_fields, setup_logging
 from .natsauth import NatsAuth, redact_url
-from .natsio import ConnectionState, StreamSettings, connect, provision
+from .natsio import ConnectionState, ProvisioningError, StreamSettings, connect, provision
 from .tasks import cancel_and_wait
 from .tracing import setup_tracing, shutdown_tracing
 
@@ -82,6 +82,7 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     started = False
     conn = ConnectionState()
     rt: Runtime | None = None
+    waiting: dict[str, str] = {}  # why start-up waits (provisioning not permitted yet, ...)
 
     def status() -> dict[str, Any]:
         # Served before NATS is reachable: a 503 that says why (wrong password, untrusted CA, ...).
@@ -92,7 +93,7 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
             except Exception as exc:  # noqa: BLE001 - a status page must not fail the probe
                 body["status_error"] = f"{type(exc).__name__}: {exc}"
         body["nats"] = conn.snapshot()
-        reason = conn.reason() if rt is None else None
+        reason = conn.reason() if rt is None else waiting.get("reason")
         if reason is None and not started:
             reason = "starting: provisioning, catching up with the streams"
         if reason is not None:
@@ -111,7 +112,11 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     rt.stopping = stop
     try:
         if cfg.provision:
-            result = await provision(rt.js, rt.names, stream_settings(cfg))
+            result = await _provision_or_wait(rt, cfg, conn, stop, waiting)
+            if result is None:  # stopped while waiting
+                await _close(nc, app, http)
+                return 0
+            waiting.pop("reason", None)
             log.info("provision.done", **result)
         await app.start(rt)
         started = True
@@ -126,6 +131,37 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     await _close(nc, app, http)
     log.info("service.stopped")
     return 0
+
+
+async def _provision_or_wait(
+    rt: Runtime, cfg: SimpleNamespace, conn: ConnectionState, stop: asyncio.Event, waiting: dict[str, str]
+) -> dict[str, str] | None:
+    """Provision. When this NATS user may not create what is missing (a least-privilege identity
+    before `kvr provision` ran) or JetStream does not answer, say why in `/readyz` and in one log
+    line per cause, and retry with backoff until the streams exist; None if stopped meanwhile. An
+    existing stream with a conflicting configuration stays fatal (ProvisioningError)."""
+    log = get_logger("kvr.provision")
+    delay, said = 1.0, None
+    while not stop.is_set():
+        try:
+            return await provision(rt.js, rt.names, stream_settings(cfg))
+        except ProvisioningError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - permission refusals surface as request timeouts
+            refused = sorted(s for s in conn.denied.get("publish", set()) if s.startswith("$js.api.stream."))
+            if refused:
+                reason = (f"this NATS user may not create what is missing ({', '.join(refused)}): "
+                          "run `kvr provision` with the provisioner identity (docs/security.md)")  # fmt: skip
+            else:
+                reason = f"provisioning failed: {type(exc).__name__}: {exc}"
+            waiting["reason"] = reason
+            if reason != said:
+                said = reason
+                log.error("provision.waiting", reason=reason, retry_in_s=delay)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
+    return None
 
 
 def freeze_startup_heap() -> int:

@@ -10,6 +10,7 @@ identity. The last test greps every log line written by any process of this modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -113,7 +114,7 @@ def stack(secure, logs):
         "indexer": ("indexer", ["--snapshot-interval-s", "0.5", "--provision", "false"], secure.get("indexer").env(), secure.url),
         "scheduler": ("scheduler", ["--router-id", "r1", "--block-size", "16"], secure.get("scheduler").env(method="nkey"), secure.url),
         "epp-bridge": ("epp-bridge", [], secure.get("epp-bridge").env(), secure.url),
-        "mock-workers": ("mock-workers", ["--count", "2", "--worker-ttl-s", "3"], mock_env, url_with_password),
+        "mock-workers": ("mock-workers", ["--count", "2", "--worker-ttl-s", "3", "--block-size", "16"], mock_env, url_with_password),
         "relay": (
             "relay", ["--zmq", f"tcp://127.0.0.1:{zp}", "--replay", f"tcp://127.0.0.1:{rp}", "--block-size", "16"],
             {**secure.get("relay").env(), "POD_NAME": BOUND_POD, "POD_IP": "10.0.0.7"}, secure.url,
@@ -270,26 +271,6 @@ async def test_the_relay_identity_cannot_publish_bookings_or_another_pools_event
         await nc.close()
 
 
-def test_replay_drives_the_secured_stack_as_the_replay_identity(secure, stack, logs, tmp_path):
-    trace = tmp_path / "trace.jsonl"
-    trace.write_text("".join(
-        json.dumps({"timestamp": 20 * i, "input_length": 256, "output_length": 4, "hash_ids": [1, 2, 3, 10 + i]}) + "\n"
-        for i in range(12)
-    ))  # fmt: skip
-    out = kvr(["replay", str(trace), "--nats-url", secure.url, "--fleet", "external", "--speedup", "20", "--progress", "false",
-               "--out", str(tmp_path / "report"), "--request-timeout-s", "20"],
-              secure.get("replay").env(), logs / "replay.log", timeout=120)  # fmt: skip
-    assert out.returncode in (0, 1), out.stdout[-2000:] + out.stderr[-2000:]  # 1: some requests failed
-    records = [json.loads(line) for line in (tmp_path / "report" / "records.jsonl").read_text().splitlines()]
-    assert len(records) == 12
-    # The pool also holds the relay's worker (vllm-0, no engine behind it here): requests routed
-    # there fail at generate; every request routed to a simulated worker completes.
-    relay_worker = worker_id_for(BOUND_POD)
-    assert all(r["error"] is None for r in records if r["worker_id"] != relay_worker), records
-    assert sum(r["error"] is None for r in records) >= 4
-    assert "permission_denied" not in (logs / "replay.log").read_text()
-
-
 EXPECTED_FAILURES = {
     "wrong_password": ("authorization", "rejected the credentials"),
     "unknown_ca": ("tls", "certificate is not trusted"),
@@ -363,7 +344,7 @@ def test_no_log_line_of_this_module_contains_a_secret(secure, stack, logs):
     (logs / "nats-server.log").write_text(server_log)
     # To the end (deregistration, the last snapshot, drains) no kvr identity was refused anything,
     # except the relay deliberately running as the wrong pod.
-    for name in ("indexer", "scheduler", "epp-bridge", "mock-workers", "relay", "provision", "epp-cli", "replay"):
+    for name in ("indexer", "scheduler", "epp-bridge", "mock-workers", "relay", "provision", "epp-cli"):
         assert "permission_denied" not in (logs / f"{name}.log").read_text(), name
     violations = [line for line in server_log.splitlines() if "Violation" in line]
     # Only the two relay identities of the refusal tests were refused (`KVR/user:kvr-relay-default...`).
@@ -379,3 +360,28 @@ def test_no_log_line_of_this_module_contains_a_secret(secure, stack, logs):
     # The development-style URL credentials are shown redacted where the URL is printed.
     mock_log = (logs / "mock-workers.log").read_text()
     assert "kvr-mock-workers:***@" in mock_log and '"event": "service.started"' in mock_log
+
+
+def test_a_service_that_may_not_create_streams_waits_for_kvr_provision(tmp_path):
+    """Least-privilege users on a fresh server: the indexer says why it is not ready, keeps waiting, and
+    is ready once `kvr provision` (the provisioner identity) has created the streams."""
+    sn = SecureNats(tmp_path / "nats").start()
+    log = tmp_path / "indexer.log"
+    proc = ServiceProcess("indexer", nats_url=sn.url, pools=[POOL], env=sn.get("indexer").env(), log_path=str(log)).start()
+    try:
+        deadline, body = time.monotonic() + 40, {}
+        while time.monotonic() < deadline and "kvr provision" not in body.get("reason", ""):
+            with contextlib.suppress(OSError):
+                body = proc.readyz()
+            time.sleep(0.2)
+        assert body["_http_status"] == 503 and "may not create" in body["reason"], body
+        assert "$js.api.stream.create.kvr_kv" in body["reason"]
+        assert proc.proc is not None and proc.proc.poll() is None
+        out = kvr(["provision", "--nats-url", sn.url], sn.get("provisioner").env(), tmp_path / "provision.log")
+        assert out.returncode == 0, out.stderr
+        proc.wait_ready(60)
+        waiting = [line for line in log.read_text().splitlines() if "provision.waiting" in line]
+        assert len(waiting) == 1, waiting  # one line for the cause, however many retries
+    finally:
+        assert proc.terminate() == 0
+        sn.cleanup()
