@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mock-workers": ("services.mock_worker.__main__", "simulated engine fleet publishing real KV events"),
     "replay": ("services.replay.__main__", "replay a Mooncake trace through the router and report"),
     "dev": ("services.dev", "embedded nats-server + all services + mock fleet + a short replay"),
+    "provision": ("services.provision", "create or check the streams, buckets and object store, then exit"),
+    "nats-config": ("services.runtime.nats_config", "print the NATS accounts, users and permissions of every kvr role"),
     "schemas": ("schemas.cli", "export / check the JSON Schema files of the wire messages"),
     "config-table": ("services.config_table", "print the configuration table (markdown)"),
 }

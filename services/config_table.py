@@ -15,6 +15,7 @@ SETTINGS_MODULES = (
     "services.relay.settings",
     "services.mock_worker.settings",
     "services.replay.settings",
+    "services.provision",
 )
 
 

@@ -29,7 +29,7 @@ def _docker_server():  # pragma: no cover - needs a Docker engine
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
-    container = DockerContainer("nats:2.12-alpine").with_command("-js").with_exposed_ports(4222)
+    container = DockerContainer("nats:2.14.2-alpine").with_command("-js").with_exposed_ports(4222)
     container.start()
     wait_for_logs(container, "Server is ready")
     url = f"nats://{container.get_container_host_ip()}:{container.get_exposed_port(4222)}"

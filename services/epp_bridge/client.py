@@ -32,8 +32,8 @@ import msgspec
 
 from schemas import codec
 from schemas.subjects import Names
-from services.runtime.config import HelpFormatter
-from services.runtime.logs import setup_logging
+from services.runtime.config import NATS_CONNECTION, HelpFormatter, add_settings, resolve
+from services.runtime.logs import redact, setup_logging
 
 
 def _json_arg(text: str) -> Any:
@@ -60,7 +60,7 @@ def _message(text: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvr epp", description=__doc__, formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL(s), comma-separated")
+    add_settings(common, NATS_CONNECTION)  # --nats-url, credentials and TLS files (env KVR_NATS_*)
     common.add_argument("--pool", default="default", help="pool to ask")
     common.add_argument("--subject-prefix", default="kvr", help="subject prefix")
     common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply, connecting included")
@@ -165,13 +165,16 @@ def query_payload(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
-async def send(nats_url: str, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
-    """One request and its decoded reply; connecting and waiting share the `timeout` budget."""
+async def send(conn: Any, subject: str, payload: Any, timeout: float, msgpack: bool = False) -> Any:
+    """One request and its decoded reply; connecting and waiting share the `timeout` budget.
+
+    `conn`: the resolved NATS_CONNECTION settings (URL, credentials, TLS)."""
+    from services.runtime.natsauth import NatsAuth
     from services.runtime.natsio import connect
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    nc = await connect(nats_url, "kvr-epp", connect_timeout=timeout, max_wait_s=timeout)
+    nc = await connect(conn.nats_url, "kvr-epp", auth=NatsAuth.from_cfg(conn), connect_timeout=timeout, max_wait_s=timeout)
     try:
         ctype = codec.MSGPACK if msgpack else None
         headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None
@@ -196,7 +199,7 @@ def no_answer(exc: BaseException, subject: str, pool: str, timeout: float) -> st
         return f"kvr epp: no EPP bridge serves pool {pool!r} ({subject} has no responders; check --pool and --subject-prefix)"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"kvr epp: no reply on {subject} within {timeout:g} s"
-    return f"kvr epp: no answer on {subject}: {type(exc).__name__}: {exc}"
+    return f"kvr epp: no answer on {subject}: {type(exc).__name__}: {redact(str(exc))}"
 
 
 def _grpc_client(args: argparse.Namespace) -> Any:
@@ -250,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0 if ok else 1
+    conn = resolve(args, NATS_CONNECTION)
     names = Names(prefix=args.subject_prefix)
     if args.action == "query":
         try:
@@ -264,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {"request_id": args.request_id, "phase": args.phase}
         subject = names.epp_cleanup(args.pool)
     try:
-        reply = asyncio.run(send(args.nats_url, subject, payload, args.timeout, args.msgpack))
+        reply = asyncio.run(send(conn, subject, payload, args.timeout, args.msgpack))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - connection refused, no responders, timeout

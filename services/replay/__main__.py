@@ -19,6 +19,7 @@ from services.mock_worker.app import FleetConfig
 from services.mock_worker.engine import EngineConfig
 from services.runtime.config import COMMON, add_settings, names_of, resolve
 from services.runtime.logs import setup_logging
+from services.runtime.natsauth import NatsAuth
 from services.runtime.natsio import NatsUnreachable, StreamSettings, connect, provision
 
 from .fleets import InProcessFleet, SpawnedFleet
@@ -77,7 +78,7 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     pool = cfg.pool[0]
     requests, skipped = select_requests(cfg, trace)
     policies = cfg.compare or [cfg.policy]
-    nc = await connect(cfg.nats_url, "kvr-replay", max_wait_s=cfg.connect_timeout_s)
+    nc = await connect(cfg.nats_url, "kvr-replay", auth=NatsAuth.from_cfg(cfg), max_wait_s=cfg.connect_timeout_s)
     runs: list[RunResult] = []
     try:
         await provision(nc.jetstream(), names, StreamSettings())

@@ -1,8 +1,8 @@
-"""Settings of `kvr replay` (env `KVR_<NAME>`); nats_url, pool, subject_prefix come from COMMON."""
+"""Settings of `kvr replay` (env `KVR_<NAME>`); the NATS connection, pool, subject_prefix come from COMMON."""
 
 from __future__ import annotations
 
-from services.runtime.config import COMMON, REGISTRY, Setting
+from services.runtime.config import COMMON, NATS_CONNECTION, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "replay",
@@ -43,6 +43,6 @@ SETTINGS = REGISTRY.register(
     ],
 )
 
-# COMMON settings that make sense for a client tool
-CLIENT_COMMON = tuple(s for s in COMMON if s.name in ("nats_url", "pool", "subject_prefix", "log_format", "log_level"))
+# COMMON settings that make sense for a client tool: the NATS connection (URL, credentials, TLS) and a few more
+CLIENT_COMMON = (*NATS_CONNECTION, *(s for s in COMMON if s.name in ("pool", "subject_prefix", "log_format", "log_level")))
 REGISTRY.command("replay", (*CLIENT_COMMON, *SETTINGS))

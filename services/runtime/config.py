@@ -62,9 +62,25 @@ class Setting:
         return self.type(raw)
 
 
+# How every process (services, CLI, relay, mock workers) authenticates to NATS and secures the
+# connection; read by `natsauth.NatsAuth.from_cfg`. Secrets are files, never values (docs/security.md).
+NATS_CONNECTION: tuple[Setting, ...] = (
+    Setting("nats_url", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (a password in it is for development only)"),
+    Setting("nats_creds", "", "NATS credentials file (user JWT + NKEY seed)"),
+    Setting("nats_nkey_seed", "", "file holding the NATS user's NKEY seed"),
+    Setting("nats_user", "", "NATS user name (password from --nats-password-file)"),
+    Setting("nats_password_file", "", "file holding the NATS password (re-read at every reconnect)"),
+    Setting("nats_token_file", "", "file holding a NATS token (re-read at every reconnect)"),
+    Setting("nats_tls_ca", "", "CA bundle (PEM) of the NATS server certificate; turns TLS on"),
+    Setting("nats_tls_cert", "", "client certificate (PEM) for mutual TLS"),
+    Setting("nats_tls_key", "", "private key (PEM) of --nats-tls-cert"),
+    Setting("nats_tls_handshake_first", False, "TLS handshake before the server's INFO (server tls handshake_first)", bool),
+    Setting("nats_inbox_prefix", "", "reply-subject prefix (empty = _INBOX.<command>, what the role's permissions allow)"),
+)
+
 # Settings every long-running service accepts (docs/protocol.md §8).
 COMMON: tuple[Setting, ...] = (
-    Setting("nats_url", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated"),
+    *NATS_CONNECTION,
     Setting("pool", ["default"], "pool(s) served (repeatable or comma-separated)", is_list=True),
     Setting("subject_prefix", "kvr", "subject prefix of every subject"),
     Setting("http_port", 0, "port of /healthz /readyz /metrics (0 = pick a free port and log it)", int),

@@ -45,16 +45,19 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-def wait_for_nats(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_nats(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None, *, greets: bool = True
+) -> None:
     """Until a NATS server greets on host:port (its INFO line, so not just any listener that took the
-    port); with `proc`, fail at once if that process has exited."""
+    port); with `proc`, fail at once if that process has exited. `greets=False`: a server with TLS
+    `handshake_first` says nothing before a TLS handshake, so an accepted connection is enough."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ChildProcessError(f"exited with code {proc.returncode} before serving on {host}:{port}")
         try:
             with socket.create_connection((host, port), timeout=0.5) as conn:
-                if conn.recv(4) == b"INFO":
+                if not greets or conn.recv(4) == b"INFO":
                     return
         except OSError:
             pass
@@ -64,7 +67,10 @@ def wait_for_nats(host: str, port: int, timeout: float = 10.0, proc: subprocess.
 
 @dataclass
 class NatsServer:
-    """One nats-server with JetStream; `restart()` keeps its port and store (for outage tests)."""
+    """One nats-server with JetStream; `restart()` keeps its port and store (for outage tests).
+
+    `config_file`: a server configuration (TLS, accounts and users, ...); the command-line options
+    (address, ports, store) still win over it. Set `tls_handshake_first` when it enables that."""
 
     store_dir: str | None = None
     port: int = 0
@@ -72,12 +78,18 @@ class NatsServer:
     host: str = "127.0.0.1"
     extra_args: list[str] = field(default_factory=list)
     log_file: str | None = None
+    config_file: str | None = None
+    tls_handshake_first: bool = False
     proc: subprocess.Popen[bytes] | None = None
     _own_dir: bool = False
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"tls://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         if self.store_dir is None:
@@ -99,6 +111,7 @@ class NatsServer:
     def _start_once(self, timeout: float) -> NatsServer:
         args = [
             nats_server_binary(),
+            *(["-c", self.config_file] if self.config_file else []),
             "-js",
             "-a", self.host,
             "-p", str(self.port),
@@ -109,7 +122,7 @@ class NatsServer:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
         try:
-            wait_for_nats(self.host, self.port, timeout, self.proc)
+            wait_for_nats(self.host, self.port, timeout, self.proc, greets=not self.tls_handshake_first)
         except (TimeoutError, ChildProcessError):
             self.stop()
             raise

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 import weakref
 from collections import deque
@@ -251,7 +252,11 @@ class StreamFollower:
     # ---- consumer -----------------------------------------------------------------------------
 
     def _config(self) -> ConsumerConfig:
+        # Named, so nats-py puts the name and a single filter in the API subject
+        # (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`): what a least-privilege NATS user's
+        # permissions can pin to the pools it serves (services/runtime/permissions.py).
         cfg = ConsumerConfig(
+            name=secrets.token_hex(11),
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.next_seq,

@@ -23,8 +23,10 @@ from schemas.subjects import Names
 
 from .config import COMMON, Setting, add_settings, names_of, resolve
 from .http import HealthServer
-from .logs import get_logger, setup_logging
-from .natsio import StreamSettings, connect, provision
+from .logs import get_logger, redact_fields, setup_logging
+from .natsauth import NatsAuth, redact_url
+from .natsio import ConnectionState, ProvisioningError, StreamSettings, connect, provision
+from .tasks import cancel_and_wait
 from .tracing import setup_tracing, shutdown_tracing
 
 
@@ -82,11 +84,31 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
             loop.add_signal_handler(sig, stop.set)
 
     started = False
-    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=app.status)
+    conn = ConnectionState()
+    rt: Runtime | None = None
+    waiting: dict[str, str] = {}  # why start-up waits (provisioning not permitted yet, ...)
+
+    def status() -> dict[str, Any]:
+        # Served before NATS is reachable: a 503 that says why (wrong password, untrusted CA, ...).
+        body: dict[str, Any] = {}
+        if rt is not None:
+            try:
+                body.update(app.status())
+            except Exception as exc:  # noqa: BLE001 - a status page must not fail the probe
+                body["status_error"] = f"{type(exc).__name__}: {exc}"
+        body["nats"] = conn.snapshot()
+        reason = conn.reason() if rt is None else waiting.get("reason")
+        if reason is None and not started:
+            reason = "starting: provisioning, catching up with the streams"
+        if reason is not None:
+            body["reason"] = reason
+        return redact_fields(body)
+
+    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=status)
     port = await http.start()
     log.info("http.listening", port=port, endpoints=["/healthz", "/readyz", "/metrics"])
 
-    nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop)
+    nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop, NatsAuth.from_cfg(cfg), conn)
     if nc is None:
         await http.stop()
         return 0
@@ -94,12 +116,16 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     rt.stopping = stop
     try:
         if cfg.provision:
-            result = await provision(rt.js, rt.names, stream_settings(cfg))
+            result = await _provision_or_wait(rt, cfg, conn, stop, waiting)
+            if result is None:  # stopped while waiting
+                await _close(nc, app, http)
+                return 0
+            waiting.pop("reason", None)
             log.info("provision.done", **result)
         await app.start(rt)
         started = True
         frozen = freeze_startup_heap()
-        log.info("service.started", pools=rt.pools, nats=cfg.nats_url, gc_frozen_objects=frozen)
+        log.info("service.started", pools=rt.pools, nats=redact_url(cfg.nats_url), gc_frozen_objects=frozen)
         await stop.wait()
         log.info("service.stopping")
     except Exception:
@@ -109,6 +135,37 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     await _close(nc, app, http)
     log.info("service.stopped")
     return 0
+
+
+async def _provision_or_wait(
+    rt: Runtime, cfg: SimpleNamespace, conn: ConnectionState, stop: asyncio.Event, waiting: dict[str, str]
+) -> dict[str, str] | None:
+    """Provision. When this NATS user may not create what is missing (a least-privilege identity
+    before `kvr provision` ran) or JetStream does not answer, say why in `/readyz` and in one log
+    line per cause, and retry with backoff until the streams exist; None if stopped meanwhile. An
+    existing stream with a conflicting configuration stays fatal (ProvisioningError)."""
+    log = get_logger("kvr.provision")
+    delay, said = 1.0, None
+    while not stop.is_set():
+        try:
+            return await provision(rt.js, rt.names, stream_settings(cfg))
+        except ProvisioningError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - permission refusals surface as request timeouts
+            refused = sorted(s for s in conn.denied.get("publish", set()) if s.startswith("$js.api.stream."))
+            if refused:
+                reason = (f"this NATS user may not create what is missing ({', '.join(refused)}): "
+                          "run `kvr provision` with the provisioner identity (docs/security.md)")  # fmt: skip
+            else:
+                reason = f"provisioning failed: {type(exc).__name__}: {exc}"
+            waiting["reason"] = reason
+            if reason != said:
+                said = reason
+                log.error("provision.waiting", reason=reason, retry_in_s=delay)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
+    return None
 
 
 def freeze_startup_heap() -> int:
@@ -125,14 +182,14 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
-async def _connect_or_stop(url: str, name: str, stop: asyncio.Event) -> NATS | None:
-    connect_task = asyncio.create_task(connect(url, name))
+async def _connect_or_stop(url: str, name: str, stop: asyncio.Event, auth: NatsAuth, state: ConnectionState) -> NATS | None:
+    connect_task = asyncio.create_task(connect(url, name, auth=auth, state=state))
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({connect_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if connect_task in done:
         stop_task.cancel()
         return connect_task.result()
-    connect_task.cancel()
+    await cancel_and_wait(connect_task)
     return None
 
 

@@ -239,3 +239,64 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOL,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
 }
+
+# cert-manager (cert-manager.io/v1): the Issuers and Certificates of deploy/k8s/nats/certificates.yaml.
+_ISSUER_REF = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _NAME, "kind": {"enum": ["Issuer", "ClusterIssuer"]}, "group": {"const": "cert-manager.io"}},
+    "additionalProperties": False,
+}
+_KEY_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement", "data encipherment",
+    "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth", "client auth", "code signing",
+    "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+]  # fmt: skip
+CERT_MANAGER_ISSUER = _resource(
+    "cert-manager.io/v1",
+    "Issuer",
+    {
+        "type": "object",
+        "properties": {
+            "selfSigned": {"type": "object", "additionalProperties": False},
+            "ca": {"type": "object", "required": ["secretName"], "properties": {"secretName": _NAME}, "additionalProperties": False},
+        },
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
+    },
+)
+CERT_MANAGER_CERTIFICATE = _resource(
+    "cert-manager.io/v1",
+    "Certificate",
+    {
+        "type": "object",
+        "required": ["secretName", "issuerRef"],
+        "properties": {
+            "secretName": _NAME,
+            "commonName": {"type": "string", "minLength": 1, "maxLength": 64},
+            "isCA": {"type": "boolean"},
+            "duration": _DURATION,
+            "renewBefore": _DURATION,
+            "dnsNames": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "usages": {"type": "array", "items": {"enum": _KEY_USAGES}},
+            "privateKey": {
+                "type": "object",
+                "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                    "size": {"type": "integer"},
+                    "rotationPolicy": {"enum": ["Never", "Always"]},
+                },
+                "additionalProperties": False,
+            },
+            "issuerRef": _ISSUER_REF,
+        },
+        "additionalProperties": False,
+    },
+)
+CRD_SCHEMAS.update(
+    {
+        ("cert-manager.io/v1", "Issuer"): CERT_MANAGER_ISSUER,
+        ("cert-manager.io/v1", "Certificate"): CERT_MANAGER_CERTIFICATE,
+    }
+)

@@ -26,10 +26,11 @@ from .manifests import REPO, by_kind, containers, load_yaml, pod_spec, tool, val
 pytestmark = pytest.mark.unit
 
 CHART = REPO / "deploy" / "helm" / "kvr"
-VALUE_FILES = {"default": None, "full": CHART / "ci" / "full-values.yaml"}
-# Named by issue 16 (NATS credentials from files); registered by that work, set here only when
-# `nats.credentialsSecret` is given.
-PENDING_SETTINGS = {"KVR_NATS_CREDS"}
+VALUE_FILES = {
+    "default": None,
+    "full": CHART / "ci" / "full-values.yaml",
+    "identities": CHART / "ci" / "identities-values.yaml",
+}
 
 
 def _schema() -> dict[str, Any]:
@@ -100,7 +101,7 @@ def test_every_values_reference_in_the_templates_exists_in_values_yaml():
 
 def test_every_kvr_variable_of_the_chart_is_a_setting():
     load_all()
-    known = {s.env for s in REGISTRY.all()} | PENDING_SETTINGS
+    known = {s.env for s in REGISTRY.all()}
     text = _template_text()  # ConfigMap keys and container env names (not stream names in comments)
     used = set(re.findall(r"^\s*(KVR_[A-Z0-9_]+):", text, re.M)) | set(re.findall(r"name: (KVR_[A-Z0-9_]+)\b", text))
     assert used and used <= known, sorted(used - known)

@@ -182,7 +182,7 @@ def test_every_configmap_reference_resolves_and_http_port_matches(overlay: str) 
             env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
             http = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
             assert env["KVR_HTTP_PORT"] == str(http), dep["metadata"]["name"]
-            assert env["KVR_NATS_URL"].startswith("nats://")
+            assert env["KVR_NATS_URL"].startswith("tls://" if overlay == "production" else "nats://")
     scheduler = pod_spec(by_kind(docs, "Deployment")["kvr-scheduler"])["containers"][0]
     router_id = {e["name"]: e for e in scheduler.get("env", [])}["KVR_ROUTER_ID"]
     assert router_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -190,7 +190,7 @@ def test_every_configmap_reference_resolves_and_http_port_matches(overlay: str) 
 
 def test_nats_helm_values_describe_a_three_node_jetstream_cluster() -> None:
     prod = load_yaml(K8S / "nats" / "values-production.yaml")
-    assert prod["config"]["cluster"] == {"enabled": True, "replicas": 3}
+    assert {k: prod["config"]["cluster"][k] for k in ("enabled", "replicas")} == {"enabled": True, "replicas": 3}
     js = prod["config"]["jetstream"]
     assert js["enabled"] is True and js["fileStore"]["enabled"] is True and js["fileStore"]["pvc"]["enabled"] is True
     assert prod["config"]["monitor"]["enabled"] is True

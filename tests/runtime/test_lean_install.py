@@ -1,4 +1,5 @@
-"""The router image leaves out the `kvr[sim]` extra: services must run without numpy, matplotlib, rich."""
+"""The router image leaves out the `kvr[sim]` extra (and the dev-only pyyaml): services must run without numpy,
+matplotlib, rich and yaml."""
 
 from __future__ import annotations
 
@@ -12,18 +13,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SIM = ("numpy", "matplotlib", "rich")
+NOT_IN_IMAGE = (*SIM, "yaml")  # pyyaml is a dev dependency
 
 CHECK = textwrap.dedent(
     """
-    import contextlib, io, sys
+    import contextlib, io, json, sys
     import services.scheduler.app, services.indexer.app, services.epp_bridge.app
     import services.relay.app, services.mock_worker.app
     from services.cli import main
-    for command in ("indexer", "scheduler", "epp-bridge", "relay", "mock-workers", "epp", "config-table"):
+    for command in ("indexer", "scheduler", "epp-bridge", "relay", "mock-workers", "epp", "config-table", "provision", "nats-config"):
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
             main([command, "--help"] if command != "config-table" else [command])
         assert "KVR_" in out.getvalue() or "usage" in out.getvalue(), command
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["nats-config", "--format", "helm"]) == 0
+    assert "accounts" in json.loads(out.getvalue())["config"]["merge"]  # JSON is YAML: helm reads it
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in {sim!r})
     assert not loaded, loaded
     print("services ok without the sim extra")
@@ -34,11 +40,11 @@ CHECK = textwrap.dedent(
 @pytest.mark.integration
 def test_services_import_and_parse_without_the_sim_extra(tmp_path):
     # Shadow packages that fail to import, as in an environment where they are not installed.
-    for name in SIM:
+    for name in NOT_IN_IMAGE:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed (test)')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-c", CHECK.format(sim=set(SIM))], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", CHECK.format(sim=set(NOT_IN_IMAGE))], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "services ok without the sim extra" in proc.stdout
 

@@ -77,10 +77,18 @@ envFrom:
       name: {{ include "kvr.fullname" .root }}-{{ .component }}
 {{- end -}}
 
+{{/* NATS credentials as files: the shared creds Secret, or (nats.identities) the component's own
+password Secret and client-certificate Secret (docs/security.md). Called with (dict "root" $ "component" NAME). */}}
 {{- define "kvr.natsMounts" -}}
-{{- if .Values.nats.credentialsSecret }}
+{{- $nats := .root.Values.nats }}
+{{- if or $nats.credentialsSecret $nats.identities.enabled }}
 - name: nats-credentials
   mountPath: /etc/kvr/nats
+  readOnly: true
+{{- end }}
+{{- if and $nats.identities.enabled $nats.identities.tls }}
+- name: nats-tls
+  mountPath: /etc/kvr/nats-tls
   readOnly: true
 {{- end }}
 - name: tmp
@@ -88,10 +96,25 @@ envFrom:
 {{- end -}}
 
 {{- define "kvr.natsVolumes" -}}
-{{- if .Values.nats.credentialsSecret }}
+{{- $nats := .root.Values.nats }}
+{{- if and $nats.credentialsSecret $nats.identities.enabled }}
+{{- fail "nats.credentialsSecret and nats.identities.enabled: choose one way to authenticate" }}
+{{- end }}
+{{- if $nats.credentialsSecret }}
 - name: nats-credentials
   secret:
-    secretName: {{ .Values.nats.credentialsSecret }}
+    secretName: {{ $nats.credentialsSecret }}
+{{- else if $nats.identities.enabled }}
+- name: nats-credentials
+  secret:
+    secretName: {{ printf "%s%s" $nats.identities.passwordSecretPrefix .component }}
+    defaultMode: 0400
+{{- if $nats.identities.tls }}
+- name: nats-tls
+  secret:
+    secretName: {{ printf "%s%s" $nats.identities.tlsSecretPrefix .component }}
+    defaultMode: 0400
+{{- end }}
 {{- end }}
 - name: tmp
   emptyDir:
