@@ -1,6 +1,7 @@
 """A pool's tokenizer: Hugging Face `tokenizers` tokenizer.json plus the chat template, from a local directory.
 
-Only local files are read (no hub downloads): `tokenizer.json`, and the chat template from
+Only local files are read (no hub downloads): `tokenizer.json` (or `tokenizer.json.gz`, as the dev
+tokenizer in `data/tokenizer/` ships), and the chat template from
 `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json["chat_template"]` (first found).
 Templates are rendered the way `transformers.apply_chat_template` does (sandboxed jinja2,
 `trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`, special tokens as variables), so the token
@@ -9,6 +10,7 @@ ids match what the engine computes and prefix hashes line up with the engine's K
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,12 +102,17 @@ class PoolTokenizer:
     def load(cls, directory: str | Path, content_format: str = "string") -> PoolTokenizer:
         path = Path(directory)
         tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
+        gz_file = path / "tokenizer.json.gz"
+        if not tok_file.is_file() and not gz_file.is_file():
             raise TokenizerError(f"{tok_file} not found (only local tokenizer directories are supported)")
         if content_format not in CONTENT_FORMATS:
             raise TokenizerError(f"unknown chat content format {content_format!r}; expected one of {CONTENT_FORMATS}")
         try:
-            tokenizer = Tokenizer.from_file(str(tok_file))
+            if tok_file.is_file():
+                tokenizer = Tokenizer.from_file(str(tok_file))
+            else:
+                tok_file = gz_file
+                tokenizer = Tokenizer.from_str(gzip.decompress(gz_file.read_bytes()).decode("utf-8"))
         except Exception as exc:  # noqa: BLE001 - the library raises plain Exception on bad files
             raise TokenizerError(f"cannot load {tok_file}: {exc}") from exc
         config: dict[str, Any] = {}

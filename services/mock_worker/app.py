@@ -6,7 +6,9 @@ event loop's sleep jitter does not accumulate; when the process falls behind, th
 at the current time (the lag shows up as extra latency, as it would on an overloaded engine).
 
 Generate protocol (docs/simulation.md): request `kvr.{pool}.worker.{id}.generate` with a reply
-inbox; the worker publishes `first_token` then `done` (or one error envelope) to that inbox.
+inbox; the worker publishes `first_token` then `done` (or one error envelope) to that inbox. With an
+OpenAI port configured each worker also serves `/v1/completions` and `/v1/chat/completions` over
+HTTP (`openai_http.py`) on the address:port of its discovery record, so a gateway can forward to it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from services.runtime.workers import delete_worker, put_worker
 from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
-from .engine import Engine, EngineConfig, PassResult
+from .engine import Engine, EngineConfig, PassResult, Rejected
 from .publisher import KvEventPublisher
 
 log = get_logger("kvr.mock_worker")
@@ -51,6 +53,11 @@ class FleetConfig:
     event_batch: int = 64
     max_inflight_acks: int = 256
     fused_decode_steps: int = 64
+    # OpenAI HTTP front: -1 = none (the record then carries a synthetic port), 0 = a free port per
+    # worker, N = worker i on N + i.
+    openai_port: int = -1
+    openai_host: str = "127.0.0.1"
+    tokenizer_dir: str = ""
 
     @classmethod
     def from_cfg(cls, cfg: SimpleNamespace) -> FleetConfig:
@@ -72,6 +79,9 @@ class FleetConfig:
             event_batch=cfg.event_batch,
             max_inflight_acks=cfg.max_inflight_acks,
             fused_decode_steps=cfg.fused_decode_steps,
+            openai_port=cfg.openai_port,
+            openai_host=cfg.openai_host,
+            tokenizer_dir=cfg.tokenizer_dir,
         )
 
 
@@ -81,7 +91,7 @@ def clock_worker_id_base() -> int:
 
 
 class MockWorker:
-    def __init__(self, nc: NATS, names: Names, fleet: FleetConfig, worker_id: int) -> None:
+    def __init__(self, nc: NATS, names: Names, fleet: FleetConfig, worker_id: int, tokenizer: Any = None, index: int = 0) -> None:
         if fleet.speedup <= 0:
             raise ValueError("speedup must be > 0")
         self.nc = nc
@@ -101,6 +111,11 @@ class MockWorker:
             max_inflight=fleet.max_inflight_acks,
         )
         self._replies: dict[str, str] = {}
+        # HTTP requests in flight: request id → queue of ("progress", tokens so far) / ("done", Finished)
+        self._streams: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
+        self.index = index  # position in its fleet (HTTP port = openai_port + index)
+        self.tokenizer = tokenizer  # PoolTokenizer of the HTTP front (text prompts), or None
+        self.http: Any = None  # OpenAiFront while serving HTTP
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub = None
@@ -120,8 +135,9 @@ class MockWorker:
             pool=self.pool,
             model=self.fleet.model,
             pod_name=f"mock-{self.worker_id}",
-            address="127.0.0.1",
-            port=10_000 + self.worker_id % 50_000,  # synthetic: mock workers speak NATS, not HTTP
+            address=self.address,
+            # synthetic without the HTTP front (the worker then speaks NATS only)
+            port=self.http.port if self.http is not None else 10_000 + self.worker_id % 50_000,
             block_size=cfg.block_size,
             total_kv_blocks=cfg.kv_blocks,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -131,11 +147,22 @@ class MockWorker:
             ttl_s=self.fleet.ttl_s,
         )
 
+    @property
+    def address(self) -> str:
+        host = self.fleet.openai_host
+        return "127.0.0.1" if self.http is None or host in ("", "0.0.0.0", "::") else host
+
     def sim_now(self) -> float:
         return (asyncio.get_running_loop().time() - self._t0) * 1000.0 * self.speedup
 
     async def start(self) -> None:
         self._t0 = asyncio.get_running_loop().time()
+        if self.fleet.openai_port >= 0:
+            from .openai_http import OpenAiFront
+
+            port = self.fleet.openai_port + self.index if self.fleet.openai_port else 0
+            self.http = OpenAiFront(self, self.tokenizer)
+            await self.http.start(self.fleet.openai_host, port)
         self.engine.announce_cleared()
         await self.publisher.publish(self.engine.drain_events())
         self._sub = await self.nc.subscribe(
@@ -155,6 +182,9 @@ class MockWorker:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         await cancel_and_wait(self._tasks)
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await self.http.stop()
         with contextlib.suppress(Exception):
             await self.publisher.flush(5)
         if self.registered:
@@ -190,6 +220,23 @@ class MockWorker:
             return
         self._replies[req.request_id] = msg.reply
         self._wake.set()
+
+    def submit_local(
+        self, request_id: str, token_ids: list[int], max_tokens: int, lora_name: str | None = None, cache_salt: str | None = None
+    ) -> asyncio.Queue[tuple[str, Any]] | Rejected:
+        """An in-process request (the HTTP front): its progress and end come on the returned queue."""
+        rejected = self.engine.submit(request_id, token_ids, max_tokens, self.sim_now(), lora_name, cache_salt)
+        if rejected is not None:
+            m.REQUESTS.labels("rejected").inc()
+            return rejected
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._wake.set()
+        return queue
+
+    def forget(self, request_id: str) -> None:
+        """The HTTP client went away: stop reporting (the engine still finishes the request)."""
+        self._streams.pop(request_id, None)
 
     async def _reply_error(self, reply: str | None, code: str, message: str, path: str | None) -> None:
         if reply:
@@ -286,6 +333,14 @@ class MockWorker:
                     preemptions=fin.preemptions,
                 )
                 await self.nc.publish(reply, codec.encode_json(done))
+            stream = self._streams.pop(fin.request_id, None)
+            if stream is not None:
+                stream.put_nowait(("done", fin))
+        if self._streams:
+            for seq in self.engine.running:
+                stream = self._streams.get(seq.request_id)
+                if stream is not None and seq.generated:
+                    stream.put_nowait(("progress", seq.generated))
         eng = self.engine
         m.KV_USED_BLOCKS.labels(self.label).set(eng.pool.used)
         m.KV_ACTIVE_BLOCKS.labels(self.label).set(eng.pool.active)
@@ -336,7 +391,12 @@ class MockFleet:
     def __init__(self, nc: NATS, names: Names, fleet: FleetConfig) -> None:
         base = fleet.worker_id_base or clock_worker_id_base()
         self.fleet = fleet
-        self.workers = [MockWorker(nc, names, fleet, base + i) for i in range(fleet.count)]
+        tokenizer = None
+        if fleet.tokenizer_dir:
+            from services.epp_bridge.tokenizer import PoolTokenizer
+
+            tokenizer = PoolTokenizer.load(fleet.tokenizer_dir)  # one copy for every worker
+        self.workers = [MockWorker(nc, names, fleet, base + i, tokenizer, i) for i in range(fleet.count)]
 
     @property
     def worker_ids(self) -> list[int]:
@@ -344,7 +404,8 @@ class MockFleet:
 
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers))
-        log.info("mock.fleet_started", pool=self.fleet.pool, workers=self.worker_ids, speedup=self.fleet.speedup)
+        log.info("mock.fleet_started", pool=self.fleet.pool, workers=self.worker_ids, speedup=self.fleet.speedup,
+                 openai=[f"{w.address}:{w.http.port}" for w in self.workers if w.http is not None] or None)  # fmt: skip
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)

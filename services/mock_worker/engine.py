@@ -678,6 +678,13 @@ def _stable_seed(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def output_token_ids(request_id: str, prompt_len: int, start: int, end: int) -> list[int]:
+    """The stand-in ids the engine generates for outputs `start..end` of a request (what a client
+    of the HTTP front sees as the completion)."""
+    seed = _stable_seed(request_id)
+    return [generated_token(seed, prompt_len + i) for i in range(start, end)]
+
+
 __all__ = [
     "BlockPool",
     "Engine",
@@ -687,5 +694,6 @@ __all__ = [
     "PassResult",
     "Rejected",
     "decode_ms",
+    "output_token_ids",
     "prefill_ms",
 ]

@@ -21,6 +21,11 @@ SETTINGS = REGISTRY.register(
         Setting("event_batch", 64, "max KV events per published message", int),
         Setting("fused_decode_steps", 64, "simulate up to this many pure-decode passes per wake-up (1 = step each pass)", int),
         Setting("max_inflight_acks", 256, "JetStream publishes awaiting an ack, per worker", int),
+        Setting("openai_port", 0, "OpenAI HTTP API (/v1/completions, /v1/chat/completions): worker i on port+i; "
+                "0 = a free port each; -1 = off (NATS generate only)", int),
+        Setting("openai_host", "127.0.0.1", "address the OpenAI HTTP API binds and the discovery record carries"),
+        Setting("tokenizer_dir", "", "tokenizer directory (tokenizer.json[.gz] + chat template) for text prompts on the "
+                "HTTP API; empty = token ids only (nvext.token_data or prompt ids)"),
     ],
 )
 
