@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "relay": ("services.relay.__main__", "vLLM ZMQ KV events → KVR_KV, with discovery heartbeat"),
     "mock-workers": ("services.mock_worker.__main__", "simulated engine fleet publishing real KV events"),
     "replay": ("services.replay.__main__", "replay a Mooncake trace through the router and report"),
+    "dev-gateway": ("services.dev_gateway.__main__", "development HTTP gateway routing through an ext_proc picker (not for production)"),
     "dev": ("services.dev", "embedded nats-server + all services + mock fleet + a short replay"),
     "provision": ("services.provision", "create or check the streams, buckets and object store, then exit"),
     "nats-config": ("services.runtime.nats_config", "print the NATS accounts, users and permissions of every kvr role"),

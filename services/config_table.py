@@ -16,6 +16,7 @@ SETTINGS_MODULES = (
     "services.mock_worker.settings",
     "services.replay.settings",
     "services.provision",
+    "services.dev_gateway.settings",
 )
 
 

@@ -239,6 +239,39 @@ class ExtProcStream:
 
     # --- response phase ---------------------------------------------------------------------
 
+    async def response_headers(
+        self,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        *,
+        served: str | None = None,
+        end_of_stream: bool = False,
+    ) -> dict[str, str]:
+        """The upstream response's headers through the processor (with the endpoint that served it
+        when the gateway reports one); returns the header mutations the processor asked for."""
+        trace = Decision()
+        hdrs = {":status": str(status), "content-type": "text/event-stream", **(headers or {})}
+        msg = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_headers(hdrs), end_of_stream=end_of_stream))
+        if served is not None:
+            msg.metadata_context.CopyFrom(_metadata(xp.DESTINATION_NAMESPACE, xp.SERVED_KEY, served))
+        await self._write(msg)
+        await self._expect("response_headers", trace)
+        return trace.headers
+
+    async def response_chunk(self, piece: bytes, end_of_stream: bool) -> bytes:
+        """One upstream body chunk through the processor; returns the bytes to pass on downstream.
+        FULL_DUPLEX_STREAMED: the processor's streamed mutation; STREAMED and BUFFERED: the chunk
+        once answered (a BUFFERED caller passes the whole body at once); NONE: not sent at all."""
+        if self.response_mode == xp.NONE:
+            return piece
+        await self._write(pb.ProcessingRequest(response_body=pb.HttpBody(body=piece, end_of_stream=end_of_stream)))
+        resp = await self._expect("response_body", Decision())
+        if resp is None:
+            raise ProtocolViolation("the processor answered a response body with an ImmediateResponse")
+        if self.response_mode == xp.FULL_DUPLEX_STREAMED:
+            return bytes(resp.response_body.response.body_mutation.streamed_response.body)
+        return piece
+
     async def response(
         self,
         body_chunks: Sequence[bytes] = (b'data: {"choices": [{"text": "hi"}]}\n\n', b"data: [DONE]\n\n"),
@@ -250,31 +283,17 @@ class ExtProcStream:
     ) -> bytes:
         """Send the upstream response through the processor; returns the body as passed on.
         `end=False` leaves the response unfinished (more would follow; `finish` or `cancel` next)."""
-        trace = Decision()
-        hdrs = {":status": str(status), "content-type": "text/event-stream"}
-        has_body = bool(body_chunks) and self.response_mode != xp.NONE
-        msg = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_headers(hdrs), end_of_stream=not body_chunks and not trailers))
-        if served is not None:
-            msg.metadata_context.CopyFrom(_metadata(xp.DESTINATION_NAMESPACE, xp.SERVED_KEY, served))
-        await self._write(msg)
-        await self._expect("response_headers", trace)
+        await self.response_headers(status, served=served, end_of_stream=not body_chunks and not trailers)
         out = bytearray()
-        if has_body:
-            pieces = [b"".join(body_chunks)] if self.response_mode in (xp.BUFFERED, xp.BUFFERED_PARTIAL) else list(body_chunks)
+        if body_chunks and self.response_mode != xp.NONE:
+            buffered = self.response_mode in (xp.BUFFERED, xp.BUFFERED_PARTIAL)
+            pieces = [b"".join(body_chunks)] if buffered else list(body_chunks)
             for i, piece in enumerate(pieces):
                 last = i == len(pieces) - 1
-                await self._write(pb.ProcessingRequest(response_body=pb.HttpBody(body=piece, end_of_stream=last and end and not trailers)))
-                if self.response_mode != xp.FULL_DUPLEX_STREAMED:
-                    await self._expect("response_body", trace)
-                    out += piece
-            if self.response_mode == xp.FULL_DUPLEX_STREAMED:
-                for _ in pieces:
-                    resp = await self._expect("response_body", trace)
-                    assert resp is not None
-                    out += resp.response_body.response.body_mutation.streamed_response.body
+                out += await self.response_chunk(piece, end_of_stream=last and end and not trailers)
         if trailers and end:
             await self._write(pb.ProcessingRequest(response_trailers=pb.HttpTrailers(trailers=_headers({"grpc-status": "0"}))))
-            await self._expect("response_trailers", trace)
+            await self._expect("response_trailers", Decision())
         return bytes(out)
 
     async def finish(self) -> None:
