@@ -125,6 +125,7 @@ class MockWorker:
         self.label = str(worker_id)
         self.fused_decode_steps = fleet.fused_decode_steps
         self.lag_max_ms = 0.0
+        self.lag_total_ms = 0.0
         self.lag_passes = 0
 
     @property
@@ -270,6 +271,7 @@ class MockWorker:
                 # becomes simulated latency, so it is measured and reported.
                 lag_ms = -delay * 1000.0 * self.speedup
                 self.lag_max_ms = max(self.lag_max_ms, lag_ms)
+                self.lag_total_ms += lag_ms
                 self.lag_passes += 1
                 m.LAG.observe(lag_ms / 1000.0)
                 await asyncio.sleep(0)  # let request handlers run even when behind
@@ -381,6 +383,7 @@ class MockWorker:
             **self.engine.status(),
             "kv_publish_failures": self.publisher.failures,
             "lag_max_ms": round(self.lag_max_ms, 1),
+            "lag_total_ms": round(self.lag_total_ms, 1),
             "late_passes": self.lag_passes,
         }
 

@@ -24,7 +24,7 @@ from services.runtime.natsio import NatsUnreachable, StreamSettings, connect, pr
 
 from .fleets import InProcessFleet, SpawnedFleet
 from .offline import OfflineConfig, cost_with_overrides, run_offline
-from .report import markdown_table, summarize, write_report
+from .report import LAG_ADVICE, lag_warnings, markdown_table, summarize, write_report
 from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
 from .settings import CLIENT_COMMON, SETTINGS
 from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
@@ -83,11 +83,16 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     try:
         await provision(nc.jetstream(), names, StreamSettings())
         fcfg = fleet_config(cfg)
+        fleet_text = (
+            "the fleet already serving the pool (its speed-up must be this one)"
+            if cfg.fleet == "external"
+            else f"fleet {cfg.fleet} ({cfg.workers} workers × {cfg.kv_blocks} blocks of {cfg.block_size} tokens)"
+        )
         console.print(
             f"[bold]replay[/] {Path(trace).name}: {len(requests)} requests"
             f"{f' ({skipped} longer than {cfg.max_input_tokens} tokens skipped)' if skipped else ''}, "
             f"policies {', '.join(policies)}, load × {', '.join(f'{x:g}' for x in cfg.rate_scale)}, speed-up {cfg.speedup:g}, "
-            f"fleet {cfg.fleet} ({cfg.workers} workers × {cfg.kv_blocks} blocks of {cfg.block_size} tokens)"
+            + fleet_text
         )
         console.print(f"  ideal hit rate of this slice (infinite shared cache): {100 * ideal_hit_rate(requests):.1f} %")
         for rate in cfg.rate_scale:
@@ -125,10 +130,10 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
                         nc, names, requests, rcfg, fleet, on_progress=lambda done, _total: progress.update(task, completed=done)
                     )
                 s = summarize(result)
+                lag = "" if s["fleet_lag_max_ms"] is None else f", fleet max lag {s['fleet_lag_max_ms']:,.0f} ms"
                 console.print(
                     f"    hit rate {100 * s['hit_rate']:.1f} %, TTFT mean {s['ttft_ms']['mean'] or 0:,.0f} ms, "
-                    f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s, "
-                    f"fleet max lag {s['fleet_lag_max_ms'] or 0:,.0f} ms"
+                    f"errors {s['errors']}, open bookings {s['open_bookings']}, wall {result.wall_s:.1f} s{lag}"
                 )
                 runs.append(result)
     finally:
@@ -213,6 +218,15 @@ def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> Replay
     return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
 
 
+def print_lag_warnings(console: Console, summaries: Sequence[dict[str, Any]]) -> bool:
+    """Say so, with the figures, when an online fleet fell behind its clock; True when it did."""
+    warnings = lag_warnings(summaries)
+    if warnings:
+        console.print("[bold yellow]⚠ indicative numbers:[/] " + "; ".join(warnings) + ".")
+        console.print(f"  {LAG_ADVICE}", markup=False)
+    return bool(warnings)
+
+
 def _defaults_for_names() -> dict[str, Any]:
     return {s.name: s.default for s in COMMON}
 
@@ -244,8 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     console.print()
-    console.print(markdown_table(outcome.summaries), markup=False)
-    console.print(f"report: {outcome.paths['markdown']}  json: {outcome.paths['json']}  plots: {outcome.paths.get('ttft_cdf')}, {outcome.paths.get('load')}")
+    console.print(markdown_table(outcome.summaries, offline=cfg.offline), markup=False)
+    if not cfg.offline:
+        print_lag_warnings(console, outcome.summaries)
+    plots = ", ".join(str(p) for p in outcome.paths.values() if p.suffix == ".png")
+    console.print(f"report: {outcome.paths['markdown']}  json: {outcome.paths['json']}  plots: {plots}")
     failed = any(s["completed"] < s["requests"] for s in outcome.summaries)
     return 1 if failed else 0
 

@@ -33,6 +33,7 @@ def fleet_stats(workers: list[dict]) -> dict:
     for key in ("requests", "finished", "prompt_tokens", "cached_tokens", "preemptions", "evictions", "late_passes"):
         out[key] = sum(int(w.get(key, 0)) for w in workers)
     out["lag_max_ms"] = max((float(w.get("lag_max_ms", 0.0)) for w in workers), default=0.0)
+    out["lag_total_ms"] = round(sum(float(w.get("lag_total_ms", 0.0)) for w in workers), 1)
     return out
 
 

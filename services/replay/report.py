@@ -12,6 +12,10 @@ from typing import Any
 
 from .runner import RunResult
 
+# An online run's fleet that ends a pass later than this (simulated ms) behind its clock has added
+# that delay to the latency of every request in flight on that worker: its latencies are flagged.
+LAG_WARN_MS = 100.0
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in [0, 100]); None for no data."""
@@ -82,6 +86,8 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "fleet": run.fleet,
         "fleet_hit_rate": (run.fleet["cached_tokens"] / run.fleet["prompt_tokens"]) if run.fleet.get("prompt_tokens") else None,
         "fleet_lag_max_ms": run.fleet.get("lag_max_ms"),
+        "fleet_lag_total_ms": run.fleet.get("lag_total_ms"),
+        "fleet_late_passes": run.fleet.get("late_passes"),
         "wall_s": run.wall_s,
         "sim_span_s": span_ms / 1000.0,
     }
@@ -95,7 +101,40 @@ def _fmt(v: Any, digits: int = 0) -> str:
     return str(v)
 
 
-def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+def lag_warnings(summaries: Sequence[dict[str, Any]], threshold_ms: float = LAG_WARN_MS) -> list[str]:
+    """One line per online run whose simulated fleet fell behind its clock by more than the threshold."""
+    out = []
+    for s in summaries:
+        lag = s.get("fleet_lag_max_ms")
+        if lag is not None and lag > threshold_ms:
+            out.append(
+                f"{s['policy']} (load ×{float(s['rate_scale']):g}): the fleet lagged its clock by up to {lag:,.0f} ms "
+                f"({s.get('fleet_late_passes') or 0} late passes, {s.get('fleet_lag_total_ms') or 0:,.0f} ms in all)"
+            )
+    return out
+
+
+LAG_ADVICE = (
+    "The machine was too busy for this speed-up: a late engine pass adds its delay to every request in flight on "
+    "that worker, so these latencies are inflated, unevenly between policies. Treat them as indicative; compare "
+    "policies with `kvr replay --offline` (simulated time, exact), or rerun with a lower --speedup."
+)
+
+
+def compact_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """The headline columns only (fits a terminal): policy, hit rate, TTFT, E2E, balance."""
+    head = "| policy | done | hit rate | TTFT mean | TTFT p90 | E2E mean | balance max/mean |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        t, e = s["ttft_ms"], s["e2e_ms"]
+        lines.append(
+            f"| {s['policy']} | {s['completed']}/{s['requests']} | {100 * s['hit_rate']:.1f} % | {_fmt(t['mean'])} ms "
+            f"| {_fmt(t['p90'])} ms | {_fmt(e['mean'])} ms | {_fmt(s['balance_max_over_mean'], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]], offline: bool = False) -> str:
     head = (
         "| policy | load × | done/req | errors | hit rate | TTFT mean | p50 | p90 | p99 | E2E mean | E2E p90 "
         "| req/s | out tok/s | balance max/mean | preempt | open bookings |"
@@ -127,7 +166,11 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
             )
             + " |"
         )
-    return "\n".join(lines) + "\n\nLatencies in simulated milliseconds (wall time × speed-up); hit rate = cached prompt tokens / prompt tokens, from the workers' own accounting.\n"
+    clock = "simulated time of the discrete-event simulator" if offline else "wall time × speed-up"
+    return "\n".join(lines) + (
+        f"\n\nLatencies in simulated milliseconds ({clock}); hit rate = cached prompt tokens / prompt tokens, "
+        "from the workers' own accounting.\n"
+    )
 
 
 def plot(runs: Sequence[RunResult], summaries: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -161,6 +204,10 @@ def plot(runs: Sequence[RunResult], summaries: Sequence[dict[str, Any]], out_dir
     plt.close(fig)
     written.append(path)
 
+    if len({s["rate_scale"] for s in summaries}) == 1:
+        written.append(_policy_bars(plt, summaries, out_dir))
+        return written
+
     # hit rate and TTFT vs load
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for policy in dict.fromkeys(s["policy"] for s in summaries):
@@ -186,6 +233,33 @@ def plot(runs: Sequence[RunResult], summaries: Sequence[dict[str, Any]], out_dir
     return written
 
 
+def _policy_bars(plt: Any, summaries: Sequence[dict[str, Any]], out_dir: Path) -> Path:
+    """One load point: bars per policy (hit rate; TTFT mean, p50, p90), not lines through one point."""
+    policies = [s["policy"] for s in summaries]
+    xs = range(len(policies))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hit = [100 * s["hit_rate"] for s in summaries]
+    bars = ax1.bar(xs, hit, color="tab:blue")
+    ax1.bar_label(bars, labels=[f"{h:.1f} %" for h in hit])
+    ax1.set_ylabel("prefix-cache hit rate (%)")
+    ax1.set_title(f"Hit rate (load ×{float(summaries[0]['rate_scale']):g})")
+    width = 0.27
+    for i, (key, color) in enumerate((("mean", "tab:orange"), ("p50", "tab:green"), ("p90", "tab:red"))):
+        vals = [(s["ttft_ms"][key] or 0.0) / 1000.0 for s in summaries]
+        ax2.bar([x + (i - 1) * width for x in xs], vals, width, label=key, color=color)
+    ax2.set_ylabel("TTFT (simulated s)")
+    ax2.set_title("Time to first token")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs), policies)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "policies.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: Sequence[RunResult], out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +273,10 @@ def write_report(runs: Sequence[RunResult], out_dir: str | Path, meta: dict[str,
                 fh.write(json.dumps({"policy": r.policy, "rate_scale": r.rate_scale, **rec.__dict__}) + "\n")
     paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
     header = "# Replay report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
-    paths["markdown"].write_text(header + markdown_table(summaries))
+    offline = str(meta.get("mode", "")).startswith("offline")
+    warnings = [] if offline else lag_warnings(summaries)
+    note = ("\n**Indicative only:** " + "; ".join(warnings) + ". " + LAG_ADVICE + "\n") if warnings else ""
+    paths["markdown"].write_text(header + markdown_table(summaries, offline) + note)
     for p in plot(runs, summaries, out):
         paths[p.stem] = p
     return paths

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.replay.report import markdown_table, percentile, summarize, write_report
+from services.replay.report import LAG_WARN_MS, lag_warnings, markdown_table, percentile, summarize, write_report
 from services.replay.runner import RequestRecord, RunResult
 from services.replay.trace import (
     TRACE_BLOCK,
@@ -135,6 +135,27 @@ def test_report_files(tmp_path):
     assert [r["policy"] for r in doc["runs"]] == ["kv", "round_robin"]
     table = paths["markdown"].read_text()
     assert "| kv |" in table and "50.0 %" in table and "| round_robin |" in table
-    for key in ("ttft_cdf", "load"):
+    # one load point: bars per policy, no line chart through single points
+    for key in ("ttft_cdf", "policies"):
         assert paths[key].stat().st_size > 5000 and paths[key].read_bytes()[:4] == b"\x89PNG"
+    assert "load" not in paths
     assert markdown_table([summarize(runs[0])]).count("\n") >= 3
+    # several load points: lines against load
+    heavier = [_run("kv", [500] * 4, [1, 2, 3, 1]), _run("round_robin", [0] * 4, [1, 2, 3, 1])]
+    for run in heavier:
+        run.rate_scale = 2.0
+    paths = write_report(runs + heavier, tmp_path / "two", {"trace": "x"})
+    assert paths["load"].read_bytes()[:4] == b"\x89PNG" and "policies" not in paths
+
+
+def test_a_lagging_fleet_is_flagged_with_its_figures(tmp_path):
+    calm, late = _run("round_robin", [0] * 4, [1, 2, 3, 1]), _run("kv", [500] * 4, [1, 2, 3, 1])
+    calm.fleet = {"lag_max_ms": LAG_WARN_MS / 2, "lag_total_ms": 60.0, "late_passes": 3}
+    late.fleet = {"lag_max_ms": 548.0, "lag_total_ms": 2_345.0, "late_passes": 41}
+    warnings = lag_warnings([summarize(calm), summarize(late)])
+    assert warnings == ["kv (load ×1): the fleet lagged its clock by up to 548 ms (41 late passes, 2,345 ms in all)"]
+    report = write_report([calm, late], tmp_path, {"trace": "x"})["markdown"].read_text()
+    assert "Indicative only" in report and "548 ms" in report
+    # the offline simulator has no wall clock to lag: never flagged
+    offline = write_report([late], tmp_path / "off", {"mode": "offline (discrete-event, simulated time)"})["markdown"].read_text()
+    assert "Indicative" not in offline and "simulated time of the discrete-event simulator" in offline
