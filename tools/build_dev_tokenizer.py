@@ -6,8 +6,9 @@ Output: a Hugging Face `tokenizers` tokenizer.json (gzipped) with the merges rec
 GPT-2's pre-tokenizer regex, `<|endoftext|>` and two ChatML markers as added special tokens, plus a
 tokenizer_config.json carrying kvr's own ChatML-style chat template (GPT-2 has none).
 
-    pip download --no-deps --no-binary :all: openai-whisper -d /tmp/w && tar xzf /tmp/w/*.tar.gz -C /tmp/w
-    .venv/bin/python tools/build_dev_tokenizer.py /tmp/w/openai_whisper-*/whisper/assets/gpt2.tiktoken
+    pip download --no-deps --no-binary :all: openai-whisper==20250625 -d build/whisper
+    tar xzf build/whisper/openai_whisper-20250625.tar.gz -C build/whisper
+    .venv/bin/python tools/build_dev_tokenizer.py build/whisper/openai_whisper-20250625/whisper/assets/gpt2.tiktoken
 
 Merges from ranks (the usual tiktoken → BPE conversion): a token of rank r is produced by the merge
 that byte-pair encoding with only the ranks below r leaves as the last two parts of its bytes.

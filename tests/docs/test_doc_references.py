@@ -30,7 +30,7 @@ FILE_TABLES = [
     ("docs/architecture.md", "Code layout: functional core, imperative shell", ["services/runtime"]),
     ("docs/indexer.md", "Files", ["services/indexer"]),
     ("docs/scheduler.md", "Files", ["services/scheduler"]),
-    ("docs/epp_bridge.md", "Files", ["services/epp_bridge"]),
+    ("docs/epp_bridge.md", "Files", ["services/epp_bridge", "services/dev_gateway"]),
     ("docs/relay.md", "Files", ["services/relay"]),
     ("docs/simulation.md", "Files", ["services/mock_worker", "services/replay"]),
 ]
