@@ -185,7 +185,7 @@ def write_env_file(path: Path, values: dict[str, str], run_dir: Path) -> None:
 
 
 def curl_line(gateway: str) -> str:
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}' % MODEL
+    body = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
     return f"curl -si {gateway}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
 
 
@@ -276,17 +276,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet.wait_ready(60)
         gateway.wait_ready(60)
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        env = {"KVR_NATS_URL": stack.nats.url, "KVR_POOL": POOL, "KVR_DEV_GATEWAY": gateway_url, "KVR_DEV_EXTPROC": f"127.0.0.1:{grpc_port}"}
+        env = {"KVR_NATS_URL": stack.nats.url, "KVR_POOL": POOL, "KVR_DEV_GATEWAY": gateway_url,
+               "KVR_DEV_EXTPROC": f"127.0.0.1:{grpc_port}"}  # fmt: skip
         write_env_file(env_file, env, run_dir)
         env_written = True
         console.rule("serving")
-        console.print(f"OpenAI gateway  {gateway_url}   (dev gateway → ext_proc 127.0.0.1:{grpc_port} → {args.workers} mock workers, speed-up 1)")
+        console.print(f"OpenAI gateway  {gateway_url}   (dev gateway → ext_proc 127.0.0.1:{grpc_port} → "
+                      f"{args.workers} mock workers, speed-up 1)")  # fmt: skip
         console.print(f"NATS            {stack.nats.url}   (pool '{POOL}')")
         for proc in stack.procs:
             console.print(f"{proc.command:<15} {proc.base_url}/metrics   /readyz")
         console.print("try it, in another terminal:")
         console.print(f"  {curl_line(gateway_url)}", markup=False, soft_wrap=True)
-        console.print(f"  . {shown_path(env_file)}    # then every command of the README's quick start works as written", markup=False)
+        console.print(f"  . {shown_path(env_file)}    # then every command of the README's quick start works as written",
+                      markup=False)  # fmt: skip
         console.print("Ctrl-C to stop.")
         while not stop_requested:
             time.sleep(0.5)

@@ -83,7 +83,7 @@ class DevGatewayApp:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.gateway_host, int(self.cfg.gateway_port))
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr,attr-defined]
         self.port = sockets[0].getsockname()[1] if sockets else int(self.cfg.gateway_port)
         self._tasks.append(asyncio.create_task(self._follow_picker(), name="dev-gateway-health"))
         log.info("dev_gateway.listening", url=f"http://{self.cfg.gateway_host}:{self.port}", extproc=self.cfg.extproc_target)

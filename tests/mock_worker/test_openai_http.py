@@ -71,7 +71,8 @@ async def test_chat_and_completions_over_http(nc) -> None:
             assert cached == (want_prompt // 16) * 16 > 0  # every full block of the repeated prompt
 
             # completions with token ids, streamed without usage
-            async with http.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3, 4, 5], "max_tokens": 3, "stream": True}) as resp:
+            ids_body = {"prompt": [1, 2, 3, 4, 5], "max_tokens": 3, "stream": True}
+            async with http.post(f"{base}/v1/completions", json=ids_body) as resp:
                 events = sse_events(await resp.text())
             assert events[-1] == "[DONE]" and all("usage" not in e for e in events[:-1])
             assert events[0]["object"] == "text_completion"
@@ -94,7 +95,8 @@ async def test_chat_and_completions_over_http(nc) -> None:
 
 async def test_without_tokenizer_text_prompts_are_refused_but_ids_work(nc) -> None:
     await provision(nc.jetstream(), NAMES, StreamSettings())
-    cfg = FleetConfig(pool="ob", count=1, worker_id_base=600, engine=EngineConfig(block_size=16, kv_blocks=256), speedup=20.0, openai_port=0)
+    engine = EngineConfig(block_size=16, kv_blocks=256)
+    cfg = FleetConfig(pool="ob", count=1, worker_id_base=600, engine=engine, speedup=20.0, openai_port=0)
     fleet = MockFleet(nc, NAMES, cfg)
     await fleet.start()
     try:

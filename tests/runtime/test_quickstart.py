@@ -67,7 +67,7 @@ def split_http(out: str) -> tuple[dict[str, str], str]:
 def test_quickstart_commands_run_against_kvr_dev(tmp_path: Path) -> None:
     env_file = tmp_path / "env"
     run_dir = tmp_path / "run"
-    dev_out = open(tmp_path / "dev.out", "wb")
+    dev_out = open(tmp_path / "dev.out", "wb")  # noqa: SIM115 - the child writes it until the end
     dev = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "dev", "--nats-port", "0", "--gateway-port", "0", "--extproc-port", "0",
          "--env-file", str(env_file), "--run-dir", str(run_dir), "--limit", "100", "--online-limit", "30"],
@@ -91,19 +91,22 @@ def test_quickstart_commands_run_against_kvr_dev(tmp_path: Path) -> None:
                 timeout=COMMAND_TIMEOUT_S, env={**os.environ, "COLUMNS": "120"},
             )  # fmt: skip
             took = time.monotonic() - started
-            assert proc.returncode == 0, f"{command}\nexit {proc.returncode} after {took:.1f} s\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            assert proc.returncode == 0, (
+                f"{command}\nexit {proc.returncode} after {took:.1f} s\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            )
             outputs.append(proc.stdout)
 
-        chats = [(c, o) for c, o in zip(quickstart_commands()[1:], outputs) if c.startswith("curl -si")]
+        ran = list(zip(quickstart_commands()[1:], outputs, strict=True))
+        chats = [(c, o) for c, o in ran if c.startswith("curl -si")]
         headers, body = split_http(chats[0][1])
         assert headers["x-worker-instance-id"] and headers["x-gateway-destination-endpoint"].startswith("127.0.0.1:")
         assert json.loads(body)["usage"]["completion_tokens"] == 16
-        (h1, b1), (h2, b2) = split_http(chats[1][1]), split_http(chats[2][1])
+        (h1, _), (h2, b2) = split_http(chats[1][1]), split_http(chats[2][1])
         assert h2["x-worker-instance-id"] == h1["x-worker-instance-id"], "the repeated prompt went to another worker"
         assert json.loads(b2)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 128
-        streamed = next(o for c, o in zip(quickstart_commands()[1:], outputs) if '"stream": true' in c)
+        streamed = next(o for c, o in ran if '"stream": true' in c)
         assert streamed.rstrip().endswith("data: [DONE]")
-        query = next(o for c, o in zip(quickstart_commands()[1:], outputs) if "kvr epp query" in c)
+        query = next(o for c, o in ran if "kvr epp query" in c)
         assert json.loads(query)["status"] == "ok"
     finally:
         if dev.poll() is None:
