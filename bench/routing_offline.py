@@ -4,7 +4,8 @@
 
 Runs `replay_offline` with the given `kvr replay` flags (``--offline`` implied), prints the table,
 writes `bench/results/<name>.json` (the report: meta + one summary per run) and copies the plots to
-`docs/img/<name>_ttft_cdf.png` and `docs/img/<name>_load.png`.
+`docs/img/<name>_ttft_cdf.png` and `docs/img/<name>_load.png` (several load points) or
+`docs/img/<name>_policies.png` (one).
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out = str(out)
     console = Console()
     outcome = replay_offline(cfg, args.trace, console)
-    print(markdown_table(outcome.summaries))
+    print(markdown_table(outcome.summaries, offline=True))
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     doc = json.loads((out / "report.json").read_text())
     (results / f"{ns.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for stem in ("ttft_cdf", "load"):
-        shutil.copy(out / f"{stem}.png", img / f"{ns.name}_{stem}.png")
+    for png in sorted(out.glob("*.png")):  # ttft_cdf, and load or policies
+        shutil.copy(png, img / f"{ns.name}_{png.stem}.png")
     print(f"wrote {results / f'{ns.name}.json'} and docs/img/{ns.name}_*.png (report dir {out})")
     return 0
 

@@ -83,8 +83,9 @@ def main() -> int:
     (results / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for key in ("ttft_cdf", "load"):
-        shutil.copy(outcome.paths[key], img / f"{args.name}_{key}.png")
+    for key, path in outcome.paths.items():  # ttft_cdf, and load (several load points) or policies (one)
+        if path.suffix == ".png":
+            shutil.copy(path, img / f"{args.name}_{key}.png")
     print(f"wrote {results / (args.name + '.json')} and docs/img/{args.name}_*.png; run dir {run_dir}")
     return 0
 

@@ -189,7 +189,9 @@ def test_each_command_parses_exactly_the_settings_and_defaults_the_configuration
     from services.runtime.config import REGISTRY
 
     load_all()
-    assert set(REGISTRY.commands) == {"epp-bridge", "indexer", "mock-workers", "provision", "relay", "replay", "scheduler"}
+    assert set(REGISTRY.commands) == {
+        "dev-gateway", "epp-bridge", "indexer", "mock-workers", "provision", "relay", "replay", "scheduler"
+    }
     for command, settings in REGISTRY.commands.items():
         blocks = help_blocks(command_help(capsys, command, "--help"))
         flags = {flag for flag in blocks if flag != "--help"}
