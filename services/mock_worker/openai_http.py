@@ -6,8 +6,10 @@ prompt ids, or the configured tokenizer and its chat template), so the prefix th
 the prefix this engine caches. The request then runs on the worker's simulated engine like a NATS
 generate request; the answer is an OpenAI-shaped completion whose `usage` comes from the engine's
 own accounting (`prompt_tokens_details.cached_tokens` = the prefix-cache hit) and whose text is the
-engine's stand-in output ids, decoded by the tokenizer when there is one. `"stream": true` answers
-with server-sent events, a chunk per engine pass that produced tokens, as vLLM does.
+engine's stand-in output ids shown as words of a small fixed vocabulary (one word per token: visibly
+simulated, and never the arbitrary words that decoding random ids of a real vocabulary gives).
+`"stream": true` answers with server-sent events, a chunk per engine pass that produced tokens, as
+vLLM does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 WORKER_HEADER = "x-worker-instance-id"
 DEFAULT_MAX_TOKENS = 16
 MAX_PROMPT_TOKENS = 1 << 20  # the engine rejects what it can never admit; this only bounds the work
+OUTPUT_WORDS = (
+    "simulated", "tokens", "from", "a", "mock", "worker", "the", "router", "picked", "this", "engine", "for",
+    "its", "cached", "prefix", "and", "load", "each", "word", "is", "one", "output", "token", "of", "kvr",
+)  # fmt: skip
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> web.Response:
@@ -91,12 +97,9 @@ class OpenAiFront:
     async def _completions(self, req: web.Request) -> web.StreamResponse:
         return await self._serve(req, chat=False)
 
-    def _text(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        if self.tokenizer is not None:
-            return self.tokenizer.tokenizer.decode(ids)
-        return "".join(f" t{i}" for i in ids)
+    @staticmethod
+    def _text(ids: list[int]) -> str:
+        return "".join(" " + OUTPUT_WORDS[i % len(OUTPUT_WORDS)] for i in ids)
 
     async def _serve(self, req: web.Request, chat: bool) -> web.StreamResponse:
         try:

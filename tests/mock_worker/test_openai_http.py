@@ -48,7 +48,7 @@ async def test_chat_and_completions_over_http(nc) -> None:
                 first = await resp.json()
             assert first["object"] == "chat.completion" and first["model"] == "mock-model"
             assert first["choices"][0]["message"]["role"] == "assistant" and first["choices"][0]["finish_reason"] == "length"
-            assert isinstance(first["choices"][0]["message"]["content"], str) and first["choices"][0]["message"]["content"]
+            assert len(first["choices"][0]["message"]["content"].split()) == 6  # one word per output token
             u = first["usage"]
             want_prompt = len(worker.tokenizer.encode_chat(CHAT["messages"]))
             assert u["prompt_tokens"] == want_prompt and u["completion_tokens"] == 6 and u["total_tokens"] == want_prompt + 6
@@ -65,7 +65,7 @@ async def test_chat_and_completions_over_http(nc) -> None:
             assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
             assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
             streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-            assert streamed
+            assert len(streamed.split()) == 6
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
             cached = chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]
             assert cached == (want_prompt // 16) * 16 > 0  # every full block of the repeated prompt
