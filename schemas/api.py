@@ -286,7 +286,3 @@ class CleanupReply(msgspec.Struct):
     known: bool
     status: Literal["ok"] = "ok"
 
-
-# Scheduler-side booking lifecycle (epp_bridge → scheduler), same shape as epp.cleanup.
-BookingUpdateRequest = CleanupRequest
-BookingUpdateReply = CleanupReply

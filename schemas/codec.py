@@ -13,7 +13,6 @@ from .api import ErrorBody, ErrorReply
 T = TypeVar("T")
 
 MSGPACK = "application/msgpack"
-JSON = "application/json"
 CONTENT_TYPE_HEADER = "Content-Type"
 
 _PATH_RE = re.compile(r" - at `(?P<path>[^`]*)`$")

@@ -52,9 +52,6 @@ class WorkerRecord(msgspec.Struct, omit_defaults=True):
             return self.address
         return f"{self.address}:{self.port}"
 
-    def is_live(self, now_ms: int) -> bool:
-        return now_ms - self.heartbeat_ms < self.ttl_s * 1000.0
-
 
 def worker_key(pool: str, worker_id: int) -> str:
     return f"{pool}.{worker_id}"

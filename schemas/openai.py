@@ -16,7 +16,6 @@ from .api import EppQueryRequest, OptStr, RoutingConstraints, TokenList
 from .types import MAX_TOKENS, DpRank, NonNegInt, TokenId, WorkerId
 
 MAX_MESSAGES = 65_536
-MAX_PROMPTS = 4_096
 MAX_TOOLS = 4_096
 
 I32 = Annotated[int, Meta(ge=-(1 << 31), lt=1 << 31)]

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = get_logger("kvr.epp_bridge.extproc")
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-HEALTH_SERVICES = ("", "liveness", "readiness", EXTPROC_SERVICE)
 HEALTH_POLL_S = 0.25
 
 

@@ -10,7 +10,7 @@ api/envoy/extensions/filters/http/ext_proc/v3/processing_mode.proto.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
@@ -220,11 +220,3 @@ class BookingLifecycle:
         self.freed = True
         return ["free"]
 
-
-def describe(resp: pb.ProcessingResponse) -> str:
-    """Short name of a response (logs, tests)."""
-    return resp.WhichOneof("response") or "empty"
-
-
-def as_list(items: Sequence[pb.ProcessingResponse] | pb.ProcessingResponse) -> list[pb.ProcessingResponse]:
-    return [items] if isinstance(items, pb.ProcessingResponse) else list(items)

@@ -103,10 +103,6 @@ class SpawnedFleet:
         status = await asyncio.to_thread(self.proc.readyz)
         return fleet_stats(status.get("workers", []))
 
-    @property
-    def metrics_url(self) -> str | None:
-        return f"{self.proc.base_url}/metrics" if self.proc else None
-
     async def stop(self) -> None:
         if self.proc is not None:
             proc, self.proc = self.proc, None

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
@@ -353,6 +352,3 @@ async def run_policy(
         if fleet is not None:
             await fleet.stop()
 
-
-def records_to_json(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
-    return [msgspec.structs.asdict(r) if isinstance(r, msgspec.Struct) else dict(r.__dict__) for r in records]

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -221,6 +220,3 @@ def main_for(
     except KeyboardInterrupt:
         return 0
 
-
-def exit_with(code: int) -> None:
-    sys.exit(code)

@@ -178,10 +178,6 @@ def tracing_enabled() -> bool:
     return _tracer is not None
 
 
-def tracer(name: str = "kvr") -> trace.Tracer:
-    return _tracer if _tracer is not None and name == "kvr" else trace.get_tracer(name)
-
-
 def _start(
     name: str, kind: trace.SpanKind, parent: otel_context.Context | None, attributes: dict[str, Any]
 ) -> AbstractContextManager[trace.Span]:

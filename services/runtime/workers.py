@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from schemas import codec
 from schemas.codec import SchemaError
-from schemas.discovery import WorkerRecord
+from schemas.discovery import WorkerRecord, worker_key
 from schemas.subjects import parse_id
 
 from .badinput import malformed
@@ -200,7 +200,7 @@ class WorkerWatcher:
                 if kv is None:
                     kv = await js.key_value(self.bucket)
                 for entry in expired:
-                    key = f"{entry.record.pool}.{entry.record.worker_id}"
+                    key = worker_key(entry.record.pool, entry.record.worker_id)
                     try:
                         await kv.delete(key, last=entry.revision)
                         log.info("workers.expired", key=key, ttl_s=entry.record.ttl_s)
@@ -215,9 +215,9 @@ class WorkerWatcher:
 async def put_worker(nc: NATS, bucket: str, record: WorkerRecord) -> int:
     """Write (or heartbeat) a discovery record; returns the KV revision."""
     kv = await nc.jetstream().key_value(bucket)
-    return await kv.put(f"{record.pool}.{record.worker_id}", codec.encode_json(record))
+    return await kv.put(worker_key(record.pool, record.worker_id), codec.encode_json(record))
 
 
 async def delete_worker(nc: NATS, bucket: str, pool: str, worker_id: int) -> None:
     kv = await nc.jetstream().key_value(bucket)
-    await kv.delete(f"{pool}.{worker_id}")
+    await kv.delete(worker_key(pool, worker_id))
