@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.events import removed_event, stored_event  # noqa: E402
-from services.indexer.app import tune_gc  # noqa: E402
+from services.runtime.heap import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex  # noqa: E402
 from services.replay.trace import open_trace  # noqa: E402
 

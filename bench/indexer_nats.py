@@ -29,7 +29,8 @@ from schemas.events import kv_msg_id, stored_event  # noqa: E402
 from schemas.hashing import sequence_hashes  # noqa: E402
 from schemas.subjects import Names  # noqa: E402
 from services.indexer import snapshot  # noqa: E402
-from services.indexer.app import IndexerApp, tune_gc  # noqa: E402
+from services.indexer.app import IndexerApp  # noqa: E402
+from services.runtime.heap import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex  # noqa: E402
 from services.runtime.embedded import NatsServer  # noqa: E402
 from services.runtime.natsio import StreamSettings, provision  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,6 +15,7 @@ from .types import (
     MAX_TAINTS,
     MAX_TOKENS,
     MAX_WORKER_IDS,
+    U64_MASK,
     BlockSize,
     DpRank,
     FiniteFloat,
@@ -22,25 +24,48 @@ from .types import (
     RequestId,
     TokenId,
     WorkerId,
-    U64_MASK,
     to_u64,
 )
 
-ErrorCode = Literal[
-    "invalid_request", "not_found", "no_workers", "constraints_unsatisfied", "overloaded", "timeout", "internal"
-]
-ERROR_HTTP_STATUS: dict[str, int] = {
-    "invalid_request": 400,
-    "not_found": 404,
-    "no_workers": 503,
-    "constraints_unsatisfied": 503,
-    "overloaded": 429,
-    "timeout": 504,
-    "internal": 500,
+
+# Services raise `ServiceError(ErrorCode.X, ...)`; the wire carries the values.
+class ErrorCode(StrEnum):
+    """Error code of an error reply (docs/protocol.md §5)."""
+
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    NO_WORKERS = "no_workers"
+    CONSTRAINTS_UNSATISFIED = "constraints_unsatisfied"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+ERROR_HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.NO_WORKERS: 503,
+    ErrorCode.CONSTRAINTS_UNSATISFIED: 503,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.INTERNAL: 500,
 }
 
 Mode = Literal["auto", "aggregated", "disaggregated"]
-Policy = Literal["kv", "round_robin", "random", "least_loaded"]
+
+
+# The one list of policy names: settings, CLIs and the selector's dispatch table derive from it.
+class Policy(StrEnum):
+    """How the target is chosen among the eligible ones: `kv` by the cost rule (docs/protocol.md §7),
+    the others are A/B baselines."""
+
+    KV = "kv"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    LEAST_LOADED = "least_loaded"
+
+
+POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in Policy)
 TokenList = Annotated[list[TokenId], Meta(max_length=MAX_TOKENS)]
 HashList = Annotated[list[Hash], Meta(max_length=MAX_BLOCK_HASHES)]
 OptStr = Annotated[str, Meta(max_length=1024)] | None

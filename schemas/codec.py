@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Any, TypeVar
 
 import msgspec
 
-from .api import ErrorBody, ErrorReply
+from .api import ErrorBody, ErrorCode, ErrorReply
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ _PATH_RE = re.compile(r" - at `(?P<path>[^`]*)`$")
 class SchemaError(ValueError):
     """A payload that does not match the wire contract. `path` points at the offending field."""
 
-    code = "invalid_request"
+    code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(f"{message} (at {path})" if path else message)
@@ -38,12 +38,12 @@ def _schema_error(exc: msgspec.ValidationError) -> SchemaError:
     return SchemaError(text, "$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _json_decoder(type_: Any) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(type_)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(type_)
 
@@ -114,8 +114,8 @@ def convert(obj: Any, type_: type[T] | Any) -> T:
         raise _schema_error(exc) from None
 
 
-def error_reply(code: str, message: str, path: str | None = None) -> ErrorReply:
-    return ErrorReply(error=ErrorBody(code=code, message=message, path=path))  # type: ignore[arg-type]
+def error_reply(code: ErrorCode, message: str, path: str | None = None) -> ErrorReply:
+    return ErrorReply(error=ErrorBody(code=code, message=message, path=path))
 
 
 class _StatusProbe(msgspec.Struct):
@@ -126,7 +126,7 @@ class _StatusProbe(msgspec.Struct):
 class RemoteError(Exception):
     """An error envelope received from another service."""
 
-    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, path: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -135,8 +135,8 @@ class RemoteError(Exception):
 
 def decode_reply(data: bytes, type_: type[T], content_type: str | None = None) -> T:
     """Decode a reply, raising `RemoteError` if it is an error envelope."""
-    probe = decode(data, _StatusProbe, content_type)
+    probe: _StatusProbe = decode(data, _StatusProbe, content_type)
     if probe.status == "error":
-        err = probe.error or ErrorBody(code="internal", message="error reply without body")
+        err = probe.error or ErrorBody(code=ErrorCode.INTERNAL, message="error reply without body")
         raise RemoteError(err.code, err.message, err.path)
     return decode(data, type_, content_type)

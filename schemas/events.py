@@ -9,8 +9,8 @@ from msgspec import Meta
 
 from .types import MAX_BLOCKS_PER_EVENT, DpRank, Hash, NonNegInt, WorkerId, U64_MASK, to_u64
 
+# Fastest first; the one declaration of the tiers (the index derives its order from it).
 StorageTier = Literal["device", "host_pinned", "disk", "external"]
-STORAGE_TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
 
 
 class StoredBlock(msgspec.Struct, omit_defaults=True):

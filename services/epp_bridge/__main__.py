@@ -20,7 +20,7 @@ def all_settings() -> tuple[Setting, ...]:
 
 def _make_app(cfg):  # type: ignore[no-untyped-def]
     if getattr(cfg, "epp_embedded_scheduler", False) and getattr(cfg, "embedded_indexer", False):
-        from services.indexer.app import tune_gc
+        from services.runtime.heap import tune_gc
 
         tune_gc()
     return make_app(cfg)

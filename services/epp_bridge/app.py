@@ -25,6 +25,7 @@ from schemas.api import (
     CleanupRequest,
     EppQueryReply,
     EppQueryRequest,
+    ErrorCode,
     SelectReply,
     SelectRequest,
 )
@@ -213,7 +214,7 @@ class EppBridgeApp:
             try:
                 if len(msg.data) > self.max_body_bytes:
                     raise ServiceError(
-                        "invalid_request", f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$"
+                        ErrorCode.INVALID_REQUEST, f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$"
                     )
                 reply = await self.query(pool, req, msg)
                 routed = reply.mode
@@ -267,8 +268,8 @@ class EppBridgeApp:
         allowed = index.allowed(ask.pods)
         if allowed is not None and not allowed:
             if ask.pods:
-                raise ServiceError("no_workers", f"none of the {len(ask.pods)} candidate pods is a known worker of pool {pool!r}")
-            raise ServiceError("no_workers", f"no worker of pool {pool!r} passes the pool's label filter")
+                raise ServiceError(ErrorCode.NO_WORKERS, f"none of the {len(ask.pods)} candidate pods is a known worker of pool {pool!r}")
+            raise ServiceError(ErrorCode.NO_WORKERS, f"no worker of pool {pool!r} passes the pool's label filter")
         targets: list[tuple[int, int]] | None = None
         if ask.endpoints is not None:
             targets = index.targets(ask.endpoints)
@@ -277,7 +278,7 @@ class EppBridgeApp:
                 targets = [t for t in targets if t[0] in keep]
             if not targets:
                 raise ServiceError(
-                    "no_workers", f"none of the {len(ask.endpoints)} endpoints of the subset hint is an eligible worker of pool {pool!r}"
+                    ErrorCode.NO_WORKERS, f"none of the {len(ask.endpoints)} endpoints of the subset hint is an eligible worker of pool {pool!r}"
                 )
         constraints = body.nvext.routing_constraints if body is not None and body.nvext else None
         if constraints and constraints.required_taints:
@@ -287,7 +288,7 @@ class EppBridgeApp:
                 candidates = allowed if allowed is not None else list(index.records)
             if candidates and not index.required_taints_met(candidates, constraints.required_taints):
                 raise ServiceError(
-                    "constraints_unsatisfied",
+                    ErrorCode.CONSTRAINTS_UNSATISFIED,
                     f"no candidate worker carries every required taint {sorted(constraints.required_taints)}",
                 )
 
@@ -373,7 +374,7 @@ class EppBridgeApp:
             await self._booking_update(pool, req)
 
     async def _booking_update(self, pool: str, req: CleanupRequest) -> None:
-        outcome = "internal"
+        outcome: str = ErrorCode.INTERNAL
         for delay in UPDATE_RETRY_DELAYS_S:
             if delay:
                 await asyncio.sleep(delay)
@@ -402,7 +403,7 @@ def _raw_body(req: EppQueryRequest, msg: Msg | None) -> dict[str, Any]:
     return codec.decode(msg.data, EppQueryRequest, codec.content_type_of(msg.headers)).body
 
 
-def _code_of(exc: BaseException) -> str:
+def _code_of(exc: BaseException) -> ErrorCode:
     return error_for(exc)[0]
 
 

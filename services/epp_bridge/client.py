@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from schemas import codec
+from schemas.api import POLICY_NAMES
 from schemas.subjects import Names
 from services.runtime.config import NATS_CONNECTION, HelpFormatter, add_settings, resolve
 from services.runtime.logs import redact, setup_logging
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
     q.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
     q.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto", help="routing mode")
-    q.add_argument("--policy", choices=["kv", "round_robin", "random", "least_loaded"], default=None,
+    q.add_argument("--policy", choices=POLICY_NAMES, default=None,
                    help="routing policy (default: the scheduler's)")
     q.add_argument("--no-book", action="store_true", help="do not book the request (dry run)")
     q.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")

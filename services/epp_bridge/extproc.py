@@ -29,7 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from schemas import codec
-from schemas.api import CleanupRequest, SelectReply
+from schemas.api import CleanupRequest, ErrorCode, SelectReply
 from schemas.bookings import new_booking_id
 from schemas.openai import OpenAiBody
 from services.runtime.logs import get_logger
@@ -207,7 +207,7 @@ class _Stream:
         if kind == "response_trailers":
             self._update(self.lifecycle.finished())
             return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())], False
-        return self._fail("invalid_request", "ext_proc message without a known request phase"), True
+        return self._fail(ErrorCode.INVALID_REQUEST, "ext_proc message without a known request phase"), True
 
     # --- request path -----------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class _Stream:
         self.body += part.body
         self.chunks += 1
         if len(self.body) > self.server.max_body_bytes:
-            return self._fail("invalid_request", f"request body is over the limit of {self.server.max_body_bytes} bytes"), True
+            return self._fail(ErrorCode.INVALID_REQUEST, f"request body is over the limit of {self.server.max_body_bytes} bytes"), True
         if not part.end_of_stream:
             if self.headers_answered:
                 # STREAMED after a headers answer: every chunk is answered (unchanged) in order.
@@ -254,7 +254,7 @@ class _Stream:
         server = self.server
         if server.deciding >= server.max_decisions:
             # Shed at once: queueing more would only push every request past the select deadline.
-            return self._fail("overloaded", f"{server.deciding} requests are being decided already (--grpc-max-decisions)"), True
+            return self._fail(ErrorCode.OVERLOADED, f"{server.deciding} requests are being decided already (--grpc-max-decisions)"), True
         server.deciding += 1
         started = time.perf_counter()
         try:
@@ -275,12 +275,12 @@ class _Stream:
             self.lifecycle = xp.BookingLifecycle(booked=ask.book)
             endpoints = destination(reply)
             if not endpoints:
-                raise ServiceError("no_workers", f"worker {reply.decode.worker_id} has no address:port in discovery")
+                raise ServiceError(ErrorCode.NO_WORKERS, f"worker {reply.decode.worker_id} has no address:port in discovery")
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an ImmediateResponse
             code, message, path = error_for(exc)
-            if code == "internal":
+            if code is ErrorCode.INTERNAL:
                 log.exception("extproc.decision_failed", request_id=self.request_id)
             return self._fail(code, message, path), True
         finally:
@@ -311,7 +311,7 @@ class _Stream:
         parsed: OpenAiBody | None = None
         if body is not None:
             if not body.strip():
-                raise ServiceError("invalid_request", "the request body is empty", "$")
+                raise ServiceError(ErrorCode.INVALID_REQUEST, "the request body is empty", "$")
             parsed = codec.decode(body, OpenAiBody)
         raw_bytes = body
         return RouteAsk(
@@ -324,7 +324,7 @@ class _Stream:
             booking_id=new_booking_id(),
         )
 
-    def _fail(self, code: str, message: str, path: str | None = None) -> list[pb.ProcessingResponse]:
+    def _fail(self, code: ErrorCode, message: str, path: str | None = None) -> list[pb.ProcessingResponse]:
         self.outcome = code
         log.debug("extproc.rejected", request_id=self.request_id, x_request_id=self.headers.get("x-request-id"),
                   code=code, message=message, path=path)  # fmt: skip

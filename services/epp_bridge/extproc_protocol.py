@@ -20,7 +20,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from schemas import codec
-from schemas.api import ERROR_HTTP_STATUS
+from schemas.api import ERROR_HTTP_STATUS, ErrorCode
 
 Mode = processing_mode_pb2.ProcessingMode
 NONE = Mode.NONE
@@ -41,7 +41,7 @@ BODY_CHUNK_LIMIT = 62_000
 
 # What an error code becomes for the gateway: the NATS envelope's HTTP status, except a scheduler
 # that did not answer, which is the gateway's "no endpoint right now" (503), as the protocol asks.
-EXTPROC_STATUS: dict[str, int] = {**ERROR_HTTP_STATUS, "timeout": 503}
+EXTPROC_STATUS: dict[ErrorCode, int] = {**ERROR_HTTP_STATUS, ErrorCode.TIMEOUT: 503}
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def echo_response_body(body: bytes, end_of_stream: bool) -> pb.ProcessingRespons
     return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
 
 
-def immediate_response(code: str, message: str, path: str | None = None) -> pb.ProcessingResponse:
+def immediate_response(code: ErrorCode, message: str, path: str | None = None) -> pb.ProcessingResponse:
     """An error answered by the gateway itself: HTTP status of the code, the NATS error envelope as
     the JSON body."""
     status = EXTPROC_STATUS.get(code, 500)

@@ -1,6 +1,6 @@
 """How the bridge reaches the scheduler: NATS request/reply (default) or a scheduler in this process.
 
-Both raise the same errors: `ServiceError("timeout")` past the deadline or with no scheduler, the
+Both raise the same errors: `ServiceError(ErrorCode.TIMEOUT)` past the deadline or with no scheduler, the
 scheduler's own error codes otherwise (`RemoteError` over NATS, `ServiceError` in process).
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from nats.errors import NoRespondersError
 
-from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
+from schemas.api import CleanupReply, CleanupRequest, ErrorCode, SelectReply, SelectRequest
 from services.runtime.responder import ServiceError, request
 from services.runtime.service import Runtime
 
@@ -27,7 +27,7 @@ class DeadlinePassed(ServiceError):
 
 
 def _timeout(pool: str, timeout: float) -> DeadlinePassed:
-    return DeadlinePassed("timeout", f"the scheduler of pool {pool!r} did not answer within {timeout}s")
+    return DeadlinePassed(ErrorCode.TIMEOUT, f"the scheduler of pool {pool!r} did not answer within {timeout}s")
 
 
 class NatsSchedulerLink:
@@ -38,7 +38,7 @@ class NatsSchedulerLink:
         try:
             return await request(self.rt.nc, subject, req, reply_type, timeout=timeout)
         except NoRespondersError:
-            raise ServiceError("timeout", f"no scheduler is serving pool {pool!r}") from None
+            raise ServiceError(ErrorCode.TIMEOUT, f"no scheduler is serving pool {pool!r}") from None
         except TimeoutError:
             raise _timeout(pool, timeout) from None
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from schemas import codec
+from schemas.api import ErrorCode
 from schemas.codec import SchemaError
 from schemas.openai import OpenAiBody
 from services.runtime.responder import ServiceError
@@ -43,9 +44,9 @@ def needs_tokenizer(body: OpenAiBody) -> bool:
 
 def _check_size(tokens: list[int], isl: int, max_tokens: int, path: str) -> None:
     if not tokens:
-        raise ServiceError("invalid_request", "the prompt is empty (no tokens)", path)
+        raise ServiceError(ErrorCode.INVALID_REQUEST, "the prompt is empty (no tokens)", path)
     if isl > max_tokens:
-        raise ServiceError("invalid_request", f"the prompt has {isl} tokens, more than the limit of {max_tokens}", path)
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"the prompt has {isl} tokens, more than the limit of {max_tokens}", path)
 
 
 def prompt_tokens(raw: dict[str, Any] | None, body: OpenAiBody, tokenizer: PoolTokenizer | None, max_tokens: int) -> PromptTokens:
@@ -69,7 +70,7 @@ def prompt_tokens(raw: dict[str, Any] | None, body: OpenAiBody, tokenizer: PoolT
 
     if tokenizer is None:
         raise ServiceError(
-            "invalid_request", "no tokenizer is configured for this pool; send token ids in nvext.token_data", "$.body"
+            ErrorCode.INVALID_REQUEST, "no tokenizer is configured for this pool; send token ids in nvext.token_data", "$.body"
         )
     if prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
@@ -96,6 +97,6 @@ def prompt_tokens(raw: dict[str, Any] | None, body: OpenAiBody, tokenizer: PoolT
             add_special_tokens=bool(body.add_special_tokens),
         )
     except TemplateInputError as exc:
-        raise ServiceError("invalid_request", str(exc), "$.body.messages") from None
+        raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc), "$.body.messages") from None
     _check_size(tokens, len(tokens), max_tokens, "$.body.messages")
     return PromptTokens(kind, tokens, len(tokens), "tokenizer")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from services.runtime.heap import tune_gc
 from services.runtime.service import main_for
 
-from .app import make_app, tune_gc
+from .app import make_app
 from .settings import COMMAND_SETTINGS
 
 

@@ -53,7 +53,7 @@ from typing import Any
 from schemas.events import RouterEvent
 from schemas.subjects import parse_id
 
-from .index import LOWER_TIERS, TIERS
+from .index import DEVICE, TIERS
 
 WORKER_ID_LIMIT = 1 << 53
 DP_RANK_LIMIT = 65535
@@ -95,9 +95,9 @@ class CapPolicy:
         """Per-tier block caps of one (worker, dp rank), from its discovery record."""
         if not total_kv_blocks:
             return dict.fromkeys(TIERS, self.default_blocks)
-        out = {"device": max(1, math.ceil(total_kv_blocks * self.headroom))}
         lower = max(1, math.ceil(total_kv_blocks * self.lower_tier_factor))
-        out.update(dict.fromkeys(LOWER_TIERS, lower))
+        out = dict.fromkeys(TIERS, lower)
+        out[DEVICE] = max(1, math.ceil(total_kv_blocks * self.headroom))
         return out
 
 

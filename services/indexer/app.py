@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from schemas import codec
-from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest, WorkerScore
+from schemas.api import DumpReply, DumpRequest, ErrorCode, MatchReply, MatchRequest, WorkerScore
 from schemas.codec import SchemaError
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
@@ -276,7 +275,7 @@ class IndexerApp:
     def _state(self, pool: str) -> PoolState:
         st = self._states.get(pool)
         if st is None:
-            raise ServiceError("not_found", f"pool {pool!r} is not served by this indexer")
+            raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this indexer")
         return st
 
     def _match_handler(self, pool: str):  # noqa: ANN202
@@ -294,7 +293,7 @@ class IndexerApp:
                 if size > limit:
                     # A reply over the server's max_payload would be dropped and the caller time out.
                     raise ServiceError(
-                        "overloaded", f"dump of {len(reply.events)} events is {size} bytes, over the NATS max_payload of {limit}"
+                        ErrorCode.OVERLOADED, f"dump of {len(reply.events)} events is {size} bytes, over the NATS max_payload of {limit}"
                     )
             return reply
 
@@ -602,15 +601,6 @@ class IndexerApp:
             if self.follower is not None:
                 m.CONSUMER_PENDING.set(self.follower.pending)
             await asyncio.sleep(self.lag_interval)
-
-
-def tune_gc() -> None:
-    """For a process holding an index (`kvr indexer`, or a scheduler / bridge with --embedded-indexer),
-    called by its `main`, not by library code: the index allocates millions of long-lived nodes, and
-    CPython's default gen-0 threshold (700) makes the cyclic collector re-scan them constantly
-    (measured: apply of new blocks ~2x slower). Freed nodes do not need the collector (pruning breaks
-    the parent↔child link)."""
-    gc.set_threshold(50_000, 20, 100)
 
 
 def make_app(cfg: SimpleNamespace) -> IndexerApp:

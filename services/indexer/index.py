@@ -30,17 +30,16 @@ import sys
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
-from schemas.events import RouterEvent, StoredBlock, removed_event, stored_event
+from schemas.events import RouterEvent, StorageTier, StoredBlock, removed_event, stored_event
 
-TIERS: tuple[str, ...] = ("device", "host_pinned", "disk", "external")
-LOWER_TIERS: tuple[str, ...] = TIERS[1:]
+TIERS: tuple[StorageTier, ...] = get_args(StorageTier)  # fastest first
 EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
 OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity")
-DEVICE = "device"
+DEVICE: StorageTier = "device"
 SNAPSHOT_VERSION = 1
 
 WorkerKey = tuple[int, int]  # (worker_id, dp_rank)

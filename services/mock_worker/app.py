@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from schemas import codec
+from schemas.api import ErrorCode
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
 from schemas.subjects import Names
@@ -203,11 +204,11 @@ class MockWorker:
             req = codec.decode(msg.data, GenerateRequest, ctype)
         except SchemaError as exc:
             m.REQUESTS.labels("invalid_request").inc()
-            await self._reply_error(msg.reply, "invalid_request", exc.message, exc.path)
+            await self._reply_error(msg.reply, ErrorCode.INVALID_REQUEST, exc.message, exc.path)
             return
         if req.dp_rank != 0:
             m.REQUESTS.labels("invalid_request").inc()
-            await self._reply_error(msg.reply, "invalid_request", f"dp_rank {req.dp_rank} not served (dp_size 1)", "$.dp_rank")
+            await self._reply_error(msg.reply, ErrorCode.INVALID_REQUEST, f"dp_rank {req.dp_rank} not served (dp_size 1)", "$.dp_rank")
             return
         if not msg.reply:
             m.REQUESTS.labels("no_reply").inc()
@@ -217,7 +218,7 @@ class MockWorker:
         )
         if rejected is not None:
             m.REQUESTS.labels("rejected").inc()
-            await self._reply_error(msg.reply, "invalid_request", rejected.reason, None)
+            await self._reply_error(msg.reply, ErrorCode.INVALID_REQUEST, rejected.reason, None)
             return
         self._replies[req.request_id] = msg.reply
         self._wake.set()
@@ -239,7 +240,7 @@ class MockWorker:
         """The HTTP client went away: stop reporting (the engine still finishes the request)."""
         self._streams.pop(request_id, None)
 
-    async def _reply_error(self, reply: str | None, code: str, message: str, path: str | None) -> None:
+    async def _reply_error(self, reply: str | None, code: ErrorCode, message: str, path: str | None) -> None:
         if reply:
             with contextlib.suppress(Exception):
                 await self.nc.publish(reply, codec.encode_json(codec.error_reply(code, message, path)))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from schemas.api import ErrorCode
 from schemas.codec import SchemaError
 from services.epp_bridge.prompt import parse_body, prompt_tokens
 from services.runtime.responder import ServiceError
@@ -53,7 +54,7 @@ def requested_max_tokens(raw: dict[str, Any]) -> int:
     if value is None:
         return DEFAULT_MAX_TOKENS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ServiceError("invalid_request", "max_tokens must be an integer >= 1", "$.max_tokens")
+        raise ServiceError(ErrorCode.INVALID_REQUEST, "max_tokens must be an integer >= 1", "$.max_tokens")
     return value
 
 

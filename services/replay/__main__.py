@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from schemas.api import POLICY_NAMES
 from services.mock_worker.app import FleetConfig
 from services.mock_worker.engine import EngineConfig
 from services.runtime.config import COMMON, add_settings, names_of, resolve
@@ -29,7 +30,6 @@ from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
 from .settings import CLIENT_COMMON, SETTINGS
 from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
 
-POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
 _CLIENT_COMMON = list(CLIENT_COMMON)
 
@@ -235,9 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve(args, [*_CLIENT_COMMON, *SETTINGS])
-    bad = [p for p in cfg.compare if p not in POLICIES]
+    bad = [p for p in cfg.compare if p not in POLICY_NAMES]
     if bad:
-        parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICIES)}")
+        parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
     if cfg.speedup <= 0 or any(x <= 0 for x in cfg.rate_scale) or cfg.concurrency < 1:
         parser.error("--speedup and --rate-scale must be > 0, --concurrency >= 1")
     if cfg.offline:

@@ -38,7 +38,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.api import Overrides
+from schemas.api import Overrides, Policy
 from schemas.bookings import BookingAdd
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
@@ -59,7 +59,7 @@ NO_EXPIRY_MS = 10**15  # bookings end with their request; a TTL sweep would only
 
 @dataclass(frozen=True)
 class OfflineConfig:
-    policy: str = "kv"
+    policy: Policy = Policy.KV
     rate_scale: float = 1.0
     workers: int = 8
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -78,6 +78,7 @@ class OfflineConfig:
     salt: int = 0  # hash id → tokens expansion
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy(self.policy))  # a name from the CLI, validated
         if self.rate_scale <= 0 or not math.isfinite(self.rate_scale):
             raise ValueError("rate_scale must be a finite number > 0")
         if self.workers < 1:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
 from schemas import codec
-from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, StateReply, StateRequest
+from schemas.api import CleanupReply, CleanupRequest, EppQueryReply, EppQueryRequest, Policy, StateReply, StateRequest
 from schemas.codec import RemoteError, SchemaError
 from schemas.subjects import Names
 from schemas.worker import GenerateDone, GenerateFirstToken, GenerateProgress, GenerateRequest
@@ -39,7 +39,7 @@ log = get_logger("kvr.replay")
 @dataclass(frozen=True)
 class ReplayConfig:
     pool: str = "default"
-    policy: str = "kv"
+    policy: Policy = Policy.KV
     speedup: float = 1.0
     rate_scale: float = 1.0
     concurrency: int = 512
@@ -48,6 +48,9 @@ class ReplayConfig:
     rpc_timeout_s: float = 5.0
     model: str = "mock-model"
     salt: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy(self.policy))  # a name from the CLI, validated
 
 
 @dataclass
@@ -255,7 +258,7 @@ class Replayer:
                 "prompt": "",
                 "nvext": {"token_data": tokens, "expected_output_tokens": rec.max_tokens},
             }
-            query = EppQueryRequest(request_id=rec.request_id, body=body, policy=cfg.policy)  # type: ignore[arg-type]
+            query = EppQueryRequest(request_id=rec.request_id, body=body, policy=cfg.policy)
             sent = loop.time()
             try:
                 reply = await request(

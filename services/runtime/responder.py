@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import codec
+from schemas.api import ErrorCode
 from schemas.codec import RemoteError, SchemaError
 
 from .fastmetrics import Counter, Histogram
@@ -37,7 +38,7 @@ LATENCY = Histogram(
 class ServiceError(Exception):
     """A failure with a protocol error code (docs/protocol.md §5)."""
 
-    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -47,14 +48,15 @@ class ServiceError(Exception):
 Handler = Callable[[Any, Msg], Awaitable[Any]]
 
 
-def error_for(exc: BaseException) -> tuple[str, str, str | None]:
+def error_for(exc: BaseException) -> tuple[ErrorCode, str, str | None]:
+    """(code, message, field path) of the envelope an exception becomes."""
     if isinstance(exc, SchemaError):
-        return "invalid_request", exc.message, exc.path
+        return ErrorCode.INVALID_REQUEST, exc.message, exc.path
     if isinstance(exc, (ServiceError, RemoteError)):
         return exc.code, exc.message, exc.path
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timeout", "upstream did not answer in time", None
-    return "internal", f"{type(exc).__name__}: {exc}", None
+        return ErrorCode.TIMEOUT, "upstream did not answer in time", None
+    return ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", None
 
 
 # Inline requests handled back to back before the subscription task yields to the event loop once,
@@ -101,7 +103,7 @@ async def serve(
         """`req`: the request when the caller has decoded it already."""
         started = time.perf_counter()
         ctype = codec.content_type_of(msg.headers)
-        outcome = "ok"
+        outcome: str = "ok"
         with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as current:
             try:
                 if req is None:
@@ -113,7 +115,7 @@ async def serve(
                     raise
                 code, message, path = error_for(exc)
                 outcome = code
-                if code == "internal":
+                if code is ErrorCode.INTERNAL:
                     log.exception("request.failed", endpoint=label)
                 else:
                     log.debug("request.rejected", endpoint=label, code=code, message=message, path=path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import signal
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from nats.js import JetStreamContext
 from schemas.subjects import Names
 
 from .config import COMMON, Setting, add_settings, names_of, resolve
+from .heap import freeze_startup_heap
 from .http import HealthServer
 from .logs import get_logger, redact_fields, setup_logging
 from .natsauth import NatsAuth, redact_url
@@ -165,20 +165,6 @@ async def _provision_or_wait(
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(delay * 2, 30.0)
     return None
-
-
-def freeze_startup_heap() -> int:
-    """Move everything allocated so far (modules, tokenizers, templates, a restored index) out of the
-    cyclic collector's reach; returns how many objects are frozen.
-
-    Without it every full collection re-scans the startup heap: 20-30 ms with the event loop stopped
-    (measured on the bridge and the scheduler), i.e. a latency spike for every request in flight.
-    Frozen objects are still freed by reference counting; only cycles among them would outlive their
-    use, and startup objects are not churned.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 async def _connect_or_stop(url: str, name: str, stop: asyncio.Event, auth: NatsAuth, state: ConnectionState) -> NATS | None:

@@ -45,6 +45,12 @@ class WorkerEntry:
         ref = self.record.heartbeat_ms or self.seen_ms
         return now - ref
 
+    def is_live(self, now: int) -> bool:
+        """The one liveness rule (docs/protocol.md §3): younger than its own `ttl_s`, by its
+        `heartbeat_ms` on the local clock (or since first seen when that is 0). A record past it is
+        deleted from the bucket by whichever replica notices first (`WorkerWatcher`)."""
+        return self.age_ms(now) < self.record.ttl_s * 1000.0
+
 
 class WorkerDirectory:
     """Live workers per pool. Pure: time is passed in."""
@@ -68,16 +74,12 @@ class WorkerDirectory:
         return entry.record if entry else None
 
     def expired(self, now: int) -> list[WorkerEntry]:
-        return [e for e in self.workers.values() if e.age_ms(now) >= e.record.ttl_s * 1000.0]
+        return [e for e in self.workers.values() if not e.is_live(now)]
 
     def live(self, pool: str, now: int | None = None) -> list[WorkerRecord]:
-        out = []
-        for (p, _), entry in self.workers.items():
-            if p != pool:
-                continue
-            if now is not None and entry.age_ms(now) >= entry.record.ttl_s * 1000.0:
-                continue
-            out.append(entry.record)
+        """The pool's records by worker id; with `now`, only the live ones (without: every record
+        the bucket holds, i.e. not deleted yet)."""
+        out = [e.record for (p, _), e in self.workers.items() if p == pool and (now is None or e.is_live(now))]
         out.sort(key=lambda r: r.worker_id)
         return out
 

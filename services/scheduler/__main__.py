@@ -19,7 +19,7 @@ def make_app(cfg):  # type: ignore[no-untyped-def]
     from .app import SchedulerApp
 
     if cfg.embedded_indexer:
-        from services.indexer.app import tune_gc
+        from services.runtime.heap import tune_gc
 
         tune_gc()
     return SchedulerApp(cfg)

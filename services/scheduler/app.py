@@ -23,6 +23,9 @@ from schemas import codec
 from schemas.api import (
     CleanupReply,
     CleanupRequest,
+    POLICY_NAMES,
+    ErrorCode,
+    Policy,
     SelectReply,
     SelectRequest,
     StateReply,
@@ -78,13 +81,13 @@ _PHASE = {
 }
 
 
-def _policy_table(entries: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _policy_table(entries: list[str]) -> dict[str, Policy]:
+    out: dict[str, Policy] = {}
     for item in entries:
         pool, sep, policy = item.partition("=")
-        if not sep or policy not in ("kv", "round_robin", "random", "least_loaded"):
-            raise ValueError(f"bad --pool-policy entry {item!r} (want pool=kv|round_robin|random|least_loaded)")
-        out[pool] = policy
+        if not sep or policy not in POLICY_NAMES:
+            raise ValueError(f"bad --pool-policy entry {item!r} (want pool={'|'.join(POLICY_NAMES)})")
+        out[pool] = Policy(policy)
     return out
 
 
@@ -118,6 +121,7 @@ class SchedulerApp:
         rng = random.Random(cfg.seed) if cfg.seed >= 0 else random.Random()
         self.selector = Selector(busy, rng)
         self.pool_policy = _policy_table(list(getattr(cfg, "pool_policy", []) or []))
+        self.default_policy = Policy(cfg.selection_policy)
         self.ttl_ms = int(cfg.booking_ttl_s * 1000)
         self.unconfirmed_ttl_ms = int(cfg.booking_unconfirmed_ttl_s * 1000)
         self.trackers: dict[str, LoadTracker] = {}
@@ -305,7 +309,7 @@ class SchedulerApp:
         now = now_ms()
         out: list[Candidate] = []
         for entry, cands in cached:
-            if entry.age_ms(now) < entry.record.ttl_s * 1000.0:
+            if entry.is_live(now):
                 out.extend(cands)
         return out
 
@@ -433,7 +437,7 @@ class SchedulerApp:
             except APIError as exc:
                 if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
                     m.BOOKINGS_REFUSED.inc()
-                    raise ServiceError("overloaded", f"the bookings stream is full ({type_} not recorded); retry later") from None
+                    raise ServiceError(ErrorCode.OVERLOADED, f"the bookings stream is full ({type_} not recorded); retry later") from None
                 raise
 
     # --- periodic ----------------------------------------------------------------------------
@@ -526,8 +530,8 @@ class SchedulerApp:
 
     async def _select(self, pool: str, req: SelectRequest) -> SelectReply:
         if pool not in self.trackers:
-            raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
-        policy = req.policy or self.pool_policy.get(pool) or self.cfg.selection_policy
+            raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this scheduler")
+        policy = req.policy or self.pool_policy.get(pool) or self.default_policy
         try:
             reply = await self._select_inner(pool, req, policy)
         except SelectionError as exc:
@@ -553,13 +557,13 @@ class SchedulerApp:
         block_size = cands[0].block_size if cands else self.cfg.block_size
         limit = self.cfg.max_request_tokens
         if req.token_ids is not None and len(req.token_ids) > limit:
-            raise ServiceError("invalid_request", f"{len(req.token_ids)} tokens exceed the limit of {limit}", "$.token_ids")
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"{len(req.token_ids)} tokens exceed the limit of {limit}", "$.token_ids")
         if req.block_hashes is not None and len(req.block_hashes) * block_size > limit:
             raise ServiceError(
-                "invalid_request", f"{len(req.block_hashes)} blocks exceed the limit of {limit} tokens", "$.block_hashes"
+                ErrorCode.INVALID_REQUEST, f"{len(req.block_hashes)} blocks exceed the limit of {limit} tokens", "$.block_hashes"
             )
         if req.isl_tokens is not None and req.isl_tokens > limit:
-            raise ServiceError("invalid_request", f"isl_tokens {req.isl_tokens} exceeds the limit of {limit}", "$.isl_tokens")
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"isl_tokens {req.isl_tokens} exceeds the limit of {limit}", "$.isl_tokens")
         if req.book and tracker.is_active(req.request_id):
             existing = self._existing_reply(pool, req, tracker, block_size)
             if existing is not None:
@@ -698,7 +702,7 @@ class SchedulerApp:
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
         tracker = self.trackers.get(pool)
         if tracker is None:
-            raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
+            raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this scheduler")
         ts, bookings = self._bookings_of(tracker, req)
         if not bookings:
             # Another replica (or a select of this one, whose add is in flight) may have booked it a

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import NamedTuple, Protocol
 
-from schemas.api import MatchReply, Overrides
+from schemas.api import ErrorCode, MatchReply, Overrides, Policy
 
 from .candidates import Candidate
 from .load import LoadView, Target
 
-POLICIES = ("kv", "round_robin", "random", "least_loaded")
 TIE_EPS = 1e-9
 
 
 class SelectionError(Exception):
     """No target: `code` is a docs/protocol.md §5 error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -34,7 +33,7 @@ class SelectionError(Exception):
 class LoadSource(Protocol):
     def view(self, target: Target) -> LoadView: ...
 
-    def new_blocks(self, target: Target, hashes: Sequence[int]) -> int: ...
+    def new_blocks(self, target: Target, hashes: Iterable[int]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -83,15 +82,19 @@ class BusyThresholds:
                 c = replace(c, total_kv_blocks=reported.total_blocks)
             if self.busy(c, LoadView(reported.prefill_tokens, reported.decode_blocks, 0)):
                 return True
-        if self.active_decode_blocks is not None and c.total_kv_blocks:
-            if load.active_blocks / c.total_kv_blocks > self.active_decode_blocks:
-                return True
+        if (
+            self.active_decode_blocks is not None
+            and c.total_kv_blocks
+            and load.active_blocks / c.total_kv_blocks > self.active_decode_blocks
+        ):
+            return True
         if self.active_prefill_tokens is not None and load.active_prefill_tokens > self.active_prefill_tokens:
             return True
-        if self.active_prefill_tokens_frac is not None and c.max_num_batched_tokens:
-            if load.active_prefill_tokens > self.active_prefill_tokens_frac * c.max_num_batched_tokens:
-                return True
-        return False
+        return bool(
+            self.active_prefill_tokens_frac is not None
+            and c.max_num_batched_tokens
+            and load.active_prefill_tokens > self.active_prefill_tokens_frac * c.max_num_batched_tokens
+        )
 
 
 @dataclass
@@ -136,7 +139,7 @@ class SelectionInput:
     required_taints: frozenset[str] = frozenset()
     preferred_taints: Mapping[str, float] = field(default_factory=dict)
     mode: str = "auto"
-    policy: str = "kv"
+    policy: Policy = Policy.KV
     cost: CostConfig = CostConfig()
     # Fresh worker load reports by target (busy detection only; the cost uses the bookings).
     reported: Mapping[Target, ReportedLoad] = field(default_factory=dict)
@@ -170,7 +173,7 @@ class Decision:
     decode: Scored
     prefill: Scored | None
     mode: str
-    policy: str
+    policy: Policy
     # Next-best decode targets, lowest cost first (`SelectionInput.fallbacks` of them at most).
     fallbacks: tuple[Scored, ...] = ()
 
@@ -221,44 +224,45 @@ class Selector:
 
     # --- eligibility ---------------------------------------------------------------------------
 
-    def eligible(self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput, roles: tuple[str, ...], leg: str) -> list[Candidate]:
+    def eligible(
+        self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput, roles: tuple[str, ...], leg: str
+    ) -> list[Candidate]:
         """Filters in the order of issue #4, each with its own error."""
         if not cands:
-            raise SelectionError("no_workers", "no live workers in the pool")
+            raise SelectionError(ErrorCode.NO_WORKERS, "no live workers in the pool")
         pool = list(cands)
         if leg != "prefill" and inp.pinned_worker_id is not None:
             pool = [c for c in pool if c.worker_id == inp.pinned_worker_id]
             if not pool:
-                raise SelectionError("not_found", f"pinned worker {inp.pinned_worker_id} is not a live worker")
+                raise SelectionError(ErrorCode.NOT_FOUND, f"pinned worker {inp.pinned_worker_id} is not a live worker")
             if inp.pinned_dp_rank is not None:
                 pool = [c for c in pool if c.dp_rank == inp.pinned_dp_rank]
                 if not pool:
                     raise SelectionError(
-                        "not_found", f"pinned worker {inp.pinned_worker_id} does not serve dp rank {inp.pinned_dp_rank}"
+                        ErrorCode.NOT_FOUND, f"pinned worker {inp.pinned_worker_id} does not serve dp rank {inp.pinned_dp_rank}"
                     )
         if inp.allowed_worker_ids is not None:
             pool = [c for c in pool if c.worker_id in inp.allowed_worker_ids]
             if not pool:
-                raise SelectionError("constraints_unsatisfied", "no live worker is in allowed_worker_ids")
+                raise SelectionError(ErrorCode.CONSTRAINTS_UNSATISFIED, "no live worker is in allowed_worker_ids")
         if inp.allowed_targets is not None:
             pool = [c for c in pool if c.target in inp.allowed_targets]
             if not pool:
-                raise SelectionError("no_workers", "no live worker rank is in allowed_targets")
+                raise SelectionError(ErrorCode.NO_WORKERS, "no live worker rank is in allowed_targets")
         if inp.required_taints:
             pool = [c for c in pool if inp.required_taints <= c.taints]
             if not pool:
-                raise SelectionError(
-                    "constraints_unsatisfied", f"no eligible worker carries every required taint {sorted(inp.required_taints)}"
-                )
+                need = sorted(inp.required_taints)
+                raise SelectionError(ErrorCode.CONSTRAINTS_UNSATISFIED, f"no eligible worker carries every required taint {need}")
         pool = [c for c in pool if c.role in roles]
         if not pool:
-            raise SelectionError("no_workers", f"no eligible {'/'.join(roles)} workers for the {leg} target")
+            raise SelectionError(ErrorCode.NO_WORKERS, f"no eligible {'/'.join(roles)} workers for the {leg} target")
         if not self._busy_enabled:
             return pool
         reported = inp.reported
         not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target), reported.get(c.target))]
         if not not_busy:
-            raise SelectionError("overloaded", f"all {len(pool)} eligible workers are over the busy thresholds")
+            raise SelectionError(ErrorCode.OVERLOADED, f"all {len(pool)} eligible workers are over the busy thresholds")
         return not_busy
 
     # --- scoring -------------------------------------------------------------------------------
@@ -288,33 +292,44 @@ class Selector:
         return Scored(c, cost, device, prefill_blocks, decode_blocks)
 
     def choose(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
-        policy = inp.policy
-        if policy == "kv":
-            score = self.score
-            scored = [score(c, load, ov, inp, leg) for c in pool]
-            if inp.cost.temperature > 0:
-                return scored[softmax_pick([s.cost for s in scored], inp.cost.temperature, self.rng)]
-            best = min(scored, key=_cost).cost
-            tol = TIE_EPS * max(1.0, abs(best))
-            ties = [s for s in scored if s.cost - best <= tol]
-            if len(ties) == 1:
-                return ties[0]
-            return min(ties, key=lambda s: (ov.tree_sizes.get(s.candidate.target, 0), s.candidate.target))
-        if policy == "round_robin":
-            key = f"{leg}"
-            i = self._rr.get(key, 0)
-            self._rr[key] = i + 1
-            return self.score(pool[i % len(pool)], load, ov, inp, leg)
-        if policy == "random":
-            return self.score(pool[self.rng.randrange(len(pool))], load, ov, inp, leg)
-        if policy == "least_loaded":
+        """The target of one leg among the eligible `pool`, by the request's policy (`_CHOOSERS`)."""
+        chooser = _CHOOSERS.get(inp.policy)
+        if chooser is None:
+            raise SelectionError(ErrorCode.INVALID_REQUEST, f"unknown policy {inp.policy!r}")
+        return chooser(self, pool, load, ov, inp, leg)
 
-            def current(c: Candidate) -> tuple[float, tuple[int, int]]:
-                v = load.view(c.target)
-                return (v.active_blocks + v.active_prefill_tokens / inp.block_size, c.target)
+    def by_cost(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        """`kv`: the lowest cost (docs/protocol.md §7); ties to the smaller tree, then the lower target;
+        softmax sampling at temperature > 0."""
+        score = self.score
+        scored = [score(c, load, ov, inp, leg) for c in pool]
+        if inp.cost.temperature > 0:
+            return scored[softmax_pick([s.cost for s in scored], inp.cost.temperature, self.rng)]
+        best = min(scored, key=_cost).cost
+        tol = TIE_EPS * max(1.0, abs(best))
+        ties = [s for s in scored if s.cost - best <= tol]
+        if len(ties) == 1:
+            return ties[0]
+        return min(ties, key=lambda s: (ov.tree_sizes.get(s.candidate.target, 0), s.candidate.target))
 
-            return self.score(min(pool, key=current), load, ov, inp, leg)
-        raise SelectionError("invalid_request", f"unknown policy {policy!r}")
+    def round_robin(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        """`round_robin`: one counter per leg, over the eligible targets in (worker, rank) order."""
+        i = self._rr.get(leg, 0)
+        self._rr[leg] = i + 1
+        return self.score(pool[i % len(pool)], load, ov, inp, leg)
+
+    def at_random(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        """`random`: uniform over the eligible targets (the seeded RNG)."""
+        return self.score(pool[self.rng.randrange(len(pool))], load, ov, inp, leg)
+
+    def least_loaded(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+        """`least_loaded`: the lowest active blocks + active prefill tokens / block size, then the lower target."""
+
+        def current(c: Candidate) -> tuple[float, tuple[int, int]]:
+            v = load.view(c.target)
+            return (v.active_blocks + v.active_prefill_tokens / inp.block_size, c.target)
+
+        return self.score(min(pool, key=current), load, ov, inp, leg)
 
     def select(self, cands: Sequence[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput) -> Decision:
         mode = inp.mode
@@ -334,10 +349,24 @@ class Selector:
         decode = self.choose(decode_pool, load, ov, inp, "decode")
         return Decision(decode, prefill, mode, inp.policy, self.alternates(decode_pool, decode, load, ov, inp, "decode"))
 
-    def alternates(self, pool: list[Candidate], chosen: Scored, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> tuple[Scored, ...]:
+    def alternates(
+        self, pool: list[Candidate], chosen: Scored, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str
+    ) -> tuple[Scored, ...]:
         """The next-best targets by the cost rule (whatever the policy), for the gateway to retry on."""
         if inp.fallbacks <= 0 or len(pool) < 2:
             return ()
         others = [self.score(c, load, ov, inp, leg) for c in pool if c.target != chosen.candidate.target]
         others.sort(key=lambda s: (s.cost, s.candidate.target))
         return tuple(others[: inp.fallbacks])
+
+
+Chooser = Callable[[Selector, list[Candidate], LoadSource, Overlaps, SelectionInput, str], Scored]
+
+# The policies: one chooser each (`Policy` is the one list of their names).
+_CHOOSERS: dict[Policy, Chooser] = {
+    Policy.KV: Selector.by_cost,
+    Policy.ROUND_ROBIN: Selector.round_robin,
+    Policy.RANDOM: Selector.at_random,
+    Policy.LEAST_LOADED: Selector.least_loaded,
+}
+assert set(_CHOOSERS) == set(Policy), "every policy needs a chooser"

@@ -130,7 +130,7 @@ def test_cluster_helper_provisions_replicated_streams(nats_cluster):
 
 @pytest.mark.unit
 def test_freeze_startup_heap_takes_existing_objects_out_of_collection():
-    from services.runtime.service import freeze_startup_heap
+    from services.runtime.heap import freeze_startup_heap
 
     cycle: list = []
     cycle.append(cycle)

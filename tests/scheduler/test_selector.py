@@ -274,6 +274,19 @@ def test_policies_share_filters_and_scoring():
         pick(cs, selector=s, policy="round_robin", required_taints=frozenset({"nope"}))
 
 
+def test_every_policy_has_a_chooser_and_an_unknown_one_is_refused():
+    from schemas.api import POLICY_NAMES, ErrorCode, Policy
+    from services.scheduler.selector import _CHOOSERS
+
+    assert set(_CHOOSERS) == set(Policy) and POLICY_NAMES == ("kv", "round_robin", "random", "least_loaded")
+    cs = cands(record(1), record(2))
+    for policy in Policy:
+        assert pick(cs, policy=policy).policy is policy
+    with pytest.raises(SelectionError) as err:
+        pick(cs, policy="fastest")
+    assert err.value.code is ErrorCode.INVALID_REQUEST
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 40), st.integers(0, 200), st.integers(0, 10), st.integers(0, 50)), min_size=1, max_size=6),
