@@ -301,7 +301,7 @@ class Stack:
     async def fingerprint(self) -> tuple:
         """Everything a request could change: bookings stream, load view, index, pending compensations."""
         info = await self.nc.jetstream().stream_info(NAMES.bookings_stream)
-        tracker = self.scheduler.trackers[POOL]
+        tracker = self.scheduler.states[POOL].tracker
         return (
             info.state.last_seq,
             self.scheduler.export_state(POOL).digest,

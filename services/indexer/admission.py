@@ -52,6 +52,7 @@ from typing import Any
 
 from schemas.events import RouterEvent
 from schemas.subjects import parse_id
+from services.runtime.workers import Tombstones
 
 from .index import DEVICE, TIERS
 
@@ -136,7 +137,7 @@ class Admit:
 class PoolAdmission:
     covered: int = 0  # messages up to here are in the restored snapshot
     registered: dict[int, dict[str, int]] = field(default_factory=dict)  # worker → per-tier caps
-    removed: set[int] = field(default_factory=set)
+    removed: Tombstones = field(default_factory=Tombstones)
     held: OrderedDict[int, Held] = field(default_factory=OrderedDict)  # seq → message
     held_bytes: int = 0
     first_seq: dict[int, int] = field(default_factory=dict)  # unknown worker → first seq not applied
@@ -233,10 +234,9 @@ class Admission:
         if worker_id in st.registered:
             st.registered[worker_id] = caps  # heartbeat or update
             return Admit()
-        if worker_id in st.removed:
+        if st.removed.put(worker_id):
             # Put again after a delete: its events count from now on; those published while it was
             # removed were dropped (docs/indexer.md, worker removal).
-            st.removed.discard(worker_id)
             st.registered[worker_id] = caps
             return Admit()
         if st.floor is not None:
@@ -281,7 +281,7 @@ class Admission:
         st.registered.pop(worker_id, None)
         st.probing.discard(worker_id)
         self._pending_caps.pop((pool, worker_id), None)
-        st.removed.add(worker_id)
+        st.removed.remove(worker_id)
         st.first_seq.pop(worker_id, None)
         st.spilled.discard(worker_id)
         st.replaying.pop(worker_id, None)

@@ -8,10 +8,10 @@ routing latency and CPU contention leak into simulated TTFT. This module measure
 - `PrefixIndex` (services/indexer/index.py), fed with the engines' own KV events, each becoming
   visible `event_delay_ms` after the pass that produced it ended (the router's view lags the
   engines, as with a real event bus);
-- the scheduler's pure parts, assembled as `SchedulerApp._select_inner` does: block hashing
-  (`local_block_hashes` / `sequence_hashes`), `Overlaps` from the index's matches, `Candidate`s
-  of discovery records, `Selector.select` (the cost rule and the A/B policies, untouched), and a
-  `LoadTracker` folding the same booking events (`add` on route, `prefill_complete` at the first
+- the scheduler's decision itself, `Decider` (services/scheduler/decide.py), the one the scheduler
+  service runs: validation, block hashing, the overlaps of the index's matches, `Selector.select`
+  (the cost rule and the A/B policies) over `Candidate`s of discovery records, and the booking
+  events; a `LoadTracker` folds those events (`add` on route, `prefill_complete` at the first
   token, `free` at completion).
 
 No NATS, no asyncio, no wall clock: the same inputs and seed give the same report. Time advances
@@ -38,16 +38,16 @@ from typing import Any
 
 import msgspec
 
-from schemas.api import Overrides, Policy
-from schemas.bookings import BookingAdd
+from schemas.api import Overrides, Policy, SelectRequest
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
-from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from schemas.types import MAX_TOKENS
 from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.candidates import Candidate, candidates_from
+from services.scheduler.decide import Decider, PoolView
 from services.scheduler.load import LoadTracker
-from services.scheduler.selector import CostConfig, Overlaps, SelectionError, SelectionInput, Selector
+from services.scheduler.selector import CostConfig, Overlaps, SelectionError, Selector
 
 from .runner import RequestRecord, RunResult
 from .trace import TokenExpander, TraceRequest
@@ -150,8 +150,11 @@ class OfflineSim:
         self.index = PrefixIndex()
         self.tracker = LoadTracker(NO_EXPIRY_MS)
         self.selector = Selector(rng=random.Random(cfg.seed))
+        # The trace's prompts were filtered by length already (`load_trace`): no limit of its own.
+        self.decider = Decider(self.selector, cfg.cost, router_id=ROUTER_ID, default_block_size=ec.block_size,
+                               max_request_tokens=MAX_TOKENS)  # fmt: skip
+        self.view = PoolView(POOL, self.candidates, self.tracker)
         self.expander = TokenExpander(salt=cfg.salt)
-        self.salt_seed = salt_seed(None, None)
         self.diag = OfflineDiagnostics(max_waiting={w: 0 for w in self.worker_ids})
         # (end_ms, order, worker, result): passes in flight, one per busy engine.
         self._passes: list[tuple[float, int, int, PassResult]] = []
@@ -251,41 +254,32 @@ class OfflineSim:
         if cfg.max_output_tokens is not None:
             max_tokens = max(1, min(max_tokens, cfg.max_output_tokens))
         rid = f"{cfg.policy}-{req.index}"
-        rec = RequestRecord(index=req.index, request_id=rid, arrival_ms=now, prompt_tokens=req.input_length, max_tokens=max_tokens)
+        rec = RequestRecord(
+            index=req.index, request_id=rid, arrival_ms=now, prompt_tokens=req.input_length, max_tokens=max_tokens
+        )
         self._now = now
         self._apply_visible(now)
         self._apply_updates(now)
         tokens = self.expander.tokens(req)
-        bs = self.block_size
-        local = local_block_hashes(tokens, bs, self.salt_seed)
-        seq = sequence_hashes(local)
-        overlaps = Overlaps()
-        if local:
-            res = self.index.find_matches(local)
-            tiers = res.tier_scores
-            overlaps = Overlaps(
-                device=dict(res.scores), host=dict(tiers.get("host_pinned", {})), disk=dict(tiers.get("disk", {})),
-                tree_sizes=res.tree_sizes,
-            )  # fmt: skip
-        inp = SelectionInput(isl_tokens=len(tokens), block_size=bs, hashes=seq, mode="aggregated", policy=cfg.policy, cost=cfg.cost)
+        select = SelectRequest(request_id=rid, token_ids=tokens, mode="aggregated", policy=cfg.policy,
+                               expected_output_tokens=max_tokens)  # fmt: skip
         try:
-            decision = self.selector.select(self.candidates, self.tracker, overlaps, inp)
+            p = self.decider.prepare(select, self.view)
+            overlaps = Overlaps.from_scores(self.index.find_matches(p.local)) if p.wants_overlaps else Overlaps()
+            out = self.decider.decide(p, overlaps, self.view, policy=cfg.policy, ts_ms=int(now), booking_id="")
         except SelectionError as exc:
             rec.error = f"select:{exc.code}"
             return rec
+        decision = out.decision
+        assert decision is not None  # request ids are unique: never booked before
         target = decision.decode.candidate
         rec.worker_id = target.worker_id
         rec.overlap_blocks = decision.overlap_blocks
-        self.diag.routed_overlap_tokens += decision.overlap_blocks * bs
+        self.diag.routed_overlap_tokens += decision.overlap_blocks * p.block_size
         add_due = now + cfg.booking_delay_ms
         self._add_due[rid] = add_due
-        self._update_load(
-            add_due,
-            "add",
-            BookingAdd(request_id=rid, router_id=ROUTER_ID, pool=POOL, ts_ms=int(now), isl_tokens=len(tokens),
-                       sequence_hashes=seq, expected_output_tokens=max_tokens, block_size=bs, worker_id=target.worker_id,
-                       dp_rank=target.dp_rank, overlap_blocks=decision.overlap_blocks, leg="", track_prefill_tokens=True),
-        )  # fmt: skip
+        for ev in out.events:
+            self._update_load(add_due, "add", ev)
         self.diag.route_cpu_s += time.perf_counter() - t_cpu
         engine = self.engines[target.worker_id]
         rejected = engine.submit(rid, tokens, max_tokens, now)

@@ -87,6 +87,40 @@ class WorkerDirectory:
         return {p for p, _ in self.workers}
 
 
+class Tombstones:
+    """Workers of one pool whose discovery key was deleted and not put since (pure).
+
+    The discovery bucket and the streams that carry a worker's state (KV events, bookings) are
+    different streams, so a replica may see a removed worker's last events before or after its
+    delete. A fold drops the worker's state at the delete and ignores its events while it is
+    tombstoned, so replicas end without that worker's state whatever the interleaving (on a restart
+    the bucket, delete markers included, is replayed before the streams). Shared by the indexer's
+    admission and the scheduler's bookings.
+    """
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+
+    def remove(self, worker_id: int) -> None:
+        """Discovery deleted the worker (also one never seen: a replayed delete marker)."""
+        self._ids.add(worker_id)
+
+    def put(self, worker_id: int) -> bool:
+        """Discovery put the worker (again): its events count from now on. True if it was removed."""
+        if worker_id in self._ids:
+            self._ids.discard(worker_id)
+            return True
+        return False
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 def parse_key(key: str) -> tuple[str, int] | None:
     pool, _, wid = key.rpartition(".")
     worker_id = parse_id(wid, (1 << 53) - 1)

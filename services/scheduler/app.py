@@ -21,16 +21,15 @@ from nats.js.errors import APIError
 
 from schemas import codec
 from schemas.api import (
+    POLICY_NAMES,
     CleanupReply,
     CleanupRequest,
-    POLICY_NAMES,
     ErrorCode,
     Policy,
     SelectReply,
     SelectRequest,
     StateReply,
     StateRequest,
-    Target as WireTarget,
     WorkerLoad,
 )
 from schemas.bookings import (
@@ -44,37 +43,32 @@ from schemas.bookings import (
 )
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
-from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
 from services.runtime.badinput import malformed
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
+from services.runtime.push_follower import PushFollower
 from services.runtime.responder import ServiceError, serve, unsubscribe_all
 from services.runtime.service import Runtime
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.tracing import consumer_span, inject_headers, producer_span
 from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
 from .candidates import Candidate, candidates_of
-from services.runtime.push_follower import PushFollower
-from services.runtime.tasks import cancel_and_wait
-from .load import PREFILL_LEG, LoadTracker
+from .decide import Decider, PoolView, Prepared
+from .load import LoadTracker
 from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
+from .selector import BusyThresholds, CostConfig, Overlaps, ReportedLoad, SelectionError, Selector
 from .settings import SETTINGS
-from .selector import (
-    BusyThresholds,
-    CostConfig,
-    Decision,
-    Overlaps,
-    ReportedLoad,
-    SelectionError,
-    SelectionInput,
-    Selector,
-)
+from .state import BookingState
 
 log = get_logger("kvr.scheduler")
 QUEUE = "scheduler"
 STREAM_FULL = 10077  # JetStream error code of a publish refused by a full discard-new stream
 LAG_WINDOW = 20_000
+_KIND: dict[type, str] = {
+    BookingAdd: "add", BookingPrefillComplete: "prefill_complete", BookingMove: "move", BookingFree: "free",
+}  # fmt: skip
 _PHASE = {
     phase: m.PHASE_SECONDS.labels(phase)
     for phase in ("hashing", "match", "scoring", "booking", "booking_publish", "booking_apply")
@@ -120,11 +114,15 @@ class SchedulerApp:
         )
         rng = random.Random(cfg.seed) if cfg.seed >= 0 else random.Random()
         self.selector = Selector(busy, rng)
+        self.decider = Decider(
+            self.selector, self.cost, router_id=self.router_id, default_block_size=cfg.block_size,
+            max_request_tokens=cfg.max_request_tokens,
+        )  # fmt: skip
         self.pool_policy = _policy_table(list(getattr(cfg, "pool_policy", []) or []))
         self.default_policy = Policy(cfg.selection_policy)
         self.ttl_ms = int(cfg.booking_ttl_s * 1000)
         self.unconfirmed_ttl_ms = int(cfg.booking_unconfirmed_ttl_s * 1000)
-        self.trackers: dict[str, LoadTracker] = {}
+        self.states: dict[str, BookingState] = {}  # per pool: the bookings fold (load, removals, own adds)
         self.predicted: PredictedCache | None = None
         self.overlap: OverlapSource | None = None
         self.watcher: WorkerWatcher | None = None
@@ -146,16 +144,13 @@ class SchedulerApp:
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._hit_ratio: dict[str, Any] = {}
         self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
-        self._removed: dict[str, set[int]] = {}
-        # (pool, request_id, booking_id, leg) → our own add, applied before the stream delivers it (see _book)
-        self._provisional: dict[tuple[str, str, str, str], BookingAdd] = {}
         self.match_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
-        self.trackers = {pool: LoadTracker(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
+        self.states = {pool: BookingState(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
         if self.cfg.no_kv_events:
             self.predicted = PredictedCache(int(self.cfg.approx_ttl_s * 1000), self.cfg.approx_max_blocks, self.cfg.block_size)
             self.overlap = PredictedOverlap(self.predicted, now_ms)
@@ -243,10 +238,10 @@ class SchedulerApp:
             "router_id": self.router_id,
             "applied_seq": self._applied_seq,
             "workers": self._worker_count(),
-            "bookings": {pool: len(t.by_request) for pool, t in self.trackers.items()},
+            "bookings": {pool: len(s.tracker.by_request) for pool, s in self.states.items()},
             # unconfirmed legs past their window (kept for a late prefill_complete) and cancelled bookings
-            "dormant_legs": {pool: len(t.dormant) for pool, t in self.trackers.items()},
-            "cancelled_bookings": {pool: len(t.cancels) for pool, t in self.trackers.items()},
+            "dormant_legs": {pool: len(s.tracker.dormant) for pool, s in self.states.items()},
+            "cancelled_bookings": {pool: len(s.tracker.cancels) for pool, s in self.states.items()},
             "booking_lag_ms": summary(self.lags_ms),
             "convergence_lag_ms": summary(self.remote_lags_ms),
             "sync_timeouts": self.sync_timeouts,
@@ -271,18 +266,17 @@ class SchedulerApp:
 
     def _on_worker_put(self, record: WorkerRecord, is_new: bool) -> None:
         self._cand_cache.pop(record.pool, None)
-        self._removed.get(record.pool, set()).discard(record.worker_id)
+        state = self.states.get(record.pool)
+        if state is not None:
+            state.worker_put(record.worker_id)
         self._worker_gauges(record.pool)
 
     def _on_worker_remove(self, pool: str, worker_id: int) -> None:
-        # Remember the removal (also of workers this replica never saw: delete markers replayed at
-        # start) so a booking add for it that arrives later is ignored here as on every replica
-        # that applied the add before the removal and then dropped it.
+        # Also for workers this replica never saw (delete markers replayed at start): see BookingState.
         self._cand_cache.pop(pool, None)
-        self._removed.setdefault(pool, set()).add(worker_id)
-        tracker = self.trackers.get(pool)
-        if tracker is not None:
-            dropped = tracker.drop_worker(worker_id)
+        state = self.states.get(pool)
+        if state is not None:
+            dropped = state.worker_removed(worker_id)
             if dropped:
                 m.BOOKINGS_DROPPED_WORKER.inc(len(dropped))
                 log.info("scheduler.worker_bookings_dropped", pool=pool, worker_id=worker_id, requests=len(dropped))
@@ -320,7 +314,7 @@ class SchedulerApp:
 
         async def on_report(msg: Msg) -> None:
             try:
-                rep = codec.decode(msg.data, LoadReport, codec.content_type_of(msg.headers))
+                rep: LoadReport = codec.decode(msg.data, LoadReport, codec.content_type_of(msg.headers))
             except SchemaError:
                 m.LOAD_REPORTS_INVALID.inc()
                 return
@@ -354,13 +348,13 @@ class SchedulerApp:
 
     def _apply_event(self, data: bytes) -> None:
         try:
-            ev = codec.decode(data, BookingEvent)
+            ev: BookingEvent = codec.decode(data, BookingEvent)
         except SchemaError as exc:
             m.BOOKINGS_INVALID.inc()
             malformed("bookings", "schema", "scheduler.booking_invalid", error=str(exc)[:300], size=len(data))
             return
-        tracker = self.trackers.get(ev.pool)
-        if tracker is None:
+        state = self.states.get(ev.pool)
+        if state is None:
             return  # a pool this replica does not serve
         now = now_ms()
         if ev.ts_ms:
@@ -369,26 +363,8 @@ class SchedulerApp:
             if ev.router_id != self.router_id:
                 self.remote_lags_ms.append(lag)
             m.BOOKING_LAG.observe(lag / 1000.0)
-        if isinstance(ev, BookingAdd):
-            if self._provisional.pop((ev.pool, ev.request_id, ev.booking_id, ev.leg), None) is not None:
-                # The stream's copy is authoritative (a free may have cancelled the booking before
-                # it landed): replace ours with it.
-                tracker.discard_leg(ev.request_id, ev.leg, ev.booking_id)
-            removed = self._removed.get(ev.pool)
-            ok = not (removed and ev.worker_id in removed) and tracker.add(ev, now)
-            kind = "add"
-        elif isinstance(ev, BookingPrefillComplete):
-            ok = tracker.prefill_complete(ev.request_id, ev.booking_id, ev.ts_ms, now)
-            kind = "prefill_complete"
-        elif isinstance(ev, BookingMove):
-            removed = self._removed.get(ev.pool)
-            target = (ev.worker_id, ev.dp_rank)
-            ok = not (removed and ev.worker_id in removed) and tracker.move(ev.request_id, target, booking_id=ev.booking_id)
-            kind = "move"
-        else:
-            ok = tracker.free(ev.request_id, ev.booking_id, ev.ts_ms, now)
-            kind = "free"
-        m.BOOKINGS_APPLIED.labels(kind, "applied" if ok else "noop").inc()
+        ok = state.apply(ev, now)
+        m.BOOKINGS_APPLIED.labels(_KIND[type(ev)], "applied" if ok else "noop").inc()
 
     async def _wait_applied(self, seq: int) -> bool:
         if max(self._applied_seq, self._tail_floor) >= seq:
@@ -399,7 +375,7 @@ class SchedulerApp:
         try:
             await asyncio.wait_for(fut, self.cfg.booking_sync_timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.sync_timeouts += 1
             log.warning("scheduler.sync_timeout", want_seq=seq, applied_seq=self._applied_seq)
             return False
@@ -437,7 +413,8 @@ class SchedulerApp:
             except APIError as exc:
                 if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
                     m.BOOKINGS_REFUSED.inc()
-                    raise ServiceError(ErrorCode.OVERLOADED, f"the bookings stream is full ({type_} not recorded); retry later") from None
+                    why = f"the bookings stream is full ({type_} not recorded); retry later"
+                    raise ServiceError(ErrorCode.OVERLOADED, why) from None
                 raise
 
     # --- periodic ----------------------------------------------------------------------------
@@ -453,8 +430,8 @@ class SchedulerApp:
 
     def expire_now(self, now: int | None = None) -> None:
         now = now_ms() if now is None else now
-        for pool, tracker in self.trackers.items():
-            gone = tracker.expire(now)
+        for pool, state in self.states.items():
+            gone = state.tracker.expire(now)
             if gone:
                 m.BOOKINGS_EXPIRED.inc(len(gone))
                 log.info("scheduler.bookings_expired", pool=pool, requests=len(gone))
@@ -464,7 +441,8 @@ class SchedulerApp:
 
     def _load_gauges(self) -> None:
         seen: set[tuple[str, str, str]] = set()
-        for pool, tracker in self.trackers.items():
+        for pool, state in self.states.items():
+            tracker = state.tracker
             # Live workers without load too: an idle worker shows 0, not a gap in the panel.
             live = {(c.worker_id, c.dp_rank) for c in self.candidates(pool)} if self.watcher is not None else set()
             for target in sorted(live | set(tracker.targets())):
@@ -481,40 +459,6 @@ class SchedulerApp:
 
     # --- endpoints ---------------------------------------------------------------------------
 
-    def _wire_target(self, c: Candidate) -> WireTarget:
-        return WireTarget(worker_id=c.worker_id, dp_rank=c.dp_rank, pod_name=c.pod_name, endpoint=c.endpoint)
-
-    def _existing_reply(self, pool: str, req: SelectRequest, tracker: LoadTracker, block_size: int) -> SelectReply | None:
-        """A retried select of a request that is already booked answers with the booked targets
-        (of its oldest booking, if concurrent selects on several replicas booked it more than once)."""
-        booked = tracker.legs_of(req.request_id)
-        if not booked:
-            return None
-        booking_id = booked[0].booking_id
-        legs = {leg.leg: leg for leg in booked if leg.booking_id == booking_id}
-        decode = legs.get("")
-        if decode is None:
-            return None
-        by_target = {c.target: c for c in self.candidates(pool)}
-
-        def wire(target: tuple[int, int]) -> WireTarget:
-            c = by_target.get(target)
-            return self._wire_target(c) if c else WireTarget(worker_id=target[0], dp_rank=target[1])
-
-        prefill = legs.get(PREFILL_LEG)
-        return SelectReply(
-            decode=wire(decode.target),
-            prefill=wire(prefill.target) if prefill else None,
-            overlap_blocks=(prefill or decode).overlap_blocks,
-            isl_tokens=decode.isl_tokens,
-            block_size=block_size,
-            cost=0.0,
-            mode="disaggregated" if prefill else "aggregated",
-            policy="booked",
-            request_id=req.request_id,
-            booking_id=booking_id,
-        )
-
     def decides_inline(self, book: bool) -> bool:
         """Whether a select runs start to finish without suspending: no booking to publish, and the
         overlap comes from this process (embedded index or predicted cache), not over NATS."""
@@ -529,14 +473,14 @@ class SchedulerApp:
         return await self._booking(pool, req)
 
     async def _select(self, pool: str, req: SelectRequest) -> SelectReply:
-        if pool not in self.trackers:
+        if pool not in self.states:
             raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this scheduler")
         policy = req.policy or self.pool_policy.get(pool) or self.default_policy
         try:
             reply = await self._select_inner(pool, req, policy)
         except SelectionError as exc:
             self._decision_counter(pool, policy, exc.code).inc()
-            raise ServiceError(exc.code, exc.message) from None
+            raise ServiceError(exc.code, exc.message, exc.path) from None
         except ServiceError as exc:
             self._decision_counter(pool, policy, exc.code).inc()
             raise
@@ -550,159 +494,87 @@ class SchedulerApp:
             child = self._counters[key] = m.DECISIONS.labels(pool, policy, outcome)
         return child
 
-    async def _select_inner(self, pool: str, req: SelectRequest, policy: str) -> SelectReply:
+    def pool_view(self, pool: str) -> PoolView:
+        """Live candidates and the load; worker reports are added when scoring (`_select_inner`)."""
+        return PoolView(pool, self.candidates(pool), self.states[pool].tracker)
+
+    async def _select_inner(self, pool: str, req: SelectRequest, policy: Policy) -> SelectReply:
+        """The decision (`decide.py`) with its I/O: the overlaps of a remote index are awaited, and a
+        booking is published and applied from the stream before the answer."""
         t0 = time.perf_counter()
-        tracker = self.trackers[pool]
-        cands = self.candidates(pool)
-        block_size = cands[0].block_size if cands else self.cfg.block_size
-        limit = self.cfg.max_request_tokens
-        if req.token_ids is not None and len(req.token_ids) > limit:
-            raise ServiceError(ErrorCode.INVALID_REQUEST, f"{len(req.token_ids)} tokens exceed the limit of {limit}", "$.token_ids")
-        if req.block_hashes is not None and len(req.block_hashes) * block_size > limit:
-            raise ServiceError(
-                ErrorCode.INVALID_REQUEST, f"{len(req.block_hashes)} blocks exceed the limit of {limit} tokens", "$.block_hashes"
-            )
-        if req.isl_tokens is not None and req.isl_tokens > limit:
-            raise ServiceError(ErrorCode.INVALID_REQUEST, f"isl_tokens {req.isl_tokens} exceeds the limit of {limit}", "$.isl_tokens")
-        if req.book and tracker.is_active(req.request_id):
-            existing = self._existing_reply(pool, req, tracker, block_size)
-            if existing is not None:
-                return existing
-        if req.token_ids is not None:
-            local = local_block_hashes(req.token_ids, block_size, salt_seed(req.lora_name, req.cache_salt))
-            isl = req.isl_tokens if req.isl_tokens is not None else len(req.token_ids)
-        else:
-            local = list(req.block_hashes or [])
-            isl = req.isl_tokens if req.isl_tokens is not None else len(local) * block_size
-        seq = sequence_hashes(local)
+        view = self.pool_view(pool)
+        p = self.decider.prepare(req, view)
+        if p.booked is not None:
+            return p.booked
         t1 = time.perf_counter()
         _PHASE["hashing"].observe(t1 - t0)
-
-        overlaps = Overlaps()
-        if local and cands:
-            assert self.overlap is not None
-            try:
-                overlaps = await self.overlap.overlaps(pool, local, seq)
-            except Exception as exc:  # noqa: BLE001 - no responders, timeout, error reply, closed connection
-                # No index answer: decide on load alone rather than fail the request.
-                self.match_failures += 1
-                log.warning("scheduler.match_failed", pool=pool, error=str(exc))
+        overlaps = await self._overlaps(pool, p, view) if p.wants_overlaps and view.candidates else Overlaps()
         t2 = time.perf_counter()
         _PHASE["match"].observe(t2 - t1)
-
-        constraints = req.routing_constraints
-        inp = SelectionInput(
-            isl_tokens=isl,
-            block_size=block_size,
-            hashes=seq,
-            allowed_worker_ids=frozenset(req.allowed_worker_ids) if req.allowed_worker_ids is not None else None,
-            allowed_targets=frozenset(map(tuple, req.allowed_targets)) if req.allowed_targets is not None else None,  # type: ignore[arg-type]
-            fallbacks=req.fallbacks,
-            pinned_worker_id=req.pinned_worker_id,
-            pinned_dp_rank=req.pinned_dp_rank,
-            required_taints=frozenset(constraints.required_taints) if constraints else frozenset(),
-            preferred_taints=dict(constraints.preferred_taints) if constraints else {},
-            mode=req.mode,
-            policy=policy,
-            cost=self.cost.with_overrides(req.overrides),
-            reported=self.fresh_reports(pool),
-        )
-        decision = self.selector.select(cands, tracker, overlaps, inp)
+        booking_id = (req.booking_id or new_booking_id()) if req.book else ""
+        now = now_ms()
+        view = view._replace(reported=self.fresh_reports(pool))  # as of now, after the index answered
+        out = self.decider.decide(p, overlaps, view, policy=policy, ts_ms=now, booking_id=booking_id)
         t3 = time.perf_counter()
         _PHASE["scoring"].observe(t3 - t2)
-        if req.book and tracker.is_active(req.request_id):
-            # A concurrent select of the same request id on this replica booked it meanwhile.
-            existing = self._existing_reply(pool, req, tracker, block_size)
-            if existing is not None:
-                return existing
-
+        decision = out.decision
+        if decision is None:
+            return out.reply  # booked meanwhile by a concurrent select of this request id
         if self.predicted is not None:
-            now = now_ms()
-            self.predicted.record(pool, decision.decode.candidate.target, seq, now)
+            self.predicted.record(pool, decision.decode.candidate.target, p.seq, now)
             if decision.prefill is not None:
-                self.predicted.record(pool, decision.prefill.candidate.target, seq, now)
-        booking_id = ""
-        if req.book:
-            booking_id = req.booking_id or new_booking_id()
-            await self._book(pool, req, decision, isl, seq, block_size, booking_id)
+                self.predicted.record(pool, decision.prefill.candidate.target, p.seq, now)
+        reply = out.reply
+        if out.events:
+            await self._book(pool, out.events, now)
             _PHASE["booking"].observe(time.perf_counter() - t3)
-            # Another replica may have booked the same attempt first (JetStream dropped our add as
-            # a duplicate), or a free cancelled it before it landed: answer with what is booked.
-            booked = self._existing_reply(pool, req, tracker, block_size)
-            if booked is None or booked.booking_id != booking_id:
-                booking_id = ""
-            elif (booked.decode.worker_id, booked.decode.dp_rank) != decision.decode.candidate.target:
-                return booked
-        if local:
+            reply = self.decider.settle(out, self.pool_view(pool))
+        if p.local:
             hit = self._hit_ratio.get(pool) or self._hit_ratio.setdefault(pool, m.KV_HIT_RATE.labels(pool))
-            hit.observe(min(decision.overlap_blocks / len(local), 1.0))
-        return SelectReply(
-            decode=self._wire_target(decision.decode.candidate),
-            prefill=self._wire_target(decision.prefill.candidate) if decision.prefill else None,
-            overlap_blocks=decision.overlap_blocks,
-            isl_tokens=isl,
-            block_size=block_size,
-            cost=decision.cost,
-            mode=decision.mode,  # type: ignore[arg-type]
-            policy=decision.policy,
-            fallbacks=[self._wire_target(f.candidate) for f in decision.fallbacks],
-            request_id=req.request_id,
-            booking_id=booking_id,
-        )
+            hit.observe(min(decision.overlap_blocks / len(p.local), 1.0))
+        return reply
 
-    async def _book(
-        self, pool: str, req: SelectRequest, d: Decision, isl: int, seq: list[int], block_size: int, booking_id: str
-    ) -> None:
-        ts = now_ms()
-        common = dict(
-            request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts, isl_tokens=isl, booking_id=booking_id,
-            sequence_hashes=seq, expected_output_tokens=req.expected_output_tokens, block_size=block_size,
-        )  # fmt: skip
-        events: list[BookingAdd] = []
-        if d.prefill is not None:
-            c = d.prefill.candidate
-            events.append(BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.prefill.overlap_blocks,
-                                     leg=PREFILL_LEG, track_prefill_tokens=True, **common))  # type: ignore[arg-type]  # fmt: skip
-        c = d.decode.candidate
-        events.append(BookingAdd(worker_id=c.worker_id, dp_rank=c.dp_rank, overlap_blocks=d.decode.overlap_blocks,
-                                 leg="", track_prefill_tokens=d.prefill is None, **common))  # type: ignore[arg-type]  # fmt: skip
-        # Apply our own booking provisionally *before* the first await: selects that run while this
-        # one waits for the stream must see this load, or a burst of requests all pick the same
-        # cheapest worker (measured with the offline simulator: mean TTFT 4× worse on the Mooncake
-        # conversation trace's 3-second bursts). The stream's copy replaces it when it arrives.
-        tracker = self.trackers[pool]
-        mine = [ev for ev in events if tracker.add(ev, ts, provisional=True)]
-        for ev in mine:
-            self._provisional[(pool, ev.request_id, booking_id, ev.leg)] = ev
+    async def _overlaps(self, pool: str, p: Prepared, view: PoolView) -> Overlaps:
+        assert self.overlap is not None
+        try:
+            return await self.overlap.overlaps(pool, p.local, p.seq)
+        except Exception as exc:  # noqa: BLE001 - no responders, timeout, error reply, closed connection
+            # No index answer: decide on load alone rather than fail the request.
+            self.match_failures += 1
+            log.warning("scheduler.match_failed", pool=pool, error=str(exc))
+            return Overlaps()
+
+    async def _book(self, pool: str, events: tuple[BookingAdd, ...], ts: int) -> None:
+        """Publish a decision's adds and wait until this replica applied them from the stream.
+
+        They are applied provisionally *before* the first await (`BookingState.book`): selects that
+        run while this one waits for the stream must see this load, or a burst of requests all pick
+        the same cheapest worker (measured with the offline simulator: mean TTFT 4× worse on the
+        Mooncake conversation trace's 3-second bursts). The stream's copy replaces them."""
+        state = self.states[pool]
+        mine = state.book(events, ts)
         pubs = [self._publish_ack(pool, ev, "add", ev.leg) for ev in events]
         t0 = time.perf_counter()
-
-        def take_back(ev: BookingAdd) -> None:
-            if self._provisional.pop((pool, ev.request_id, booking_id, ev.leg), None) is not None:
-                tracker.discard_leg(ev.request_id, ev.leg, booking_id)
-
         try:
             acks = await asyncio.gather(*pubs)
         except BaseException:
             # Not (known to be) in the stream: take the provisional legs back. If a publish did land
             # after all, its stream copy re-adds the booking like on every other replica.
-            for ev in mine:
-                take_back(ev)
+            state.take_back(mine)
             raise
-        for ev, ack in zip(events, acks):
-            if ack.duplicate:
-                # JetStream dropped it (this booking attempt was published before, e.g. by another
-                # replica): the stream will not deliver it again, so it must not stay here only.
-                take_back(ev)
+        # JetStream dropped a duplicate (this booking attempt was published before, e.g. by another
+        # replica): the stream will not deliver it again, so it must not stay here only.
+        state.take_back([ev for ev, ack in zip(events, acks, strict=True) if ack.duplicate])
         t1 = time.perf_counter()
         _PHASE["booking_publish"].observe(t1 - t0)
         await self._wait_applied(max(ack.seq for ack in acks))
         _PHASE["booking_apply"].observe(time.perf_counter() - t1)
 
     async def _booking(self, pool: str, req: CleanupRequest) -> CleanupReply:
-        tracker = self.trackers.get(pool)
-        if tracker is None:
+        state = self.states.get(pool)
+        if state is None:
             raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this scheduler")
+        tracker = state.tracker
         ts, bookings = self._bookings_of(tracker, req)
         if not bookings:
             # Another replica (or a select of this one, whose add is in flight) may have booked it a
@@ -743,7 +615,7 @@ class SchedulerApp:
 
     def export_state(self, pool: str) -> StateReply:
         self.expire_now()
-        tracker = self.trackers[pool]
+        tracker = self.states[pool].tracker
         workers = sorted({c.worker_id for c in self.candidates(pool)})
         known = set(workers)
         loads = []

@@ -30,8 +30,9 @@ publishers) address every booking of the request id.
   the gateway served the request from a fallback endpoint. Dormant legs move too (a revival then
   lands on the new target, as on a replica that had not swept them yet). Unknown ids, a missing
   decode leg and a move to where the leg already is are no-ops.
-- *Provisional* legs (a replica's own add, applied before the stream delivers it) count in the view
-  but are invisible to `prefill_complete` / `free`, which only ever see the stream's copies.
+- *Provisional* legs (a replica's own add, applied before the stream delivers it, see
+  `state.BookingState`) count in the view but are invisible to `prefill_complete` / `free`, which
+  only ever see the stream's copies. A provisional add already past its window is not applied.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class LoadTracker:
         expires, deadline = ts + self.ttl_ms, ts + self.unconfirmed_ttl_ms
         if expires <= now_ms:
             return False  # already stale (replayed from an old stream tail)
+        if provisional and min(expires, deadline) <= now_ms:
+            return False  # nothing to count until the stream's copy decides (it may turn dormant)
         prefill = max(ev.isl_tokens - ev.overlap_blocks * ev.block_size, 0) if ev.track_prefill_tokens else 0
         # Dedup within the request too: a hash listed twice occupies one block.
         hashes = tuple(dict.fromkeys(ev.sequence_hashes))

@@ -22,12 +22,14 @@ TIE_EPS = 1e-9
 
 
 class SelectionError(Exception):
-    """No target: `code` is a docs/protocol.md §5 error code."""
+    """No decision: a request the decision refuses (`invalid_request`, with the field's `path`) or
+    one no target is eligible for; `code` is a docs/protocol.md §5 error code."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.path = path
 
 
 class LoadSource(Protocol):

@@ -67,7 +67,7 @@ async def test_a_select_that_books_after_the_bridge_gave_up_books_nothing(nats_u
             free, add = kinds
             assert free[0] == BookingFree.__name__ and add[0] == BookingAdd.__name__  # the cancel came first
             assert free[1:] == add[1:] == ("gave-up", add[2]) and add[2]
-            assert app.trackers[POOL].request_ids() == [] and app.export_state(POOL).bookings == []
+            assert app.states[POOL].tracker.request_ids() == [] and app.export_state(POOL).bookings == []
             assert compensations("cancelled") - cancelled == 1
         finally:
             await bridge.stop()
@@ -114,7 +114,7 @@ async def test_an_ext_proc_stream_gone_mid_decision_cancels_its_late_booking(nat
                 await asyncio.sleep(0.05)
             (free, add) = events
             assert isinstance(free, BookingFree) and isinstance(add, BookingAdd) and free.booking_id == add.booking_id != ""
-            assert app.trackers[POOL].request_ids() == []
+            assert app.states[POOL].tracker.request_ids() == []
         finally:
             await client.close()
             await bridge.stop()

@@ -84,19 +84,19 @@ async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, inde
         await eventually(lambda: worker_ids(app) == {1})
         st = await state_of(nc, "s1")
         assert st.bookings == [] and st.loads == [] and st.workers == [1]
-        assert not app.trackers[POOL].is_active("r1")
+        assert not app.states[POOL].tracker.is_active("r1")
         assert not (await cleanup(nc, "r1", "free")).known
         # An add for the removed worker that reaches this replica after the removal (another
         # replica booked it just before) is ignored, as replicas that applied it first dropped it.
         late = BookingAdd(request_id="late", router_id="other", pool=POOL, worker_id=2, ts_ms=now_ms(), sequence_hashes=[1, 2])
         ack = await nc.jetstream().publish(NAMES.bookings_subject(POOL, "other"), codec.encode_json(late))
         await eventually(lambda: app._applied_seq >= ack.seq)
-        assert not app.trackers[POOL].is_active("late")
+        assert not app.states[POOL].tracker.is_active("late")
         # A worker that comes back is bookable again.
         await put(nc, 2)
         await eventually(lambda: 2 in worker_ids(app))
         assert (await select(nc, request_id="back", book=True, pinned_worker_id=2)).decode.worker_id == 2
-        assert app.trackers[POOL].is_active("back")
+        assert app.states[POOL].tracker.is_active("back")
         await delete_worker(nc, NAMES.workers_bucket, POOL, 2)
         await eventually(lambda: worker_ids(app) == {1})
 
@@ -129,7 +129,7 @@ async def test_booking_endpoint_semantics(nats_url, nc, indexer, feed):
         await eventually(lambda: worker_ids(app) == {1, 2})
         r1, r2 = await asyncio.gather(select(nc, request_id="dup", pinned_worker_id=1), select(nc, request_id="dup", pinned_worker_id=2))
         assert r1.decode.worker_id == r2.decode.worker_id
-        assert [leg.target[0] for leg in app.trackers[POOL].legs_of("dup")] == [r1.decode.worker_id]
+        assert [leg.target[0] for leg in app.states[POOL].tracker.legs_of("dup")] == [r1.decode.worker_id]
         assert (await cleanup(nc, "dup", "free")).known
         assert (await state_of(nc, "s1")).bookings == []
 
@@ -250,9 +250,9 @@ async def test_bookings_feed_survives_a_server_restart(nats_server, nats_url, nc
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-        await eventually(lambda: app.trackers[POOL].request_ids() == ["after", "before"], 10)
+        await eventually(lambda: app.states[POOL].tracker.request_ids() == ["after", "before"], 10)
         assert (await cleanup(nc, "before", "free")).known
-        assert app.trackers[POOL].request_ids() == ["after"]
+        assert app.states[POOL].tracker.request_ids() == ["after"]
 
 
 async def test_worker_load_reports_drive_busy_detection(nats_url, nc, indexer):
@@ -298,11 +298,11 @@ async def test_a_burst_of_concurrent_selects_spreads_instead_of_herding(nats_url
         # The stream copies replaced the provisional ones: the view equals a replica that only
         # applied the stream (a second replica started now).
         async with running_scheduler(nats_url, "--router-id", "s2") as other:
-            await eventually(lambda: other.trackers[POOL].digest() == app.trackers[POOL].digest())
-        assert not app._provisional
+            await eventually(lambda: other.states[POOL].tracker.digest() == app.states[POOL].tracker.digest())
+        assert not app.states[POOL].provisional
         for i in range(8):
             assert (await cleanup(nc, f"burst{i}", "free")).known
-        assert app.trackers[POOL].request_ids() == []
+        assert app.states[POOL].tracker.request_ids() == []
 
 
 async def test_a_reused_request_id_books_again_and_every_reply_names_its_request_and_booking(nats_url, nc, indexer):
@@ -316,10 +316,10 @@ async def test_a_reused_request_id_books_again_and_every_reply_names_its_request
         assert (await cleanup(nc, "again", "free")).known
         second = await select(nc, request_id="again")
         assert second.request_id == "again" and second.booking_id not in ("", first.booking_id)
-        assert app.trackers[POOL].bookings_of("again") == [second.booking_id] and not app._provisional
+        assert app.states[POOL].tracker.bookings_of("again") == [second.booking_id] and not app.states[POOL].provisional
         assert (await cleanup(nc, "again", "prefill_complete")).known
         assert (await cleanup(nc, "again", "free")).known
-        assert app.trackers[POOL].request_ids() == []
+        assert app.states[POOL].tracker.request_ids() == []
         assert (await nc.jetstream().stream_info(NAMES.bookings_stream)).state.messages == 5
         dry = await select(nc, request_id="dry", book=False)
         assert dry.request_id == "dry" and dry.booking_id == ""
@@ -333,16 +333,16 @@ async def test_a_free_before_the_booking_cancels_it_on_every_replica(nats_url, n
         req = CleanupRequest(request_id="late", phase="free", booking_id="b-late")
         assert not (await request(nc, NAMES.booking(POOL), req, CleanupReply)).known
         late = await select(nc, request_id="late", booking_id="b-late")
-        assert late.booking_id == "" and not app.trackers[POOL].is_active("late") and not app._provisional
+        assert late.booking_id == "" and not app.states[POOL].tracker.is_active("late") and not app.states[POOL].provisional
         # A new attempt of the same request id books; a replica started now replays the same.
         again = await select(nc, request_id="late", booking_id="b-next")
         assert again.booking_id == "b-next"
         async with running_scheduler(nats_url, "--router-id", "s2") as other:
-            await eventually(lambda: other.trackers[POOL].digest() == app.trackers[POOL].digest())
-            assert other.trackers[POOL].bookings_of("late") == ["b-next"]
+            await eventually(lambda: other.states[POOL].tracker.digest() == app.states[POOL].tracker.digest())
+            assert other.states[POOL].tracker.bookings_of("late") == ["b-next"]
         # A free naming another booking of a known request leaves the booked one alone.
         assert not (await request(nc, NAMES.booking(POOL), req, CleanupReply)).known
-        assert app.trackers[POOL].bookings_of("late") == ["b-next"]
+        assert app.states[POOL].tracker.bookings_of("late") == ["b-next"]
 
 
 async def test_a_retried_select_of_one_booking_on_two_replicas_books_it_once(nats_url, nc, indexer):
@@ -353,10 +353,10 @@ async def test_a_retried_select_of_one_booking_on_two_replicas_books_it_once(nat
         req = SelectRequest(request_id="twice", token_ids=TOKENS, booking_id="b-1")
         r1, r2 = await asyncio.gather(a.select(POOL, req), b.select(POOL, req))
         assert r1.booking_id == r2.booking_id == "b-1" and r1.decode.worker_id == r2.decode.worker_id
-        await eventually(lambda: a.trackers[POOL].digest() == b.trackers[POOL].digest())
-        assert [leg.booking_id for leg in a.trackers[POOL].legs_of("twice")] == ["b-1"]
+        await eventually(lambda: a.states[POOL].tracker.digest() == b.states[POOL].tracker.digest())
+        assert [leg.booking_id for leg in a.states[POOL].tracker.legs_of("twice")] == ["b-1"]
         assert (await b.booking(POOL, CleanupRequest(request_id="twice", phase="free"))).known
-        await eventually(lambda: not a.trackers[POOL].is_active("twice"))
+        await eventually(lambda: not a.states[POOL].tracker.is_active("twice"))
 
 
 async def test_unconfirmed_bookings_expire_after_the_short_window_confirmed_ones_keep_the_ttl(nats_url, nc, indexer):
@@ -367,12 +367,12 @@ async def test_unconfirmed_bookings_expire_after_the_short_window_confirmed_ones
         await select(nc, request_id="abandoned")
         await select(nc, request_id="running")
         assert (await cleanup(nc, "running", "prefill_complete")).known
-        await eventually(lambda: app.trackers[POOL].request_ids() == ["running"], 3)
+        await eventually(lambda: app.states[POOL].tracker.request_ids() == ["running"], 3)
         assert not (await cleanup(nc, "abandoned", "prefill_complete")).known  # too late
         # A replica that starts now replays both adds and the prefill_complete: the same view.
         async with running_scheduler(nats_url, "--router-id", "s2", *flags) as other:
-            assert other.trackers[POOL].request_ids() == ["running"]
-            assert other.trackers[POOL].digest() == app.trackers[POOL].digest()
+            assert other.states[POOL].tracker.request_ids() == ["running"]
+            assert other.states[POOL].tracker.digest() == app.states[POOL].tracker.digest()
         assert (await cleanup(nc, "running", "free")).known
 
 
@@ -383,9 +383,9 @@ async def test_a_cleanup_while_this_replica_is_still_booking_lands_after_the_add
         for phase in ("free", "prefill_complete"):
             rid = f"racing-{phase}"
             booking = asyncio.create_task(app.select(POOL, SelectRequest(request_id=rid, token_ids=TOKENS)))
-            while not app.trackers[POOL].is_active(rid):  # the add is provisional, its publish in flight
+            while not app.states[POOL].tracker.is_active(rid):  # the add is provisional, its publish in flight
                 await asyncio.sleep(0)
             reply = await app.booking(POOL, CleanupRequest(request_id=rid, phase=phase))  # type: ignore[arg-type]
             assert reply.known and (await booking).booking_id
-            legs = app.trackers[POOL].legs_of(rid)
+            legs = app.states[POOL].tracker.legs_of(rid)
             assert (legs == []) if phase == "free" else (len(legs) == 1 and legs[0].confirmed)
