@@ -307,7 +307,7 @@ class Stack:
             self.scheduler.export_state(POOL).digest,
             len(tracker.by_request),
             self.indexer.index(POOL).version,
-            self.scheduler.overlap.app.index(POOL).version,
+            self.scheduler.overlap.replica.index(POOL).version,
             len(self.bridge._background),
         )
 
@@ -439,7 +439,7 @@ async def fuzz_streams(stack: Stack, per_stream: int, seed: int) -> dict[str, An
     js = stack.nc.jetstream()
     res = {"kv": StreamResult(), "discovery": StreamResult(), "bookings": StreamResult()}
     ist = stack.indexer.pool_states()[POOL]
-    replica = stack.scheduler.overlap.app.pool_states()[POOL]
+    replica = stack.scheduler.overlap.replica.pool_states()[POOL]
     kv_before = (ist.malformed, replica.malformed)
     rec_before = (stack.indexer.watcher.invalid_records, stack.scheduler.watcher.invalid_records)
     book_before = sm.BOOKINGS_INVALID._value.get()
@@ -462,7 +462,7 @@ async def fuzz_streams(stack: Stack, per_stream: int, seed: int) -> dict[str, An
         res["bookings"].sent += 1
         res["bookings"].malformed_expected += _booking_malformed(data)
         last_book = (await js.publish(NAMES.bookings_subject(POOL, "fuzz-peer"), data)).seq
-    followers = [(stack.indexer.follower, last_kv), (stack.scheduler.overlap.app.follower, last_kv),
+    followers = [(stack.indexer.follower, last_kv), (stack.scheduler.overlap.replica.follower, last_kv),
                  (stack.indexer.watcher.follower, last_rec), (stack.scheduler.watcher.follower, last_rec),
                  (stack.scheduler.follower, last_book)]  # fmt: skip
     deadline = time.monotonic() + 60

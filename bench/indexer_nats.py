@@ -73,14 +73,14 @@ async def ingest(nc, last_seq: int) -> float:
     cfg = make_cfg(pool=[POOL], snapshot_every_events=0, snapshot_interval_s=0, serve_endpoints=False, snapshot_restore=False)
     app = IndexerApp(cfg)
     first: list[float] = []
-    on_kv = app._on_kv
+    on_kv = app.replica._on_kv
 
     def timed(seq, subject, data, headers):  # noqa: ANN001 - first-message timestamp, then the real apply
         if not first:
             first.append(time.perf_counter())
         on_kv(seq, subject, data, headers)
 
-    app._on_kv = timed  # type: ignore[method-assign]
+    app.replica._on_kv = timed  # type: ignore[method-assign]
     await app.start(Runtime("indexer", cfg, nc))
     while app.applied_seq < last_seq:
         await asyncio.sleep(0.001)

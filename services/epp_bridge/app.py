@@ -99,16 +99,16 @@ class EppBridgeApp:
             if pool in rt.pools:
                 self.tokenizers[pool] = PoolTokenizer.load(directory, self.cfg.epp_chat_content_format)
                 log.info("tokenizer.loaded", pool=pool, directory=directory, chat_template=self.tokenizers[pool].template is not None)
+        # The process's one discovery watcher: in the one-process mode the embedded scheduler and its
+        # index replica listen to it too (every listener first, then it starts).
+        self.watcher = rt.discovery()
+        self.watcher.listen(self._on_worker_put, self._on_worker_remove)
         if getattr(self.cfg, "epp_embedded_scheduler", False):
             self._embedded = EmbeddedSchedulerLink(self.cfg)
             await self._embedded.start(rt)
             self.link = self._embedded
         else:
             self.link = NatsSchedulerLink(rt)
-        self.watcher = WorkerWatcher(
-            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove, expire=False,
-            max_lag_s=float(getattr(self.cfg, "max_ready_lag_s", 0.0)),
-        )  # fmt: skip
         self.watcher.start()
         for pool in rt.pools:
             self._subs.append(

@@ -27,10 +27,12 @@ from .natsauth import NatsAuth, redact_url
 from .natsio import ConnectionState, ProvisioningError, StreamSettings, connect, provision
 from .tasks import cancel_and_wait
 from .tracing import setup_tracing, shutdown_tracing
+from .workers import WorkerWatcher
 
 
 class Runtime:
-    """What a running service gets handed: config, names, connection, logger."""
+    """What a running service gets handed: config, names, connection, logger, and what the
+    components of one process share (the discovery watcher)."""
 
     def __init__(self, name: str, cfg: SimpleNamespace, nc: NATS) -> None:
         self.name = name
@@ -40,10 +42,20 @@ class Runtime:
         self.names: Names = names_of(cfg)
         self.log = get_logger(f"kvr.{name}")
         self.stopping = asyncio.Event()
+        self._discovery: WorkerWatcher | None = None
 
     @property
     def pools(self) -> list[str]:
         return list(self.cfg.pool)
+
+    def discovery(self) -> WorkerWatcher:
+        """The process's one follower of the discovery bucket (for its pools), shared by all its
+        components: the one-process bridge, its scheduler and their index replica `listen` to the
+        same watcher instead of following the bucket three times."""
+        if self._discovery is None:
+            lag = float(getattr(self.cfg, "max_ready_lag_s", 0.0))
+            self._discovery = WorkerWatcher(self.nc, self.names.workers_bucket, self.pools, expire=False, max_lag_s=lag)
+        return self._discovery
 
 
 class ServiceApp(Protocol):

@@ -129,8 +129,18 @@ def parse_key(key: str) -> tuple[str, int] | None:
     return pool, worker_id
 
 
+OnPut = Callable[[WorkerRecord, bool], None]
+OnRemove = Callable[[str, int], None]
+
+
 class WorkerWatcher:
-    """Follow KVR_WORKERS for some pools; call back on added/updated/removed workers."""
+    """Follow KVR_WORKERS for some pools; call back on added/updated/removed workers.
+
+    One per process (`Runtime.discovery()`), shared by every component of it: each `listen`s before
+    the watcher starts (a listener added later would miss the history replayed at start), then
+    `start()` / `stop()` are counted, so the stream is followed once and until the last user stops.
+    Removals are reported also for workers never seen (delete markers replayed at start: a snapshot
+    may hold workers deleted while the process was down)."""
 
     def __init__(
         self,
@@ -138,24 +148,19 @@ class WorkerWatcher:
         bucket: str,
         pools: list[str],
         *,
-        on_put: Callable[[WorkerRecord, bool], None] | None = None,
-        on_remove: Callable[[str, int], None] | None = None,
+        on_put: OnPut | None = None,
+        on_remove: OnRemove | None = None,
         expire: bool = True,
         sweep_interval_s: float = 0.5,
-        notify_unknown_removals: bool = False,
         max_lag_s: float = 0.0,
     ) -> None:
         self.nc = nc
         self.bucket = bucket
         self.pools = pools
         self.directory = WorkerDirectory()
-        self._on_put = on_put
-        self._on_remove = on_remove
-        self._expire = expire
+        self._listeners: list[tuple[OnPut | None, OnRemove | None]] = []
+        self._expire = False
         self._sweep_interval_s = sweep_interval_s
-        # The indexer restores state from a snapshot that may hold workers whose key was deleted
-        # before this process started; it needs the delete even though no put was seen.
-        self._notify_unknown_removals = notify_unknown_removals
         self._prefix = f"$KV.{bucket}."
         self.follower = StreamFollower(
             nc,
@@ -168,7 +173,20 @@ class WorkerWatcher:
             track_history=False,  # history 1: superseded revisions are dropped by design
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._users = 0
         self.invalid_records = 0
+        if on_put is not None or on_remove is not None or expire:
+            self.listen(on_put, on_remove, expire=expire)
+
+    def listen(self, on_put: OnPut | None = None, on_remove: OnRemove | None = None, *, expire: bool = False) -> None:
+        """Add a listener (called in registration order). `expire`: this user wants records past
+        their TTL deleted from the bucket (the indexer and the scheduler do; the bridge alone does
+        not, it may lack the permission)."""
+        if self._users:
+            raise RuntimeError("listen() after start(): the listener would miss the replayed history")
+        if on_put is not None or on_remove is not None:
+            self._listeners.append((on_put, on_remove))
+        self._expire = self._expire or expire
 
     @property
     def caught_up(self) -> asyncio.Event:
@@ -179,11 +197,19 @@ class WorkerWatcher:
         return self.follower.ready()
 
     def start(self) -> None:
+        """Start following (the first call) or count one more user (the others)."""
+        self._users += 1
+        if self._users > 1:
+            return
         self.follower.start()
         if self._expire:
             self._sweeper = asyncio.create_task(self._sweep(), name="workers-sweep")
 
     async def stop(self) -> None:
+        """One user less; the last one stops following."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         if self._sweeper:
             self._sweeper.cancel()
         await self.follower.stop()
@@ -202,10 +228,9 @@ class WorkerWatcher:
         if op in ("DEL", "PURGE"):
             if self.directory.delete(pool, worker_id) is not None:
                 log.info("workers.removed", pool=pool, worker_id=worker_id)
-                if self._on_remove:
-                    self._on_remove(pool, worker_id)
-            elif self._notify_unknown_removals and self._on_remove:
-                self._on_remove(pool, worker_id)
+            for _, on_remove in self._listeners:
+                if on_remove is not None:
+                    on_remove(pool, worker_id)
             return
         try:
             record: WorkerRecord = codec.decode(data, WorkerRecord, codec.content_type_of(headers))
@@ -221,8 +246,9 @@ class WorkerWatcher:
         is_new = self.directory.put(record, seq, now_ms())
         if is_new:
             log.info("workers.added", pool=pool, worker_id=worker_id, role=record.role, dp_size=record.dp_size)
-        if self._on_put:
-            self._on_put(record, is_new)
+        for on_put, _ in self._listeners:
+            if on_put is not None:
+                on_put(record, is_new)
 
     async def _sweep(self) -> None:
         js = self.nc.jetstream()

@@ -57,7 +57,8 @@ from . import metrics as m
 from .candidates import Candidate, candidates_of
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
-from .overlap import EmbeddedOverlap, NatsOverlap, OverlapSource, PredictedCache, PredictedOverlap
+from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
+from .predicted import PredictedCache
 from .selector import BusyThresholds, CostConfig, Overlaps, ReportedLoad, SelectionError, Selector
 from .settings import SETTINGS
 from .state import BookingState
@@ -124,7 +125,7 @@ class SchedulerApp:
         self.unconfirmed_ttl_ms = int(cfg.booking_unconfirmed_ttl_s * 1000)
         self.states: dict[str, BookingState] = {}  # per pool: the bookings fold (load, removals, own adds)
         self.predicted: PredictedCache | None = None
-        self.overlap: OverlapSource | None = None
+        self.overlap: LocalOverlaps | NatsOverlap | None = None
         self.watcher: WorkerWatcher | None = None
         self.follower: StreamFollower | PushFollower | None = None
         self.rt: Runtime | None = None
@@ -149,8 +150,13 @@ class SchedulerApp:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, rt: Runtime) -> None:
+        """Listen to the process's discovery watcher (shared with an embedded index replica and, in
+        the one-process mode, the bridge), start the overlap source, then catch up in the background:
+        discovery first, then the bookings stream, then serve."""
         self.rt = rt
         self.states = {pool: BookingState(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
+        self.watcher = rt.discovery()
+        self.watcher.listen(self._on_worker_put, self._on_worker_remove, expire=True)
         if self.cfg.no_kv_events:
             self.predicted = PredictedCache(int(self.cfg.approx_ttl_s * 1000), self.cfg.approx_max_blocks, self.cfg.block_size)
             self.overlap = PredictedOverlap(self.predicted, now_ms)
@@ -161,10 +167,6 @@ class SchedulerApp:
         else:
             self.overlap = NatsOverlap(rt.nc, rt.names, self.cfg.match_timeout_s)
         max_lag = float(getattr(self.cfg, "max_ready_lag_s", 0.0))
-        self.watcher = WorkerWatcher(
-            rt.nc, rt.names.workers_bucket, rt.pools, on_put=self._on_worker_put, on_remove=self._on_worker_remove,
-            notify_unknown_removals=True, max_lag_s=max_lag,
-        )  # fmt: skip
         if self.cfg.bookings_feed == "push":
             self.follower = PushFollower(
                 rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking, max_lag_s=max_lag
@@ -508,7 +510,14 @@ class SchedulerApp:
             return p.booked
         t1 = time.perf_counter()
         _PHASE["hashing"].observe(t1 - t0)
-        overlaps = await self._overlaps(pool, p, view) if p.wants_overlaps and view.candidates else Overlaps()
+        overlaps = Overlaps()
+        if p.wants_overlaps and view.candidates:
+            source = self.overlap
+            assert source is not None
+            if isinstance(source, NatsOverlap):
+                overlaps = await self._remote_overlaps(source, pool, p)
+            else:
+                overlaps = source.overlaps(pool, p.local, p.seq)
         t2 = time.perf_counter()
         _PHASE["match"].observe(t2 - t1)
         booking_id = (req.booking_id or new_booking_id()) if req.book else ""
@@ -534,10 +543,9 @@ class SchedulerApp:
             hit.observe(min(decision.overlap_blocks / len(p.local), 1.0))
         return reply
 
-    async def _overlaps(self, pool: str, p: Prepared, view: PoolView) -> Overlaps:
-        assert self.overlap is not None
+    async def _remote_overlaps(self, source: NatsOverlap, pool: str, p: Prepared) -> Overlaps:
         try:
-            return await self.overlap.overlaps(pool, p.local, p.seq)
+            return await source.overlaps(pool, p.local, p.seq)
         except Exception as exc:  # noqa: BLE001 - no responders, timeout, error reply, closed connection
             # No index answer: decide on load alone rather than fail the request.
             self.match_failures += 1

@@ -11,7 +11,7 @@ from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from schemas.hashing import local_block_hashes, salt_seed
 from services.epp_bridge.app import EppBridgeApp
-from services.epp_bridge.settings import SETTINGS
+from services.epp_bridge.settings import COMMAND_SETTINGS
 from services.runtime.config import COMMON
 from services.runtime.service import Runtime, build_parser
 from services.runtime.config import resolve
@@ -19,7 +19,7 @@ from services.runtime.workers import now_ms, put_worker
 
 
 def bridge_cfg(nats_url: str, *argv: str) -> SimpleNamespace:
-    settings = [*COMMON, *SETTINGS]
+    settings = [*COMMON, *COMMAND_SETTINGS]  # what `kvr epp-bridge` parses (with the scheduler's, for one-process mode)
     args = build_parser("kvr epp-bridge", "", settings).parse_args(["--nats-url", nats_url, *argv])
     return resolve(args, settings, env={})
 

@@ -64,3 +64,41 @@ async def test_embedded_scheduler_and_indexer(nats_url, tokenizer_dir, tmp_path)
     finally:
         exit_code = bridge.terminate()
     assert exit_code == 0  # SIGTERM drains the bridge and its embedded scheduler cleanly
+
+
+async def test_one_process_mode_is_composed_from_cores_on_one_discovery_watcher(nats_url, nc):
+    """Bridge, embedded scheduler and its index replica listen to the process's one watcher: the
+    bucket is followed once, and a worker removed from discovery leaves all three at once."""
+    from services.epp_bridge.link import EmbeddedSchedulerLink
+
+    from .helpers import start_bridge
+
+    bridge = await start_bridge(nc, nats_url, "--pool", "p", "--epp-embedded-scheduler", "--embedded-indexer", "--block-size", "4")
+    try:
+        await register(nc, [record(1), record(2)])
+        assert isinstance(bridge.link, EmbeddedSchedulerLink)
+        scheduler = bridge.link.app
+        replica = scheduler.overlap.replica
+        assert bridge.watcher is scheduler.watcher is replica.watcher
+        tokens = list(range(900, 900 + 5 * 4))
+        await nc.jetstream().publish(NAMES.kv_subject("p", 2, 0), stored_events(2, tokens, 4), headers={"Nats-Msg-Id": kv_msg_id("p", 2, 0, 1)})
+        query = {"request_id": "c-1", "body": {"prompt": "", "nvext": {"token_data": tokens}}, "book": False}
+        for _ in range(200):
+            reply = await ask(nc, NAMES.epp_query("p"), query)
+            if reply.get("status") == "ok" and reply["overlap_blocks"] == 5 and bridge.ready():
+                break
+            await asyncio.sleep(0.05)
+        assert reply["decode"]["worker_id"] == 2 and reply["overlap_blocks"] == 5, reply
+        from services.runtime.workers import delete_worker
+
+        await delete_worker(nc, NAMES.workers_bucket, "p", 2)
+        for _ in range(200):
+            if not replica.index("p").worker_keys() and len(scheduler.candidates("p")) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert replica.index("p").worker_keys() == [] and [c.worker_id for c in scheduler.candidates("p")] == [1]
+        assert [r.worker_id for r in bridge.watcher.directory.live("p")] == [1]
+        assert (await ask(nc, NAMES.epp_query("p"), query))["decode"]["worker_id"] == 1
+    finally:
+        await bridge.stop()
+    assert bridge.watcher.follower._task is None or bridge.watcher.follower._task.done()

@@ -4,7 +4,6 @@ messages it saw, its buffer size, and where it was restarted from a snapshot."""
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass, field
 
@@ -16,11 +15,9 @@ from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent, cleared_event, stored_event
 from services.indexer.admission import Admission, CapPolicy, Held, Verdict, binding_error, parse_kv_subject
-from services.indexer.app import IndexerApp
+from services.indexer.core import Carry, IndexCore
 from services.indexer.index import PrefixIndex
-from services.indexer.settings import SETTINGS
 from services.indexer.snapshot import LoadedSnapshot
-from services.runtime.config import COMMON, resolve
 
 from .workload import Workload
 
@@ -161,82 +158,57 @@ def test_state_round_trip_marks_tracked_workers_spilled() -> None:
 # ---- determinism across replicas ---------------------------------------------------------------
 
 
-def make_cfg(**overrides: object) -> argparse.Namespace:
-    cfg = resolve(argparse.Namespace(), [*COMMON, *SETTINGS], env={})
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-class ScriptedFollower:
-    """Where the replica reads the stream; `rewind` as `StreamFollower.rewind` (applied by the driver)."""
-
-    def __init__(self) -> None:
-        self.rewinds: list[int] = []
-        self.replaying = False
-
-    def rewind(self, seq: int) -> None:
-        self.rewinds.append(seq)
-
-
 @dataclass
 class Replica:
-    """An IndexerApp driven synchronously through its real shell methods (no NATS)."""
+    """The index replica's fold (`IndexCore`, pure) driven synchronously, its rewinds and probes
+    carried out here as the adapter (`IndexReplica`) does over NATS."""
 
     buffer: int
     tracked: int
-    app: IndexerApp = field(init=False)
+    core: IndexCore = field(init=False)
     cursor: int = 1
     probes: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        cfg = make_cfg(pool=["p"], unknown_worker_buffer_bytes=self.buffer, unknown_workers_tracked=self.tracked)
-        self.app = IndexerApp(cfg, serve_endpoints=False)
-        self.app._prefix = "kvr."
-        self.app.follower = ScriptedFollower()  # type: ignore[assignment]
-        self.app._start_probe = lambda pool, w, frm: self.probes.append((pool, w, frm))  # type: ignore[method-assign]
+        self.core = IndexCore(["p"], Admission(["p"], buffer_bytes=self.buffer, max_tracked=self.tracked), prefix="kvr")
 
-    def _rewinds(self) -> None:
-        f = self.app.follower
-        if f.rewinds:  # type: ignore[union-attr]
-            self.cursor = min(self.cursor, min(f.rewinds))  # type: ignore[union-attr]
-            f.rewinds.clear()  # type: ignore[union-attr]
-        f.replaying = self.cursor <= self.app.applied_seq  # type: ignore[union-attr]
+    def _carry(self, pool: str, worker: int, carry: Carry) -> None:
+        if carry.rewind_from is not None:  # StreamFollower.rewind
+            self.cursor = min(self.cursor, carry.rewind_from)
+        if carry.probe_from is not None:
+            self.probes.append((pool, worker, carry.probe_from))
 
     def kv(self, stream: list[tuple[int, bytes]]) -> bool:
         if self.cursor > len(stream):
             return False
         worker, data = stream[self.cursor - 1]
-        self.app._on_kv(self.cursor, f"kvr.p.kv.{worker}.0", data, None)
+        self.core.on_kv(self.cursor, f"kvr.p.kv.{worker}.0", data, None)
         self.cursor += 1
-        self._rewinds()
         return True
 
     def discovery(self, op: tuple[str, int]) -> None:
         kind, worker = op
         if kind == "put":
-            self.app._on_worker_put(WorkerRecord(worker_id=worker, pool="p", total_kv_blocks=10_000), True)
+            self._carry("p", worker, self.core.worker_put(WorkerRecord(worker_id=worker, pool="p", total_kv_blocks=10_000)))
         else:
-            self.app._on_worker_remove("p", worker)
-        self._rewinds()
+            self.core.worker_removed("p", worker)
 
     def probe(self, stream: list[tuple[int, bytes]]) -> bool:
         if not self.probes:
             return False
         pool, worker, frm = self.probes.pop(0)
         found = next((s for s in range(max(1, frm), len(stream) + 1) if stream[s - 1][0] == worker), None)
-        self.app._probe_done(pool, worker, found)
-        self._rewinds()
+        self._carry(pool, worker, self.core.probe_result(pool, worker, found))
         return True
 
     def snapshot(self) -> LoadedSnapshot | None:
         """What the snapshot loop would write now (None: it waits while a backfill runs)."""
-        if self.app._busy_backfilling() or self.probes:
+        if self.cursor <= self.core.applied_seq or self.probes:  # re-reading, or a probe is out
             return None
-        st = self.app.pool_states()["p"]
-        seq = max(self.app.applied_seq, st.covered_seq)
+        st = self.core.states["p"]
+        seq = max(self.core.applied_seq, st.covered_seq)
         restored = PrefixIndex.from_snapshot(st.index.to_snapshot())
-        return LoadedSnapshot(restored, seq, 0, 0.0, 1.0, self.app.admission.to_state("p"))
+        return LoadedSnapshot(restored, seq, 0, 0.0, 1.0, self.core.admission.to_state("p"))
 
     def restart(self, snap: LoadedSnapshot | None, discovery_so_far: list[tuple[str, int]], stream: list[tuple[int, bytes]]) -> None:
         """Killed at any moment; restarts from the last snapshot written (or from scratch)."""
@@ -244,8 +216,8 @@ class Replica:
         self.probes.clear()
         self.cursor = 1
         if snap is not None:
-            self.app.restore_pool("p", snap)
-            self.app.applied_seq = snap.stream_seq
+            self.core.restore_pool("p", snap.index, snap.stream_seq, snap.admission)
+            self.core.applied_seq = snap.stream_seq
             self.cursor = snap.stream_seq + 1
         # the bucket keeps the latest record per key: replay that before the stream (watcher first)
         latest: dict[int, str] = {}
@@ -257,7 +229,7 @@ class Replica:
             pass
 
     def dump(self) -> list[RouterEvent]:
-        return self.app.index("p").dump()
+        return self.core.states["p"].index.dump()
 
 
 def build_streams(seed: int, workers: int, messages: int) -> tuple[list[tuple[int, bytes]], list[tuple[str, int]]]:
@@ -320,7 +292,7 @@ def test_every_interleaving_and_restart_reaches_the_reference_index(seed, buffer
                 rep.discovery(op)
             elif not rep.probe(stream):
                 break
-        adm = rep.app.admission.pools["p"]
+        adm = rep.core.admission.pools["p"]
         assert adm.held_bytes <= max(buffer, 0)
         assert len(adm.first_seq) <= tracked
     assert rep.dump() == expected
@@ -332,7 +304,7 @@ def test_a_flood_of_unregistered_workers_stays_within_the_buffer() -> None:
     stream = [(m[0].worker_id, codec.encode_json(m)) for m in (wl.message() for _ in range(5000))]
     while rep.kv(stream):
         pass
-    adm = rep.app.admission.pools["p"]
+    adm = rep.core.admission.pools["p"]
     assert adm.held_bytes <= 50_000 and len(adm.first_seq) <= 100 and adm.floor is not None
-    assert rep.app.index("p").blocks == 0
-    assert rep.app.pool_states()["p"].events_since_snapshot == 0
+    assert rep.core.states["p"].index.blocks == 0
+    assert rep.core.states["p"].events_since_snapshot == 0

@@ -245,15 +245,15 @@ async def test_snapshot_is_serialised_in_pieces_while_matches_are_answered_and_c
     st = app.pool_states()["p"]
     assert app.index("p").tree_sizes() == {(1, 0): 3, (2, 0): 20_000}
 
-    writing = asyncio.create_task(app._write_snapshot(st))
+    writing = asyncio.create_task(app.replica._write_snapshot(st))
     await asyncio.sleep(0)  # the snapshot has started: follower paused, discovery changes held
-    assert app._held_discovery is not None
+    assert app.replica._held_discovery is not None
     later = await publish(js, "p", stored_event(1, 1, [(10003, 4)], parent_hash=10002))
     await delete_worker(nc, NAMES.workers_bucket, "p", 2)
     answered = 0
     while True:
         scores = await scores_of(nc, [1, 2, 3, 4])
-        if app._held_discovery is None:
+        if app.replica._held_discovery is None:
             break  # serialisation ended during that round trip
         # still serialising, so it was when the match was answered: nothing new applied yet
         assert scores == {(1, 0): 3} and app.applied_seq == seq

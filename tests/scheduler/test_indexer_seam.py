@@ -57,6 +57,7 @@ async def test_one_process_mode_embedded_indexer(nats_url, nc):
     await seed_fleet(nc)
     async with running_scheduler(nats_url, "--router-id", "s1", "--embedded-indexer") as app:
         assert type(app.overlap).__name__ == "EmbeddedOverlap"
+        assert app.overlap.replica.watcher is app.watcher  # one discovery watcher for the process
         r = await select_until_overlap(nc, 3)
         assert (r.decode.worker_id, r.overlap_blocks) == (2, 3)
         # The in-process entry point gives the same decision without NATS.
@@ -66,7 +67,7 @@ async def test_one_process_mode_embedded_indexer(nats_url, nc):
 
 def test_the_index_replica_restores_snapshots_but_writes_none_unless_asked():
     """`kvr scheduler` defaults: the indexer service writes the snapshots; a scheduler only restores them."""
-    from services.indexer.app import IndexerApp
+    from services.indexer.replica import IndexReplica
     from services.runtime.config import COMMON, resolve
     from services.runtime.service import build_parser
     from services.scheduler.__main__ import _settings
@@ -78,8 +79,8 @@ def test_the_index_replica_restores_snapshots_but_writes_none_unless_asked():
 
     default = cfg()
     assert default.embedded_indexer and default.snapshot_restore
-    assert not IndexerApp(default, serve_endpoints=False).snapshot_enabled
-    assert IndexerApp(cfg("--snapshot-interval-s", "30"), serve_endpoints=False).snapshot_enabled
+    assert not IndexReplica(default).snapshot_enabled
+    assert IndexReplica(cfg("--snapshot-interval-s", "30")).snapshot_enabled
     # The indexer service itself still writes them by default.
     from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
 

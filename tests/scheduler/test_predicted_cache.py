@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.scheduler.overlap import PredictedCache
+from services.scheduler.predicted import PredictedCache
 
 
 def scores(reply):  # type: ignore[no-untyped-def]
