@@ -29,6 +29,7 @@ from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
 from schemas.subjects import Names
 from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
+from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, made_events
 from services.runtime.logs import get_logger
 from services.runtime.service import Runtime
 from services.runtime.workers import delete_worker, put_worker
@@ -36,7 +37,6 @@ from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
 from .engine import Engine, EngineConfig, PassResult, Rejected
-from .publisher import KvEventPublisher
 
 log = get_logger("kvr.mock_worker")
 
@@ -104,12 +104,17 @@ class MockWorker:
         self.engine = Engine(fleet.engine, worker_id, 0, first_event_id=time.time_ns() // 1000)
         self.publisher = KvEventPublisher(
             nc.jetstream(),
-            names,
-            fleet.pool,
-            worker_id,
-            0,
-            max_batch=fleet.event_batch,
+            pool=fleet.pool,
+            worker_id=worker_id,
+            subject_of=lambda rank: names.kv_subject(fleet.pool, worker_id, rank),
+            # Engines wait (back-pressure) while this is full: nothing is dropped.
+            buffer=OutBuffer(made_events, max_batches=4 * fleet.max_inflight_acks),
+            msgpack=False,
+            timeout_s=5.0,
+            max_events=fleet.event_batch,
             max_inflight=fleet.max_inflight_acks,
+            metrics=m.PublishCounters(),
+            name=f"mock-{worker_id}-kv",
         )
         self._replies: dict[str, str] = {}
         # HTTP requests in flight: request id → queue of ("progress", tokens so far) / ("done", Finished)
@@ -166,6 +171,7 @@ class MockWorker:
             self.http = OpenAiFront(self, self.tokenizer)
             await self.http.start(self.fleet.openai_host, port)
         self.engine.announce_cleared()
+        self.publisher.start()
         await self.publisher.publish(self.engine.drain_events())
         self._sub = await self.nc.subscribe(
             self.names.generate(self.pool, self.worker_id), cb=self._on_generate, pending_msgs_limit=1_000_000
@@ -187,8 +193,8 @@ class MockWorker:
         if self.http is not None:
             with contextlib.suppress(Exception):
                 await self.http.stop()
-        with contextlib.suppress(Exception):
-            await self.publisher.flush(5)
+        await self.publisher.flushed(5)
+        await self.publisher.stop()
         if self.registered:
             with contextlib.suppress(Exception):
                 await delete_worker(self.nc, self.names.workers_bucket, self.pool, self.worker_id)

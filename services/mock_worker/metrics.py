@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("kvr_mock_worker_requests_total", "Generate requests by outcome", ["outcome"])
@@ -16,7 +18,7 @@ TTFT = Histogram(
 )
 KV_EVENTS = Counter("kvr_mock_worker_kv_events_total", "KV events acknowledged by JetStream")
 KV_MESSAGES = Counter("kvr_mock_worker_kv_messages_total", "KV event messages acknowledged by JetStream")
-KV_PUBLISH_FAILURES = Counter("kvr_mock_worker_kv_publish_failures_total", "KV event messages given up after retries")
+KV_PUBLISH_FAILURES = Counter("kvr_mock_worker_kv_publish_failures_total", "failed KV event publish attempts (retried until acknowledged)")
 KV_USED_BLOCKS = Gauge("kvr_mock_worker_kv_used_blocks", "KV blocks in use (active + cached)", ["worker_id"])
 KV_ACTIVE_BLOCKS = Gauge("kvr_mock_worker_kv_active_blocks", "KV blocks held by running sequences", ["worker_id"])
 RUNNING = Gauge("kvr_mock_worker_running", "Running sequences", ["worker_id"])
@@ -26,3 +28,20 @@ LAG = Histogram(
     "How far a pass ended behind its simulated deadline (simulated seconds); >0 means the process cannot keep up",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
 )
+
+
+class PublishCounters:
+    """The runtime `KvEventPublisher`'s counts, as `kvr_mock_worker_kv_*` metrics."""
+
+    def published(self, events: int, blocks: int, duplicate: bool, seconds: float) -> None:
+        KV_MESSAGES.inc()
+        KV_EVENTS.inc(events)
+
+    def failed(self) -> None:
+        KV_PUBLISH_FAILURES.inc()
+
+    def buffer(self, items: int, size: int) -> None:
+        return None
+
+    def dropped(self, items: list[Any]) -> None:
+        return None

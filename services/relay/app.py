@@ -1,7 +1,8 @@
 """`kvr relay`: vLLM/SGLang ZMQ KV events → KVR_KV RouterEvents, plus the worker's discovery heartbeat.
 
-Flow per dp rank: `RankIntake` (ZMQ SUB + replay) → `OutBuffer` (bounded, still encoded) →
-`decode_batch` → `Converter` (RouterEvents with ids) → `Publisher` (JetStream with Nats-Msg-Id).
+Flow per dp rank: `RankIntake` (ZMQ SUB + replay) → the runtime's `KvEventPublisher` (its
+`OutBuffer`, bounded, holds batches still encoded) → `decode_batch` → `Converter` (RouterEvents with
+ids) → JetStream with Nats-Msg-Id, one message in flight (the stream order is the engine's).
 Batches are converted when the publisher takes them, so the converter's state is exactly what was
 published, even after the buffer dropped batches. Start-up order matters: the per-rank event-id
 high-water marks are loaded *before* the sockets open, so ids never go back.
@@ -23,14 +24,15 @@ import zmq.asyncio
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
+from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, Pending
 from services.runtime.service import Runtime
 from services.runtime.workers import delete_worker, put_worker
 
 from . import metrics
 from .convert import Converter
 from .decode import BadBatch, decode_batch
+from .ids import IdReservations
 from .ingest import RankIntake, rank_endpoints
-from .publisher import IdReservations, OutBuffer, Pending, Publisher
 
 WORKER_ID_MASK = (1 << 53) - 1
 
@@ -106,7 +108,7 @@ class RelayApp:
         self.rt: Runtime | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.intakes: list[RankIntake] = []
-        self.publisher: Publisher | None = None
+        self.publisher: KvEventPublisher | None = None
         self.ids: IdReservations | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._ready = False
@@ -123,17 +125,20 @@ class RelayApp:
         )
         for rank in self.endpoints:
             self.converter.set_next_id(rank, await self.ids.load(rank))
-        self.publisher = Publisher(
-            rt.nc,
-            OutBuffer(self._convert, cfg.buffer_messages, cfg.buffer_bytes),
+        self.publisher = KvEventPublisher(
+            rt.js,
             pool=self.pool,
             worker_id=self.worker_id,
             subject_of=lambda rank: rt.names.kv_subject(self.pool, self.worker_id, rank),
+            buffer=OutBuffer(self._convert, cfg.buffer_messages, cfg.buffer_bytes),
             reserve=self.ids.ensure,
             timeout_s=cfg.publish_timeout_s,
             msgpack=cfg.publish_encoding == "msgpack",
             max_events=cfg.max_events_per_message,
             max_blocks=cfg.max_blocks_per_message,
+            max_inflight=1,  # the stream order is the engine's, even across NATS failures
+            metrics=metrics.PublishCounters(),
+            name="relay-publisher",
         )
         self.publisher.start()
         if cfg.discovery:
@@ -225,7 +230,7 @@ class RelayApp:
 
     def _convert(self, item: Pending) -> list[RouterEvent]:
         """An item taken by the publisher → RouterEvents with ids (decode errors count and skip)."""
-        if item.payload is None:
+        if item.payload is None:  # a clear (the relay pushes no events already made)
             metrics.CLEARED_SENT.labels(item.cause).inc()
             out = self.converter.clear(item.dp_rank)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ZMQ_BATCHES = Counter("kvr_relay_zmq_batches_total", "engine batches received (live and replayed)", ["dp_rank", "source"])
@@ -48,3 +50,26 @@ ID_RESERVATIONS = Counter("kvr_relay_id_reservations_total", "event-id high-wate
 
 HEARTBEATS = Counter("kvr_relay_heartbeats_total", "discovery record puts")
 HEARTBEAT_FAILURES = Counter("kvr_relay_heartbeat_failures_total", "failed discovery record puts")
+
+
+class PublishCounters:
+    """The runtime `KvEventPublisher`'s counts, as `kvr_relay_*` metrics."""
+
+    def published(self, events: int, blocks: int, duplicate: bool, seconds: float) -> None:
+        PUBLISHED_MESSAGES.inc()
+        PUBLISHED_EVENTS.inc(events)
+        PUBLISHED_BLOCKS.inc(blocks)
+        PUBLISH_SECONDS.observe(seconds)
+        if duplicate:
+            PUBLISH_DUPLICATES.inc()
+
+    def failed(self) -> None:
+        PUBLISH_FAILURES.inc()
+
+    def buffer(self, items: int, size: int) -> None:
+        BUFFERED.set(items)
+        BUFFERED_BYTES.set(size)
+
+    def dropped(self, items: list[Any]) -> None:
+        DROPPED_MESSAGES.inc(len(items))
+        DROPPED_BYTES.inc(sum(item.size for item in items))

@@ -94,7 +94,7 @@ async def test_fleet_registers_generates_and_publishes_events(nc):
         assert fleet.workers[0].engine.stats.requests == 2
 
         await asyncio.sleep(0.2)
-        await fleet.workers[0].publisher.flush(5)
+        assert await fleet.workers[0].publisher.flushed(5)
         events = [e for e in await read_kv_events(js, "p1") if e.worker_id == 100]
         assert events[0].kind == "cleared"
         ids = [e.event.event_id for e in events]

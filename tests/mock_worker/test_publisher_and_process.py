@@ -1,4 +1,5 @@
-"""KvEventPublisher against a real server, and `kvr mock-workers` as a process (ready, SIGTERM → 0)."""
+"""The runtime's KvEventPublisher as the mock fleet uses it, against a real server, and `kvr mock-workers` as a
+process (ready, SIGTERM → 0)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from schemas import RouterEvent, codec, removed_event, stored_event
 from schemas.subjects import Names
-from services.mock_worker.publisher import KvEventPublisher
+from services.runtime.kv_publisher import KvEventPublisher
 from services.runtime.natsio import StreamSettings, provision
 from services.runtime.procs import ServiceProcess
 
@@ -18,11 +19,13 @@ NAMES = Names()
 async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
-    pub = KvEventPublisher(js, NAMES, "pp", worker_id=9, max_batch=4, max_inflight=2)
+    pub = KvEventPublisher(js, pool="pp", worker_id=9, subject_of=lambda r: NAMES.kv_subject("pp", 9, r), msgpack=False,
+                           max_events=4, max_inflight=2)  # fmt: skip
+    pub.start()
     events = [stored_event(9, i, [(1000 + i, 2000 + i)], parent_hash=(1000 + i - 1) if i else None) for i in range(10)]
     await pub.publish(events)
-    await pub.flush(5)
-    assert (pub.messages, pub.events, pub.failures) == (3, 10, 0)
+    assert await pub.flushed(5)
+    assert (pub.published_messages, pub.published_events, pub.failures) == (3, 10, 0)
 
     sub = await js.pull_subscribe(NAMES.kv_subject("pp", 9, 0), stream="KVR_KV")
     msgs = await sub.fetch(10, timeout=2)
@@ -40,6 +43,7 @@ async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
         await pub.publish([removed_event(9, 5, [1005])])
     with pytest.raises(ValueError, match="worker 8"):
         await pub.publish([removed_event(8, 50, [1])])
+    await pub.stop()
 
 
 async def test_mock_workers_process_registers_and_drains_on_sigterm(nats_url, nc, tmp_path):

@@ -20,7 +20,7 @@ from services.relay.decode import (
     decode_batch,
 )
 from services.relay.ingest import parse_replay_frames, rank_endpoints
-from services.relay.publisher import OutBuffer, Pending
+from services.runtime.kv_publisher import OutBuffer, Pending
 from services.relay.seqtrack import SeqTracker, SeqVerdict
 
 from .fake_engine import BlockPoolSim, EventBatch, FakeEngine

@@ -14,7 +14,7 @@ from services.indexer.index import PrefixIndex
 from services.relay.app import worker_id_for
 from services.relay.convert import Converter
 from services.relay.decode import decode_batch
-from services.relay.publisher import Pending
+from services.runtime.kv_publisher import Pending
 
 from .fake_engine import BlockPoolSim, FakeEngine
 from .helpers import (
