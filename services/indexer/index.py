@@ -32,15 +32,12 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, get_args
 
-import msgspec
-
-from schemas.events import RouterEvent, StorageTier, StoredBlock, removed_event, stored_event
+from schemas.events import RouterEvent, StorageTier, StoredBlock
 
 TIERS: tuple[StorageTier, ...] = get_args(StorageTier)  # fastest first
 EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
 OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity")
 DEVICE: StorageTier = "device"
-SNAPSHOT_VERSION = 1
 
 WorkerKey = tuple[int, int]  # (worker_id, dp_rank)
 _BITS = bytes.maketrans(b"01", b"\x00\x01")
@@ -214,13 +211,12 @@ class PrefixIndex:
             if b.block_hash == prev:  # a block cannot be its own parent (Dynamo: InvalidBlockSequence)
                 return "invalid_block"
             prev = b.block_hash
-        if parent_hash is None:
-            parent = self.root
-        else:
+        parent: _Node | None = self.root
+        if parent_hash is not None:
             existing = self._workers.get(key)
             parent = existing.resolve(parent_hash, tier) if existing is not None else None
-            if parent is None:
-                return "parent_not_found"
+        if parent is None:
+            return "parent_not_found"
         w = self._worker(key)
         lk = w.blocks.get(tier)
         if lk is None:
@@ -229,6 +225,7 @@ class PrefixIndex:
         device = tier == DEVICE
         created = 0
         lk_get = lk.get
+        node: _Node | None
         for b in blocks:
             t = b.tokens_hash
             ch = parent.children
@@ -325,11 +322,12 @@ class PrefixIndex:
         root = self.root
         while node is not root and not node.mask and node.tiers is None and not node.children:
             parent = node.parent
-            del parent.children[node.key]  # type: ignore[union-attr]
+            assert parent is not None and parent.children is not None  # a node other than the root
+            del parent.children[node.key]
             if not parent.children:
                 parent.children = None
             self.nodes -= 1
-            node = parent  # type: ignore[assignment]
+            node = parent
 
     def _remove(self, key: WorkerKey, tier: str, hashes: Sequence[int]) -> str:
         w = self._workers.get(key)
@@ -378,20 +376,34 @@ class PrefixIndex:
     # ---- queries ----------------------------------------------------------------------------
 
     def find_matches(self, local_hashes: Sequence[int], early_exit: bool = False) -> OverlapScores:
-        """Leading-prefix block counts per (worker, dp_rank); `tree_sizes` is shared, do not mutate it."""
+        """Leading-prefix block counts per (worker, dp_rank); `tree_sizes` is shared, do not mutate it.
+        The walk down the tree (`_walk`) records where the set of matching workers narrows; the
+        scores follow from those narrowings (`_scores`), the lower tiers' from a second walk."""
         sizes = self.tree_sizes()
+        narrowings = self._walk(local_hashes, early_exit)
+        if narrowings is None:
+            return OverlapScores({}, {}, sizes)
+        scores = self._scores(narrowings)
+        out = OverlapScores(scores, {}, sizes)
+        if self.lower_tier_blocks:
+            out.tier_scores = self._tier_scores(local_hashes, scores)
+        return out
+
+    def _walk(self, local_hashes: Sequence[int], early_exit: bool) -> list[tuple[int, int]] | None:
+        """(workers still matching before a narrowing, its depth), in walk order, the last set
+        that still matches at the end included; None when the first block is in no worker's tree.
+        Every worker's score is the depth of the last entry whose set holds it."""
         children = self.root.children
         node = children.get(local_hashes[0]) if children is not None and local_hashes else None
         if node is None:
-            return OverlapScores({}, {}, sizes)
+            return None
         if type(local_hashes) is not list:
             local_hashes = list(local_hashes)  # run keys are compared as list slices
         active = node.mask
         pos = 1  # blocks matched so far = depth of `node`
-        # (workers still matching before a narrowing, depth of the narrowing): every worker gets the
-        # depth of the last entry whose set holds it. Sets shrink along the walk, so the first one is
-        # the node's own mask (the same few for every query) and later ones are small; recording the
-        # dropped workers instead would give a new large mask for nearly every query
+        # Sets shrink along the walk, so the first one is the node's own mask (the same few for every
+        # query) and later ones are small; recording the dropped workers instead would give a new
+        # large mask for nearly every query
         narrowings: list[tuple[int, int]] = []
         if active and not (early_exit and not active & (active - 1)):
             n = len(local_hashes)
@@ -437,6 +449,10 @@ class PrefixIndex:
                 self._add_run(s_first, node, local_hashes, s_pos + 1, pos)
         if active:
             narrowings.append((active, pos))
+        return narrowings
+
+    def _scores(self, narrowings: list[tuple[int, int]]) -> dict[WorkerKey, int]:
+        """Each worker's depth: that of the last narrowing whose set holds it."""
         scores: dict[WorkerKey, int] = {}
         keys_of = self._mask_keys.get
         for bits, depth in narrowings:
@@ -452,10 +468,7 @@ class PrefixIndex:
                 scores = first.copy()
             else:
                 scores.update(dict.fromkeys(keys_of(bits) or self._keys_of(bits), depth))
-        out = OverlapScores(scores, {}, sizes)
-        if self.lower_tier_blocks:
-            out.tier_scores = self._tier_scores(local_hashes, scores)
-        return out
+        return scores
 
     def _add_run(self, first: _Node, last: _Node, local_hashes: list[int], start: int, end: int) -> None:
         """Hang a run on `first`: the nodes below it along `local_hashes[start:end]`, down to `last`.
@@ -563,239 +576,35 @@ class PrefixIndex:
         return sorted(self._workers)
 
     def tier_blocks(self) -> dict[str, int]:
-        out = {t: 0 for t in TIERS}
+        out: dict[str, int] = dict.fromkeys(TIERS, 0)
         for w in self._workers.values():
             for t, lk in w.blocks.items():
                 out[t] += len(lk)
         return out
 
-    # ---- canonical dump ---------------------------------------------------------------------
-
-    def _bfs(self, canonical: bool = True) -> list[_Node]:
-        """Nodes in breadth-first order; `canonical` sorts children by local hash so the order does
-        not depend on insertion order (dumps); snapshots skip the sort."""
-        order: list[_Node] = []
-        frontier = [self.root]
-        while frontier:
-            nxt: list[_Node] = []
-            for node in frontier:
-                ch = node.children
-                if ch:
-                    if canonical:
-                        for k in sorted(ch):
-                            nxt.append(ch[k])
-                    else:
-                        nxt.extend(ch.values())
-            order.extend(nxt)
-            frontier = nxt
-        return order
-
-    def _entries_by_node(self) -> dict[int, list[tuple[WorkerKey, str, int]]]:
-        by_node: dict[int, list[tuple[WorkerKey, str, int]]] = {}
-        for key, w in self._workers.items():
-            for tier, lk in w.blocks.items():
-                for e, node in lk.items():
-                    by_node.setdefault(id(node), []).append((key, tier, e))
-        for entries in by_node.values():
-            entries.sort(key=lambda x: (x[0], TIERS.index(x[1]), x[2]))
-        return by_node
+    # ---- events and snapshots (treecodec.py) -------------------------------------------------
 
     def dump(self) -> list[RouterEvent]:
-        """Single-block stored events, breadth first, that rebuild this tree in an empty index.
+        """Single-block stored events that rebuild this tree in an empty index (`treecodec.dump`)."""
+        from .treecodec import dump
 
-        A worker that holds a block but none of its ancestor's (evicted middle block) cannot be
-        expressed with stores alone: the dump stores the missing ancestors under synthetic engine
-        hashes the worker does not use and removes them right after, which leaves exactly the
-        original memberships. Event ids are synthetic, consecutive from 0 per (worker, dp_rank).
-        """
-        by_node = self._entries_by_node()
-        held: dict[tuple[int, WorkerKey], list[tuple[str, int]]] = {}
-        for node_id, entries in by_node.items():
-            for key, tier, e in entries:
-                held.setdefault((node_id, key), []).append((tier, e))
-        next_id: dict[WorkerKey, int] = {}
-        out: list[RouterEvent] = []
-
-        def eid(key: WorkerKey) -> int:
-            n = next_id.get(key, 0)
-            next_id[key] = n + 1
-            return n
-
-        synthetic_next: dict[WorkerKey, int] = {}
-
-        def synthetic(w: _Worker) -> int:
-            h = synthetic_next.get(w.key, (1 << 64) - 1)
-            while w.resolve(h, DEVICE) is not None or any(h in lk for lk in w.blocks.values()):
-                h -= 1
-            synthetic_next[w.key] = h - 1
-            return h
-
-        for node in self._bfs():
-            for key, tier, e in by_node.get(id(node), ()):
-                w = self._workers[key]
-                parent = node.parent
-                if parent is self.root:
-                    out.append(stored_event(key[0], eid(key), [(e, node.key)], None, key[1], tier))
-                    continue
-                ref = self._parent_ref(w, parent, tier, held)  # type: ignore[arg-type]
-                if ref is not None:
-                    out.append(stored_event(key[0], eid(key), [(e, node.key)], ref, key[1], tier))
-                    continue
-                # orphan: rebuild the missing ancestors under synthetic hashes, then drop them
-                chain: list[_Node] = []
-                anc = parent
-                ref = None
-                while anc is not self.root:
-                    ref = self._parent_ref(w, anc, tier, held)  # type: ignore[arg-type]
-                    if ref is not None:
-                        break
-                    chain.append(anc)  # type: ignore[arg-type]
-                    anc = anc.parent  # type: ignore[union-attr]
-                chain.reverse()
-                fakes: list[int] = []
-                for a in chain:
-                    s = synthetic(w)
-                    out.append(stored_event(key[0], eid(key), [(s, a.key)], ref, key[1], tier))
-                    fakes.append(s)
-                    ref = s
-                out.append(stored_event(key[0], eid(key), [(e, node.key)], ref, key[1], tier))
-                out.append(removed_event(key[0], eid(key), fakes, key[1], tier))
-        return out
-
-    def _parent_ref(
-        self, w: _Worker, parent: _Node, tier: str, held: dict[tuple[int, WorkerKey], list[tuple[str, int]]]
-    ) -> int | None:
-        """An engine hash of `w` that resolves to `parent` when looked up from `tier`."""
-        cands = held.get((id(parent), w.key), ())
-        if len(cands) == 1 and cands[0][0] == tier:  # the common case: one entry, same tier
-            return cands[0][1]
-        order = [tier, *[t for t in TIERS if t != tier]]
-        for t in order:
-            for ct, e in cands:
-                if ct == t and w.resolve(e, tier) is parent:
-                    return e
-        return None
-
-    # ---- snapshots --------------------------------------------------------------------------
+        return dump(self)
 
     def to_snapshot(self) -> dict[str, Any]:
-        """Compact builtins (msgpack-friendly): nodes as parallel arrays, entries as flat pairs."""
-        steps = self.snapshot_steps()
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+        from .treecodec import to_snapshot
+
+        return to_snapshot(self)
 
     def snapshot_steps(self, step: int = 10_000) -> Generator[None, None, dict[str, Any]]:
-        """`to_snapshot` in pieces: yields after about `step` nodes or entries, returns the state.
+        from .treecodec import snapshot_steps
 
-        A caller that yields to its event loop between pieces keeps answering matches while a large
-        index is serialised (≈ 0.75 s per million entries in one piece); it must not apply events
-        until the generator is done, or the arrays would describe no single instant."""
-        order: list[_Node] = list(self.root.children.values()) if self.root.children else []
-        i = 0
-        while i < len(order):  # breadth-first: `order` is its own FIFO queue
-            end = min(i + step, len(order))
-            for node in order[i:end]:
-                ch = node.children
-                if ch:
-                    order.extend(ch.values())
-            i = end
-            yield
-        index = {id(self.root): 0}
-        parents: list[int] = []
-        keys: list[int] = []
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
-            index.update((id(n), start + i + 1) for i, n in enumerate(chunk))  # 0 = root
-            parents.extend([index[id(n.parent)] for n in chunk])  # BFS: a parent precedes its children
-            keys.extend([n.key for n in chunk])
-            yield
-        workers = []
-        for key in sorted(self._workers):
-            w = self._workers[key]
-            for tier in TIERS:
-                lk = w.blocks.get(tier)
-                if not lk:
-                    continue
-                flat: list[int] = []
-                for e, node in lk.items():
-                    flat.append(index[id(node)])
-                    flat.append(e)
-                workers.append([key[0], key[1], tier, flat])
-                if len(lk) >= step:
-                    yield
-        cursors = [[k[0], k[1], v] for k, v in sorted(self.cursors.items())]
-        return {"v": SNAPSHOT_VERSION, "parents": parents, "keys": keys, "workers": workers, "cursors": cursors}
+        return snapshot_steps(self, step)
 
     @classmethod
     def from_snapshot(cls, state: dict[str, Any]) -> PrefixIndex:
-        if state.get("v") != SNAPSHOT_VERSION:
-            raise ValueError(f"unsupported snapshot version {state.get('v')!r}")
-        idx = cls()
-        nodes: list[_Node] = [idx.root]
-        append = nodes.append
-        for p, k in zip(state["parents"], state["keys"]):
-            parent = nodes[p]
-            node = _Node(parent, k)
-            ch = parent.children
-            if ch is None:
-                parent.children = {k: node}
-            else:
-                ch[k] = node
-            append(node)
-        idx.nodes = len(nodes) - 1
-        for wid, dp, tier, flat in state["workers"]:
-            if tier not in TIERS:
-                raise ValueError(f"unknown tier {tier!r} in snapshot")
-            w = idx._worker((wid, dp))
-            lk = w.blocks.setdefault(tier, {})
-            bit = w.bit
-            device = tier == DEVICE
-            for i, e in zip(flat[0::2], flat[1::2]):
-                node = nodes[i]
-                lk[e] = node
-                if device:
-                    m = node.mask
-                    if m & bit:
-                        idx._add_alias(node, tier, w.slot)
-                    else:
-                        node.mask = m | bit
-                else:
-                    idx._link_lower(node, tier, w)
-                    idx.lower_tier_blocks += 1
-        idx.cursors = {(a, b): c for a, b, c in state["cursors"]}
-        idx.version += 1
-        return idx
+        from .treecodec import from_snapshot
+
+        return from_snapshot(state)
 
 
-def encode_snapshot(index: PrefixIndex, stream_seq: int, extra: dict[str, Any] | None = None) -> bytes:
-    return encode_state(index.to_snapshot(), stream_seq, extra)
-
-
-def encode_state(state: dict[str, Any], stream_seq: int, extra: dict[str, Any] | None = None) -> bytes:
-    """A `to_snapshot()` / `snapshot_steps()` state plus the stream sequence it covers, as msgpack."""
-    state["stream_seq"] = stream_seq
-    if extra:
-        state.update(extra)
-    return msgspec.msgpack.encode(state)
-
-
-def decode_snapshot(data: bytes) -> tuple[PrefixIndex, int, dict[str, Any]]:
-    state = msgspec.msgpack.decode(data)
-    if not isinstance(state, dict) or "stream_seq" not in state:
-        raise ValueError("not an index snapshot")
-    return PrefixIndex.from_snapshot(state), int(state["stream_seq"]), state
-
-
-__all__ = [
-    "EVENT_TYPES",
-    "OUTCOMES",
-    "TIERS",
-    "OverlapScores",
-    "PrefixIndex",
-    "decode_snapshot",
-    "encode_snapshot",
-    "encode_state",
-]
+__all__ = ["EVENT_TYPES", "OUTCOMES", "TIERS", "OverlapScores", "PrefixIndex"]

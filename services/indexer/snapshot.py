@@ -1,6 +1,6 @@
 """Index snapshots in the KVR_SNAPSHOTS object store: object `{pool}.index`, msgpack.
 
-Contents (see `index.encode_snapshot`): the tree as parallel arrays, every (worker, dp_rank, tier)
+Contents (see `treecodec.encode_snapshot`): the tree as parallel arrays, every (worker, dp_rank, tier)
 entry list, the event-id cursors, and `stream_seq` — the KVR_KV sequence the snapshot covers. A
 restored indexer resumes the stream at `stream_seq + 1`.
 """
@@ -15,7 +15,8 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from .index import PrefixIndex, decode_snapshot, encode_snapshot, encode_state
+from .index import PrefixIndex
+from .treecodec import decode_snapshot, encode_snapshot, encode_state
 
 
 @dataclass

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from schemas.events import cleared_event, removed_event, stored_event
-from services.indexer.index import PrefixIndex, decode_snapshot, encode_snapshot
+from services.indexer.index import PrefixIndex
+from services.indexer.treecodec import decode_snapshot, encode_snapshot
 
 from .model import ModelIndex
 

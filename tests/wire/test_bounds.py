@@ -15,7 +15,8 @@ from schemas.codec import SchemaError
 from schemas.events import RouterEvent, stored_event
 from schemas.export import MESSAGES
 from schemas.types import HASH_DESCRIPTION, I64_MAX, U64_MASK
-from services.indexer.index import PrefixIndex, decode_snapshot, encode_snapshot
+from services.indexer.index import PrefixIndex
+from services.indexer.treecodec import decode_snapshot, encode_snapshot
 
 
 def _numbers(t: mi.Type, path: str, seen: set[type], out: list[tuple[str, mi.Type]], note: str = "") -> None:
