@@ -1,7 +1,7 @@
 """The prefix index: a radix tree over local block hashes, folded from KV-cache events (docs/protocol.md §2).
 
 Pure and deterministic: no I/O, no clocks. The same event sequence always gives the same tree, and
-`dump()` / `to_snapshot()` are canonical, so replicas and restored processes can be compared.
+`dump()` / `to_snapshot()` (`treecodec.py`) are canonical, so replicas and restored processes can be compared.
 
 Layout (chosen for speed and memory in CPython):
 - A node is one *path* of local hashes from the root; `children` maps local hash → node and is

@@ -245,7 +245,7 @@ class BlockPool:
 
     def check(self) -> None:
         """Invariants (tests call this after every step)."""
-        assert 0 <= self.anonymous, "negative anonymous blocks"
+        assert self.anonymous >= 0, "negative anonymous blocks"
         assert 0 <= self.active_hashed <= len(self.blocks), "active hashed out of range"
         assert self.used <= self.capacity, f"over capacity: {self.used} > {self.capacity}"
         assert self.active_hashed == sum(1 for b in self.blocks.values() if b.refs > 0)
@@ -420,23 +420,43 @@ class Engine:
 
     # -- the forward pass
     def step(self, now_ms: float) -> PassResult:
-        """Run one forward pass starting at `now_ms` (no-op result when idle)."""
+        """Run one forward pass starting at `now_ms` (no-op result when idle): vLLM-v1's order,
+        one phase each, sharing the pass's token budget (docs/simulation.md, "Scheduler loop")."""
         self.pool.tick()
         result = PassResult(start_ms=now_ms, duration_ms=0.0, prefill_tokens=0, decode_seqs=0)
         budget = self.cfg.max_num_batched_tokens
+        decoded, budget = self._decode_phase(budget)  # 1.
+        chunks, budget = self._prefill_phase(budget)  # 2.
+        self._admission_phase(now_ms, budget, chunks)  # 3.
+        prefill_tokens = sum(n for _, n in chunks)
+        if prefill_tokens == 0 and not decoded:
+            result.events = self.drain_events()
+            return result
+        duration = prefill_ms(prefill_tokens) + (decode_ms(self.kv_usage()) if decoded else 0.0)
+        result.duration_ms = duration
+        result.prefill_tokens = prefill_tokens
+        result.decode_seqs = len(decoded)
+        self._progress_phase(chunks, decoded, now_ms + duration, result)  # 4.
+        self.stats.passes += 1
+        self.stats.busy_ms += duration
+        result.events = self.drain_events()
+        return result
 
-        # 1. decode for running sequences whose prefill is done; may preempt (LIFO) for blocks.
-        decoders = [s for s in self.running if not s.prefilling]
+    def _decode_phase(self, budget: int) -> tuple[list[SeqState], int]:
+        """1. One token for every running sequence whose prefill is done, oldest first; a sequence
+        that needs a new block and finds none preempts the newest running one (LIFO)."""
         decoded: list[SeqState] = []
-        for seq in sorted(decoders, key=lambda s: s.admitted_order):
+        for seq in sorted((s for s in self.running if not s.prefilling), key=lambda s: s.admitted_order):
             if seq not in self.running or budget <= 0:
-                continue
+                continue  # preempted by an older sequence of this phase, or no budget left
             if not self._grow_for_decode(seq):
                 continue
             decoded.append(seq)
             budget -= 1
+        return decoded, budget
 
-        # 2. continue chunked prefills of running sequences, oldest first.
+    def _prefill_phase(self, budget: int) -> tuple[list[tuple[SeqState, int]], int]:
+        """2. The rest of the budget continues chunked prefills of running sequences, oldest first."""
         chunks: list[tuple[SeqState, int]] = []
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.admitted_order):
             if budget <= 0:
@@ -444,8 +464,11 @@ class Engine:
             n = min(seq.target - seq.computed, budget)
             chunks.append((seq, n))
             budget -= n
+        return chunks, budget
 
-        # 3. admit waiting requests while budgets hold.
+    def _admission_phase(self, now_ms: float, budget: int, chunks: list[tuple[SeqState, int]]) -> None:
+        """3. Admit waiting requests in order while `max_num_seqs`, the token budget (the last one
+        may be split: chunked prefill) and the KV watermark hold; their first chunks join `chunks`."""
         limit = self.admission_limit()
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
@@ -461,19 +484,11 @@ class Engine:
                 chunks.append((seq, n))
                 budget -= n
 
-        # timing of this pass
-        prefill_tokens = sum(n for _, n in chunks)
-        kv_p = self.kv_usage()
-        duration = prefill_ms(prefill_tokens) + (decode_ms(kv_p) if decoded else 0.0)
-        if prefill_tokens == 0 and not decoded:
-            result.events = self.drain_events()
-            return result
-        end = now_ms + duration
-        result.duration_ms = duration
-        result.prefill_tokens = prefill_tokens
-        result.decode_seqs = len(decoded)
-
-        # apply prefill progress: promote newly full blocks, emit first tokens
+    def _progress_phase(
+        self, chunks: list[tuple[SeqState, int]], decoded: list[SeqState], end: float, result: PassResult
+    ) -> None:
+        """4. At the pass's end: prefill progress (newly full blocks become cached and are announced;
+        a finished prompt produces its first token), then every decoded sequence's token."""
         for seq, n in chunks:
             seq.computed += n
             self._promote_full_blocks(seq)
@@ -483,11 +498,6 @@ class Engine:
             seq.computed += 1  # the token produced last pass now has KV
             self._promote_full_blocks(seq)
             self._emit_token(seq, end, result)
-
-        self.stats.passes += 1
-        self.stats.busy_ms += duration
-        result.events = self.drain_events()
-        return result
 
     def _admit(self, seq: SeqState, now_ms: float, budget: int) -> int | None:
         """Reference cached prefix blocks, reserve the rest; returns tokens to prefill this pass."""
@@ -640,7 +650,7 @@ class Engine:
         duration = plan[steps - 1]
         result = PassResult(start_ms=now_ms, duration_ms=duration, prefill_tokens=0, decode_seqs=len(self.running))
         end = now_ms + duration
-        for seq, need in zip(list(self.running), needs):
+        for seq, need in zip(list(self.running), needs, strict=True):
             seq.anonymous += need
             seq.computed += steps
             self._promote_full_blocks(seq)
