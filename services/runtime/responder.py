@@ -1,15 +1,18 @@
 """Request/reply plumbing: decode → handler → encode, with every exception mapped to the envelope.
 
-A bad request gets `invalid_request` with the field path; a handler's `ServiceError` keeps its code;
-anything unexpected becomes `internal` and is logged. The subscription itself never dies.
+A `Responder` is one endpoint, typed by its request (`serve()` starts one); `request()` is the
+client side. A bad request gets `invalid_request` with the field path; a handler's `ServiceError`
+keeps its code; anything unexpected becomes `internal` and is logged. The subscription itself never
+dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -25,6 +28,7 @@ from .tracing import client_span, inject_headers, server_span
 
 log = get_logger("kvr.responder")
 T = TypeVar("T")
+Req = TypeVar("Req")
 
 REQUESTS = Counter("kvr_requests_total", "Requests answered, by subject and outcome", ["endpoint", "outcome"])
 LATENCY = Histogram(
@@ -75,40 +79,63 @@ def decode_request(data: bytes, request_type: Any, content_type: str | None, max
     return codec.decode(data, request_type, content_type)
 
 
-async def serve(
-    nc: NATS,
-    subject: str,
-    request_type: Any,
-    handler: Handler,
-    *,
-    queue: str = "",
-    endpoint: str | None = None,
-    max_inflight: int = 1,
-    inline: Callable[[Any], bool] | None = None,
-    max_bytes: int = MAX_REQUEST_BYTES,
-) -> Subscription:
-    """Answer requests on `subject`. `max_inflight` > 1 runs handlers concurrently (for handlers that
-    await other services); 1 keeps strict arrival order and the lowest overhead for CPU-only handlers.
-    With concurrency, `inline(request)` → True says this request's handler will not suspend (e.g. a
-    decision made in this process, without booking): it then runs in the subscription's own task
-    instead of a new one, saving a task and a trip through the event loop per request."""
-    label = endpoint or subject
-    sem = asyncio.Semaphore(max_inflight) if max_inflight > 1 else None
-    tasks: set[asyncio.Task[None]] = set()
-    latency = LATENCY.labels(label)  # children resolved once: labels() takes a lock and a lookup
-    counters: dict[str, Any] = {}
-    burst = 0
+class Responder(Generic[Req]):
+    """One endpoint: requests on `subject` decoded as `request_type`, answered by `handler`.
 
-    async def answer(msg: Msg, req: Any = None) -> None:
-        """`req`: the request when the caller has decoded it already."""
+    `max_inflight` > 1 runs handlers concurrently (for handlers that await other services); 1 keeps
+    strict arrival order and the lowest overhead for CPU-only handlers. With concurrency,
+    `inline(request)` → True says this request's handler will not suspend (e.g. a decision made in
+    this process, without booking): it then runs in the subscription's own task instead of a new
+    one, saving a task and a trip through the event loop per request."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subject: str,
+        request_type: type[Req] | Any,
+        handler: Callable[[Req, Msg], Awaitable[Any]],
+        *,
+        queue: str = "",
+        endpoint: str | None = None,
+        max_inflight: int = 1,
+        inline: Callable[[Req], bool] | None = None,
+        max_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.request_type = request_type
+        self.handler = handler
+        self.queue = queue
+        self.label = endpoint or subject
+        self.inline = inline
+        self.max_bytes = max_bytes
+        self._sem = asyncio.Semaphore(max_inflight) if max_inflight > 1 else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._latency = LATENCY.labels(self.label)  # children resolved once: labels() takes a lock and a lookup
+        self._counters: dict[str, Any] = {}
+        self._burst = 0
+
+    async def start(self) -> Subscription:
+        return await self.nc.subscribe(
+            self.subject, queue=self.queue, cb=self._on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+        )
+
+    def decode(self, msg: Msg) -> Req:
+        decoded: Req = decode_request(msg.data, self.request_type, codec.content_type_of(msg.headers), self.max_bytes)
+        return decoded
+
+    async def answer(self, msg: Msg, req: Req | None = None) -> None:
+        """Decode (unless `req` is given), handle, reply; every exception becomes the envelope."""
         started = time.perf_counter()
         ctype = codec.content_type_of(msg.headers)
         outcome: str = "ok"
-        with server_span(label, msg.headers, **{"messaging.destination": msg.subject}) as current:
+        label = self.label
+        attributes: dict[str, Any] = {"messaging.destination": msg.subject}
+        with server_span(label, msg.headers, **attributes) as current:
             try:
                 if req is None:
-                    req = decode_request(msg.data, request_type, ctype, max_bytes)
-                reply = await handler(req, msg)
+                    req = self.decode(msg)
+                reply = await self.handler(req, msg)
                 payload = codec.encode(reply, ctype)
             except BaseException as exc:  # noqa: BLE001 - map everything to the envelope
                 if isinstance(exc, asyncio.CancelledError):
@@ -124,48 +151,66 @@ async def serve(
         if msg.reply:
             headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if codec.is_msgpack(ctype) else None
             try:
-                await nc.publish(msg.reply, payload, headers=headers)
+                await self.nc.publish(msg.reply, payload, headers=headers)
             except Exception as exc:  # noqa: BLE001 - connection trouble: the requester will time out
                 log.warning("reply.failed", endpoint=label, error=str(exc))
-        counter = counters.get(outcome)
+        counter = self._counters.get(outcome)
         if counter is None:
-            counter = counters[outcome] = REQUESTS.labels(label, outcome)
+            counter = self._counters[outcome] = REQUESTS.labels(label, outcome)
         counter.inc()
-        latency.observe(time.perf_counter() - started)
+        self._latency.observe(time.perf_counter() - started)
 
-    async def on_msg(msg: Msg) -> None:
-        nonlocal burst
+    async def _on_msg(self, msg: Msg) -> None:
+        sem = self._sem
         if sem is None:
-            await answer(msg)
+            await self.answer(msg)
             return
         req = None
-        if inline is not None:
+        if self.inline is not None:
             try:
-                req = decode_request(msg.data, request_type, codec.content_type_of(msg.headers), max_bytes)
-                runs_inline = inline(req)
+                req = self.decode(msg)
+                runs_inline = self.inline(req)
             except Exception:  # noqa: BLE001 - answer() decodes again and replies with the envelope
-                await answer(msg)
+                await self.answer(msg)
                 return
             if runs_inline:
-                await answer(msg, req)
-                burst += 1
-                if burst >= INLINE_BURST:
-                    burst = 0
+                await self.answer(msg, req)
+                self._burst += 1
+                if self._burst >= INLINE_BURST:
+                    self._burst = 0
                     await asyncio.sleep(0)
                 return
         await sem.acquire()
 
         async def run() -> None:
             try:
-                await answer(msg, req)
+                await self.answer(msg, req)
             finally:
                 sem.release()
 
         task = asyncio.create_task(run())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    return await nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
+
+async def serve(
+    nc: NATS,
+    subject: str,
+    request_type: type[Req] | Any,
+    handler: Callable[[Req, Msg], Awaitable[Any]],
+    *,
+    queue: str = "",
+    endpoint: str | None = None,
+    max_inflight: int = 1,
+    inline: Callable[[Req], bool] | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
+) -> Subscription:
+    """Answer requests on `subject` (a `Responder`); returns its subscription."""
+    responder = Responder(
+        nc, subject, request_type, handler, queue=queue, endpoint=endpoint, max_inflight=max_inflight, inline=inline,
+        max_bytes=max_bytes,
+    )  # fmt: skip
+    return await responder.start()
 
 
 async def request(
@@ -180,9 +225,10 @@ async def request(
 ) -> T:
     """Send a typed request and decode the typed reply; error envelopes raise `RemoteError`."""
     ctype = codec.MSGPACK if msgpack else None
-    with client_span(span_name or subject, **{"messaging.destination": subject}):
+    attributes: dict[str, Any] = {"messaging.destination": subject}
+    with client_span(span_name or subject, **attributes):
         headers = inject_headers({codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if msgpack else None)
-        data = payload if isinstance(payload, (bytes, bytearray)) else codec.encode(payload, ctype)
+        data = bytes(payload) if isinstance(payload, (bytes, bytearray)) else codec.encode(payload, ctype)
         msg = await nc.request(subject, data, timeout=timeout, headers=headers or None)
     return codec.decode_reply(msg.data, reply_type, codec.content_type_of(msg.headers) or ctype)
 
@@ -190,8 +236,6 @@ async def request(
 async def unsubscribe_all(subs: list[Subscription]) -> None:
     """Stop answering: unsubscribe every endpoint (ignoring a connection that is already closing)."""
     for sub in subs:
-        try:
+        with contextlib.suppress(Exception):  # connection already closing
             await sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - connection already closing
-            pass
     subs.clear()
