@@ -34,9 +34,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from schemas.api import MatchReply, MatchRequest
     from services.runtime.embedded import NatsServer
     from services.runtime.logs import setup_logging
+    from bench.lib.inproc import record, register, running_scheduler, start_bridge
+    from schemas.subjects import Names
     from services.runtime.responder import serve
-    from tests.epp_bridge.helpers import record, register, start_bridge
-    from tests.scheduler.conftest import NAMES, POOL, running_scheduler
+
+    NAMES, POOL = Names(), "p"
 
     setup_logging("console", "error")
     server = NatsServer().start()
@@ -53,7 +55,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await serve(nc, NAMES.match(POOL), MatchRequest, slow_match, queue="indexer", max_inflight=1024)
         flags = ["--router-id", "s1", "--match-timeout-s", "60", "--block-size", "4", "--max-inflight", str(args.max_inflight),
                  "--log-level", "error"]  # fmt: skip
-        async with running_scheduler(server.url, *flags) as app:
+        async with running_scheduler(server.url, "--embedded-indexer", "false", *flags, pool=POOL) as app:
             await register(nc, [record(w) for w in range(1, 5)])
             bridge = await start_bridge(nc, server.url, "--pool", POOL, "--epp-select-timeout-s", str(args.select_timeout_s),
                                         "--log-level", "error")  # fmt: skip

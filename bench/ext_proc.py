@@ -45,7 +45,8 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.epp_query import BLOCK, NAMES, POOL, cpu_seconds, percentile, seed_fleet  # noqa: E402
+from bench.lib.measure import cpu_seconds, percentile  # noqa: E402
+from bench.lib.stack import BLOCK, NAMES, POOL, seed_fleet  # noqa: E402
 from schemas.api import StateReply, StateRequest  # noqa: E402
 from services.epp_bridge import extproc_protocol as xp  # noqa: E402
 from services.epp_bridge.extproc_client import ExtProcClient  # noqa: E402

@@ -37,7 +37,7 @@ from services.runtime.natsio import StreamSettings, provision  # noqa: E402
 from services.runtime.procs import ServiceProcess  # noqa: E402
 from services.runtime.service import Runtime  # noqa: E402
 from services.runtime.workers import put_worker  # noqa: E402
-from tests.indexer.conftest import make_cfg  # noqa: E402
+from bench.lib.inproc import indexer_cfg  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = Names()
@@ -70,7 +70,7 @@ async def publish_ingest(js, rng: random.Random, messages: int, workers: int, bl
 
 
 async def ingest(nc, last_seq: int) -> float:
-    cfg = make_cfg(pool=[POOL], snapshot_every_events=0, snapshot_interval_s=0, serve_endpoints=False, snapshot_restore=False)
+    cfg = indexer_cfg(pool=[POOL], snapshot_every_events=0, snapshot_interval_s=0, serve_endpoints=False, snapshot_restore=False)
     app = IndexerApp(cfg)
     first: list[float] = []
     on_kv = app.replica._on_kv
@@ -105,7 +105,7 @@ async def restart_from_snapshot(nc, js, entries_target: int) -> dict:
     upload_s = time.perf_counter() - t0
     entries = index.blocks
     del index
-    cfg = make_cfg(pool=["big"], snapshot_every_events=0, snapshot_interval_s=0, serve_endpoints=False)
+    cfg = indexer_cfg(pool=["big"], snapshot_every_events=0, snapshot_interval_s=0, serve_endpoints=False)
     app = IndexerApp(cfg)
     t0 = time.perf_counter()
     await app.start(Runtime("indexer", cfg, nc))

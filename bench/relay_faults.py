@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from services.indexer.index import PrefixIndex  # noqa: E402
 from services.relay.convert import Converter  # noqa: E402
 from services.relay.decode import decode_batch  # noqa: E402
-from tests.relay.fake_engine import BlockPoolSim, EventBatch, FakeEngine  # noqa: E402
-from tests.relay.helpers import RefIndex  # noqa: E402
+from bench.lib.fake_engine import BlockPoolSim, EventBatch, FakeEngine  # noqa: E402
+from bench.lib.refindex import RefIndex  # noqa: E402
 
 BLOCK = 16
 

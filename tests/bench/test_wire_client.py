@@ -1,18 +1,14 @@
-"""The load generator's minimal NATS client (bench/epp_query.py) against a real nats-server: the
+"""The load generator's minimal NATS client (bench/lib/wire.py) against a real nats-server: the
 latency figures in docs/benchmarks.md depend on it delivering every reply, whole, to the right
 callback."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import nats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from epp_query import WireClient  # noqa: E402
+from bench.lib.wire import WireClient
 
 
 async def test_requests_and_replies_round_trip_with_and_without_headers(nats_url: str) -> None:

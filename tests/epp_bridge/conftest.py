@@ -6,7 +6,7 @@ import pytest
 
 from services.epp_bridge.tokenizer import PoolTokenizer
 
-from .tokenizer_fixture import build_tokenizer_dir
+from bench.lib.tokenizer import build_tokenizer_dir
 
 
 @pytest.fixture(scope="session")

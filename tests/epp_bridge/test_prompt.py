@@ -16,7 +16,7 @@ from services.epp_bridge.prompt import parse_body, prompt_tokens
 from services.epp_bridge.tokenizer import PoolTokenizer, TokenizerError, parse_tokenizer_dirs
 from services.runtime.responder import ServiceError
 
-from .tokenizer_fixture import build_tokenizer_dir
+from bench.lib.tokenizer import build_tokenizer_dir
 
 
 def tokens_of(body: dict, tok: PoolTokenizer | None, max_tokens: int = 10_000):

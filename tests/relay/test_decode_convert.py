@@ -23,8 +23,8 @@ from services.relay.ingest import parse_replay_frames, rank_endpoints
 from services.runtime.kv_publisher import OutBuffer, Pending
 from services.relay.seqtrack import SeqTracker, SeqVerdict
 
-from .fake_engine import BlockPoolSim, EventBatch, FakeEngine
-from .helpers import RefIndex
+from bench.lib.fake_engine import BlockPoolSim, EventBatch, FakeEngine
+from bench.lib.refindex import RefIndex
 
 enc = msgspec.msgpack.encode
 TOKENS = list(range(1, 33))  # docs/protocol.md §6 test vector: 2 blocks of 16

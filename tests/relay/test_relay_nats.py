@@ -16,9 +16,10 @@ from services.relay.convert import Converter
 from services.relay.decode import decode_batch
 from services.runtime.kv_publisher import Pending
 
-from .fake_engine import BlockPoolSim, FakeEngine
+from bench.lib.fake_engine import BlockPoolSim, FakeEngine
+from bench.lib.refindex import RefIndex
+
 from .helpers import (
-    RefIndex,
     metric,
     ports,
     read_kv,

@@ -14,7 +14,7 @@ from services.relay.app import worker_id_for
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
 
-from .fake_engine import FakeEngine
+from bench.lib.fake_engine import FakeEngine
 from .helpers import ports
 
 P1 = list(range(1, 65))

@@ -32,7 +32,7 @@ from services.runtime.natsio import PERMISSION_DENIED, ConnectionState, connect
 from services.runtime.permissions import Scope
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
-from tests.relay.fake_engine import FakeEngine
+from bench.lib.fake_engine import FakeEngine
 from tests.relay.helpers import ports
 
 from .secure_nats import SecureNats

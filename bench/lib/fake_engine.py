@@ -16,6 +16,7 @@ like vLLM's. `hash_bytes=True` sends the full 32-byte digests instead (VLLM_KV_E
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from typing import Any
@@ -165,10 +166,8 @@ class FakeEngine:
     async def close(self) -> None:
         if self._replay_task is not None:
             self._replay_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._replay_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
         for sock in (self.pub, self.router):
             if sock is not None:
                 sock.close(linger=0)

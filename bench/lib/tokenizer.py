@@ -1,4 +1,4 @@
-"""A tiny tokenizer the tests train themselves: byte-level BPE + a small jinja2 chat template."""
+"""A tiny tokenizer trained on the spot (tests and benchmarks): byte-level BPE + a small jinja2 chat template."""
 
 from __future__ import annotations
 
