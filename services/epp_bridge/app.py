@@ -26,6 +26,7 @@ from schemas.api import (
     EppQueryReply,
     EppQueryRequest,
     ErrorCode,
+    Policy,
     SelectReply,
     SelectRequest,
 )
@@ -296,7 +297,7 @@ class EppBridgeApp:
             # No prompt to match (a request without a body, e.g. GET /v1/models): the least loaded
             # eligible worker, nothing booked.
             sreq = SelectRequest(request_id=ask.request_id, token_ids=[], allowed_worker_ids=allowed, allowed_targets=targets,
-                                 policy="least_loaded", book=False, fallbacks=ask.fallbacks)  # fmt: skip
+                                 policy=Policy.LEAST_LOADED, book=False, fallbacks=ask.fallbacks)  # fmt: skip
         else:
             sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks)
             sreq.booking_id = ask.booking_id or None  # None: _select names the booking

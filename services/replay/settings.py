@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from schemas.api import POLICY_NAMES
+from schemas.api import POLICY_NAMES, Policy
 from services.runtime.config import COMMON, NATS_CONNECTION, REGISTRY, Setting
 
 SETTINGS = REGISTRY.register(
     "replay",
     [
-        Setting("policy", "kv", "routing policy of a single run", choices=POLICY_NAMES),
+        Setting("policy", Policy.KV.value, "routing policy of a single run", choices=POLICY_NAMES),
         Setting("compare", [], "policies to run back to back, each on a fresh fleet, e.g. kv,round_robin,random", is_list=True),
         Setting("rate_scale", [1.0], "arrival-rate multipliers (load points) to run for each policy", float, is_list=True),
         Setting("speedup", 10.0, "simulation speed-up: engine time and trace arrivals are both divided by it", float),

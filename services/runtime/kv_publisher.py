@@ -76,10 +76,6 @@ class Pending:
             return len(self.payload)
         return EVENT_BYTES * len(self.events) if self.events is not None else 0
 
-    @property
-    def is_clear(self) -> bool:
-        return self.payload is None and self.events is None
-
 
 @dataclass(slots=True)
 class OutMessage:
@@ -346,10 +342,6 @@ class KvEventPublisher:
     def pending(self) -> int:
         """Items and clears buffered plus messages awaiting their ack."""
         return len(self.buffer) + len(self._window)
-
-    @property
-    def inflight(self) -> int:
-        return len(self._window)
 
     async def flushed(self, timeout: float | None) -> bool:
         """Wait until everything queued so far is acknowledged (or the timeout passes)."""

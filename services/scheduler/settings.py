@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from schemas.api import POLICY_NAMES
+from schemas.api import POLICY_NAMES, Policy
 from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
 from services.runtime.config import COMMON, REGISTRY, Setting
 
@@ -26,7 +26,7 @@ SETTINGS = REGISTRY.register(
         Setting("host_cache_hit_weight", 0.75, "credit per host-tier cached block", float),
         Setting("disk_cache_hit_weight", 0.25, "credit per disk-tier cached block", float),
         Setting("router_temperature", 0.0, "softmax temperature (0 = lowest cost wins)", float),
-        Setting("selection_policy", "kv", "default policy", choices=POLICY_NAMES),
+        Setting("selection_policy", Policy.KV.value, "default policy", choices=POLICY_NAMES),
         Setting("pool_policy", [], "per-pool default policy, e.g. llama=round_robin (repeatable)", is_list=True),
         Setting("seed", -1, "RNG seed for temperature sampling / random policy (-1 = from the OS)", int),
         Setting("active_decode_blocks_threshold", None, "busy when active blocks / total_kv_blocks exceeds this (off)", _opt_float),
