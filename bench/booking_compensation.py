@@ -30,12 +30,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import nats
     from prometheus_client import REGISTRY
 
+    from bench.lib.inproc import record, register, running_scheduler, start_bridge
     from schemas import codec
     from schemas.api import MatchReply, MatchRequest
+    from schemas.subjects import Names
     from services.runtime.embedded import NatsServer
     from services.runtime.logs import setup_logging
-    from bench.lib.inproc import record, register, running_scheduler, start_bridge
-    from schemas.subjects import Names
     from services.runtime.responder import serve
 
     NAMES, POOL = Names(), "p"

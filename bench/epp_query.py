@@ -103,8 +103,8 @@ def main() -> int:
         logs.mkdir()
         procs = start_stack(mode, server.url, tok_dir, logs, args.tokenize_threads)
         try:
-            async def seed() -> None:
-                nc = await nats.connect(server.url)
+            async def seed(url: str = server.url) -> None:
+                nc = await nats.connect(url)
                 await seed_fleet(nc, args.workers, prefixes)
                 await nc.close()
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.events import stored_event  # noqa: E402
 from schemas.hashing import sequence_hashes  # noqa: E402
-from services.runtime.heap import tune_gc  # noqa: E402
 from services.indexer.index import PrefixIndex  # noqa: E402
 from services.indexer.treecodec import decode_snapshot, encode_snapshot  # noqa: E402
+from services.runtime.heap import tune_gc  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

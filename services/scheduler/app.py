@@ -1,8 +1,12 @@
 """The scheduler's imperative shell: discovery + bookings stream in, select/booking/state out.
 
-Every replica applies every booking from KVR_BOOKINGS (its own too) in stream order, so all
-replicas converge on one load view. A replica that books a request replies only after it has
-applied its own booking from the stream, so its next decision already sees that load.
+The decision itself is `decide.Decider` (pure, shared with the offline simulator); this adapter
+feeds it (live candidates from the process's discovery watcher, the load of `state.BookingState`,
+the overlaps of its index replica or of the indexer service) and does its I/O: publishing the
+booking events it returns and waiting until they are applied. Every replica applies every booking
+from KVR_BOOKINGS (its own too) in stream order, so all replicas converge on one load view. A
+replica that books a request replies only after it has applied its own booking from the stream, so
+its next decision already sees that load.
 """
 
 from __future__ import annotations
@@ -191,16 +195,18 @@ class SchedulerApp:
         await self.follower.caught_up.wait()
         await self._note_tail()
         for pool in rt.pools:
+            inflight = self.cfg.max_inflight
             self._subs.append(await serve(rt.nc, rt.names.select(pool), SelectRequest, self._handler(pool, self._select),
-                                          queue=QUEUE, endpoint="scheduler.select", max_inflight=self.cfg.max_inflight,
+                                          queue=QUEUE, endpoint="scheduler.select", max_inflight=inflight,
                                           inline=lambda req: self.decides_inline(req.book)))  # fmt: skip
             self._subs.append(await serve(rt.nc, rt.names.booking(pool), CleanupRequest, self._handler(pool, self._booking),
-                                          queue=QUEUE, endpoint="scheduler.booking", max_inflight=self.cfg.max_inflight))  # fmt: skip
+                                          queue=QUEUE, endpoint="scheduler.booking", max_inflight=inflight))  # fmt: skip
             if self.selector.busy.enabled:
                 self._subs.append(await rt.nc.subscribe(rt.names.load_subject(pool, "*"), cb=self._load_report_cb(pool)))
             state = rt.names.scheduler_state(pool)
             for subject in (state, f"{state}.{self.router_id}"):
-                self._subs.append(await serve(rt.nc, subject, StateRequest, self._handler(pool, self._state), endpoint="scheduler.state"))
+                handler = self._handler(pool, self._state)
+                self._subs.append(await serve(rt.nc, subject, StateRequest, handler, endpoint="scheduler.state"))
         self._tasks.append(asyncio.create_task(self._sweep(), name="scheduler-sweep"))
         self._ready = True
         log.info("scheduler.ready", router_id=self.router_id, applied_seq=self._applied_seq, workers=self._worker_count())
