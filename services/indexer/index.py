@@ -25,6 +25,7 @@ Layout (chosen for speed and memory in CPython):
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import sys
 from collections.abc import Generator, Iterable, Sequence
@@ -600,6 +601,11 @@ class PrefixIndex:
         for entries in by_node.values():
             entries.sort(key=lambda x: (x[0], TIERS.index(x[1]), x[2]))
         return by_node
+
+    def digest(self) -> str:
+        """SHA-256 of the msgpack encoding of `dump()`: equal for two indexes holding the same blocks
+        (replicas that applied the same stream prefix), different otherwise."""
+        return hashlib.sha256(msgspec.msgpack.encode(self.dump())).hexdigest()
 
     def dump(self) -> list[RouterEvent]:
         """Single-block stored events, breadth first, that rebuild this tree in an empty index.

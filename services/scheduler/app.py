@@ -734,6 +734,19 @@ class SchedulerApp:
         found = tracker.bookings_of(req.request_id, provisional=False)
         return now, [b for b in found if not req.booking_id or b == req.booking_id]
 
+    def digest(self) -> dict[str, Any]:
+        """`GET /digest`: per pool the load view's digest (as in `scheduler.state`) and its booked
+        requests, at the bookings stream position `applied_seq`; with an index replica, its digests
+        too (`IndexerApp.digest`). Replicas that applied the same streams report the same values."""
+        pools = {}
+        for pool in self.trackers:
+            state = self.export_state(pool)
+            pools[pool] = {"load": state.digest, "bookings": len(state.bookings)}
+        out: dict[str, Any] = {"router_id": self.router_id, "applied_seq": self._applied_seq, "pools": pools}
+        if isinstance(self.overlap, EmbeddedOverlap):
+            out["index"] = self.overlap.app.digest()
+        return out
+
     async def _state(self, pool: str, req: StateRequest) -> StateReply:
         return self.export_state(pool)
 
