@@ -17,7 +17,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import APIError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from schemas import codec
 from schemas.api import (
@@ -421,20 +423,38 @@ class SchedulerApp:
         return (await self._publish_ack(pool, event, type_, leg)).seq
 
     async def _publish_ack(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> Any:
+        """Publish one booking event and return JetStream's ack.
+
+        A stream without a leader (a cluster electing a new one after a node died) answers "no
+        response from stream" at once; the same message (same `Nats-Msg-Id`, so never stored twice)
+        is tried again for up to `--booking-sync-timeout-s`. After that, or after an ack timeout, the
+        caller gets `timeout`: the bookings stream could not record it, retry later (before, the
+        election answered `internal` and the free of a live booking was not retried)."""
         assert self.rt is not None
         subject = self.rt.names.bookings_subject(pool, self.router_id)
+        data = codec.encode_json(event)
+        msg_id = booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.booking_sync_timeout_s
+        delay = 0.05
         with producer_span("bookings publish", **{"messaging.destination": subject, "kvr.booking": type_}):
-            try:
-                return await self.rt.js.publish(
-                    subject,
-                    codec.encode_json(event),
-                    headers=inject_headers({"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)}),
-                )
-            except APIError as exc:
-                if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
-                    m.BOOKINGS_REFUSED.inc()
-                    raise ServiceError("overloaded", f"the bookings stream is full ({type_} not recorded); retry later") from None
-                raise
+            while True:
+                try:
+                    return await self.rt.js.publish(subject, data, headers=inject_headers({"Nats-Msg-Id": msg_id}))
+                except APIError as exc:
+                    if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
+                        m.BOOKINGS_REFUSED.inc()
+                        raise ServiceError("overloaded", f"the bookings stream is full ({type_} not recorded); retry later") from None
+                    raise
+                except (NoStreamResponseError, NoRespondersError):
+                    if loop.time() + delay > deadline:
+                        m.BOOKINGS_UNRECORDED.inc()
+                        raise ServiceError("timeout", f"the bookings stream has no leader ({type_} not recorded); retry later") from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                except NatsTimeoutError:
+                    m.BOOKINGS_UNRECORDED.inc()
+                    raise ServiceError("timeout", f"the bookings stream did not acknowledge the {type_} in time; retry later") from None
 
     # --- periodic ----------------------------------------------------------------------------
 

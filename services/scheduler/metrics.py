@@ -38,3 +38,7 @@ LOAD_REPORTS_INVALID = Counter("kvr_scheduler_load_reports_invalid_total", "work
 BOOKINGS_REFUSED = Counter(
     "kvr_scheduler_bookings_refused_total", "booking events the full bookings stream refused (the request got `overloaded`)"
 )
+BOOKINGS_UNRECORDED = Counter(
+    "kvr_scheduler_bookings_unrecorded_total",
+    "booking events the bookings stream did not acknowledge (no leader, ack timeout; the request got `timeout`)",
+)
