@@ -409,15 +409,16 @@ class SchedulerApp:
         if info.state.messages == 0:
             self._tail_floor = max(self._tail_floor, info.state.last_seq)
 
-    async def _sync_to_tail(self) -> None:
+    async def _sync_to_tail(self) -> bool:
         """Apply the stream up to its last sequence as of now (bounded), e.g. before answering
-        about a booking another replica may have made a few ms ago."""
+        about a booking another replica may have made a few ms ago; False if that did not happen
+        within `--booking-sync-timeout-s` (this replica's view is behind the stream)."""
         assert self.rt is not None
         info = await self.rt.js.stream_info(self.rt.names.bookings_stream)
         if info.state.messages == 0:
             self._tail_floor = max(self._tail_floor, info.state.last_seq)
-            return
-        await self._wait_applied(info.state.last_seq)
+            return True
+        return await self._wait_applied(info.state.last_seq)
 
     async def _publish(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> int:
         return (await self._publish_ack(pool, event, type_, leg)).seq
@@ -720,10 +721,11 @@ class SchedulerApp:
         if tracker is None:
             raise ServiceError("not_found", f"pool {pool!r} is not served by this scheduler")
         ts, bookings = self._bookings_of(tracker, req)
+        synced = True
         if not bookings:
             # Another replica (or a select of this one, whose add is in flight) may have booked it a
             # few ms ago: the stream's tail as of now includes that add.
-            await self._sync_to_tail()
+            synced = await self._sync_to_tail()
             ts, bookings = self._bookings_of(tracker, req)
         if not bookings:
             if req.phase == "free" and req.booking_id:
@@ -732,6 +734,12 @@ class SchedulerApp:
                 ev = BookingFree(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts,
                                  booking_id=req.booking_id)  # fmt: skip
                 await self._wait_applied(await self._publish(pool, ev, "free"))
+            elif not synced:
+                # This replica is behind the stream (its feed stalled, e.g. right after a NATS
+                # restart): the booking may be in what it has not applied. "Unknown" would make the
+                # caller drop a free whose booking then stays for its whole TTL; ask for a retry.
+                m.BOOKING_UPDATES_BEHIND.inc()
+                raise ServiceError("timeout", f"this replica has not applied the bookings stream up to now; retry the {req.phase}")
             return CleanupReply(request_id=req.request_id, known=False)
         # One event per booking (usually one), stamped with the instant its legs were seen alive.
         events: list[BookingEvent] = []
