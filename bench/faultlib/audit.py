@@ -53,12 +53,15 @@ class StreamAudit:
         return {**asdict(self), "accepted": self.accepted, "lost": self.lost}
 
 
-async def read_stream(stack: Stack, stream: str, filters: list[str], timeout: float = 120.0) -> list[tuple[int, str, bytes, dict[str, str] | None]]:
+StoredMessage = tuple[int, str, bytes, dict[str, str] | None]  # seq, subject, data, headers
+
+
+async def read_stream(stack: Stack, stream: str, filters: list[str], timeout: float = 120.0) -> list[StoredMessage]:
     """Every message of `stream` matching `filters`, in order, from its first to its last sequence."""
     assert stack.nc is not None
     info = await stack.nc.jetstream().stream_info(stream)
     last = info.state.last_seq
-    out: list[tuple[int, str, bytes, dict[str, str] | None]] = []
+    out: list[StoredMessage] = []
     if info.state.messages == 0:
         return out
     follower = StreamFollower(stack.nc, stream, filters, lambda seq, subj, data, hdrs: out.append((seq, subj, data, hdrs)),
@@ -93,7 +96,7 @@ async def audit_stream(stack: Stack, probes: list[ProbePublisher]) -> StreamAudi
         if parsed is None or parsed[1] not in ids:
             continue
         try:
-            payload = codec.decode(data, RouterEvent | list[RouterEvent], codec.content_type_of(hdrs))
+            payload: RouterEvent | list[RouterEvent] = codec.decode(data, RouterEvent | list[RouterEvent], codec.content_type_of(hdrs))
         except codec.SchemaError:
             res.undecodable += 1
             continue

@@ -20,6 +20,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
 from nats.aio.client import Client as NATS
 
 from schemas import codec

@@ -84,7 +84,7 @@ class FaultResult:
             f"outside it: {fmt(self.errors_outside_fault)}",
             f"   converged {self.converge_s} s after the fault ({self.ready_after_repair_s} s after the repair); "
             f"bookings left after the cleanup window: {self.leaked_bookings} (all gone after {self.bookings_gone_after_s} s)",
-            f"   RSS MB before → after: " + ", ".join(
+            "   RSS MB before → after: " + ", ".join(
                 f"{k} {self.rss_before_mb.get(k)}→{self.rss_after_mb.get(k)}" for k in self.rss_before_mb),
             f"   RSS growth MB: {growth}",
         ])  # fmt: skip
@@ -201,12 +201,12 @@ async def wait_converged(stack: Stack, timeout: float, poll_s: float = 0.2) -> f
             await asyncio.sleep(poll_s)
             continue
         statuses = {n: await asyncio.to_thread(stack.readyz, n) for n in stack.procs}
-        if previous is not None and previous[0] > at_repair[0] and previous[1] > at_repair[1]:
-            if all(code == 200 for code, _ in statuses.values()):
-                kv_applied = [await asyncio.to_thread(stack.kv_applied, n) for n in replicas]
-                bookings_applied = [int(statuses[n][1].get("applied_seq") or 0) for n in schedulers]
-                if all((a or 0) >= previous[0] for a in kv_applied) and all(b >= previous[1] for b in bookings_applied):
-                    return time.monotonic()
+        grown = previous is not None and previous[0] > at_repair[0] and previous[1] > at_repair[1]
+        if previous is not None and grown and all(code == 200 for code, _ in statuses.values()):
+            kv_applied = [await asyncio.to_thread(stack.kv_applied, n) for n in replicas]
+            bookings_applied = [int(statuses[n][1].get("applied_seq") or 0) for n in schedulers]
+            if all((a or 0) >= previous[0] for a in kv_applied) and all(b >= previous[1] for b in bookings_applied):
+                return time.monotonic()
         previous = now
         await asyncio.sleep(poll_s)
     return None

@@ -23,7 +23,7 @@ from faultlib.stack import Stack, StackConfig  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-LOAD = LoadConfig(rate=20.0, probe_rate=20.0, warmup_s=2.0, down_s=1.5, after_s=2.0, cleanup_window_s=4.0, converge_timeout_s=90.0)
+LOAD = LoadConfig(rate=20.0, probe_rate=20.0, warmup_s=2.0, down_s=1.5, after_s=1.5, cleanup_window_s=3.0, converge_timeout_s=90.0)
 # What a request may answer while a fault lasts: never `internal`, never a wrong answer.
 TRANSIENT = {"epp.query:timeout", "epp.query:no_reply", "generate:timeout", "generate:no_responders"}
 
