@@ -650,7 +650,7 @@ async def run_fuzz(requests: int, messages: int, seed: int) -> dict[str, Any]:
         server.cleanup()
 
 
-def _table(res: dict[str, Any]) -> str:
+def table(res: dict[str, Any]) -> str:
     lines = []
     if "fuzz" in res:
         lines.append("| endpoint | sent | ok | invalid_request | other errors | internal | no reply | state changed |")
@@ -715,7 +715,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging("console", "error")  # the in-process services log every rejected request at debug
     res = asyncio.run(amain(args))
-    print(_table(res))
+    print(table(res))
     Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
 

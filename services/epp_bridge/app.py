@@ -31,6 +31,7 @@ from schemas.api import (
     SelectRequest,
 )
 from schemas.bookings import new_booking_id
+from schemas.codec import RemoteError
 from schemas.discovery import WorkerRecord
 from schemas.openai import EppQueryTyped, OpenAiBody
 from services.runtime.logs import get_logger
@@ -44,9 +45,9 @@ from .decision import NO_PROMPT, RouteAsk, Routed, query_reply, select_request
 from .extproc import ExtProcServer
 from .labels import LabelFilter, parse_label_filters
 from .link import (
-    DeadlinePassed,
     EmbeddedSchedulerLink,
     NatsSchedulerLink,
+    NoScheduler,
     SchedulerLink,
 )
 from .pods import PodIndex
@@ -311,8 +312,11 @@ class EppBridgeApp:
             sreq.booking_id = new_booking_id()
         try:
             return await self.link.select(pool, sreq, self.select_timeout_s)
-        except DeadlinePassed:
-            if sreq.book:
+        except (ServiceError, RemoteError) as exc:
+            # Our deadline passed (the scheduler may still book), or the scheduler answered `timeout`
+            # because its bookings stream did not acknowledge the add in time (it may have stored it
+            # anyway): free exactly this booking. Nobody serving the pool cannot have booked.
+            if sreq.book and exc.code == ErrorCode.TIMEOUT and not isinstance(exc, NoScheduler):
                 self._compensate(pool, sreq.request_id, sreq.booking_id or "")
             raise
 

@@ -26,6 +26,10 @@ class DeadlinePassed(ServiceError):
     """The scheduler may still act on the request (and book it) after this error."""
 
 
+class NoScheduler(ServiceError):
+    """Nobody serves the pool: nothing can have been booked."""
+
+
 def _timeout(pool: str, timeout: float) -> DeadlinePassed:
     return DeadlinePassed(ErrorCode.TIMEOUT, f"the scheduler of pool {pool!r} did not answer within {timeout}s")
 
@@ -38,7 +42,7 @@ class NatsSchedulerLink:
         try:
             return await request(self.rt.nc, subject, req, reply_type, timeout=timeout)
         except NoRespondersError:
-            raise ServiceError(ErrorCode.TIMEOUT, f"no scheduler is serving pool {pool!r}") from None
+            raise NoScheduler(ErrorCode.TIMEOUT, f"no scheduler is serving pool {pool!r}") from None
         except TimeoutError:
             raise _timeout(pool, timeout) from None
 

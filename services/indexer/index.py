@@ -25,6 +25,7 @@ Layout (chosen for speed and memory in CPython):
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import sys
 from collections.abc import Generator, Iterable, Sequence
@@ -583,6 +584,11 @@ class PrefixIndex:
         return out
 
     # ---- events and snapshots (treecodec.py) -------------------------------------------------
+
+    def digest(self) -> str:
+        """SHA-256 of the msgpack encoding of `dump()`: equal for two indexes holding the same blocks
+        (replicas that applied the same stream prefix), different otherwise."""
+        return hashlib.sha256(msgspec.msgpack.encode(self.dump())).hexdigest()
 
     def dump(self) -> list[RouterEvent]:
         """Single-block stored events that rebuild this tree in an empty index (`treecodec.dump`)."""

@@ -8,6 +8,8 @@ restored indexer resumes the stream at `stream_seq + 1`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,15 +31,53 @@ class LoadedSnapshot:
     admission: dict[str, Any] | None = None  # see admission.Admission.to_state (absent in older snapshots)
 
 
+# Attempts at reading an object that keeps being replaced while it is read.
+READ_ATTEMPTS = 8
+
+
+async def read_object(js: JetStreamContext, bucket: str, name: str, attempts: int = READ_ATTEMPTS) -> bytes | None:
+    """The object's bytes (one consistent version), or None when there is none.
+
+    nats-py's `ObjectStore.get` reads the object's meta, then waits on an ordered consumer for that
+    version's chunks. A writer that replaces the object in between (an indexer writing its next
+    snapshot) purges those chunks, and the read waits for ever: a scheduler or indexer starting at
+    that moment never became ready (found by tests/faults/). Here each chunk is one bounded request
+    (`next_by_subj`); when the version's chunks are gone the read starts over with the newer version.
+    A version is returned only whole and with the digest its meta names.
+    """
+    store = await js.object_store(bucket)
+    stream = f"OBJ_{bucket}"
+    for _ in range(attempts):
+        try:
+            info = await store.get_info(name)
+        except NotFoundError:
+            return None
+        size = info.size or 0
+        subject = f"$O.{bucket}.C.{info.nuid}"
+        data = bytearray()
+        seq = 1
+        try:
+            while len(data) < size:
+                msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+                data += msg.data or b""
+                seq = msg.seq + 1
+        except NotFoundError:
+            await asyncio.sleep(0.05)
+            continue  # replaced while we read it: read the newer version
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        if len(data) == size and (info.digest or "").split("=", 1)[-1] == digest:
+            return bytes(data)
+        await asyncio.sleep(0.05)
+    raise ValueError(f"object {name} of {bucket} changed during each of {attempts} reads")
+
+
 async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot | None:
     """The stored snapshot, or None when there is none. A corrupt object raises ValueError."""
-    store = await js.object_store(bucket)
     started = time.perf_counter()
-    try:
-        result = await store.get(name)
-    except NotFoundError:
+    raw = await read_object(js, bucket, name)
+    if raw is None:
         return None
-    data = result.data or b""
+    data = raw
     try:
         index, seq, state = decode_snapshot(data)
     except Exception as exc:  # noqa: BLE001 - any undecodable object is a corrupt snapshot, not a crash

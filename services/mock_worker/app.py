@@ -32,7 +32,7 @@ from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
 from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, made_events
 from services.runtime.logs import get_logger
 from services.runtime.service import Runtime
-from services.runtime.workers import delete_worker, put_worker
+from services.runtime.workers import delete_worker, heartbeat_loop, put_worker
 from services.runtime.tasks import cancel_and_wait
 
 from . import metrics as m
@@ -358,13 +358,15 @@ class MockWorker:
 
     # -- discovery and load
     async def _heartbeat(self) -> None:
-        period = max(self.fleet.ttl_s / 3.0, 0.05)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await put_worker(self.nc, self.names.workers_bucket, self.record)
-            except Exception as exc:  # noqa: BLE001 - keep beating; the next put may succeed
-                log.warning("mock.heartbeat_failed", worker_id=self.worker_id, error=str(exc))
+        await heartbeat_loop(self._beat, max(self.fleet.ttl_s / 3.0, 0.05))
+
+    async def _beat(self) -> bool:
+        try:
+            await asyncio.wait_for(put_worker(self.nc, self.names.workers_bucket, self.record), 5)
+            return True
+        except Exception as exc:  # noqa: BLE001 - keep beating; retried soon (heartbeat_loop)
+            log.warning("mock.heartbeat_failed", worker_id=self.worker_id, error=str(exc) or type(exc).__name__)
+            return False
 
     async def _load_reports(self) -> None:
         subject = self.names.load_subject(self.pool, self.worker_id)

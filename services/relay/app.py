@@ -26,7 +26,7 @@ from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, Pending
 from services.runtime.service import Runtime
-from services.runtime.workers import delete_worker, put_worker
+from services.runtime.workers import delete_worker, heartbeat_loop, put_worker
 
 from . import metrics
 from .convert import Converter
@@ -273,19 +273,18 @@ class RelayApp:
 
     # -- discovery -----------------------------------------------------------------------------
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self) -> bool:
         assert self.rt is not None
         self.record.heartbeat_ms = int(time.time() * 1000)
         try:
             await asyncio.wait_for(put_worker(self.rt.nc, self.rt.names.workers_bucket, self.record), 5)
             self._registered = True
             metrics.HEARTBEATS.inc()
-        except Exception as exc:  # noqa: BLE001 - retried on the next tick
+            return True
+        except Exception as exc:  # noqa: BLE001 - retried soon (heartbeat_loop)
             metrics.HEARTBEAT_FAILURES.inc()
             self.rt.log.warning("relay.heartbeat_failed", error=str(exc) or type(exc).__name__)
+            return False
 
     async def _heartbeat_loop(self) -> None:
-        interval = max(0.05, self.cfg.heartbeat_ttl_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            await self._heartbeat_once()
+        await heartbeat_loop(self._heartbeat_once, max(0.05, self.cfg.heartbeat_ttl_s / 3))

@@ -121,6 +121,11 @@ class GenerateClient:
         queue = self._queues.get(msg.subject)
         if queue is None:
             return
+        if msg.headers and msg.headers.get("Status") == "503":
+            # The server's "no responders": nobody serves that worker's generate subject right now
+            # (the worker is gone, or its NATS node died and its interest is being re-routed).
+            queue.put_nowait(RemoteError("no_responders", f"nobody serves {msg.headers.get('Nats-Subject', 'the subject')}"))
+            return
         try:
             item: Any = codec.decode(msg.data, GenerateProgress)
         except SchemaError:

@@ -167,7 +167,9 @@ class NatsCluster:
     def url(self) -> str:
         return ",".join(n.url for n in self.nodes)
 
-    def start(self, timeout: float = 20.0) -> NatsCluster:
+    def start(self, timeout: float = 20.0, count: int | None = None) -> NatsCluster:
+        """Start the first `count` nodes (default: all); `start_node(i)` starts another later (with
+        fewer than a quorum running, JetStream is unavailable: how a cluster looks while it forms)."""
         self.base_dir = tempfile.mkdtemp(prefix="kvr-nats-cluster-")
         ports = [free_port() for _ in range(self.size)]
         cluster_ports = [free_port() for _ in range(self.size)]
@@ -183,9 +185,13 @@ class NatsCluster:
                     "--routes", routes,
                 ],
             )  # fmt: skip
-            node.start(timeout)
             self.nodes.append(node)
+        for node in self.nodes[: self.size if count is None else count]:
+            node.start(timeout)
         return self
+
+    def start_node(self, index: int, timeout: float = 20.0) -> NatsServer:
+        return self.nodes[index].start(timeout)
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -1,4 +1,5 @@
-"""`/healthz`, `/readyz` and Prometheus `/metrics` on one small aiohttp server."""
+"""`/healthz`, `/readyz`, Prometheus `/metrics` and (services with replicated state) `/digest` on one
+small aiohttp server."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ class HealthServer:
         healthy: Callable[[], bool] = lambda: True,
         registry: CollectorRegistry = REGISTRY,
         status: Callable[[], dict] | None = None,
+        digest: Callable[[], dict] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._ready, self._healthy, self._registry = ready, healthy, registry
         self._status = status
+        self._digest = digest
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -37,6 +40,13 @@ class HealthServer:
             body.update(self._status())
         return web.json_response(body, status=200 if ok else 503)
 
+    async def _digest_view(self, _req: web.Request) -> web.Response:
+        # A fingerprint of the service's derived state (equal on replicas that applied the same
+        # streams); computed on request, so it is for comparing replicas, not for probes.
+        if self._digest is None:
+            return web.json_response({"status": "error", "error": "this service keeps no replicated state"}, status=404)
+        return web.json_response(self._digest())
+
     async def _metrics(self, _req: web.Request) -> web.Response:
         if self._registry is REGISTRY:
             READY.set(1 if self._ready() else 0)
@@ -47,6 +57,7 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/digest", self._digest_view)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)

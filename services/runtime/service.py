@@ -115,9 +115,13 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
             body["reason"] = reason
         return redact_fields(body)
 
-    http = HealthServer(cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=status)
+    http = HealthServer(
+        cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=status,
+        digest=getattr(app, "digest", None),
+    )  # fmt: skip
     port = await http.start()
-    log.info("http.listening", port=port, endpoints=["/healthz", "/readyz", "/metrics"])
+    endpoints = ["/healthz", "/readyz", "/metrics", *(["/digest"] if hasattr(app, "digest") else [])]
+    log.info("http.listening", port=port, endpoints=endpoints)
 
     nc = await _connect_or_stop(cfg.nats_url, f"kvr-{name}", stop, NatsAuth.from_cfg(cfg), conn)
     if nc is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
@@ -278,6 +278,23 @@ async def put_worker(nc: NATS, bucket: str, record: WorkerRecord) -> int:
     """Write (or heartbeat) a discovery record; returns the KV revision."""
     kv = await nc.jetstream().key_value(bucket)
     return await kv.put(worker_key(record.pool, record.worker_id), codec.encode_json(record))
+
+
+# After a failed heartbeat the next attempt comes this soon (at most one interval), not a whole
+# interval later: a put that failed because the bucket's stream was electing a leader, or timed out
+# (5 s) waiting for one, would otherwise leave the record unrefreshed for two intervals plus the
+# timeout, i.e. a whole TTL (15 s with the default 5 s interval), and every replica would expire the
+# worker and drop its blocks (seen in tests/faults/ with the node leading KV_KVR_WORKERS killed).
+HEARTBEAT_RETRY_S = 0.5
+
+
+async def heartbeat_loop(beat: Callable[[], Awaitable[bool]], interval_s: float, retry_s: float = HEARTBEAT_RETRY_S) -> None:
+    """Forever: wait, then `beat()` (True = the record was put); `interval_s` after a good beat,
+    `min(retry_s, interval_s)` after a failed one."""
+    delay = interval_s
+    while True:
+        await asyncio.sleep(delay)
+        delay = interval_s if await beat() else min(retry_s, interval_s)
 
 
 async def delete_worker(nc: NATS, bucket: str, pool: str, worker_id: int) -> None:

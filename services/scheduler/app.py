@@ -21,7 +21,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import APIError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from schemas import codec
 from schemas.api import (
@@ -395,35 +397,53 @@ class SchedulerApp:
         if info.state.messages == 0:
             self._tail_floor = max(self._tail_floor, info.state.last_seq)
 
-    async def _sync_to_tail(self) -> None:
+    async def _sync_to_tail(self) -> bool:
         """Apply the stream up to its last sequence as of now (bounded), e.g. before answering
-        about a booking another replica may have made a few ms ago."""
+        about a booking another replica may have made a few ms ago; False if that did not happen
+        within `--booking-sync-timeout-s` (this replica's view is behind the stream)."""
         assert self.rt is not None
         info = await self.rt.js.stream_info(self.rt.names.bookings_stream)
         if info.state.messages == 0:
             self._tail_floor = max(self._tail_floor, info.state.last_seq)
-            return
-        await self._wait_applied(info.state.last_seq)
+            return True
+        return await self._wait_applied(info.state.last_seq)
 
     async def _publish(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> int:
         return (await self._publish_ack(pool, event, type_, leg)).seq
 
     async def _publish_ack(self, pool: str, event: BookingEvent, type_: str, leg: str = "") -> Any:
+        """Publish one booking event and return JetStream's ack.
+
+        A stream without a leader (a cluster electing a new one after a node died) answers "no
+        response from stream" at once; the same message (same `Nats-Msg-Id`, so never stored twice)
+        is tried again for up to `--booking-sync-timeout-s`. After that, or after an ack timeout, the
+        caller gets `timeout`: the bookings stream could not record it, retry later (before, the
+        election answered `internal` and the free of a live booking was not retried)."""
         assert self.rt is not None
         subject = self.rt.names.bookings_subject(pool, self.router_id)
+        data = codec.encode_json(event)
+        msg_id = booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.booking_sync_timeout_s
+        delay = 0.05
         with producer_span("bookings publish", **{"messaging.destination": subject, "kvr.booking": type_}):
-            try:
-                return await self.rt.js.publish(
-                    subject,
-                    codec.encode_json(event),
-                    headers=inject_headers({"Nats-Msg-Id": booking_msg_id(pool, event.request_id, type_, leg, event.booking_id)}),
-                )
-            except APIError as exc:
-                if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
-                    m.BOOKINGS_REFUSED.inc()
-                    why = f"the bookings stream is full ({type_} not recorded); retry later"
-                    raise ServiceError(ErrorCode.OVERLOADED, why) from None
-                raise
+            while True:
+                try:
+                    return await self.rt.js.publish(subject, data, headers=inject_headers({"Nats-Msg-Id": msg_id}))
+                except APIError as exc:
+                    if exc.err_code == STREAM_FULL:  # discard new: the stream refuses, it never drops what it holds
+                        m.BOOKINGS_REFUSED.inc()
+                        raise ServiceError(ErrorCode.OVERLOADED, f"the bookings stream is full ({type_} not recorded); retry later") from None
+                    raise
+                except (NoStreamResponseError, NoRespondersError):
+                    if loop.time() + delay > deadline:
+                        m.BOOKINGS_UNRECORDED.inc()
+                        raise ServiceError(ErrorCode.TIMEOUT, f"the bookings stream has no leader ({type_} not recorded); retry later") from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                except NatsTimeoutError:
+                    m.BOOKINGS_UNRECORDED.inc()
+                    raise ServiceError(ErrorCode.TIMEOUT, f"the bookings stream did not acknowledge the {type_} in time; retry later") from None
 
     # --- periodic ----------------------------------------------------------------------------
 
@@ -590,10 +610,11 @@ class SchedulerApp:
             raise ServiceError(ErrorCode.NOT_FOUND, f"pool {pool!r} is not served by this scheduler")
         tracker = state.tracker
         ts, bookings = self._bookings_of(tracker, req)
+        synced = True
         if not bookings:
             # Another replica (or a select of this one, whose add is in flight) may have booked it a
             # few ms ago: the stream's tail as of now includes that add.
-            await self._sync_to_tail()
+            synced = await self._sync_to_tail()
             ts, bookings = self._bookings_of(tracker, req)
         if not bookings:
             if req.phase == "free" and req.booking_id:
@@ -602,6 +623,12 @@ class SchedulerApp:
                 ev = BookingFree(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts,
                                  booking_id=req.booking_id)  # fmt: skip
                 await self._wait_applied(await self._publish(pool, ev, "free"))
+            elif not synced:
+                # This replica is behind the stream (its feed stalled, e.g. right after a NATS
+                # restart): the booking may be in what it has not applied. "Unknown" would make the
+                # caller drop a free whose booking then stays for its whole TTL; ask for a retry.
+                m.BOOKING_UPDATES_BEHIND.inc()
+                raise ServiceError(ErrorCode.TIMEOUT, f"this replica has not applied the bookings stream up to now; retry the {req.phase}")
             return CleanupReply(request_id=req.request_id, known=False)
         # One event per booking (usually one), stamped with the instant its legs were seen alive.
         events: list[BookingEvent] = []
@@ -623,6 +650,19 @@ class SchedulerApp:
         self.expire_now(now)
         found = tracker.bookings_of(req.request_id, provisional=False)
         return now, [b for b in found if not req.booking_id or b == req.booking_id]
+
+    def digest(self) -> dict[str, Any]:
+        """`GET /digest`: per pool the load view's digest (as in `scheduler.state`) and its booked
+        requests, at the bookings stream position `applied_seq`; with an index replica, its digests
+        too (`IndexerApp.digest`). Replicas that applied the same streams report the same values."""
+        pools = {}
+        for pool in self.trackers:
+            state = self.export_state(pool)
+            pools[pool] = {"load": state.digest, "bookings": len(state.bookings)}
+        out: dict[str, Any] = {"router_id": self.router_id, "applied_seq": self._applied_seq, "pools": pools}
+        if isinstance(self.overlap, EmbeddedOverlap):
+            out["index"] = self.overlap.app.digest()
+        return out
 
     async def _state(self, pool: str, req: StateRequest) -> StateReply:
         return self.export_state(pool)

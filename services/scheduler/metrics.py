@@ -38,3 +38,11 @@ LOAD_REPORTS_INVALID = Counter("kvr_scheduler_load_reports_invalid_total", "work
 BOOKINGS_REFUSED = Counter(
     "kvr_scheduler_bookings_refused_total", "booking events the full bookings stream refused (the request got `overloaded`)"
 )
+BOOKING_UPDATES_BEHIND = Counter(
+    "kvr_scheduler_booking_updates_behind_total",
+    "scheduler.booking requests answered `timeout` because this replica could not apply the bookings stream up to now in time",
+)
+BOOKINGS_UNRECORDED = Counter(
+    "kvr_scheduler_bookings_unrecorded_total",
+    "booking events the bookings stream did not acknowledge (no leader, ack timeout; the request got `timeout`)",
+)

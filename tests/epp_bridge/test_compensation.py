@@ -119,3 +119,49 @@ async def test_an_ext_proc_stream_gone_mid_decision_cancels_its_late_booking(nat
             await client.close()
             await bridge.stop()
             await sub.unsubscribe()
+
+
+async def test_a_scheduler_that_answers_timeout_gets_its_booking_cancelled(nats_url, nc):
+    """`timeout` from the scheduler means its bookings stream did not acknowledge the add in time
+    (no leader, found by tests/faults/), which may still have stored it: the bridge frees exactly
+    that booking, as after its own deadline. Other errors book nothing and are not followed up."""
+    from schemas.api import CleanupReply, CleanupRequest, SelectRequest
+    from services.runtime.responder import ServiceError
+
+    answers = iter([("timeout", "the bookings stream has no leader"), ("no_workers", "nobody")])
+    selects: list[SelectRequest] = []
+    frees: list[CleanupRequest] = []
+
+    async def scripted_select(req: SelectRequest, _msg: Any) -> None:
+        selects.append(req)
+        code, message = next(answers)
+        raise ServiceError(code, message)
+
+    async def record_free(req: CleanupRequest, _msg: Any) -> CleanupReply:
+        frees.append(req)
+        return CleanupReply(request_id=req.request_id, known=False)
+
+    subs = [await serve(nc, NAMES.select(POOL), SelectRequest, scripted_select, queue="scheduler"),
+            await serve(nc, NAMES.booking(POOL), CleanupRequest, record_free, queue="scheduler")]  # fmt: skip
+    bridge = await start_bridge(nc, nats_url, "--pool", POOL)
+    await register(nc, [record(1)])
+    try:
+        for _ in range(100):
+            if bridge.watcher.directory.live(POOL):
+                break
+            await asyncio.sleep(0.02)
+        for rid, code in (("q-timeout", "timeout"), ("q-none", "no_workers")):
+            query = {"request_id": rid, "body": {"prompt": [1] * 8}}
+            reply = json.loads((await nc.request(NAMES.epp_query(POOL), codec.encode_json(query), timeout=5)).data)
+            assert reply["error"]["code"] == code
+        for _ in range(100):
+            if frees:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert [(f.request_id, f.phase, f.booking_id) for f in frees] == [("q-timeout", "free", selects[0].booking_id)]
+        assert selects[0].booking_id and selects[1].booking_id
+    finally:
+        await bridge.stop()
+        for sub in subs:
+            await sub.unsubscribe()

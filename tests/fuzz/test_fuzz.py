@@ -19,7 +19,7 @@ from schemas import codec  # noqa: E402
 from schemas.api import SelectRequest  # noqa: E402
 from services.runtime.embedded import NatsServer  # noqa: E402
 
-N = int(os.environ.get("KVR_FUZZ_N", "150"))
+N = int(os.environ.get("KVR_FUZZ_N", "300"))
 
 
 def test_the_generator_is_seeded_and_hostile() -> None:

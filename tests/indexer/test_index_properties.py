@@ -109,6 +109,7 @@ def test_dump_replay_and_snapshot_rebuild_identical_index(ops, queries):
     assert restored.dump() == dump
     assert restored.cursors == index.cursors
     assert restored.nodes == index.nodes == replayed.nodes
+    assert restored.digest() == replayed.digest() == index.digest()  # what replicas compare (GET /digest)
     for q in queries:
         want = index.find_matches(q)
         assert replayed.find_matches(q) == want
@@ -185,3 +186,16 @@ def test_a_second_match_builds_a_run_and_a_mask_change_inside_it_invalidates_it(
     index.apply(removed_event(1, 1, [107]))
     assert not sixth.run.valid
     assert index.find_matches(query).scores == {(1, 0): 7, (2, 0): 5}
+
+
+def test_the_digest_tells_different_indexes_apart() -> None:
+    a, b = PrefixIndex(), PrefixIndex()
+    for index in (a, b):
+        index.apply(stored_event(1, 0, [(10, 1), (11, 2)]))
+    assert a.digest() == b.digest()
+    b.apply(removed_event(1, 1, [11]))
+    assert a.digest() != b.digest()
+    a.apply(removed_event(1, 1, [11]))
+    assert a.digest() == b.digest()
+    a.apply(stored_event(2, 0, [(10, 1)]))  # same block, another worker
+    assert a.digest() != b.digest()

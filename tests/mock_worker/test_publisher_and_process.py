@@ -46,6 +46,21 @@ async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
     await pub.stop()
 
 
+async def test_publisher_rides_out_a_stream_without_a_leader(nc):
+    """No stream answers the subject for 1.5 s ("no responders" at once, as while a cluster elects
+    a new stream leader): every message is retried until the stream is back, nothing is given up."""
+    js = nc.jetstream()
+    pub = KvEventPublisher(js, NAMES, "pp", worker_id=9, max_batch=1, max_inflight=8)
+    events = [stored_event(9, i, [(1000 + i, 2000 + i)]) for i in range(6)]
+    await pub.publish(events)
+    await asyncio.sleep(1.5)
+    assert pub.messages == 0 and pub.inflight == 6
+    await provision(js, NAMES, StreamSettings())
+    await pub.flush(15)
+    assert (pub.messages, pub.events, pub.failures) == (6, 6, 0)
+    assert (await js.stream_info("KVR_KV")).state.messages == 6
+
+
 async def test_mock_workers_process_registers_and_drains_on_sigterm(nats_url, nc, tmp_path):
     proc = ServiceProcess(
         "mock-workers",

@@ -10,11 +10,13 @@ import pytest
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
+from schemas.subjects import Names
 from services.indexer.index import PrefixIndex
 from services.relay.app import worker_id_for
 from services.relay.convert import Converter
 from services.relay.decode import decode_batch
 from services.runtime.kv_publisher import Pending
+from services.runtime.natsio import StreamSettings, provision
 
 from bench.lib.fake_engine import BlockPoolSim, FakeEngine
 from bench.lib.refindex import RefIndex
@@ -450,3 +452,32 @@ async def test_replay_timeout_becomes_cleared_and_the_intake_continues(nats_url,
         await eng.close()
         silent.close(linger=0)
         ctx.term()
+
+
+async def test_a_failed_heartbeat_is_retried_at_once_not_an_interval_later(nats_url, nc):
+    """The workers bucket cannot take the put (here: gone; in a cluster: electing a leader, found by
+    tests/faults/). The relay tries again within HEARTBEAT_RETRY_S, not a whole ttl/3 later: two
+    missed intervals plus a put timeout are a whole TTL, after which every replica expires the worker
+    and drops its blocks."""
+    zp, _ = ports()
+    relay = await start_relay(relay_cfg(nats_url, zp, None, "--heartbeat-ttl-s", "18"))  # a beat every 6 s
+    js = nc.jetstream()
+    key = f"p.{relay.app.record.worker_id}"
+    try:
+        await (await js.key_value("KVR_WORKERS")).get(key)  # put at start
+        failures = metric("kvr_relay_heartbeat_failures_total")
+        await js.delete_key_value("KVR_WORKERS")
+        await wait_for(lambda: metric("kvr_relay_heartbeat_failures_total") > failures, 10, "a failed heartbeat")
+        await provision(js, Names(), StreamSettings())  # the bucket is back (empty)
+        loop = asyncio.get_running_loop()
+        back = loop.time()
+        kv = await js.key_value("KVR_WORKERS")
+        while True:
+            try:
+                await kv.get(key)
+                break
+            except Exception:  # noqa: BLE001 - not put again yet
+                assert loop.time() - back < 3, "the heartbeat waited for its next interval (6 s)"
+                await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()

@@ -58,3 +58,22 @@ async def test_kv_beats_baselines_every_request_completes_no_booking_left(router
     assert max(rr["requests_per_worker"].values()) - min(rr["requests_per_worker"].values()) <= 1
     assert outcome.paths["ttft_cdf"].exists() and outcome.paths["markdown"].exists()
     assert elapsed < 110, f"slice took {elapsed:.0f}s"
+
+
+async def test_a_generate_nobody_serves_is_an_error_not_an_unreadable_reply(nc):
+    """The server answers a request to a subject without subscribers with an empty "503" status
+    message (a worker gone, or its NATS node died in a cluster, seen in tests/faults/)."""
+    import asyncio
+
+    from schemas.codec import RemoteError
+    from schemas.worker import GenerateRequest
+    from services.replay.runner import GenerateClient
+
+    client = GenerateClient(nc)
+    await client.start()
+    try:
+        _, queue = await client.open("kvr.replay.worker.999.generate", GenerateRequest(request_id="r", token_ids=[1, 2], max_tokens=1))
+        item = await asyncio.wait_for(queue.get(), 5)
+        assert isinstance(item, RemoteError) and item.code == "no_responders", item
+    finally:
+        await client.stop()

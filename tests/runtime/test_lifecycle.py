@@ -128,6 +128,32 @@ def test_cluster_helper_provisions_replicated_streams(nats_cluster):
     assert result["KVR_KV"] in ("created", "exists")
 
 
+@pytest.mark.integration
+def test_a_service_waits_for_the_jetstream_of_a_forming_cluster(tmp_path):
+    """One node of three is up: connections work, JetStream does not (no meta leader). The service
+    keeps retrying provisioning, says why, and is ready once the cluster is (the fault suite starts
+    every service against a cluster that is still forming)."""
+    from services.runtime.embedded import NatsCluster
+    from services.runtime.procs import ServiceProcess
+
+    cluster = NatsCluster().start(count=1)
+    log = tmp_path / "indexer.log"
+    proc = ServiceProcess("indexer", args=["--stream-replicas", "3"], nats_url=cluster.url, pools=["p"], log_path=str(log))
+    try:
+        proc.start()
+        wait_for(lambda: "provision.waiting" in log.read_text(), timeout=30)
+        assert proc.proc is not None and proc.proc.poll() is None
+        assert get(proc.http_port, "/readyz")[0] == 503
+        cluster.start_node(1)
+        cluster.start_node(2)
+        proc.wait_ready(60)
+        assert '"provision.done"' in log.read_text()
+        assert proc.terminate() == 0
+    finally:
+        proc.kill()
+        cluster.cleanup()
+
+
 @pytest.mark.unit
 def test_freeze_startup_heap_takes_existing_objects_out_of_collection():
     from services.runtime.heap import freeze_startup_heap

@@ -389,3 +389,28 @@ async def test_a_cleanup_while_this_replica_is_still_booking_lands_after_the_add
             assert reply.known and (await booking).booking_id
             legs = app.states[POOL].tracker.legs_of(rid)
             assert (legs == []) if phase == "free" else (len(legs) == 1 and legs[0].confirmed)
+
+
+async def test_a_replica_behind_the_bookings_stream_asks_for_a_retry_instead_of_dropping_a_free(nats_url, nc, indexer):
+    """Its feed stalled (right after a NATS restart, found by tests/faults/) while another replica
+    booked: a free of that request must not be answered "unknown" (the caller would stop, and the
+    booking would stay for its TTL once the feed resumes). It answers `timeout`: retry."""
+    from schemas.bookings import booking_msg_id
+
+    async with running_scheduler(nats_url, "--router-id", "s1", "--booking-sync-timeout-s", "0.5") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        assert app.follower is not None
+        await app.follower.stop()  # a stalled feed: nothing more is applied here
+        add = BookingAdd(request_id="elsewhere", router_id="s2", pool=POOL, worker_id=1, ts_ms=now_ms(), isl_tokens=64,
+                         sequence_hashes=[1, 2, 3, 4], block_size=16, booking_id="b-9")  # fmt: skip
+        await nc.jetstream().publish(NAMES.bookings_subject(POOL, "s2"), codec.encode_json(add),
+                                     headers={"Nats-Msg-Id": booking_msg_id(POOL, "elsewhere", "add", "", "b-9")})  # fmt: skip
+        with pytest.raises(RemoteError) as err:
+            await cleanup(nc, "elsewhere", "free")
+        assert err.value.code == "timeout" and "not applied the bookings stream" in err.value.message
+        # A request nobody booked, on a replica that is up to date, is still simply unknown.
+    async with running_scheduler(nats_url, "--router-id", "s3") as fresh:
+        await eventually(lambda: fresh.trackers[POOL].is_active("elsewhere"))
+        assert not (await cleanup(nc, "nobody", "free")).known
+        assert (await cleanup(nc, "elsewhere", "free")).known
