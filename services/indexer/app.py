@@ -132,11 +132,7 @@ class IndexerApp:
         return DumpReply(stream_seq=self.applied_seq, events=self.index(pool).dump())
 
     def digest(self) -> dict[str, Any]:
-        """Per pool, the digest of the index and its block count, at `applied_seq` (`GET /digest`).
-        Replicas that applied the same stream prefix report the same digests. Costs one dump of
-        every index: for comparing replicas (tests, benchmarks, an operator), not for probes."""
-        pools = {pool: {"index": st.index.digest(), "blocks": st.index.tier_blocks()} for pool, st in self.pool_states().items()}
-        return {"applied_seq": self.applied_seq, "pools": pools}
+        return self.replica.digest()
 
     # ---- endpoints ----------------------------------------------------------------------------
 

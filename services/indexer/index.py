@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, get_args
 
+import msgspec
+
 from schemas.events import RouterEvent, StorageTier, StoredBlock
 
 TIERS: tuple[StorageTier, ...] = get_args(StorageTier)  # fastest first

@@ -156,6 +156,13 @@ class IndexReplica:
     def snapshot_enabled(self) -> bool:
         return self.snapshot_every > 0 or self.snapshot_interval > 0
 
+    def digest(self) -> dict[str, Any]:
+        """Per pool, the digest of the index and its block count, at `applied_seq` (`GET /digest`).
+        Replicas that applied the same stream prefix report the same digests. Costs one dump of
+        every index: for comparing replicas (tests, benchmarks, an operator), not for probes."""
+        pools = {pool: {"index": st.index.digest(), "blocks": st.index.tier_blocks()} for pool, st in self.pool_states().items()}
+        return {"applied_seq": self.applied_seq, "pools": pools}
+
     def pool_states(self) -> dict[str, PoolState]:
         return self.core.states
 

@@ -656,12 +656,12 @@ class SchedulerApp:
         requests, at the bookings stream position `applied_seq`; with an index replica, its digests
         too (`IndexerApp.digest`). Replicas that applied the same streams report the same values."""
         pools = {}
-        for pool in self.trackers:
+        for pool in self.states:
             state = self.export_state(pool)
             pools[pool] = {"load": state.digest, "bookings": len(state.bookings)}
         out: dict[str, Any] = {"router_id": self.router_id, "applied_seq": self._applied_seq, "pools": pools}
         if isinstance(self.overlap, EmbeddedOverlap):
-            out["index"] = self.overlap.app.digest()
+            out["index"] = self.overlap.replica.digest()
         return out
 
     async def _state(self, pool: str, req: StateRequest) -> StateReply:

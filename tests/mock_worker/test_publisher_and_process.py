@@ -50,15 +50,18 @@ async def test_publisher_rides_out_a_stream_without_a_leader(nc):
     """No stream answers the subject for 1.5 s ("no responders" at once, as while a cluster elects
     a new stream leader): every message is retried until the stream is back, nothing is given up."""
     js = nc.jetstream()
-    pub = KvEventPublisher(js, NAMES, "pp", worker_id=9, max_batch=1, max_inflight=8)
+    pub = KvEventPublisher(js, pool="pp", worker_id=9, subject_of=lambda r: NAMES.kv_subject("pp", 9, r), max_events=1,
+                           max_inflight=8)  # fmt: skip
+    pub.start()
     events = [stored_event(9, i, [(1000 + i, 2000 + i)]) for i in range(6)]
     await pub.publish(events)
     await asyncio.sleep(1.5)
-    assert pub.messages == 0 and pub.inflight == 6
+    assert pub.published_messages == 0 and pub.pending() == 6 and pub.failures > 0
     await provision(js, NAMES, StreamSettings())
-    await pub.flush(15)
-    assert (pub.messages, pub.events, pub.failures) == (6, 6, 0)
+    assert await pub.flushed(15)
+    assert (pub.published_messages, pub.published_events, pub.pending()) == (6, 6, 0)
     assert (await js.stream_info("KVR_KV")).state.messages == 6
+    await pub.stop()
 
 
 async def test_mock_workers_process_registers_and_drains_on_sigterm(nats_url, nc, tmp_path):

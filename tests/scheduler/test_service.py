@@ -411,6 +411,6 @@ async def test_a_replica_behind_the_bookings_stream_asks_for_a_retry_instead_of_
         assert err.value.code == "timeout" and "not applied the bookings stream" in err.value.message
         # A request nobody booked, on a replica that is up to date, is still simply unknown.
     async with running_scheduler(nats_url, "--router-id", "s3") as fresh:
-        await eventually(lambda: fresh.trackers[POOL].is_active("elsewhere"))
+        await eventually(lambda: fresh.states[POOL].tracker.is_active("elsewhere"))
         assert not (await cleanup(nc, "nobody", "free")).known
         assert (await cleanup(nc, "elsewhere", "free")).known

@@ -61,7 +61,7 @@ async def test_a_bookings_stream_without_a_leader_answers_timeout_and_books_noth
         except RemoteError as err:
             assert err.code == "timeout" and "no leader" in err.message, err
         assert unrecorded() - before == 1
-        assert app.export_state(POOL).bookings == [] and not app.trackers[POOL].request_ids()
+        assert app.export_state(POOL).bookings == [] and not app.states[POOL].tracker.request_ids()
 
         # The stream comes back 0.5 s into the next select: the retried add is recorded once.
         async def back() -> None:
