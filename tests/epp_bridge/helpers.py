@@ -10,12 +10,13 @@ from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from schemas.hashing import local_block_hashes, salt_seed
+from bench.lib.inproc import record  # noqa: F401 - the tests import it from here
 from services.epp_bridge.app import EppBridgeApp
 from services.epp_bridge.settings import COMMAND_SETTINGS
 from services.runtime.config import COMMON
 from services.runtime.service import Runtime, build_parser
 from services.runtime.config import resolve
-from services.runtime.workers import now_ms, put_worker
+from services.runtime.workers import put_worker
 
 
 def bridge_cfg(nats_url: str, *argv: str) -> SimpleNamespace:
@@ -34,15 +35,6 @@ async def start_bridge(nc, nats_url: str, *argv: str) -> EppBridgeApp:
     app = EppBridgeApp(cfg)
     await app.start(rt)
     return app
-
-
-def record(worker_id: int, pool: str = "p", **kw) -> WorkerRecord:
-    kw.setdefault("pod_name", f"vllm-{worker_id}")
-    kw.setdefault("address", f"10.0.0.{worker_id}")
-    kw.setdefault("port", 8000)
-    kw.setdefault("ttl_s", 300.0)
-    kw.setdefault("block_size", 4)
-    return WorkerRecord(worker_id=worker_id, pool=pool, heartbeat_ms=now_ms(), **kw)
 
 
 async def register(nc, records: Sequence[WorkerRecord], bucket: str = "KVR_WORKERS") -> None:
