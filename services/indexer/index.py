@@ -408,6 +408,9 @@ class PrefixIndex:
         # query) and later ones are small; recording the dropped workers instead would give a new
         # large mask for nearly every query
         narrowings: list[tuple[int, int]] = []
+        # Early exit stops once one worker is left, as Dynamo's indexers do: that worker's score is
+        # the depth of the block where it became the only one, that block included (a lower bound).
+        last = 0
         if active and not (early_exit and not active & (active - 1)):
             n = len(local_hashes)
             min_run = self.min_run
@@ -421,7 +424,10 @@ class PrefixIndex:
                     if narrowed != active:  # only if `node` gained workers since the stretch was walked
                         narrowings.append((active, pos))
                         active = narrowed
-                        if not active or (early_exit and not active & (active - 1)):
+                        if not active:
+                            break
+                        if early_exit and not active & (active - 1):
+                            last = pos + 1  # the one left holds the run's first block too
                             break
                     node = run.end
                     pos += run.length
@@ -438,7 +444,10 @@ class PrefixIndex:
                 if narrowed != active:
                     narrowings.append((active, pos))
                     active = narrowed
-                    if not active or (early_exit and not active & (active - 1)):
+                    if not active:
+                        break
+                    if early_exit and not active & (active - 1):
+                        last = pos + 1  # the one left holds `child` too
                         break
                 owner = child.owner
                 owned = owner is not None and owner.valid
@@ -451,7 +460,7 @@ class PrefixIndex:
             if pos - s_pos >= min_run:
                 self._add_run(s_first, node, local_hashes, s_pos + 1, pos)
         if active:
-            narrowings.append((active, pos))
+            narrowings.append((active, last or pos))
         return narrowings
 
     def _scores(self, narrowings: list[tuple[int, int]]) -> dict[WorkerKey, int]:

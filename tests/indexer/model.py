@@ -83,6 +83,33 @@ class ModelIndex:
                 out[key] = d
         return out
 
+    def early_exit_scores(self, hashes: list[int]) -> dict[Key, int]:
+        """Dynamo's `find_matches(early_exit=true)` (its concurrent radix tree, block by block):
+        workers dropping out at depth d score d; once one worker is left at block i the walk stops
+        and that worker scores i + 1."""
+        paths = {key: set(by_tier.get("device", {}).values()) for key, by_tier in self.workers.items()}
+        if not hashes:
+            return {}
+        active = {k for k, p in paths.items() if tuple(hashes[:1]) in p}
+        if not active:
+            return {}
+        if len(active) == 1:
+            return dict.fromkeys(active, 1)
+        out: dict[Key, int] = {}
+        depth = 1
+        for i in range(1, len(hashes)):
+            holders = {k for k, p in paths.items() if tuple(hashes[: i + 1]) in p}
+            for k in active - holders:
+                out[k] = depth
+            active &= holders
+            if not active:
+                break
+            depth = i + 1
+            if len(active) == 1:
+                break
+        out.update(dict.fromkeys(active, depth))
+        return out
+
     def tier_scores(self, hashes: list[int]) -> dict[str, dict[Key, int]]:
         result = {}
         covered = self.scores(hashes)

@@ -81,7 +81,8 @@ def test_matches_agree_with_brute_force_model(ops, queries):
         assert got.tier_scores == model.tier_scores(q)
         assert got.tree_sizes == model.tree_sizes()
         lower = index.find_matches(q, early_exit=True).scores
-        for k, v in lower.items():  # early exit gives lower bounds of the exact scores
+        assert lower == model.early_exit_scores(q)  # Dynamo's early exit, exactly
+        for k, v in lower.items():  # lower bounds of the exact scores
             assert 0 < v <= got.scores[k]
     assert index.cursors == model.cursors
 
@@ -154,8 +155,21 @@ def test_runs_built_by_matches_never_change_a_later_match(ops, min_run):
         for q in probes:  # every prefix of every held path, and past their ends
             got = index.find_matches(list(q))
             assert got.scores == model.scores(list(q)), q
-            for k, v in index.find_matches(list(q), early_exit=True).scores.items():
+            early = index.find_matches(list(q), early_exit=True).scores
+            assert early == model.early_exit_scores(list(q)), q
+            for k, v in early.items():
                 assert 0 < v <= got.scores[k]
+
+
+def test_early_exit_scores_the_last_worker_through_the_block_where_it_became_the_only_one():
+    """Seed behaviour: the last worker's score stopped one block short of where Dynamo stops."""
+    index = PrefixIndex(min_run=2)
+    index.apply(stored_event(1, 0, [(100 + i, 10 + i) for i in range(6)]))  # worker 1: 6 blocks
+    index.apply(stored_event(2, 0, [(200 + i, 10 + i) for i in range(2)]))  # worker 2: the first 2
+    query = [10 + i for i in range(6)]
+    for _ in range(3):  # the later walks go through runs
+        assert index.find_matches(query).scores == {(1, 0): 6, (2, 0): 2}
+        assert index.find_matches(query, early_exit=True).scores == {(1, 0): 3, (2, 0): 2}
 
 
 def test_a_second_match_builds_a_run_and_a_mask_change_inside_it_invalidates_it():
