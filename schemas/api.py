@@ -10,6 +10,7 @@ from msgspec import Meta
 
 from .bookings import BookingId
 from .events import RouterEvent
+from .hashing import effective_salt
 from .types import (
     MAX_BLOCK_HASHES,
     MAX_TAINTS,
@@ -74,6 +75,31 @@ TargetRef = tuple[WorkerId, DpRank]
 MAX_FALLBACKS = 16
 
 
+MAX_MM_OBJECTS = 4_096
+TokenPos = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+
+
+class MultimodalObject(msgspec.Struct, omit_defaults=True):
+    """A multimodal object (image, audio, ...) of a prompt: its u64 hash and the token positions
+    [offset, offset + length) its placeholders take (docs/protocol.md §6)."""
+
+    mm_hash: Hash
+    offset: TokenPos
+    length: TokenPos
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mm_hash <= U64_MASK:
+            self.mm_hash = to_u64(self.mm_hash)
+
+
+MultimodalList = Annotated[list[MultimodalObject], Meta(max_length=MAX_MM_OBJECTS)]
+
+
+def mm_objects(multimodal: list[MultimodalObject] | None) -> list[tuple[int, int, int]] | None:
+    """The `schemas.hashing` form of a request's multimodal objects."""
+    return [(o.mm_hash, o.offset, o.length) for o in multimodal] if multimodal else None
+
+
 def _normalize_hashes(hashes: list[int] | None) -> None:
     # min/max run in C; the per-element rewrite only when some hash is out of the u64 range
     if hashes and (min(hashes) < 0 or max(hashes) > U64_MASK):
@@ -105,10 +131,14 @@ class MatchRequest(msgspec.Struct, omit_defaults=True):
     lora_name: OptStr = None
     cache_salt: OptStr = None
     early_exit: bool = False
+    # Dynamo's name for the cache salt (the same hash); with `token_ids` only, as the salt.
+    cache_namespace: OptStr = None
+    multimodal: MultimodalList | None = None  # with `token_ids` only
 
     def __post_init__(self) -> None:
         if (self.block_hashes is None) == (self.token_ids is None):
             raise ValueError('exactly one of "block_hashes" or "token_ids" must be given')
+        effective_salt(self.cache_salt, self.cache_namespace)  # both given: equal
         _normalize_hashes(self.block_hashes)
 
 
@@ -176,10 +206,14 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     fallbacks: Annotated[int, Meta(ge=0, le=MAX_FALLBACKS)] = 0
     # This select's booking attempt (a retry of the same attempt reuses it); generated when absent.
     booking_id: BookingId | None = None
+    # Dynamo's name for the cache salt (the same hash); hashes `token_ids`, as `multimodal` does.
+    cache_namespace: OptStr = None
+    multimodal: MultimodalList | None = None
 
     def __post_init__(self) -> None:
         if self.token_ids is None and self.block_hashes is None:
             raise ValueError('one of "token_ids" or "block_hashes" must be given')
+        effective_salt(self.cache_salt, self.cache_namespace)  # both given: equal
         _normalize_hashes(self.block_hashes)
 
 

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from .api import EppQueryRequest, OptStr, RoutingConstraints, TokenList
+from .api import EppQueryRequest, MultimodalList, OptStr, RoutingConstraints, TokenList
+from .hashing import effective_salt
 from .types import MAX_TOKENS, DpRank, NonNegInt, TokenId, WorkerId
 
 MAX_MESSAGES = 65_536
@@ -62,6 +63,13 @@ class NvExt(msgspec.Struct, omit_defaults=True):
     cache_salt: OptStr = None
     expected_output_tokens: NonNegInt | None = None
     agent_hints: AgentHints | None = None
+    # Dynamo's name for the cache salt: the same hash; given with `cache_salt`, it must be equal.
+    cache_namespace: OptStr = None
+    # The prompt's multimodal objects (token positions): they enter the hashes of their blocks.
+    multimodal: MultimodalList | None = None
+
+    def __post_init__(self) -> None:
+        effective_salt(self.cache_salt, self.cache_namespace)  # both given: equal
 
 
 # A completions prompt: a string, a batch of strings, token ids, or a batch of token-id lists.
@@ -84,6 +92,8 @@ class OpenAiBody(msgspec.Struct, omit_defaults=True):
     nvext: NvExt | None = None
 
     def __post_init__(self) -> None:
+        if self.nvext is not None and not self.nvext.cache_salt:
+            effective_salt(self.cache_salt, self.nvext.cache_namespace)
         if (self.prompt is None) == (self.messages is None):
             raise ValueError('exactly one of "prompt" (completions) or "messages" (chat) must be given')
         if isinstance(self.prompt, list):

@@ -14,8 +14,9 @@ from schemas.api import (
     SelectReply,
     SelectRequest,
     Target,
+    mm_objects,
 )
-from schemas.hashing import local_block_hashes, salt_seed
+from schemas.hashing import effective_salt, local_block_hashes, salt_seed
 from schemas.openai import OpenAiBody
 
 from .prompt import PromptTokens
@@ -90,12 +91,17 @@ def select_request(
         if expected is None and hints is not None:
             expected = hints.osl
     lora_name = nvext.lora_name if nvext else None
-    cache_salt = (nvext.cache_salt if nvext and nvext.cache_salt else None) or body.cache_salt
+    # The body's salt under either name (equal when both are given: checked when the body was decoded).
+    cache_salt = effective_salt(
+        (nvext.cache_salt if nvext and nvext.cache_salt else None) or body.cache_salt, nvext.cache_namespace if nvext else None
+    )
+    multimodal = nvext.multimodal if nvext and nvext.multimodal else None
     token_ids: list[int] | None = prompt.token_ids
     block_hashes = None
     if block_size:
-        block_hashes = local_block_hashes(prompt.token_ids, block_size, salt_seed(lora_name, cache_salt))
+        block_hashes = local_block_hashes(prompt.token_ids, block_size, salt_seed(lora_name, cache_salt), mm_objects(multimodal))
         token_ids = None
+        multimodal = None  # in the hashes
     return SelectRequest(
         request_id=req.request_id,
         token_ids=token_ids,
@@ -103,6 +109,7 @@ def select_request(
         isl_tokens=prompt.isl_tokens,
         lora_name=lora_name,
         cache_salt=cache_salt,
+        multimodal=multimodal,
         allowed_worker_ids=allowed,
         allowed_targets=allowed_targets,
         pinned_worker_id=nvext.backend_instance_id if nvext else None,

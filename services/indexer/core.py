@@ -25,11 +25,11 @@ from typing import Annotated, Any, NamedTuple
 from msgspec import Meta
 
 from schemas import codec
-from schemas.api import ErrorCode, MatchReply, MatchRequest, WorkerScore
+from schemas.api import ErrorCode, MatchReply, MatchRequest, WorkerScore, mm_objects
 from schemas.codec import SchemaError
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
-from schemas.hashing import local_block_hashes, salt_seed
+from schemas.hashing import effective_salt, local_block_hashes, salt_seed
 from schemas.types import MAX_EVENTS_PER_MESSAGE
 from services.runtime.responder import ServiceError
 
@@ -219,7 +219,8 @@ class IndexCore:
         """The local block hashes a match request asks about."""
         if req.block_hashes is not None:
             return req.block_hashes
-        return local_block_hashes(req.token_ids or [], self.block_size(pool), salt_seed(req.lora_name, req.cache_salt))
+        seed = salt_seed(req.lora_name, effective_salt(req.cache_salt, req.cache_namespace))
+        return local_block_hashes(req.token_ids or [], self.block_size(pool), seed, mm_objects(req.multimodal))
 
     def match_reply(self, pool: str, res: OverlapScores) -> MatchReply:
         """`indexer.match`'s answer (docs/protocol.md §5) from the index's scores."""

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from schemas.api import ErrorCode
 from schemas.codec import SchemaError
+from schemas.hashing import effective_salt
 from services.epp_bridge.prompt import parse_body, prompt_tokens
 from services.runtime.responder import ServiceError
 
@@ -122,7 +123,9 @@ class OpenAiFront:
             return error_response(400, exc.message, exc.path)
         nvext = body.nvext
         lora = nvext.lora_name if nvext is not None else None
-        salt = (nvext.cache_salt if nvext is not None else None) or body.cache_salt
+        salt = effective_salt(  # either name of the salt (equal when both: checked at decode)
+            (nvext.cache_salt if nvext is not None else None) or body.cache_salt, nvext.cache_namespace if nvext is not None else None
+        )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         queue = self.worker.submit_local(request_id, prompt.token_ids, max_tokens, lora, salt)
         if isinstance(queue, Rejected):

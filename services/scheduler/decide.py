@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import msgspec
 
-from schemas.api import ErrorCode, Policy, SelectReply, SelectRequest
+from schemas.api import ErrorCode, Policy, SelectReply, SelectRequest, mm_objects
 from schemas.api import Target as WireTarget
 from schemas.bookings import BookingAdd
-from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from schemas.hashing import effective_salt, local_block_hashes, salt_seed, sequence_hashes
 
 from .candidates import Candidate
 from .load import PREFILL_LEG, LoadTracker, Target
@@ -119,7 +119,8 @@ class Decider:
             if booked is not None:
                 return Prepared(req, block_size, [], [], booked.isl_tokens, booked)
         if req.token_ids is not None:
-            local = local_block_hashes(req.token_ids, block_size, salt_seed(req.lora_name, req.cache_salt))
+            seed = salt_seed(req.lora_name, effective_salt(req.cache_salt, req.cache_namespace))
+            local = local_block_hashes(req.token_ids, block_size, seed, mm_objects(req.multimodal))
             isl = req.isl_tokens if req.isl_tokens is not None else len(req.token_ids)
         else:
             local = list(req.block_hashes or [])
