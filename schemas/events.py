@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
-from .types import MAX_BLOCKS_PER_EVENT, DpRank, Hash, NonNegInt, WorkerId, U64_MASK, to_u64
+from .types import MAX_BLOCKS_PER_EVENT, U64_MASK, DpRank, Hash, NonNegInt, WorkerId, to_u64
 
 # Fastest first; the one declaration of the tiers (the index derives its order from it).
 StorageTier = Literal["device", "host_pinned", "disk", "external"]
@@ -66,10 +66,24 @@ class KvCacheEvent(msgspec.Struct, omit_defaults=True):
     dp_rank: DpRank = 0
 
 
+# Dynamo's `residency_domain`: who owns the cached copy. Absent = the worker (legacy publishers);
+# `worker` is applied; anything else (`cache_owner`, an unknown name, an explicit null) is not the
+# worker's own cache and is skipped by the index (counted), a `cleared` included.
+WORKER_DOMAIN = "worker"
+ResidencyDomain = Annotated[str, Meta(max_length=64)] | None | UnsetType
+
+
 class RouterEvent(msgspec.Struct, omit_defaults=True):
     worker_id: WorkerId
     event: KvCacheEvent
     storage_tier: StorageTier = "device"
+    residency_domain: ResidencyDomain = UNSET
+
+    @property
+    def worker_domain(self) -> bool:
+        """The event is about the worker's own cache (docs/protocol.md §2)."""
+        domain = self.residency_domain
+        return domain is UNSET or domain == WORKER_DOMAIN
 
     @property
     def kind(self) -> str:

@@ -39,7 +39,9 @@ from schemas.events import RouterEvent, StorageTier, StoredBlock
 
 TIERS: tuple[StorageTier, ...] = get_args(StorageTier)  # fastest first
 EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
-OUTCOMES: tuple[str, ...] = ("ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity")
+OUTCOMES: tuple[str, ...] = (
+    "ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity", "other_domain",
+)  # fmt: skip
 DEVICE: StorageTier = "device"
 
 WorkerKey = tuple[int, int]  # (worker_id, dp_rank)
@@ -165,6 +167,11 @@ class PrefixIndex:
                 return "duplicate"
             gap = eid != last + 1
         self.cursors[key] = eid
+        if not event.worker_domain:
+            # Not the worker's own cache (Dynamo's `cache_owner` residency): never applied as the
+            # worker's, a `cleared` included; its id still moves the publisher's cursor.
+            self.counters[(kind, "other_domain")] += 1
+            return "other_domain"
         if kind == "stored":
             if cap is not None and self._over_cap(key, event.storage_tier, data.stored.blocks, cap):  # type: ignore[union-attr]
                 outcome = "over_capacity"

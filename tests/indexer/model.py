@@ -28,6 +28,8 @@ class ModelIndex:
             return "duplicate"
         gap = last is not None and ev.event_id != last + 1
         self.cursors[key] = ev.event_id
+        if not event.worker_domain:
+            return "other_domain"
         tier = event.storage_tier
         data = ev.data
         outcome = "ok"
