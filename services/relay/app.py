@@ -33,8 +33,10 @@ from .convert import Converter
 from .decode import BadBatch, decode_batch
 from .ids import IdReservations
 from .ingest import RankIntake, rank_endpoints
+from .plane import PlaneIntake
 
 WORKER_ID_MASK = (1 << 53) - 1
+_EVENTS = list[RouterEvent]
 
 
 def worker_id_for(pod_name: str) -> int:
@@ -94,10 +96,15 @@ class RelayApp:
         self.pool = cfg.pool[0]
         self.pod_name, self.worker_id, self.address = resolve_identity(cfg)
         self.record = worker_record(cfg, self.pool, self.pod_name, self.worker_id, self.address)  # validates flags
-        self.endpoints = rank_endpoints(list(cfg.zmq), cfg.dp_start_rank, cfg.dp_size)
-        self.replay_endpoints = rank_endpoints(list(cfg.replay), cfg.dp_start_rank, cfg.dp_size)
-        if not self.endpoints:
+        self.dynamo = cfg.source == "dynamo"
+        if not cfg.zmq:
             raise ValueError("no --zmq endpoint given")
+        if self.dynamo:  # one socket for every endpoint: the events name their ranks
+            self.endpoints = dict.fromkeys(range(cfg.dp_start_rank, cfg.dp_start_rank + cfg.dp_size), ",".join(cfg.zmq))
+            self.replay_endpoints: dict[int, str] = {}
+        else:
+            self.endpoints = rank_endpoints(list(cfg.zmq), cfg.dp_start_rank, cfg.dp_size)
+            self.replay_endpoints = rank_endpoints(list(cfg.replay), cfg.dp_start_rank, cfg.dp_size)
         self.converter = Converter(
             self.worker_id,
             cfg.block_size,
@@ -108,6 +115,7 @@ class RelayApp:
         self.rt: Runtime | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.intakes: list[RankIntake] = []
+        self.plane: PlaneIntake | None = None
         self.publisher: KvEventPublisher | None = None
         self.ids: IdReservations | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -145,7 +153,13 @@ class RelayApp:
             await self._heartbeat_once()
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
         self.ctx = zmq.asyncio.Context()
-        for rank, endpoint in self.endpoints.items():
+        if self.dynamo:
+            self.plane = PlaneIntake(
+                self.ctx, list(cfg.zmq), set(self.endpoints), self.worker_id, topic=cfg.topic,
+                events=self.apply_events, clear=self.clear_rank, clear_on_start=cfg.clear_on_start, hwm=cfg.zmq_hwm,
+            )  # fmt: skip
+            self.plane.start()
+        for rank, endpoint in ({} if self.dynamo else self.endpoints).items():
             intake = RankIntake(
                 self.ctx,
                 rank,
@@ -175,6 +189,8 @@ class RelayApp:
         self._ready = False
         for intake in self.intakes:
             await intake.stop()
+        if self.plane is not None:
+            await self.plane.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.publisher is not None:
@@ -203,6 +219,7 @@ class RelayApp:
                 for i in self.intakes
             },
             "next_event_ids": {str(r): s.next_id for r, s in self.converter.ranks.items()},
+            "source": self.cfg.source,
             "buffered": self.publisher.pending() if self.publisher else 0,
             "published_events": self.publisher.published_events if self.publisher else 0,
             "invalid_batches": self.invalid_batches,
@@ -213,6 +230,11 @@ class RelayApp:
     def apply_batch(self, dp_rank: int, seq: int, payload: bytes, source: str) -> None:
         # The socket a batch arrived on decides its rank (the envelope's rank is informational).
         self._push(Pending(dp_rank, payload))
+
+    def apply_events(self, dp_rank: int, events: list[RouterEvent]) -> None:
+        # Dynamo's events, already this worker's: kept encoded until the publisher takes them, when
+        # they get their ids (so the relay's clears and a restarted publisher's ids stay in order).
+        self._push(Pending(dp_rank, codec.encode_msgpack(events)))
 
     def clear_rank(self, dp_rank: int, cause: str) -> None:
         self._push(Pending(dp_rank, None, cause))
@@ -233,6 +255,8 @@ class RelayApp:
         if item.payload is None:  # a clear (the relay pushes no events already made)
             metrics.CLEARED_SENT.labels(item.cause).inc()
             out = self.converter.clear(item.dp_rank)
+        elif self.dynamo:
+            out = self.converter.restamp(item.dp_rank, codec.decode(item.payload, _EVENTS, codec.MSGPACK))
         else:
             try:
                 batch = decode_batch(item.payload)

@@ -182,6 +182,26 @@ class Converter:
                 ops.append(op)
         return self._emit(dp_rank, ops)
 
+    def restamp(self, dp_rank: int, events: Iterable[RouterEvent]) -> list[RouterEvent]:
+        """RouterEvents a Dynamo publisher made (`--source dynamo`: hashed, batched and de-duplicated
+        on its side) as this worker's, with this rank's next ids: the relay's own `cleared`s and a
+        restarted publisher's ids from 1 then stay in one increasing sequence per rank."""
+        state = self.rank(dp_rank)
+        out: list[RouterEvent] = []
+        for ev in events:
+            data = ev.event.data
+            self.counts["events_in"] += 1
+            if isinstance(data, str):
+                state.held.clear()
+                kind = "cleared"
+            else:
+                kind = "stored" if data.stored is not None else "removed"
+                self.counts["blocks_out"] += len(data.stored.blocks) if data.stored is not None else len(data.removed.block_hashes)  # type: ignore[union-attr]
+            self.counts[f"out_{kind}"] += 1
+            out.append(RouterEvent(self.worker_id, KvCacheEvent(state.next_id, data, dp_rank), ev.storage_tier))
+            state.next_id += 1
+        return out
+
     def _tier(self, medium: str | None) -> str | None:
         tier = storage_tier(medium)
         if tier is None:

@@ -52,7 +52,7 @@ def rank_endpoints(endpoints: list[str], dp_start_rank: int, dp_size: int) -> di
     return {r: urlunsplit((parts.scheme, f"{host}:{parts.port + r}", "", "", "")) for r in ranks}
 
 
-def _attach(sock: zmq.asyncio.Socket, endpoint: str) -> None:
+def attach(sock: zmq.asyncio.Socket, endpoint: str) -> None:
     # vLLM's rule: wildcard addresses are bound, anything else is connected.
     if "*" in endpoint:
         sock.bind(endpoint)
@@ -118,7 +118,7 @@ class RankIntake:
         sub.setsockopt(zmq.RCVHWM, self.hwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        _attach(sub, self.endpoint)
+        attach(sub, self.endpoint)
         self.sub = sub
 
     def start(self) -> None:

@@ -10,7 +10,8 @@ ZMQ_BATCHES = Counter("kvr_relay_zmq_batches_total", "engine batches received (l
 INVALID = Counter(
     "kvr_relay_invalid_total",
     "frames / batches / events skipped as unreadable, by reason "
-    "(frames, seq, bad_msgpack, bad_envelope, bad_event, unknown_event, convert_failed)",
+    "(frames, seq, bad_msgpack, bad_envelope, bad_event, unknown_event, convert_failed; Dynamo's event plane: "
+    "header, frame_header, frame_version, frame_length, envelope, envelope_mismatch, payload, unknown_rank)",
     ["reason"],
 )
 EVENTS_IN = Counter("kvr_relay_engine_events_total", "engine events decoded (all types)")
@@ -32,6 +33,11 @@ ENGINE_RESTARTS = Counter(
     "kvr_relay_engine_restarts_total", "ZMQ sequence went backwards (a cleared was published)", ["dp_rank"]
 )
 DUPLICATES = Counter("kvr_relay_duplicate_batches_total", "live batches already applied by a replay", ["dp_rank"])
+OTHER_DOMAIN = Counter(
+    "kvr_relay_other_domain_events_total",
+    "Dynamo events skipped as not of the worker's own cache, by residency_domain (cache_owner, unknown, null)",
+    ["domain"],
+)
 CLEARED_SENT = Counter("kvr_relay_cleared_total", "cleared events emitted by the relay itself, by cause", ["cause"])
 
 PUBLISHED_MESSAGES = Counter("kvr_relay_published_messages_total", "messages acknowledged by JetStream")

@@ -51,3 +51,49 @@ class SeqTracker:
         """Forget the publisher's numbering (it restarted): everything from 0 is new."""
         self.last = None
         self._replay_floor = self._replay_ceiling = -1
+
+
+class PlaneSequencer:
+    """Dynamo's event plane (`--source dynamo`): per-publisher message sequences, and which
+    publisher feeds each dp rank. Pure.
+
+    Dynamo's publishers have no replay socket, so a lost message cannot be fetched again: a forward
+    jump of a publisher's sequence clears the ranks that publisher feeds (`unrecoverable_gap`); a
+    rank first fed by a publisher is cleared (`start`, when clearing on start) and a rank fed by
+    another publisher than before is cleared too (`engine_restart`: a restarted Dynamo publisher
+    has a new `publisher_id`). A sequence that does not move forward is a duplicate (a broker
+    delivering twice) and is skipped. At most `max_publishers` publishers are remembered (the
+    longest silent forgotten), so memory stays bounded whatever ids arrive.
+    """
+
+    def __init__(self, clear_on_start: bool = True, max_publishers: int = 1024) -> None:
+        self.clear_on_start = clear_on_start
+        self.max_publishers = max(1, max_publishers)
+        self.publishers: dict[int, int] = {}  # publisher id → last sequence (least recently seen first)
+        self.owner: dict[int, int] = {}  # dp rank → the publisher that feeds it
+
+    def on_message(self, publisher_id: int, sequence: int, ranks: set[int] | list[int]) -> tuple[bool, list[tuple[int, str]]]:
+        """(apply the message?, the (rank, cause) clears to publish before its events)."""
+        last = self.publishers.pop(publisher_id, None)
+        if last is not None and sequence <= last:
+            self.publishers[publisher_id] = last
+            return False, []
+        clears: list[tuple[int, str]] = []
+        if last is not None and sequence > last + 1:
+            clears = [(r, "unrecoverable_gap") for r, p in sorted(self.owner.items()) if p == publisher_id]
+        self.publishers[publisher_id] = sequence
+        if len(self.publishers) > self.max_publishers:
+            del self.publishers[next(iter(self.publishers))]
+        cleared = {r for r, _ in clears}
+        for r in sorted(ranks):
+            before = self.owner.get(r)
+            if before == publisher_id:
+                continue
+            self.owner[r] = publisher_id
+            if r in cleared:
+                continue
+            if before is not None:
+                clears.append((r, "engine_restart"))
+            elif self.clear_on_start:
+                clears.append((r, "start"))
+        return True, clears
