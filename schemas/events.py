@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from .types import MAX_BLOCKS_PER_EVENT, U64_MASK, DpRank, Hash, NonNegInt, WorkerId, to_u64
+from .types import I64_MAX, MAX_BLOCKS_PER_EVENT, U64_MASK, DpRank, Hash, NonNegInt, WorkerId, to_u64
 
 # Fastest first; the one declaration of the tiers (the index derives its order from it).
 StorageTier = Literal["device", "host_pinned", "disk", "external"]
@@ -117,6 +117,26 @@ def cleared_event(worker_id: int, event_id: int, dp_rank: int = 0, storage_tier:
     return RouterEvent(worker_id, KvCacheEvent(event_id, CLEARED, dp_rank), storage_tier)  # type: ignore[arg-type]
 
 
-def kv_msg_id(pool: str, worker_id: int, dp_rank: int, first_event_id: int) -> str:
-    """The `Nats-Msg-Id` publishers set so JetStream de-duplicates retries."""
+MSG_ID = "Nats-Msg-Id"
+
+
+def kv_msg_id(pool: str, worker_id: int, dp_rank: int, first_event_id: int, epoch: int = 0) -> str:
+    """The `Nats-Msg-Id` publishers set so JetStream de-duplicates retries (docs/protocol.md §2):
+    `{pool}:{worker}:{rank}:{epoch}:{first_event_id}`, the epoch naming the publisher's run (its
+    start), so a restarted publisher's ids from 1 are not taken for the old run's retries; epoch 0
+    (none) writes the first format `{pool}:{worker}:{rank}:{first_event_id}`."""
+    if epoch:
+        return f"{pool}:{worker_id}:{dp_rank}:{epoch}:{first_event_id}"
     return f"{pool}:{worker_id}:{dp_rank}:{first_event_id}"
+
+
+def kv_msg_epoch(msg_id: str | None) -> int:
+    """The publisher epoch a KV message's `Nats-Msg-Id` carries; 0 for the first format, no id or
+    anything unreadable (the message is still applied, as from a publisher without epochs)."""
+    if not msg_id:
+        return 0
+    parts = msg_id.split(":")
+    if len(parts) != 5 or not parts[3].isdigit() or len(parts[3]) > 19:
+        return 0
+    epoch = int(parts[3])
+    return epoch if epoch <= I64_MAX else 0

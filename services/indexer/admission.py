@@ -116,6 +116,7 @@ class Held:
     dp_rank: int
     data: bytes
     content_type: str | None
+    epoch: int = 0  # the publisher run its Nats-Msg-Id names
 
     @property
     def size(self) -> int:

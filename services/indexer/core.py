@@ -114,8 +114,9 @@ class IndexCore:
 
     # --- KV messages ---------------------------------------------------------------------------
 
-    def on_kv(self, seq: int, subject: str, data: bytes, ctype: str | None) -> None:
-        """One message of KVR_KV, in stream order (or re-read by a rewind)."""
+    def on_kv(self, seq: int, subject: str, data: bytes, ctype: str | None, epoch: int = 0) -> None:
+        """One message of KVR_KV, in stream order (or re-read by a rewind); `epoch`: the publisher
+        run its `Nats-Msg-Id` names (`schemas.events.kv_msg_epoch`)."""
         if seq > self.applied_seq:
             self.applied_seq = seq
         parsed = parse_kv_subject(subject, self.prefix)
@@ -132,9 +133,9 @@ class IndexCore:
             return
         verdict = self.admission.route(pool, seq, worker_id)
         if verdict is Verdict.APPLY:
-            self._apply_message(st, seq, worker_id, dp_rank, data, ctype)
+            self._apply_message(st, seq, worker_id, dp_rank, data, ctype, epoch)
         elif verdict is Verdict.HOLD:
-            self.admission.hold(pool, Held(seq, worker_id, dp_rank, bytes(data), ctype))
+            self.admission.hold(pool, Held(seq, worker_id, dp_rank, bytes(data), ctype, epoch))
             self.report(KvOutcome(pool, seq, "held"))
         elif verdict is Verdict.REMOVED:
             st.dropped += 1
@@ -142,7 +143,9 @@ class IndexCore:
         else:
             self.report(KvOutcome(pool, seq, "skipped_covered" if seq <= st.covered_seq else "skipped_replayed"))
 
-    def _apply_message(self, st: PoolState, seq: int, worker_id: int, dp_rank: int, data: bytes, ctype: str | None) -> None:
+    def _apply_message(
+        self, st: PoolState, seq: int, worker_id: int, dp_rank: int, data: bytes, ctype: str | None, epoch: int = 0
+    ) -> None:
         pool = st.pool
         try:
             payload: RouterEvent | list[RouterEvent] = codec.decode(data, KvPayload, ctype)
@@ -160,7 +163,7 @@ class IndexCore:
         cap = self.admission.cap
         over = 0
         for ev in events:
-            if index.apply(ev, cap(pool, worker_id, ev.storage_tier)) == "over_capacity":
+            if index.apply(ev, cap(pool, worker_id, ev.storage_tier), epoch) == "over_capacity":
                 over += 1
         st.events_since_snapshot += len(events)
         self.report(KvOutcome(pool, seq, "ok", over_capacity=over))
@@ -194,7 +197,7 @@ class IndexCore:
     def _carry_out(self, pool: str, worker_id: int, admit: Admit) -> Carry:
         st = self.states[pool]
         for held in admit.apply:
-            self._apply_message(st, held.seq, held.worker_id, held.dp_rank, held.data, held.content_type)
+            self._apply_message(st, held.seq, held.worker_id, held.dp_rank, held.data, held.content_type, held.epoch)
         if admit.rewind_from is not None:
             # Everything up to where the follower is was processed: re-read only this worker's.
             self.admission.begin_replay(pool, worker_id, admit.rewind_from, self.applied_seq)

@@ -130,6 +130,8 @@ class PrefixIndex:
         self._slot_keys: list[WorkerKey | None] = []
         self._free_slots: list[int] = []
         self.cursors: dict[WorkerKey, int] = {}
+        self.epochs: dict[WorkerKey, int] = {}  # the publisher run each cursor counts in (absent = 0)
+        self.restarts = 0  # publisher runs that started the ids over (new epoch, or a cleared going back)
         self.counters: dict[tuple[str, str], int] = {(t, o): 0 for t in EVENT_TYPES for o in OUTCOMES}
         self.gaps = 0  # events applied after a forward jump of the event id (also counted when the apply failed)
         self.nodes = 0  # live nodes, root excluded
@@ -145,9 +147,10 @@ class PrefixIndex:
 
     # ---- events -----------------------------------------------------------------------------
 
-    def apply(self, event: RouterEvent, cap: int | None = None) -> str:
+    def apply(self, event: RouterEvent, cap: int | None = None, epoch: int = 0) -> str:
         """Fold one event. `cap`: the most blocks this (worker, dp rank) may hold in the event's tier;
-        a store that would go over is refused whole (`over_capacity`)."""
+        a store that would go over is refused whole (`over_capacity`). `epoch`: the publisher run
+        its message names (`Nats-Msg-Id`, 0 = none): a new one starts the event ids over."""
         ev = event.event
         key = (event.worker_id, ev.dp_rank)
         data = ev.data
@@ -160,12 +163,25 @@ class PrefixIndex:
         eid = ev.event_id
         self.version += 1
         last = self.cursors.get(key)
+        if epoch != self.epochs.get(key, 0):
+            # A new publisher run (docs/protocol.md §2): its ids start over, whatever the old cursor.
+            if epoch:
+                self.epochs[key] = epoch
+            else:
+                del self.epochs[key]
+            if last is not None:
+                self.restarts += 1
+            last = None
         gap = False
         if last is not None:
             if eid <= last:
-                self.counters[(kind, "duplicate")] += 1
-                return "duplicate"
-            gap = eid != last + 1
+                if kind != "cleared":
+                    self.counters[(kind, "duplicate")] += 1
+                    return "duplicate"
+                # A publisher without epochs that restarted: its first event clears, ids from 1 again.
+                self.restarts += 1
+            else:
+                gap = eid != last + 1
         self.cursors[key] = eid
         if not event.worker_domain:
             # Not the worker's own cache (Dynamo's `cache_owner` residency): never applied as the
@@ -381,6 +397,8 @@ class PrefixIndex:
             dropped += self._clear(key)
         for key in [k for k in self.cursors if k[0] == worker_id]:
             del self.cursors[key]
+        for key in [k for k in self.epochs if k[0] == worker_id]:
+            del self.epochs[key]
         return dropped
 
     # ---- queries ----------------------------------------------------------------------------

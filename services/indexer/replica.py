@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from schemas import codec
 from schemas.discovery import WorkerRecord
+from schemas.events import MSG_ID, kv_msg_epoch
 from services.runtime.badinput import malformed
 from services.runtime.follower import StreamFollower
 from services.runtime.logs import get_logger
@@ -205,7 +206,8 @@ class IndexReplica:
     # ---- KV events ----------------------------------------------------------------------------
 
     def _on_kv(self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self.core.on_kv(seq, subject, data, codec.content_type_of(headers))
+        epoch = kv_msg_epoch(headers.get(MSG_ID)) if headers else 0
+        self.core.on_kv(seq, subject, data, codec.content_type_of(headers), epoch)
 
     def _report(self, out: KvOutcome) -> None:
         key = (out.pool, out.outcome)

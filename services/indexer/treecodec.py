@@ -183,7 +183,9 @@ def snapshot_steps(index: PrefixIndex, step: int = 10_000) -> Generator[None, No
             if len(lk) >= step:
                 yield
     cursors = [[k[0], k[1], v] for k, v in sorted(index.cursors.items())]
-    return {"v": SNAPSHOT_VERSION, "parents": parents, "keys": keys, "workers": workers, "cursors": cursors}
+    # publisher epochs (docs/protocol.md §2); absent in snapshots written before them = all 0
+    epochs = [[k[0], k[1], v] for k, v in sorted(index.epochs.items())]
+    return {"v": SNAPSHOT_VERSION, "parents": parents, "keys": keys, "workers": workers, "cursors": cursors, "epochs": epochs}
 
 
 def from_snapshot(state: dict[str, Any]) -> PrefixIndex:
@@ -222,6 +224,7 @@ def from_snapshot(state: dict[str, Any]) -> PrefixIndex:
                 idx._link_lower(node, tier, w)
                 idx.lower_tier_blocks += 1
     idx.cursors = {(a, b): c for a, b, c in state["cursors"]}
+    idx.epochs = {(a, b): c for a, b, c in state.get("epochs", ())}
     idx.version += 1
     return idx
 

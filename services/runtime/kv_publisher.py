@@ -11,10 +11,10 @@ episode*, not one per drop.
 
 `KvEventPublisher` drains it in order: consecutive items of one rank are coalesced into one message
 (≤ `max_events` events, ≤ `max_blocks` blocks), published to `kvr.{pool}.kv.{worker}.{rank}` with
-`Nats-Msg-Id: {pool}:{worker}:{rank}:{first_event_id}`. Up to `max_inflight` messages await their
-ack at once (a Python client that awaits every ack is capped at 1/RTT messages per second); a
-message whose ack fails or times out is re-published unchanged (same bytes, same id) until JetStream
-acknowledges it, so a NATS outage loses nothing that fits in the buffer and JetStream stores each
+`Nats-Msg-Id: {pool}:{worker}:{rank}:{epoch}:{first_event_id}` (the epoch: when this publisher
+started, docs/protocol.md §2). Up to `max_inflight` messages await their ack at once (a Python
+client that awaits every ack is capped at 1/RTT messages per second); a message whose ack fails
+or times out is re-published unchanged (same bytes, same id) until JetStream acknowledges it, so a NATS outage loses nothing that fits in the buffer and JetStream stores each
 message once. With one message in flight (the relay) the stream order is the publish order even
 across failures; with more (the mock fleet), a message retried after a failure lands after the ones
 sent behind it, and the indexer drops its event ids as going backwards (counted) — on a healthy
@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from schemas import codec
-from schemas.events import RouterEvent, kv_msg_id
+from schemas.events import MSG_ID, RouterEvent, kv_msg_id
 from schemas.types import MAX_EVENTS_PER_MESSAGE
 
 from .logs import get_logger
@@ -262,6 +262,7 @@ class KvEventPublisher:
         max_inflight: int = 1,
         metrics: PublishMetrics | None = None,
         name: str = "kv-publisher",
+        epoch: int | None = None,
     ) -> None:
         if max_events < 1 or max_inflight < 1:
             raise ValueError("max_events and max_inflight must be >= 1")
@@ -278,6 +279,9 @@ class KvEventPublisher:
         self.max_inflight = max_inflight
         self.metrics: PublishMetrics = metrics or _NoMetrics()
         self.name = name
+        # This publisher's run (docs/protocol.md §2), in every Nats-Msg-Id: a restarted publisher
+        # whose ids start over is then neither de-duplicated by JetStream nor dropped by the index.
+        self.epoch = epoch if epoch is not None else time.time_ns() // 1_000_000
         self.published_messages = 0
         self.published_events = 0
         self.failures = 0
@@ -354,7 +358,7 @@ class KvEventPublisher:
     # ---- the drain ----------------------------------------------------------------------------
 
     def _encode(self, msg: OutMessage) -> Outgoing:
-        headers = {"Nats-Msg-Id": kv_msg_id(self.pool, self.worker_id, msg.dp_rank, msg.first_id)}
+        headers = {MSG_ID: kv_msg_id(self.pool, self.worker_id, msg.dp_rank, msg.first_id, self.epoch)}
         if self.msgpack:
             headers[codec.CONTENT_TYPE_HEADER] = codec.MSGPACK
             payload = codec.encode_msgpack(msg.events)

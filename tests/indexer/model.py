@@ -12,6 +12,7 @@ class ModelIndex:
     def __init__(self) -> None:
         self.workers: dict[Key, dict[str, dict[int, tuple[int, ...]]]] = {}
         self.cursors: dict[Key, int] = {}
+        self.epochs: dict[Key, int] = {}
 
     def _resolve(self, key: Key, h: int, tier: str) -> tuple[int, ...] | None:
         tiers = self.workers.get(key, {})
@@ -20,13 +21,16 @@ class ModelIndex:
                 return tiers[t][h]
         return None
 
-    def apply(self, event: RouterEvent) -> str:
+    def apply(self, event: RouterEvent, epoch: int = 0) -> str:
         ev = event.event
         key = (event.worker_id, ev.dp_rank)
         last = self.cursors.get(key)
-        if last is not None and ev.event_id <= last:
-            return "duplicate"
-        gap = last is not None and ev.event_id != last + 1
+        if epoch != self.epochs.get(key, 0):  # a new publisher run: ids start over
+            self.epochs[key] = epoch
+            last = None
+        if last is not None and ev.event_id <= last and not isinstance(ev.data, str):
+            return "duplicate"  # (a cleared going back is a publisher without epochs starting over)
+        gap = last is not None and ev.event_id > last + 1
         self.cursors[key] = ev.event_id
         if not event.worker_domain:
             return "other_domain"
@@ -69,6 +73,8 @@ class ModelIndex:
             del self.workers[key]
         for key in [k for k in self.cursors if k[0] == worker_id]:
             del self.cursors[key]
+        for key in [k for k in self.epochs if k[0] == worker_id]:
+            del self.epochs[key]
 
     def _depth(self, paths: set[tuple[int, ...]], hashes: list[int]) -> int:
         k = 0

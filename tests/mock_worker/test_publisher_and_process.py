@@ -20,7 +20,7 @@ async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
     pub = KvEventPublisher(js, pool="pp", worker_id=9, subject_of=lambda r: NAMES.kv_subject("pp", 9, r), msgpack=False,
-                           max_events=4, max_inflight=2)  # fmt: skip
+                           max_events=4, max_inflight=2, epoch=77)  # fmt: skip
     pub.start()
     events = [stored_event(9, i, [(1000 + i, 2000 + i)], parent_hash=(1000 + i - 1) if i else None) for i in range(10)]
     await pub.publish(events)
@@ -29,13 +29,13 @@ async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
 
     sub = await js.pull_subscribe(NAMES.kv_subject("pp", 9, 0), stream="KVR_KV")
     msgs = await sub.fetch(10, timeout=2)
-    assert [m.headers["Nats-Msg-Id"] for m in msgs] == ["pp:9:0:0", "pp:9:0:4", "pp:9:0:8"]
+    assert [m.headers["Nats-Msg-Id"] for m in msgs] == ["pp:9:0:77:0", "pp:9:0:77:4", "pp:9:0:77:8"]
     decoded = [codec.decode(m.data, list[RouterEvent]) for m in msgs]
     assert [len(d) for d in decoded] == [4, 4, 2]
     assert [e.event.event_id for d in decoded for e in d] == list(range(10))
 
     # a retried message (same Nats-Msg-Id) is stored once
-    await js.publish(NAMES.kv_subject("pp", 9, 0), msgs[0].data, headers={"Nats-Msg-Id": "pp:9:0:0"})
+    await js.publish(NAMES.kv_subject("pp", 9, 0), msgs[0].data, headers={"Nats-Msg-Id": "pp:9:0:77:0"})
     info = await js.stream_info("KVR_KV")
     assert info.state.messages == 3
 
