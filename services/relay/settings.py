@@ -10,10 +10,16 @@ SETTINGS = REGISTRY.register(
         # engine side
         Setting(
             "source", "vllm",
-            "what --zmq carries: vllm (vLLM/SGLang KV-event batches, one socket per dp rank) or dynamo (Dynamo's event plane: envelopes of RouterEvents)",
+            "what --zmq carries: vllm (vLLM/SGLang KV-event batches, one socket per dp rank) "
+            "or dynamo (Dynamo's event plane: envelopes of RouterEvents)",
             choices=("vllm", "dynamo"),
         ),  # fmt: skip
-        Setting("zmq", ["tcp://127.0.0.1:5557"], "engine KV-event PUB endpoint(s): one = base (rank r at port+r), or one per dp rank; dynamo: every publisher endpoint, all ranks", is_list=True),
+        Setting(
+            "zmq", ["tcp://127.0.0.1:5557"],
+            "engine KV-event PUB endpoint(s): one = base (rank r at port+r), or one per dp rank; "
+            "dynamo: every publisher endpoint, all ranks",
+            is_list=True,
+        ),  # fmt: skip
         Setting("replay", [], "engine replay ROUTER endpoint(s), same rule as --zmq (empty = no replay)", is_list=True),
         Setting("topic", "", "ZMQ topic to subscribe to (empty = all)"),
         Setting("zmq_hwm", 100_000, "receive high-water mark of each SUB socket (messages)", int),

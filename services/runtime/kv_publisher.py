@@ -13,13 +13,14 @@ episode*, not one per drop.
 (≤ `max_events` events, ≤ `max_blocks` blocks), published to `kvr.{pool}.kv.{worker}.{rank}` with
 `Nats-Msg-Id: {pool}:{worker}:{rank}:{epoch}:{first_event_id}` (the epoch: when this publisher
 started, docs/protocol.md §2). Up to `max_inflight` messages await their ack at once (a Python
-client that awaits every ack is capped at 1/RTT messages per second); a message whose ack fails
-or times out is re-published unchanged (same bytes, same id) until JetStream acknowledges it, so a NATS outage loses nothing that fits in the buffer and JetStream stores each
-message once. With one message in flight (the relay) the stream order is the publish order even
-across failures; with more (the mock fleet), a message retried after a failure lands after the ones
-sent behind it, and the indexer drops its event ids as going backwards (counted) — on a healthy
-connection acks do not fail. Before a message whose last event id exceeds a persisted high-water
-mark, `reserve` may persist a new one (the relay's `IdReservations`).
+client that awaits every ack is capped at 1/RTT messages per second); a message whose ack fails or
+times out is re-published unchanged (same bytes, same id) until JetStream acknowledges it, so a NATS
+outage loses nothing that fits in the buffer and JetStream stores each message once. With one
+message in flight (the relay) the stream order is the publish order even across failures; with more
+(the mock fleet), a message retried after a failure lands after the ones sent behind it, and the
+indexer drops its event ids as going backwards (counted) — on a healthy connection acks do not fail.
+Before a message whose last event id exceeds a persisted high-water mark, `reserve` may persist a
+new one (the relay's `IdReservations`).
 
 Producers either `push` (never waits: overflow drops, the relay's ZMQ intake must never block) or
 `await publish(events)` (waits while the buffer is full: back-pressure, the mock fleet's engines).

@@ -70,16 +70,19 @@ async def test_multimodal_and_cache_namespace_route_to_the_worker_that_cached_th
             assert (with_image["decode"]["worker_id"], with_image["overlap_blocks"]) == (2, 6), with_image
             text = await query({})
             assert (text["decode"]["worker_id"], text["overlap_blocks"]) == (1, 6), text
-            for salt in ({"cache_namespace": "tenant-a"}, {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-a", "cache_namespace": "tenant-a"}):
+            both = {"cache_salt": "tenant-a", "cache_namespace": "tenant-a"}
+            for salt in ({"cache_namespace": "tenant-a"}, {"cache_salt": "tenant-a"}, both):
                 salted = await query(salt)
                 assert (salted["decode"]["worker_id"], salted["overlap_blocks"]) == (3, 6), (salt, salted)
-            bad = await ask(nc, NAMES.epp_query("mm"), {"request_id": "q-2", "body": {"prompt": [1, 2], "nvext": {"cache_salt": "a", "cache_namespace": "b"}}})
+            body = {"prompt": [1, 2], "nvext": {"cache_salt": "a", "cache_namespace": "b"}}
+            bad = await ask(nc, NAMES.epp_query("mm"), {"request_id": "q-2", "body": body})
             assert bad["status"] == "error" and bad["error"]["code"] == "invalid_request", bad
 
             # scheduler.select takes the same fields with token ids
             sel = await ask(nc, NAMES.select("mm"), {"request_id": "s-1", "token_ids": TOKENS, "multimodal": [image], "book": False})
             assert (sel["decode"]["worker_id"], sel["overlap_blocks"]) == (2, 6), sel
-            sel = await ask(nc, NAMES.select("mm"), {"request_id": "s-2", "token_ids": TOKENS, "cache_namespace": "tenant-a", "book": False})
+            ns = {"request_id": "s-2", "token_ids": TOKENS, "cache_namespace": "tenant-a", "book": False}
+            sel = await ask(nc, NAMES.select("mm"), ns)
             assert (sel["decode"]["worker_id"], sel["overlap_blocks"]) == (3, 6), sel
             bad = await ask(nc, NAMES.select("mm"), {"request_id": "s-3", "token_ids": TOKENS, "cache_salt": "x", "cache_namespace": "y"})
             assert bad["status"] == "error" and bad["error"]["code"] == "invalid_request", bad

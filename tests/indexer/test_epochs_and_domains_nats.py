@@ -30,7 +30,8 @@ async def test_a_restarted_publisher_is_applied_within_the_duplicate_window(nc, 
     await register(js, "p", 3)
     first = publisher(js, epoch=1_000)
     first.start()
-    await first.publish([cleared_event(3, 1), *[stored_event(3, i, [(100 + i, 10 + i)], parent_hash=(99 + i) if i > 2 else None) for i in range(2, 12)]])
+    chain = [stored_event(3, i, [(100 + i, 10 + i)], parent_hash=(99 + i) if i > 2 else None) for i in range(2, 12)]
+    await first.publish([cleared_event(3, 1), *chain])
     assert await first.flushed(5)
     await first.stop()
     await wait_for(lambda: app.index("p").cursors.get((3, 0)) == 11)
@@ -63,3 +64,27 @@ async def test_a_cache_owner_cleared_leaves_the_workers_blocks(nc, start_indexer
     await wait_for(lambda: app.applied_seq >= ack.seq)
     assert await scores_of(nc, [40, 41]) == {(4, 0): 2}
     assert REGISTRY.get_sample_value("kvr_indexer_events_total", {"pool": "p", "event_type": "cleared", "outcome": "other_domain"}) >= 1
+
+
+async def test_match_takes_cache_namespace_and_multimodal_with_token_ids(nc, start_indexer):
+    from schemas.api import MultimodalObject
+    from schemas.hashing import SEED, local_block_hashes, salt_seed
+
+    app = await start_indexer()
+    js = nc.jetstream()
+    tokens = list(range(50, 50 + 32))  # 2 blocks of 16
+    image = (77, 20, 8)  # block 1 only
+    mm_hashes = local_block_hashes(tokens, 16, SEED, [image])
+    ns_hashes = local_block_hashes(tokens, 16, salt_seed(None, "ns"))
+    await publish(js, "p", stored_event(5, 1, [(500, mm_hashes[0]), (501, mm_hashes[1])]))
+    seq = await publish(js, "p", stored_event(6, 1, [(600, ns_hashes[0]), (601, ns_hashes[1])]))
+    await wait_for(lambda: app.applied_seq >= seq)
+
+    async def match(**fields: object) -> dict[tuple[int, int], int]:
+        reply = await request(nc, NAMES.match("p"), MatchRequest(token_ids=tokens, **fields), MatchReply)  # type: ignore[arg-type]
+        return {(s.worker_id, s.dp_rank): s.blocks for s in reply.scores}
+
+    assert await match(multimodal=[MultimodalObject(*image)]) == {(5, 0): 2}
+    assert await match() == {(5, 0): 1}  # block 0 has no object: plain text
+    assert await match(cache_namespace="ns") == {(6, 0): 2}
+    assert await match(cache_salt="ns", cache_namespace="ns") == {(6, 0): 2}
