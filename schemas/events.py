@@ -73,6 +73,11 @@ WORKER_DOMAIN = "worker"
 ResidencyDomain = Annotated[str, Meta(max_length=64)] | None | UnsetType
 
 
+def is_worker_domain(domain: str | None | UnsetType) -> bool:
+    """The residency domain of the worker's own cache: absent (legacy publishers) or `worker`."""
+    return domain is UNSET or domain == WORKER_DOMAIN
+
+
 class RouterEvent(msgspec.Struct, omit_defaults=True):
     worker_id: WorkerId
     event: KvCacheEvent
@@ -82,8 +87,7 @@ class RouterEvent(msgspec.Struct, omit_defaults=True):
     @property
     def worker_domain(self) -> bool:
         """The event is about the worker's own cache (docs/protocol.md §2)."""
-        domain = self.residency_domain
-        return domain is UNSET or domain == WORKER_DOMAIN
+        return is_worker_domain(self.residency_domain)
 
     @property
     def kind(self) -> str:

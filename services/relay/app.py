@@ -100,6 +100,8 @@ class RelayApp:
         if not cfg.zmq:
             raise ValueError("no --zmq endpoint given")
         if self.dynamo:  # one socket for every endpoint: the events name their ranks
+            if cfg.replay:
+                raise ValueError("--replay is vLLM's replay socket; Dynamo's event plane has none (--source dynamo)")
             self.endpoints = dict.fromkeys(range(cfg.dp_start_rank, cfg.dp_start_rank + cfg.dp_size), ",".join(cfg.zmq))
             self.replay_endpoints: dict[int, str] = {}
         else:
@@ -220,6 +222,11 @@ class RelayApp:
             },
             "next_event_ids": {str(r): s.next_id for r, s in self.converter.ranks.items()},
             "source": self.cfg.source,
+            "plane": (
+                {"messages": self.plane.messages, "invalid": self.plane.invalid, "duplicates": self.plane.duplicates,
+                 "publishers": len(self.plane.sequencer.publishers)}
+                if self.plane is not None else None
+            ),  # fmt: skip
             "buffered": self.publisher.pending() if self.publisher else 0,
             "published_events": self.publisher.published_events if self.publisher else 0,
             "invalid_batches": self.invalid_batches,

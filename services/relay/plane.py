@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from schemas.dynamo import BadFrame, decode_message
-from schemas.events import RouterEvent
+from schemas.events import RouterEvent, is_worker_domain
 from services.runtime.logs import get_logger
 from services.runtime.tasks import cancel_and_wait
 
@@ -108,7 +108,7 @@ class PlaneIntake:
             return
         per_rank: dict[int, list[RouterEvent]] = {}
         for ev in msg.events:
-            if not ev.as_worker(0).worker_domain:
+            if not is_worker_domain(ev.residency_domain):
                 metrics.OTHER_DOMAIN.labels(domain_label(ev.residency_domain)).inc()
                 continue
             rank = ev.event.dp_rank

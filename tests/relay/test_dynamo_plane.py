@@ -212,3 +212,12 @@ def test_sequencer_memory_is_bounded():
     for pid in range(1000):
         seq.on_message(pid, 1, {0})
     assert len(seq.publishers) == 8 and seq.owner == {0: 999}
+
+
+def test_dynamo_source_has_no_replay_socket(nats_url):
+    from services.relay.app import RelayApp
+
+    with pytest.raises(ValueError, match="replay"):
+        RelayApp(relay_cfg(nats_url, 5557, 5558, "--source", "dynamo"))
+    app = RelayApp(relay_cfg(nats_url, 5557, None, "--source", "dynamo", "--dp-size", "2"))
+    assert set(app.endpoints) == {0, 1} and app.replay_endpoints == {}
