@@ -67,6 +67,11 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     return arr.tobytes()
 
 
+def mm_block_hash(block_tokens: Sequence[int], seed: int, mm_hashes: Sequence[int]) -> int:
+    """One block's local hash with its multimodal objects' sorted, distinct mm hashes appended."""
+    return _xxh3(_token_bytes(block_tokens) + struct.pack(f"<{len(mm_hashes)}Q", *mm_hashes), seed)
+
+
 def local_block_hashes(
     tokens: Sequence[int], block_size: int, seed: int = SEED, multimodal: Sequence[MmObject] | None = None
 ) -> list[int]:
@@ -84,8 +89,7 @@ def local_block_hashes(
     if multimodal:
         for b, mm in block_mm_hashes(multimodal, block_size, len(tokens)).items():
             if b < n_blocks:
-                i = b * step
-                out[b] = _xxh3(raw[i : i + step] + struct.pack(f"<{len(mm)}Q", *mm), seed)
+                out[b] = mm_block_hash(tokens[b * block_size : (b + 1) * block_size], seed, mm)
     return out
 
 

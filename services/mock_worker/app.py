@@ -27,6 +27,7 @@ from schemas import codec
 from schemas.api import ErrorCode
 from schemas.codec import SchemaError
 from schemas.discovery import LoadReport, WorkerRecord
+from schemas.hashing import MmObject
 from schemas.subjects import Names
 from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
 from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, made_events
@@ -230,10 +231,16 @@ class MockWorker:
         self._wake.set()
 
     def submit_local(
-        self, request_id: str, token_ids: list[int], max_tokens: int, lora_name: str | None = None, cache_salt: str | None = None
+        self,
+        request_id: str,
+        token_ids: list[int],
+        max_tokens: int,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        multimodal: list[MmObject] | None = None,
     ) -> asyncio.Queue[tuple[str, Any]] | Rejected:
         """An in-process request (the HTTP front): its progress and end come on the returned queue."""
-        rejected = self.engine.submit(request_id, token_ids, max_tokens, self.sim_now(), lora_name, cache_salt)
+        rejected = self.engine.submit(request_id, token_ids, max_tokens, self.sim_now(), lora_name, cache_salt, multimodal)
         if rejected is not None:
             m.REQUESTS.labels("rejected").inc()
             return rejected

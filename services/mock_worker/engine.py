@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from schemas.events import RouterEvent, cleared_event, removed_event, stored_event
-from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from schemas.hashing import MmObject, block_mm_hashes, local_block_hashes, mm_block_hash, salt_seed, sequence_hashes
 
 # --- timing model (Dynamo mocker's default polynomial) ---------------------------------------------
 
@@ -269,6 +269,8 @@ class SeqState:
     arrival_ms: float
     hash_seed: int
     gen_seed: int
+    # block index → the sorted mm hashes of the prompt's multimodal objects in it (docs/protocol.md §6)
+    mm_blocks: dict[int, list[int]] = field(default_factory=dict)
     generated: int = 0
     computed: int = 0  # tokens whose KV exists (incl. cached prefix) in the current admission
     target: int = 0  # tokens to prefill in the current admission (prompt + generated so far)
@@ -307,6 +309,9 @@ class SeqState:
         if have >= n_blocks:
             return
         new_local = local_block_hashes(self.tokens(have * block_size, n_blocks * block_size), block_size, self.hash_seed)
+        for b, mm in self.mm_blocks.items():
+            if have <= b < n_blocks:
+                new_local[b - have] = mm_block_hash(self.tokens(b * block_size, (b + 1) * block_size), self.hash_seed, mm)
         self.local_hashes.extend(new_local)
         self.seq_hashes.extend(_chain_from(self.seq_hashes[-1] if self.seq_hashes else None, new_local))
 
@@ -360,6 +365,7 @@ class Engine:
         now_ms: float,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        multimodal: Sequence[MmObject] | None = None,
     ) -> Rejected | None:
         """Queue a request; returns a rejection when it can never run on this engine."""
         bs = self.cfg.block_size
@@ -375,6 +381,8 @@ class Engine:
             return Rejected(request_id, f"prompt+output needs {need} blocks, engine admits at most {self.admission_limit()}")
         seed = salt_seed(lora_name, cache_salt)
         seq = SeqState(request_id, list(prompt), max_tokens, now_ms, hash_seed=seed, gen_seed=_stable_seed(request_id))
+        if multimodal:  # the prompt's objects salt its blocks as the router hashes them
+            seq.mm_blocks = block_mm_hashes(multimodal, bs, len(prompt))
         self._known.add(request_id)
         self.waiting.append(seq)
         self.stats.requests += 1

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from schemas.api import ErrorCode
+from schemas.api import ErrorCode, mm_objects
 from schemas.codec import SchemaError
 from schemas.hashing import effective_salt
 from services.epp_bridge.prompt import parse_body, prompt_tokens
@@ -127,7 +127,8 @@ class OpenAiFront:
             (nvext.cache_salt if nvext is not None else None) or body.cache_salt, nvext.cache_namespace if nvext is not None else None
         )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = self.worker.submit_local(request_id, prompt.token_ids, max_tokens, lora, salt)
+        multimodal = mm_objects(nvext.multimodal) if nvext is not None else None
+        queue = self.worker.submit_local(request_id, prompt.token_ids, max_tokens, lora, salt, multimodal)
         if isinstance(queue, Rejected):
             return error_response(400, queue.reason)
         headers = {WORKER_HEADER: str(self.worker.worker_id)}

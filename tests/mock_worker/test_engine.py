@@ -166,6 +166,20 @@ def test_cache_salt_changes_tokens_hash():
     assert r.events[0].event.data.stored.blocks[0].tokens_hash != 16863443419780771464
 
 
+def test_multimodal_objects_enter_the_stored_hashes_as_the_router_computes_them():
+    # chunked prefill (16 tokens a step) hashes the prompt in pieces; the image spans blocks 1 and 2
+    eng = Engine(EngineConfig(block_size=4, kv_blocks=200, max_num_batched_tokens=16))
+    tokens, image = list(range(100, 124)), (0xABCDEF, 6, 4)
+    eng.submit("a", tokens, 1, 0.0, multimodal=[image])
+    now, stored = 0.0, []
+    for _ in range(4):
+        r = eng.step(now)
+        now = r.end_ms
+        stored += [b.tokens_hash for e in r.events if e.kind == "stored" for b in e.event.data.stored.blocks]
+    assert stored == local_block_hashes(tokens, 4, 1337, [image])
+    assert stored[1] != local_block_hashes(tokens, 4)[1] and stored[0] == local_block_hashes(tokens, 4)[0]
+
+
 def test_chunked_prefill_respects_token_budget():
     eng = Engine(EngineConfig(block_size=4, kv_blocks=200, max_num_batched_tokens=16))
     eng.submit("a", list(range(40)), 1, 0.0)
