@@ -73,6 +73,11 @@ class IndexCollector(Collector):
             "kvr_indexer_events", "KV events applied by type and outcome", labels=["pool", "event_type", "outcome"]
         )
         gaps = CounterMetricFamily("kvr_indexer_event_id_gaps", "Events applied after a forward jump of the event id", labels=["pool"])
+        restarts = CounterMetricFamily(
+            "kvr_indexer_publisher_restarts",
+            "Publisher runs that started a (worker, dp_rank)'s event ids over (a new epoch, or a cleared going back)",
+            labels=["pool"],
+        )
         blocks = GaugeMetricFamily("kvr_indexer_blocks", "(block, worker) entries by storage tier", labels=["pool", "tier"])
         nodes = GaugeMetricFamily("kvr_indexer_nodes", "Radix tree nodes", labels=["pool"])
         workers = GaugeMetricFamily("kvr_indexer_workers", "(worker, dp_rank) pairs holding blocks", labels=["pool"])
@@ -94,6 +99,7 @@ class IndexCollector(Collector):
                 for (etype, outcome), n in st.index.counters.items():
                     events.add_metric([pool, etype, outcome], n)
                 gaps.add_metric([pool], st.index.gaps)
+                restarts.add_metric([pool], st.index.restarts)
                 for tier, n in st.index.tier_blocks().items():
                     blocks.add_metric([pool, tier], n)
                 nodes.add_metric([pool], st.index.nodes)
@@ -106,7 +112,7 @@ class IndexCollector(Collector):
                     unknown.add_metric([pool, outcome], n)
                 held.add_metric([pool], adm.held_bytes)
                 tracked.add_metric([pool], len(adm.first_seq))
-        yield from (events, gaps, blocks, nodes, workers, age, failing, unknown, held, tracked)
+        yield from (events, gaps, restarts, blocks, nodes, workers, age, failing, unknown, held, tracked)
 
 
 _COLLECTOR = IndexCollector()

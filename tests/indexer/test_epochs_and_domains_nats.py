@@ -46,6 +46,7 @@ async def test_a_restarted_publisher_is_applied_within_the_duplicate_window(nc, 
     assert await scores_of(nc, [90, 91]) == {(3, 0): 2}  # the new run's blocks
     assert await scores_of(nc, [12, 13, 14]) == {}  # its cleared dropped the old run's
     assert app.index("p").restarts == 1
+    assert REGISTRY.get_sample_value("kvr_indexer_publisher_restarts_total", {"pool": "p"}) >= 1
 
     # Seed behaviour, for contrast: without an epoch the restarted run's first message has the old
     # run's id, and JetStream drops it as a duplicate inside its window.
