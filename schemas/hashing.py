@@ -67,9 +67,13 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     return arr.tobytes()
 
 
+def _mm_hash(block_bytes: bytes, seed: int, mm_hashes: Sequence[int]) -> int:
+    return _xxh3(block_bytes + struct.pack(f"<{len(mm_hashes)}Q", *mm_hashes), seed)
+
+
 def mm_block_hash(block_tokens: Sequence[int], seed: int, mm_hashes: Sequence[int]) -> int:
     """One block's local hash with its multimodal objects' sorted, distinct mm hashes appended."""
-    return _xxh3(_token_bytes(block_tokens) + struct.pack(f"<{len(mm_hashes)}Q", *mm_hashes), seed)
+    return _mm_hash(_token_bytes(block_tokens), seed, mm_hashes)
 
 
 def local_block_hashes(
@@ -89,7 +93,7 @@ def local_block_hashes(
     if multimodal:
         for b, mm in block_mm_hashes(multimodal, block_size, len(tokens)).items():
             if b < n_blocks:
-                out[b] = mm_block_hash(tokens[b * block_size : (b + 1) * block_size], seed, mm)
+                out[b] = _mm_hash(raw[b * step : (b + 1) * step], seed, mm)
     return out
 
 
