@@ -37,14 +37,16 @@ P2 = list(range(3000, 3032))  # 2 blocks
 P3 = list(range(9000, 9048))  # 3 blocks
 
 
-def stored(tokens: list[int], base: int, parent: int | None = None, dp_rank: int = 0, domain: str | None = "worker") -> dict:
+def stored(
+    tokens: list[int], base: int, parent: int | None = None, dp_rank: int = 0, domain: str | None = "worker", event_id: int = 0
+) -> dict:
     hashes = local_block_hashes(tokens, 16)
     blocks = [{"block_hash": base + i, "tokens_hash": h, "mm_extra_info": None} for i, h in enumerate(hashes)]
     ev = {
         "worker_id": 2**63 + 12345,  # Dynamo's own instance id: any u64
         "storage_tier": "device",
         "event": {
-            "event_id": random.randint(1, 100), "dp_rank": dp_rank,
+            "event_id": event_id or random.randint(1, 100), "dp_rank": dp_rank,
             "data": {"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}},
         },
     }
@@ -221,3 +223,37 @@ def test_dynamo_source_has_no_replay_socket(nats_url):
         RelayApp(relay_cfg(nats_url, 5557, 5558, "--source", "dynamo"))
     app = RelayApp(relay_cfg(nats_url, 5557, None, "--source", "dynamo", "--dp-size", "2"))
     assert set(app.endpoints) == {0, 1} and app.replay_endpoints == {}
+
+
+valid_event = st.builds(
+    lambda tokens, base, rank, domain: stored(tokens, base, dp_rank=rank, domain=domain, event_id=1),
+    st.lists(st.integers(0, 2**32 - 1), min_size=16, max_size=48), st.integers(1, 2**40), st.sampled_from([0, 1, 7]),
+    st.sampled_from(["worker", None, "cache_owner"]),
+)
+message = st.one_of(
+    st.builds(frames, st.sampled_from([1, 2, 2**64 - 1]), st.integers(0, 20), st.lists(valid_event, max_size=3)),
+    st.lists(st.binary(max_size=40), max_size=5),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(message, max_size=25))
+def test_the_intake_survives_any_frames_and_emits_only_served_ranks_in_order(msgs):
+    from services.relay.plane import PlaneIntake
+
+    out: list[tuple[str, int, object]] = []
+    intake = PlaneIntake(
+        None, [], {0, 1}, WID, topic="",  # type: ignore[arg-type]  # on_frames needs no socket
+        events=lambda rank, evs: out.append(("events", rank, evs)), clear=lambda rank, cause: out.append(("clear", rank, cause)),
+    )  # fmt: skip
+    for parts in msgs:
+        intake.on_frames(parts)  # never raises
+    for kind, rank, payload in out:
+        assert rank in (0, 1)
+        if kind == "events":
+            assert all(ev.worker_id == WID and ev.worker_domain for ev in payload)  # type: ignore[attr-defined]
+    first = {}
+    for i, (kind, rank, _) in enumerate(out):
+        first.setdefault(rank, (i, kind))
+    assert all(kind == "clear" for _, kind in first.values())  # every rank starts with a clear
+    assert len(intake.sequencer.publishers) <= 3
