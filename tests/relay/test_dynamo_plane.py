@@ -21,12 +21,11 @@ import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.lib.refindex import RefIndex
 from schemas.dynamo import BadFrame, decode_message
 from schemas.hashing import local_block_hashes
 from services.relay.app import worker_id_for
 from services.relay.seqtrack import PlaneSequencer
-
-from bench.lib.refindex import RefIndex
 
 from .helpers import metric, ports, relay_cfg, start_relay, wait_kv
 
