@@ -170,9 +170,31 @@ class DumpReply(msgspec.Struct):
 # --- scheduler ------------------------------------------------------------------------------
 
 
+TaintName = Annotated[str, Meta(min_length=1, max_length=253)]
+# A preferred taint's weight: Dynamo's multiplier is exp(−tanh(Σ weights)), so one weight is a
+# bias in (−1, 1); a larger one would saturate tanh and hide the others.
+TaintWeight = Annotated[float, Meta(gt=-1.0, lt=1.0)]
+
+
 class RoutingConstraints(msgspec.Struct, omit_defaults=True):
-    required_taints: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=MAX_TAINTS)] = []
-    preferred_taints: dict[Annotated[str, Meta(min_length=1, max_length=253)], FiniteFloat] = {}
+    """Dynamo's `RoutingConstraints`, validated as Dynamo validates them: taints non-empty and
+    already trimmed (an untrimmed taint would silently match nothing), required taints not
+    duplicated, preferred weights in (−1, 1)."""
+
+    required_taints: Annotated[list[TaintName], Meta(max_length=MAX_TAINTS)] = []
+    preferred_taints: Annotated[dict[TaintName, TaintWeight], Meta(max_length=MAX_TAINTS)] = {}
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, taint in enumerate(self.required_taints):
+            if taint != taint.strip():
+                raise ValueError(f"required_taints[{i}] {taint!r} has leading or trailing whitespace (taints must be trimmed)")
+            if taint in seen:
+                raise ValueError(f"required_taints[{i}] {taint!r} is a duplicate")
+            seen.add(taint)
+        for taint in self.preferred_taints:
+            if taint != taint.strip():
+                raise ValueError(f"preferred_taints key {taint!r} has leading or trailing whitespace (taints must be trimmed)")
 
 
 class Overrides(msgspec.Struct, omit_defaults=True):
@@ -195,9 +217,15 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     allowed_targets: Annotated[list[TargetRef], Meta(max_length=MAX_WORKER_IDS)] | None = None
     pinned_worker_id: WorkerId | None = None
     pinned_dp_rank: DpRank | None = None
+    # Extension: pin the prefill leg (Dynamo's `prefill_worker_id` / `prefill_dp_rank`); implies disaggregated.
+    pinned_prefill_worker_id: WorkerId | None = None
+    pinned_prefill_dp_rank: DpRank | None = None
     routing_constraints: RoutingConstraints | None = None
     mode: Mode = "auto"
+    # Dynamo's `agent_hints.priority` (the admission queue's priority jump; negatives count as 0)
+    # and `agent_hints.strict_priority` (a tier: a higher tier is always admitted first).
     priority: Annotated[int, Meta(ge=-(1 << 31), lt=1 << 31)] = 0
+    strict_priority: Annotated[int, Meta(ge=0, lt=1 << 32)] = 0
     expected_output_tokens: NonNegInt | None = None
     overrides: Overrides | None = None
     policy: Policy | None = None

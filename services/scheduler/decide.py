@@ -129,15 +129,11 @@ class Decider:
 
     # --- selection input → choose → booking events ---------------------------------------------
 
-    def decide(self, p: Prepared, overlaps: Overlaps, view: PoolView, *, policy: Policy, ts_ms: int, booking_id: str) -> Outcome:
-        """Choose the target(s) of `p` given the overlaps (empty when the index could not answer:
-        then load alone decides), and with `book` the adds to publish under `booking_id`.
-        Raises `SelectionError` when no target is eligible."""
-        if p.booked is not None:
-            return Outcome(p.booked)
+    def selection_input(self, p: Prepared, view: PoolView, policy: Policy) -> SelectionInput:
+        """What the selector needs of a prepared request (its filters, pins, mode and cost)."""
         req = p.request
         constraints = req.routing_constraints
-        inp = SelectionInput(
+        return SelectionInput(
             isl_tokens=p.isl,
             block_size=p.block_size,
             hashes=p.seq,
@@ -146,6 +142,8 @@ class Decider:
             fallbacks=req.fallbacks,
             pinned_worker_id=req.pinned_worker_id,
             pinned_dp_rank=req.pinned_dp_rank,
+            pinned_prefill_worker_id=req.pinned_prefill_worker_id,
+            pinned_prefill_dp_rank=req.pinned_prefill_dp_rank,
             required_taints=frozenset(constraints.required_taints) if constraints else frozenset(),
             preferred_taints=dict(constraints.preferred_taints) if constraints else {},
             mode=req.mode,
@@ -153,6 +151,20 @@ class Decider:
             cost=self.cost.with_overrides(req.overrides),
             reported=view.reported,
         )
+
+    def has_capacity(self, p: Prepared, view: PoolView, policy: Policy) -> bool:
+        """Whether `p` has an eligible target that is not busy now: the admission queue's test, by
+        the selection's own eligibility rule (`Selector.has_capacity`). Raises the other errors."""
+        return self.selector.has_capacity(view.candidates, view.load, self.selection_input(p, view, policy))
+
+    def decide(self, p: Prepared, overlaps: Overlaps, view: PoolView, *, policy: Policy, ts_ms: int, booking_id: str) -> Outcome:
+        """Choose the target(s) of `p` given the overlaps (empty when the index could not answer:
+        then load alone decides), and with `book` the adds to publish under `booking_id`.
+        Raises `SelectionError` when no target is eligible."""
+        if p.booked is not None:
+            return Outcome(p.booked)
+        req = p.request
+        inp = self.selection_input(p, view, policy)
         decision = self.selector.select(view.candidates, view.load, overlaps, inp)
         if req.book and view.load.is_active(req.request_id):
             # Booked meanwhile: a concurrent select of the same request id on this replica (the

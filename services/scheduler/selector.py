@@ -136,8 +136,10 @@ class SelectionInput:
     allowed_worker_ids: frozenset[int] | None = None
     # (worker_id, dp_rank) targets the request may use (the gateway's endpoint subset); None = any.
     allowed_targets: frozenset[Target] | None = None
-    pinned_worker_id: int | None = None
+    pinned_worker_id: int | None = None  # the decode (or aggregated) leg's
     pinned_dp_rank: int | None = None
+    pinned_prefill_worker_id: int | None = None
+    pinned_prefill_dp_rank: int | None = None
     required_taints: frozenset[str] = frozenset()
     preferred_taints: Mapping[str, float] = field(default_factory=dict)
     mode: str = "auto"
@@ -178,6 +180,8 @@ class Decision:
     policy: Policy
     # Next-best decode targets, lowest cost first (`SelectionInput.fallbacks` of them at most).
     fallbacks: tuple[Scored, ...] = ()
+    # `auto` in a pool with prefill workers, routed aggregated because no prefill (or decode) leg was eligible.
+    fell_back: bool = False
 
     @property
     def overlap_blocks(self) -> int:
@@ -216,6 +220,25 @@ def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random)
 
 _cost = attrgetter("cost")
 
+AGGREGATED_ROLES = ("aggregated", "decode")
+# Which of two eligibility errors to report when both `auto` attempts fail: the higher.
+_ERROR_RANK: dict[str, int] = {
+    ErrorCode.OVERLOADED: 3, ErrorCode.NOT_FOUND: 2, ErrorCode.CONSTRAINTS_UNSATISFIED: 1, ErrorCode.NO_WORKERS: 0,
+}  # fmt: skip
+
+
+class Legs(NamedTuple):
+    """A request's mode and each leg's eligible targets (`prefill` None when aggregated)."""
+
+    mode: str
+    prefill: list[Candidate] | None
+    decode: list[Candidate]
+    fell_back: bool = False
+
+
+def _leg_name(leg: str) -> str:
+    return "prefill " if leg == "prefill" else ""
+
 
 class Selector:
     def __init__(self, busy: BusyThresholds | None = None, rng: random.Random | None = None) -> None:
@@ -229,20 +252,23 @@ class Selector:
     def eligible(
         self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput, roles: tuple[str, ...], leg: str
     ) -> list[Candidate]:
-        """Filters in the order of issue #4, each with its own error."""
+        """The targets one leg may use, filters in the order of docs/scheduler.md ("Eligibility"),
+        each with its own error. The role comes before the taints, so a taint no worker *of the
+        leg's role* carries is `constraints_unsatisfied`, not `no_workers`."""
         if not cands:
             raise SelectionError(ErrorCode.NO_WORKERS, "no live workers in the pool")
         pool = list(cands)
-        if leg != "prefill" and inp.pinned_worker_id is not None:
-            pool = [c for c in pool if c.worker_id == inp.pinned_worker_id]
+        pin, pin_rank = (
+            (inp.pinned_prefill_worker_id, inp.pinned_prefill_dp_rank) if leg == "prefill" else (inp.pinned_worker_id, inp.pinned_dp_rank)
+        )
+        if pin is not None:
+            pool = [c for c in pool if c.worker_id == pin]
             if not pool:
-                raise SelectionError(ErrorCode.NOT_FOUND, f"pinned worker {inp.pinned_worker_id} is not a live worker")
-            if inp.pinned_dp_rank is not None:
-                pool = [c for c in pool if c.dp_rank == inp.pinned_dp_rank]
+                raise SelectionError(ErrorCode.NOT_FOUND, f"pinned {_leg_name(leg)}worker {pin} is not a live worker")
+            if pin_rank is not None:
+                pool = [c for c in pool if c.dp_rank == pin_rank]
                 if not pool:
-                    raise SelectionError(
-                        ErrorCode.NOT_FOUND, f"pinned worker {inp.pinned_worker_id} does not serve dp rank {inp.pinned_dp_rank}"
-                    )
+                    raise SelectionError(ErrorCode.NOT_FOUND, f"pinned {_leg_name(leg)}worker {pin} does not serve dp rank {pin_rank}")
         if inp.allowed_worker_ids is not None:
             pool = [c for c in pool if c.worker_id in inp.allowed_worker_ids]
             if not pool:
@@ -251,21 +277,73 @@ class Selector:
             pool = [c for c in pool if c.target in inp.allowed_targets]
             if not pool:
                 raise SelectionError(ErrorCode.NO_WORKERS, "no live worker rank is in allowed_targets")
+        pool = [c for c in pool if c.role in roles]
+        if not pool:
+            if pin is not None:
+                raise SelectionError(ErrorCode.NOT_FOUND, f"pinned worker {pin} is not a live {'/'.join(roles)} worker")
+            raise SelectionError(ErrorCode.NO_WORKERS, f"no eligible {'/'.join(roles)} workers for the {leg} target")
         if inp.required_taints:
             pool = [c for c in pool if inp.required_taints <= c.taints]
             if not pool:
                 need = sorted(inp.required_taints)
-                raise SelectionError(ErrorCode.CONSTRAINTS_UNSATISFIED, f"no eligible worker carries every required taint {need}")
-        pool = [c for c in pool if c.role in roles]
-        if not pool:
-            raise SelectionError(ErrorCode.NO_WORKERS, f"no eligible {'/'.join(roles)} workers for the {leg} target")
+                raise SelectionError(
+                    ErrorCode.CONSTRAINTS_UNSATISFIED, f"no eligible {'/'.join(roles)} worker carries every required taint {need}"
+                )
         if not self._busy_enabled:
             return pool
         reported = inp.reported
         not_busy = [c for c in pool if not self.busy.busy(c, load.view(c.target), reported.get(c.target))]
         if not not_busy:
-            raise SelectionError(ErrorCode.OVERLOADED, f"all {len(pool)} eligible workers are over the busy thresholds")
+            raise SelectionError(ErrorCode.OVERLOADED, f"all {len(pool)} eligible {'/'.join(roles)} workers are over the busy thresholds")
         return not_busy
+
+    def legs(self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput) -> Legs:
+        """The mode and the eligible targets of each leg.
+
+        `auto` is decided per request, as Dynamo's disaggregated profile handler does: when the pool
+        has live prefill workers the request goes disaggregated if both legs have an eligible
+        target, and otherwise falls back to aggregated over the aggregated and decode workers —
+        whether the gateway's pods, the label filter, a required taint or the busy thresholds
+        excluded every prefill worker, or the pool has prefill but no decode workers. A pinned
+        prefill worker is explicit: no fallback. When both attempts fail, the more useful error
+        wins (`_ERROR_RANK`: `overloaded` first, since waiting can help)."""
+        mode = inp.mode
+        if mode == "auto":
+            has_prefill = any(c.role == "prefill" for c in cands)
+            if not has_prefill:
+                mode = "aggregated"
+            elif inp.pinned_prefill_worker_id is not None:
+                mode = "disaggregated"
+            elif inp.pinned_worker_id is not None:
+                pinned_role = next((c.role for c in cands if c.worker_id == inp.pinned_worker_id), None)
+                if pinned_role not in (None, "decode"):
+                    mode = "aggregated"
+        if mode == "aggregated":
+            return Legs(mode, None, self.eligible(cands, load, inp, AGGREGATED_ROLES, "aggregated"))
+        if mode == "disaggregated":
+            return self._disaggregated(cands, load, inp)
+        try:
+            return self._disaggregated(cands, load, inp)
+        except SelectionError as disagg:
+            try:
+                return Legs("aggregated", None, self.eligible(cands, load, inp, AGGREGATED_ROLES, "aggregated"), fell_back=True)
+            except SelectionError as agg:
+                raise agg if _ERROR_RANK.get(agg.code, 0) > _ERROR_RANK.get(disagg.code, 0) else disagg from None
+
+    def _disaggregated(self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput) -> Legs:
+        prefill = self.eligible(cands, load, inp, ("prefill",), "prefill")
+        return Legs("disaggregated", prefill, self.eligible(cands, load, inp, ("decode",), "decode"))
+
+    def has_capacity(self, cands: Sequence[Candidate], load: LoadSource, inp: SelectionInput) -> bool:
+        """Whether the request has an eligible target that is not busy (the admission queue's test:
+        the same rule as selection). Raises the other eligibility errors."""
+        try:
+            self.legs(cands, load, inp)
+        except SelectionError as exc:
+            if exc.code == ErrorCode.OVERLOADED:
+                return False
+            raise
+        return True
 
     # --- scoring -------------------------------------------------------------------------------
 
@@ -334,22 +412,14 @@ class Selector:
         return self.score(min(pool, key=current), load, ov, inp, leg)
 
     def select(self, cands: Sequence[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput) -> Decision:
-        mode = inp.mode
-        if mode == "auto":
-            has_prefill = any(c.role == "prefill" for c in cands)
-            pinned_role = None
-            if has_prefill and inp.pinned_worker_id is not None:
-                pinned_role = next((c.role for c in cands if c.worker_id == inp.pinned_worker_id), None)
-            mode = "disaggregated" if has_prefill and pinned_role in (None, "decode") else "aggregated"
-        if mode == "aggregated":
-            pool = self.eligible(cands, load, inp, ("aggregated", "decode"), "aggregated")
-            chosen = self.choose(pool, load, ov, inp, "aggregated")
-            return Decision(chosen, None, mode, inp.policy, self.alternates(pool, chosen, load, ov, inp, "aggregated"))
-        prefill_pool = self.eligible(cands, load, inp, ("prefill",), "prefill")
-        decode_pool = self.eligible(cands, load, inp, ("decode",), "decode")
-        prefill = self.choose(prefill_pool, load, ov, inp, "prefill")
-        decode = self.choose(decode_pool, load, ov, inp, "decode")
-        return Decision(decode, prefill, mode, inp.policy, self.alternates(decode_pool, decode, load, ov, inp, "decode"))
+        legs = self.legs(cands, load, inp)
+        if legs.prefill is None:
+            chosen = self.choose(legs.decode, load, ov, inp, "aggregated")
+            alternates = self.alternates(legs.decode, chosen, load, ov, inp, "aggregated")
+            return Decision(chosen, None, legs.mode, inp.policy, alternates, fell_back=legs.fell_back)
+        prefill = self.choose(legs.prefill, load, ov, inp, "prefill")
+        decode = self.choose(legs.decode, load, ov, inp, "decode")
+        return Decision(decode, prefill, legs.mode, inp.policy, self.alternates(legs.decode, decode, load, ov, inp, "decode"))
 
     def alternates(
         self, pool: list[Candidate], chosen: Scored, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str

@@ -317,3 +317,83 @@ def test_busy_from_worker_load_reports():
     assert err.value.code == "overloaded"
     # Without thresholds, reports change nothing.
     assert pick(cs, reported=reported).decode.candidate.worker_id == 1
+
+
+# --- issue 18: per-request disaggregated fallback (Dynamo's disagg profile handler) ------------
+
+
+def _pd_pool():  # type: ignore[no-untyped-def]
+    return cands(record(1, role="prefill", total_kv_blocks=100), record(2, role="prefill", total_kv_blocks=100),
+                 record(3, role="decode", taints=["z=a"], total_kv_blocks=100), record(4, role="aggregated", taints=["z=a"],
+                 total_kv_blocks=100))  # fmt: skip
+
+
+def test_auto_falls_back_to_aggregated_when_the_gateway_offers_no_prefill_worker():
+    """Dynamo's `disagg-profile-handler`: if the prefill profile finds no pods, the request is routed
+    aggregated on the decode pods. Before, the query failed `no_workers`."""
+    cs = _pd_pool()
+    d = pick(cs, allowed_targets=frozenset({(3, 0), (4, 0)}))
+    assert d.mode == "aggregated" and d.prefill is None and d.fell_back and d.decode.candidate.worker_id in (3, 4)
+    d = pick(cs, allowed_worker_ids=frozenset({3}))
+    assert d.mode == "aggregated" and d.decode.candidate.worker_id == 3
+    # The prefill leg still exists when offered: disaggregated as before.
+    d = pick(cs, allowed_targets=frozenset({(1, 0), (3, 0)}))
+    assert d.mode == "disaggregated" and d.prefill.candidate.worker_id == 1 and not d.fell_back  # type: ignore[union-attr]
+    # An explicit mode is obeyed: no fallback.
+    with pytest.raises(SelectionError) as err:
+        pick(cs, mode="disaggregated", allowed_targets=frozenset({(3, 0)}))
+    assert err.value.code == "no_workers"
+
+
+def test_auto_falls_back_when_a_required_taint_or_busy_thresholds_exclude_every_prefill_worker():
+    cs = _pd_pool()
+    d = pick(cs, required_taints=frozenset({"z=a"}))
+    assert d.mode == "aggregated" and d.decode.candidate.worker_id in (3, 4)
+    busy = Selector(BusyThresholds(active_decode_blocks=0.9))
+    full = FakeLoad(views={(1, 0): LoadView(0, 95, 1), (2, 0): LoadView(0, 95, 1)})
+    d = pick(cs, full, selector=busy)
+    assert d.mode == "aggregated" and d.decode.candidate.worker_id in (3, 4)
+    # Everyone busy: `overloaded` (the admission queue's cue), not no_workers.
+    everyone = FakeLoad(views={t: LoadView(0, 95, 1) for t in ((1, 0), (2, 0), (3, 0), (4, 0))})
+    with pytest.raises(SelectionError) as err:
+        pick(cs, everyone, selector=busy)
+    assert err.value.code == "overloaded"
+    assert not busy.has_capacity(cs, everyone, inp())
+    assert busy.has_capacity(cs, full, inp())
+
+
+def test_pool_of_prefill_and_aggregated_workers_routes_auto_queries():
+    """A pool of prefill + aggregated workers (no decode workers): auto-mode queries used to fail
+    "no eligible decode workers" every time; they route aggregated."""
+    cs = cands(record(1, role="prefill"), record(2, role="aggregated"))
+    d = pick(cs)
+    assert d.mode == "aggregated" and d.decode.candidate.worker_id == 2
+
+
+def test_a_taint_failure_on_the_prefill_leg_is_constraints_unsatisfied():
+    """Dynamo's `RoutingConstraintsUnsatisfied`: the prefill worker lacks the taint while a decode
+    worker has it. Before, the role filter after the taint filter answered `no_workers`."""
+    cs = cands(record(1, role="prefill"), record(3, role="decode", taints=["z=a"]))
+    with pytest.raises(SelectionError) as err:
+        pick(cs, mode="disaggregated", required_taints=frozenset({"z=a"}))
+    assert err.value.code == "constraints_unsatisfied" and "prefill" in err.value.message
+    # auto: the decode worker carries it, so the request falls back to aggregated on it.
+    assert pick(cs, required_taints=frozenset({"z=a"})).decode.candidate.worker_id == 3
+    # Nobody carries it: constraints_unsatisfied from both attempts.
+    with pytest.raises(SelectionError) as err:
+        pick(cs, required_taints=frozenset({"z=b"}))
+    assert err.value.code == "constraints_unsatisfied"
+
+
+def test_pinned_prefill_worker_and_rank():
+    """Dynamo's `prefill_worker_id` / `prefill_dp_rank`: the prefill leg is pinned (and validated),
+    which makes an auto request disaggregated."""
+    cs = cands(record(1, role="prefill", dp_size=2), record(2, role="prefill"), record(3, role="decode"))
+    d = pick(cs, pinned_prefill_worker_id=1, pinned_prefill_dp_rank=1)
+    assert d.mode == "disaggregated" and d.prefill.candidate.target == (1, 1)  # type: ignore[union-attr]
+    for kw, code in (({"pinned_prefill_worker_id": 99}, "not_found"),
+                     ({"pinned_prefill_worker_id": 1, "pinned_prefill_dp_rank": 5}, "not_found"),
+                     ({"pinned_prefill_worker_id": 3}, "not_found")):  # fmt: skip
+        with pytest.raises(SelectionError) as err:
+            pick(cs, **kw)
+        assert err.value.code == code, kw

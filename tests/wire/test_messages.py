@@ -158,3 +158,35 @@ def test_worker_record_endpoints():
     assert list(rec.dp_ranks) == [0, 1]
     with pytest.raises(codec.SchemaError, match="dp_ports"):
         codec.decode(b'{"worker_id":1,"pool":"p","dp_size":2,"dp_ports":[1]}', schemas.WorkerRecord)
+
+
+# --- issue 18: routing constraints validated as Dynamo validates them ---------------------------
+
+
+@pytest.mark.parametrize(
+    "constraints, needle",
+    [
+        ({"preferred_taints": {"gpu": 5.0}}, "preferred_taints"),
+        ({"preferred_taints": {"gpu": 7.5}}, "preferred_taints"),
+        ({"preferred_taints": {"gpu": -1.0}}, "preferred_taints"),
+        ({"preferred_taints": {"gpu": 1.0}}, "preferred_taints"),
+        ({"required_taints": [" zone=a"]}, "trimmed"),
+        ({"required_taints": ["zone=a "]}, "trimmed"),
+        ({"preferred_taints": {"gpu ": 0.5}}, "trimmed"),
+        ({"required_taints": ["zone=a", "zone=a"]}, "duplicate"),
+        ({"required_taints": [""]}, "required_taints"),
+    ],
+)
+def test_routing_constraints_are_validated_as_dynamo_does(constraints, needle):  # type: ignore[no-untyped-def]
+    """Dynamo's RoutingConstraints validation: taints non-empty and trimmed, required taints not
+    duplicated; weights are a tanh bias in (−1, 1). Before: 5.0 and untrimmed taints were accepted
+    (and then matched nothing)."""
+    body = schemas.codec.encode_json({"request_id": "r", "token_ids": [1], "routing_constraints": constraints})
+    with pytest.raises(schemas.codec.SchemaError) as err:
+        schemas.codec.decode(body, schemas.SelectRequest)
+    text = f"{err.value.message} {err.value.path}"
+    assert needle in text and err.value.path and err.value.path.startswith("$.routing_constraints")
+    ok = {"required_taints": ["zone=a"], "preferred_taints": {"gpu": 0.99, "zone=b": -0.99}}
+    req = schemas.codec.decode(schemas.codec.encode_json({"request_id": "r", "token_ids": [1], "routing_constraints": ok}),
+                               schemas.SelectRequest)  # fmt: skip
+    assert req.routing_constraints is not None and req.routing_constraints.preferred_taints["gpu"] == 0.99
