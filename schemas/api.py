@@ -332,6 +332,8 @@ class EppQueryRequest(msgspec.Struct, omit_defaults=True):
     headers: dict[str, str] = {}
     pods: Annotated[list[EppPod], Meta(max_length=MAX_WORKER_IDS)] | None = None
     mode: Mode = "auto"
+    # Whether the answer is booked (the final pick, GAIE's ext_proc path); false = read-only, as
+    # Dynamo's query. Default true, as before the split API (docs/protocol.md §5, "epp.book").
     book: bool = True
     return_token_ids: bool = False
     policy: Policy | None = None
@@ -349,6 +351,31 @@ class EppQueryReply(msgspec.Struct):
     token_ids: list[TokenId] | None = None
     status: Literal["ok"] = "ok"
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
+    # Extension: the booking that holds the request ("" = nothing booked: `book: false`, the
+    # `query_instance_id` annotation, or a booking cancelled before it landed).
+    booking_id: str = ""
+
+
+class EppBookTarget(msgspec.Struct, omit_defaults=True):
+    worker_id: WorkerId
+    dp_rank: DpRank = 0
+
+
+class EppBookRequest(msgspec.Struct, omit_defaults=True):
+    """Extension (`kvr.{pool}.epp.book`): book a target chosen elsewhere (a plugin chain that scored
+    with `book: false` and picked), under `request_id`. The body is the same OpenAI request as for
+    epp.query (the booking needs its blocks); the targets go through the same eligibility checks
+    as a query's (pods, label filter, liveness, role, taints, busy), each failure a structured
+    error that books nothing. With `prefill` the booking is disaggregated, else aggregated."""
+
+    request_id: RequestId
+    body: dict[str, Any]
+    decode: EppBookTarget
+    prefill: EppBookTarget | None = None
+    headers: dict[str, str] = {}
+    pods: Annotated[list[EppPod], Meta(max_length=MAX_WORKER_IDS)] | None = None
+    return_token_ids: bool = False
+    booking_id: BookingId | None = None
 
 
 class CleanupRequest(msgspec.Struct, omit_defaults=True):

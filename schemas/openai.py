@@ -52,6 +52,28 @@ class AgentHints(msgspec.Struct, omit_defaults=True):
     priority: I32 | None = None
     osl: NonNegInt | None = None
     latency_sensitivity: Annotated[float, Meta(ge=-1e6, le=1e6)] | None = None
+    # Dynamo's admission tier (u32): a higher tier is always admitted from the queue first.
+    strict_priority: Annotated[int, Meta(ge=0, lt=1 << 32)] | None = None
+
+
+# Bounds of a per-request cost override: wide enough for any sensible tuning, narrow enough that one
+# request cannot make its cost arithmetic meaningless.
+OverrideWeight = Annotated[float, Meta(ge=0.0, le=100.0)]
+
+
+class RouterConfigOverride(msgspec.Struct, omit_defaults=True):
+    """Dynamo's per-request `router_config_override`: the cost weights for this request only.
+    `overlap_score_weight` is Dynamo's older name of the credit (the new name wins). Dynamo's
+    `assume_kv_reuse`, `track_prefill_tokens` and `shared_cache_multiplier` are accepted and not
+    used (docs/epp_bridge.md, "Request fields")."""
+
+    overlap_score_credit: OverrideWeight | None = None
+    overlap_score_weight: OverrideWeight | None = None
+    prefill_load_scale: OverrideWeight | None = None
+    router_temperature: OverrideWeight | None = None
+
+
+QUERY_INSTANCE_ID = "query_instance_id"
 
 
 class NvExt(msgspec.Struct, omit_defaults=True):
@@ -59,6 +81,11 @@ class NvExt(msgspec.Struct, omit_defaults=True):
     routing_constraints: RoutingConstraints | None = None
     backend_instance_id: WorkerId | None = None
     dp_rank: DpRank | None = None
+    # Dynamo's pinned legs: `decode_worker_id` pins the decode (or aggregated) target like
+    # `backend_instance_id`, `prefill_worker_id` / `prefill_dp_rank` the prefill target.
+    decode_worker_id: WorkerId | None = None
+    prefill_worker_id: WorkerId | None = None
+    prefill_dp_rank: DpRank | None = None
     lora_name: OptStr = None
     cache_salt: OptStr = None
     expected_output_tokens: NonNegInt | None = None
@@ -67,9 +94,21 @@ class NvExt(msgspec.Struct, omit_defaults=True):
     cache_namespace: OptStr = None
     # The prompt's multimodal objects (token positions): they enter the hashes of their blocks.
     multimodal: MultimodalList | None = None
+    # `["query_instance_id"]`: answer the chosen worker ids without booking (Dynamo's query).
+    annotations: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=64)] | None = None
+    router_config_override: RouterConfigOverride | None = None
+    # Dynamo: false = the router's state is kept by someone else (the EPP). Accepted; kvr's router
+    # always keeps its own bookings, so it changes nothing here.
+    enable_local_updates: bool | None = None
 
     def __post_init__(self) -> None:
         effective_salt(self.cache_salt, self.cache_namespace)  # both given: equal
+
+    @property
+    def query_instance_id(self) -> bool:
+        """Whether the request only asks which workers would serve it (Dynamo's annotation, with
+        or without a value: `query_instance_id` or `query_instance_id:<anything>`)."""
+        return any(a == QUERY_INSTANCE_ID or a.startswith(QUERY_INSTANCE_ID + ":") for a in self.annotations or ())
 
 
 # A completions prompt: a string, a batch of strings, token ids, or a batch of token-id lists.

@@ -68,6 +68,10 @@ class Names:
     def epp_query(self, pool: str) -> str:
         return f"{self.prefix}.{pool}.epp.query"
 
+    def epp_book(self, pool: str) -> str:
+        """Extension: book a target chosen elsewhere (the split API, docs/protocol.md §5)."""
+        return f"{self.prefix}.{pool}.epp.book"
+
     def epp_cleanup(self, pool: str) -> str:
         return f"{self.prefix}.{pool}.epp.cleanup"
 

@@ -18,6 +18,7 @@ I64_MAX = (1 << 63) - 1
 # types holding hashes check it in `__post_init__` (HASH_DESCRIPTION marks them for the bounds test).
 HASH_DESCRIPTION = "unsigned 64-bit hash (negative i64 accepted)"
 Hash = Annotated[int, Meta(ge=-(1 << 63), description=HASH_DESCRIPTION)]
+MAX_WORKER_ID = (1 << 53) - 1
 WorkerId = Annotated[int, Meta(ge=0, lt=1 << 53, description="worker id, < 2**53")]
 DpRank = Annotated[int, Meta(ge=0, le=65535)]
 TokenId = Annotated[int, Meta(ge=0, le=0xFFFFFFFF)]

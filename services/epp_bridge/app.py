@@ -23,6 +23,7 @@ from schemas import codec
 from schemas.api import (
     CleanupReply,
     CleanupRequest,
+    EppBookRequest,
     EppQueryReply,
     EppQueryRequest,
     ErrorCode,
@@ -41,7 +42,7 @@ from services.runtime.tracing import span
 from services.runtime.workers import WorkerWatcher
 
 from . import metrics
-from .decision import NO_PROMPT, RouteAsk, Routed, query_reply, select_request
+from .decision import NO_PROMPT, Pins, RouteAsk, Routed, query_reply, request_pins, select_request, with_offered
 from .extproc import ExtProcServer
 from .labels import LabelFilter, parse_label_filters
 from .link import (
@@ -123,6 +124,17 @@ class EppBridgeApp:
                     endpoint="epp.query",
                     max_inflight=self.cfg.epp_max_inflight,
                     inline=self._answers_inline if self._embedded is not None else None,
+                )
+            )
+            self._subs.append(
+                await serve(
+                    rt.nc,
+                    rt.names.epp_book(pool),
+                    EppBookRequest,
+                    self._book_handler(pool),
+                    queue=QUEUE,
+                    endpoint="epp.book",
+                    max_inflight=self.cfg.epp_max_inflight,
                 )
             )
             self._subs.append(
@@ -232,12 +244,45 @@ class EppBridgeApp:
 
         return handle
 
+    def _book_handler(self, pool: str):  # type: ignore[no-untyped-def]
+        async def handle(req: EppBookRequest, msg: Msg) -> EppQueryReply:
+            routed, outcome = "none", "ok"
+            try:
+                if len(msg.data) > self.max_body_bytes:
+                    raise ServiceError(
+                        ErrorCode.INVALID_REQUEST, f"request is {len(msg.data)} bytes, more than the limit of {self.max_body_bytes}", "$"
+                    )
+                reply = await self.book(pool, req)
+                routed = reply.mode
+                return reply
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                outcome = _code_of(exc)
+                raise
+            finally:
+                metrics.BOOKS.labels(outcome, routed).inc()
+
+        return handle
+
     async def query(self, pool: str, req: EppQueryRequest, msg: Msg | None = None) -> EppQueryReply:
         """`req` as sent (body a dict) or as `EppQueryTyped` with the message it was decoded from."""
         t0 = time.perf_counter()
         body = req.body if isinstance(req.body, OpenAiBody) else parse_body(req.body)
         metrics.PHASE_PARSE.observe(time.perf_counter() - t0)
-        ask = RouteAsk(req.request_id, body, lambda: _raw_body(req, msg), pods=req.pods, mode=req.mode, book=req.book, policy=req.policy)
+        ask = RouteAsk(req.request_id, body, lambda: _raw_body(req, msg), pods=req.pods, mode=req.mode, book=req.book,
+                       policy=req.policy, headers=req.headers)  # fmt: skip
+        routed = await self.route(pool, ask)
+        return query_reply(req, routed.reply, routed.prompt)
+
+    async def book(self, pool: str, req: EppBookRequest) -> EppQueryReply:
+        """epp.book: book targets chosen elsewhere, through the one decision path with both legs
+        pinned (same eligibility checks; a failure books nothing)."""
+        body = parse_body(req.body)
+        pins = Pins(req.decode.worker_id, req.decode.dp_rank, req.prefill.worker_id if req.prefill else None,
+                    req.prefill.dp_rank if req.prefill else None)  # fmt: skip
+        ask = RouteAsk(req.request_id, body, lambda: req.body, pods=req.pods, book=True, headers=req.headers, pins=pins,
+                       booking_id=req.booking_id or "")  # fmt: skip
         routed = await self.route(pool, ask)
         return query_reply(req, routed.reply, routed.prompt)
 
@@ -267,44 +312,47 @@ class EppBridgeApp:
             metrics.PROMPT_TOKENS.observe(prompt.isl_tokens)
 
         index = self.pod_index(pool)
-        allowed = index.allowed(ask.pods)
-        if allowed is not None and not allowed:
-            if ask.pods:
-                raise ServiceError(ErrorCode.NO_WORKERS, f"none of the {len(ask.pods)} candidate pods is a known worker of pool {pool!r}")
-            raise ServiceError(ErrorCode.NO_WORKERS, f"no worker of pool {pool!r} passes the pool's label filter")
-        targets: list[tuple[int, int]] | None = None
-        if ask.endpoints is not None:
-            targets = index.targets(ask.endpoints)
-            if allowed is not None:
-                keep = set(allowed)
-                targets = [t for t in targets if t[0] in keep]
-            if not targets:
+        offer = index.offer(ask.pods, ask.endpoints)
+        targets = offer.targets
+        # Without pods or a subset hint, the label filter alone restricts (by worker id).
+        allowed = index.allowed(None) if targets is None else None
+        if targets is not None and not targets:
+            if ask.endpoints is not None:
                 raise ServiceError(
                     ErrorCode.NO_WORKERS, f"none of the {len(ask.endpoints)} endpoints of the subset hint is an eligible worker of pool {pool!r}"
                 )
-        constraints = body.nvext.routing_constraints if body is not None and body.nvext else None
+            raise ServiceError(ErrorCode.NO_WORKERS, f"none of the {len(ask.pods or ())} candidate pods is a known worker of pool {pool!r}")
+        if allowed is not None and not allowed:
+            raise ServiceError(ErrorCode.NO_WORKERS, f"no worker of pool {pool!r} passes the pool's label filter")
+        nvext = body.nvext if body is not None else None
+        constraints = nvext.routing_constraints if nvext else None
         if constraints and constraints.required_taints:
-            if targets is not None:
-                candidates: list[int] = sorted({t[0] for t in targets})
-            else:
-                candidates = allowed if allowed is not None else list(index.records)
+            candidates: list[int] = sorted({t[0] for t in targets}) if targets is not None else (
+                allowed if allowed is not None else list(index.records))  # fmt: skip
             if candidates and not index.required_taints_met(candidates, constraints.required_taints):
                 raise ServiceError(
                     ErrorCode.CONSTRAINTS_UNSATISFIED,
                     f"no candidate worker carries every required taint {sorted(constraints.required_taints)}",
                 )
+        pins = ask.pins if ask.pins is not None else request_pins(ask.headers, nvext)
+        query_only = ask.pins is None and nvext is not None and nvext.query_instance_id
 
         if body is None:
             # No prompt to match (a request without a body, e.g. GET /v1/models): the least loaded
             # eligible worker, nothing booked.
             sreq = SelectRequest(request_id=ask.request_id, token_ids=[], allowed_worker_ids=allowed, allowed_targets=targets,
+                                 pinned_worker_id=pins.worker_id, pinned_dp_rank=pins.dp_rank,
                                  policy=Policy.LEAST_LOADED, book=False, fallbacks=ask.fallbacks)  # fmt: skip
         else:
-            sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks)
-            sreq.booking_id = ask.booking_id or None  # None: _select names the booking
-        reply = await self._select(pool, sreq)
+            sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks,
+                                  pins=pins, book=ask.book and not query_only)  # fmt: skip
+            if ask.pins is not None:
+                # epp.book: exactly the chosen legs; disaggregated when a prefill target is given.
+                sreq.mode = "disaggregated" if ask.pins.prefill_worker_id is not None else "aggregated"
+            sreq.booking_id = (ask.booking_id or None) if sreq.book else None  # None: _select names the booking
+        reply = with_offered(await self._select(pool, sreq), offer.endpoints)
         metrics.PHASE_SELECT.observe(time.perf_counter() - t2)
-        return Routed(reply, prompt)
+        return Routed(reply, prompt, query_only=query_only)
 
     async def _select(self, pool: str, sreq: SelectRequest) -> SelectReply:
         assert self.link is not None

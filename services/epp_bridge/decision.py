@@ -3,21 +3,28 @@ the routing headers and the epp.query reply."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import msgspec
 
 from schemas.api import (
+    EppBookRequest,
     EppPod,
     EppQueryReply,
     EppQueryRequest,
+    ErrorCode,
+    Overrides,
     SelectReply,
     SelectRequest,
     Target,
     mm_objects,
 )
 from schemas.hashing import effective_salt, local_block_hashes, salt_seed
-from schemas.openai import OpenAiBody
+from schemas.openai import NvExt, OpenAiBody
+from schemas.types import MAX_WORKER_ID
+from services.runtime.responder import ServiceError
 
 from .prompt import PromptTokens
 
@@ -43,12 +50,19 @@ class RouteAsk:
     fallbacks: int = 0
     # The booking's name, when the caller must be able to free it without a reply (ext_proc).
     booking_id: str = ""
+    # The gateway's request headers (lower-case names): `x-worker-instance-id`, `x-dp-rank`,
+    # `x-prefill-instance-id`, `x-prefill-dp-rank` pin legs (they win over nvext).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # epp.book: the targets chosen elsewhere (they win over headers and nvext).
+    pins: Pins | None = None
 
 
 @dataclass
 class Routed:
     reply: SelectReply
     prompt: PromptTokens
+    # `nvext.annotations: ["query_instance_id"]`: the answer names the workers, nothing was booked.
+    query_only: bool = False
 
 
 # Headers set on the forwarded request (docs/protocol.md §5; Dynamo frontend / GAIE names).
@@ -59,6 +73,73 @@ PREFILL_ID = "x-prefill-instance-id"
 PREFILL_DP_RANK = "x-prefill-dp-rank"
 PREFILLER_HOST_PORT = "x-prefiller-host-port"
 ROUTING_MODE = "x-dynamo-routing-mode"
+
+
+ALT_DP_RANK = "x-data-parallel-rank"  # Dynamo's alias of x-dp-rank
+# Dynamo's "unset" value of x-prefill-dp-rank (u32::MAX).
+UNSET_RANK = (1 << 32) - 1
+MAX_DP_RANK = 65535
+
+
+class Pins(NamedTuple):
+    """Pinned legs of a request: the decode (or aggregated) target and the prefill target."""
+
+    worker_id: int | None = None
+    dp_rank: int | None = None
+    prefill_worker_id: int | None = None
+    prefill_dp_rank: int | None = None
+
+
+def _header_int(headers: Mapping[str, str], name: str, limit: int) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isascii() or not text.isdigit():
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"header {name} must be a non-negative integer, got {raw[:64]!r}", f"$.headers.{name}")
+    value = int(text)
+    if name == PREFILL_DP_RANK and value == UNSET_RANK:
+        return None
+    if value > limit:
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"header {name} is {value}, over the limit {limit}", f"$.headers.{name}")
+    return value
+
+
+def request_pins(headers: Mapping[str, str], nvext: NvExt | None) -> Pins:
+    """Pins from the request, as Dynamo's frontend maps them, headers winning over nvext:
+    `x-worker-instance-id` → decode worker (else `nvext.decode_worker_id`, else
+    `backend_instance_id`), `x-dp-rank` (alias `x-data-parallel-rank`) → its rank (else
+    `nvext.dp_rank`), `x-prefill-instance-id` → prefill worker (else `nvext.prefill_worker_id`),
+    `x-prefill-dp-rank` → its rank (else `nvext.prefill_dp_rank`). A rank counts only with its
+    worker. Header names are matched lower-case; a malformed value is `invalid_request`."""
+    h = {k.lower(): v for k, v in headers.items()} if any(k != k.lower() for k in headers) else headers
+    worker = _header_int(h, WORKER_ID, MAX_WORKER_ID)
+    rank = _header_int(h, DP_RANK, MAX_DP_RANK)
+    if rank is None:
+        rank = _header_int(h, ALT_DP_RANK, MAX_DP_RANK)
+    prefill = _header_int(h, PREFILL_ID, MAX_WORKER_ID)
+    prefill_rank = _header_int(h, PREFILL_DP_RANK, MAX_DP_RANK)
+    if nvext is not None:
+        if worker is None:
+            worker = nvext.decode_worker_id if nvext.decode_worker_id is not None else nvext.backend_instance_id
+        if rank is None:
+            rank = nvext.dp_rank
+        if prefill is None:
+            prefill = nvext.prefill_worker_id
+        if prefill_rank is None:
+            prefill_rank = nvext.prefill_dp_rank
+    return Pins(worker, rank if worker is not None else None, prefill, prefill_rank if prefill is not None else None)
+
+
+def overrides_of(nvext: NvExt | None) -> Overrides | None:
+    """`nvext.router_config_override` as the select request's cost overrides (None when absent)."""
+    o = nvext.router_config_override if nvext is not None else None
+    if o is None:
+        return None
+    credit = o.overlap_score_credit if o.overlap_score_credit is not None else o.overlap_score_weight
+    if credit is None and o.prefill_load_scale is None and o.router_temperature is None:
+        return None
+    return Overrides(overlap_score_credit=credit, prefill_load_scale=o.prefill_load_scale, temperature=o.router_temperature)
 
 
 class RouteRequest(Protocol):
@@ -79,6 +160,8 @@ def select_request(
     *,
     allowed_targets: list[tuple[int, int]] | None = None,
     fallbacks: int = 0,
+    pins: Pins | None = None,
+    book: bool | None = None,
 ) -> SelectRequest:
     """With the pool's `block_size` known, the prompt goes as its local block hashes (docs/protocol.md §5
     allows either): a few dozen integers for the scheduler to decode instead of every token id, and
@@ -102,6 +185,9 @@ def select_request(
         block_hashes = local_block_hashes(prompt.token_ids, block_size, salt_seed(lora_name, cache_salt), mm_objects(multimodal))
         token_ids = None
         multimodal = None  # in the hashes
+    if pins is None:
+        pins = request_pins(getattr(req, "headers", None) or {}, nvext)
+    mode = req.mode
     return SelectRequest(
         request_id=req.request_id,
         token_ids=token_ids,
@@ -112,15 +198,37 @@ def select_request(
         multimodal=multimodal,
         allowed_worker_ids=allowed,
         allowed_targets=allowed_targets,
-        pinned_worker_id=nvext.backend_instance_id if nvext else None,
-        pinned_dp_rank=nvext.dp_rank if nvext and nvext.backend_instance_id is not None else None,
+        pinned_worker_id=pins.worker_id,
+        pinned_dp_rank=pins.dp_rank,
+        pinned_prefill_worker_id=pins.prefill_worker_id,
+        pinned_prefill_dp_rank=pins.prefill_dp_rank,
         routing_constraints=nvext.routing_constraints if nvext else None,
-        mode=req.mode,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
         priority=(hints.priority or 0) if hints else 0,
+        strict_priority=(hints.strict_priority or 0) if hints else 0,
         expected_output_tokens=expected,
+        overrides=overrides_of(nvext),
         policy=req.policy,  # type: ignore[arg-type]
-        book=req.book,
+        book=book if book is not None else req.book,
         fallbacks=fallbacks,
+    )
+
+
+def with_offered(reply: SelectReply, offered: Mapping[tuple[int, int], str]) -> SelectReply:
+    """The reply with each target's endpoint replaced by the one the gateway offered for it, so the
+    destination headers only ever name endpoints the gateway offered (pods.py)."""
+    if not offered:
+        return reply
+
+    def fix(t: Target) -> Target:
+        endpoint = offered.get((t.worker_id, t.dp_rank))
+        return t if endpoint is None or endpoint == t.endpoint else msgspec.structs.replace(t, endpoint=endpoint)
+
+    return msgspec.structs.replace(
+        reply,
+        decode=fix(reply.decode),
+        prefill=fix(reply.prefill) if reply.prefill is not None else None,
+        fallbacks=[fix(f) for f in reply.fallbacks],
     )
 
 
@@ -166,7 +274,7 @@ def destination(reply: SelectReply, pods: Sequence[EppPod] | None = None) -> lis
     return out
 
 
-def query_reply(req: EppQueryRequest, reply: SelectReply, prompt: PromptTokens) -> EppQueryReply:
+def query_reply(req: EppQueryRequest | EppBookRequest, reply: SelectReply, prompt: PromptTokens) -> EppQueryReply:
     return EppQueryReply(
         request_id=req.request_id,
         decode=reply.decode,
@@ -178,4 +286,5 @@ def query_reply(req: EppQueryRequest, reply: SelectReply, prompt: PromptTokens) 
         headers=routing_headers(reply, req.pods),
         token_ids=prompt.token_ids if req.return_token_ids else None,
         mode="disaggregated" if reply.prefill is not None else reply.mode,
+        booking_id=reply.booking_id,
     )

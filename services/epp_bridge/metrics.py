@@ -26,6 +26,10 @@ TOKEN_SOURCE = fastmetrics.Counter("kvr_epp_token_source_total", "Where a query'
 CLEANUPS = fastmetrics.Counter(
     "kvr_epp_cleanups_total", "epp.cleanup answers by phase and outcome (known, unknown or error code)", ["phase", "outcome"]
 )
+BOOKS = Counter(
+    "kvr_epp_books_total", "epp.book answers by outcome (ok or error code) and booked mode (aggregated, disaggregated, none)",
+    ["outcome", "routed"],
+)
 COMPENSATING_FREES = Counter(
     "kvr_epp_compensating_frees_total",
     "Frees sent for a booking query that failed after reaching the scheduler (e.g. select timeout), by outcome",

@@ -212,14 +212,16 @@ def role_permissions(role: str, scope: Scope | None = None) -> RolePermissions:
     elif role == "epp-bridge":
         grants += _info(every_stream)
         grants += _kv_reader(scope)
-        grants += _serve([n.epp_query(p) for p in pools] + [n.epp_cleanup(p) for p in pools], "answers epp.query / epp.cleanup")
+        grants += _serve([n.epp_query(p) for p in pools] + [n.epp_book(p) for p in pools] + [n.epp_cleanup(p) for p in pools],
+                         "answers epp.query / epp.book / epp.cleanup")
         if scope.embedded_scheduler:
             grants += _scheduler(scope, every_stream)
         else:
             grants += _ask([n.select(p) for p in pools] + [n.booking(p) for p in pools], "asks scheduler.select / scheduler.booking")
         responses = True
     elif role == "gateway":
-        grants += _ask([n.epp_query(p) for p in pools] + [n.epp_cleanup(p) for p in pools], "asks epp.query / epp.cleanup")
+        grants += _ask([n.epp_query(p) for p in pools] + [n.epp_book(p) for p in pools] + [n.epp_cleanup(p) for p in pools],
+                       "asks epp.query / epp.book / epp.cleanup")
     elif role == "operator":
         grants += _info([*every_stream, streams["relay"]])
         grants += [Grant("pub", f"{API}.INFO", "account usage"), Grant("pub", f"{API}.STREAM.NAMES", "list streams"),
@@ -258,7 +260,8 @@ def role_permissions(role: str, scope: Scope | None = None) -> RolePermissions:
         grants.append(Grant("pub", "_INBOX.>", "streamed generate progress to the requester's inbox (several replies)"))
     elif role == "replay":
         grants += _info(every_stream)
-        grants += _ask([n.epp_query(p) for p in pools] + [n.epp_cleanup(p) for p in pools], "asks epp.query / epp.cleanup")
+        grants += _ask([n.epp_query(p) for p in pools] + [n.epp_book(p) for p in pools] + [n.epp_cleanup(p) for p in pools],
+                       "asks epp.query / epp.book / epp.cleanup")
         grants += _ask([f"{n.prefix}.{p}.worker.*.generate" for p in pools], "sends generate to the chosen mock worker")
         grants += _ask([n.scheduler_state(p) for p in pools], "reads the schedulers' load view for its report")
     else:

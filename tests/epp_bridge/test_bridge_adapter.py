@@ -42,12 +42,17 @@ class ScriptedScheduler:
         await asyncio.sleep(self.delay_s)
         if self.error:
             raise self.error
-        wid = (req.pinned_worker_id if req.pinned_worker_id is not None else (req.allowed_worker_ids or [1])[0])
+        if req.pinned_worker_id is not None:
+            wid, rank = req.pinned_worker_id, req.pinned_dp_rank or 0
+        elif req.allowed_targets:
+            wid, rank = req.allowed_targets[0]
+        else:
+            wid, rank = (req.allowed_worker_ids or [1])[0], 0
         if req.book and req.booking_id not in self.cancelled:  # like the real scheduler
             self.bookings[req.request_id] = req.booking_id or "active"
         prefill = Target(9, 0, "vllm-9", "10.0.0.9:8000") if req.mode == "disaggregated" else None
         return SelectReply(
-            decode=Target(wid, 0, f"vllm-{wid}", None), prefill=prefill, overlap_blocks=0,
+            decode=Target(wid, rank, f"vllm-{wid}", None), prefill=prefill, overlap_blocks=0,
             isl_tokens=req.isl_tokens or 0, block_size=16, cost=1.0,
             mode="disaggregated" if prefill else "aggregated",
         )  # fmt: skip
@@ -97,7 +102,10 @@ async def test_query_maps_pods_nvext_and_headers(nc, setup):
     reply = await ask(nc, NAMES.epp_query(POOL), payload)
     assert reply["status"] == "ok", reply
     sent = sched.selects[-1]
-    assert sent.allowed_worker_ids == [2, 3] and sent.lora_name == "l" and sent.priority == 2
+    # The pods become (worker, dp rank) candidates (issue 18): vllm-2 is worker 2's only rank, and
+    # 10.0.0.3:9001 is rank 1 of worker 3 alone (before, every rank of worker 3 was a candidate).
+    assert [tuple(t) for t in sent.allowed_targets or ()] == [(2, 0), (3, 1)] and sent.allowed_worker_ids is None
+    assert sent.lora_name == "l" and sent.priority == 2
     assert sent.expected_output_tokens == 9 and sent.book
     # The workers' block size is known, so the scheduler gets the LoRA-seeded block hashes, not tokens.
     assert sent.token_ids is None and sent.isl_tokens == 10
@@ -200,7 +208,7 @@ async def test_operator_client_sends_real_requests(nats_url, setup, tmp_path):
     sched, _ = setup
     code, reply = await kvr_epp(nats_url, "query", "--token-ids", "1,2,3", "--pod", "vllm-2", "--request-id", "cli-1", "--return-token-ids")
     assert code == 0 and reply["headers"]["x-worker-instance-id"] == "2" and reply["token_ids"] == [1, 2, 3]
-    assert sched.selects[-1].request_id == "cli-1" and sched.selects[-1].allowed_worker_ids == [2]
+    assert sched.selects[-1].request_id == "cli-1" and [tuple(t) for t in sched.selects[-1].allowed_targets or ()] == [(2, 0)]
     body = tmp_path / "body.json"
     body.write_text('{"prompt": [4, 5], "nvext": {"backend_instance_id": 3}}')
     code, reply = await kvr_epp(nats_url, "query", "--body-file", str(body), "--no-book", "--msgpack")

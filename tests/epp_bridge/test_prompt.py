@@ -189,7 +189,10 @@ def test_pods_map_by_name_endpoint_rank_and_dynamo_shapes():
     assert index.allowed(pods({"name": "vllm-1"})) == [2]
     assert index.allowed(pods({"podName": "vllm-0"}, {"pod": {"podName": "vllm-1"}})) == [1, 2]
     assert index.allowed(pods({"address": "10.0.0.3", "port": 9001})) == [3]
-    assert index.allowed(pods({"name": "vllm-0-rank-1"})) == [1]
+    # GAIE's virtual pod of the N-th rank; vllm-0 has one rank, so "-rank-1" names nothing (it used
+    # to mean the whole worker, whose rank 0 the gateway had not offered).
+    assert index.allowed(pods({"name": "vllm-0-rank-0"})) == [1]
+    assert index.allowed(pods({"name": "vllm-0-rank-1"})) == []
     assert index.allowed(pods({"name": "unknown", "address": "10.0.0.2", "port": 8000})) == [2]
     assert index.allowed(pods({"name": "ghost"}, {"address": "1.2.3.4", "port": 1})) == []
 
