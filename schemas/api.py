@@ -115,6 +115,9 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     code: ErrorCode
     message: str
     path: str | None = None
+    # Extension: seconds after which a retry may succeed (an `overloaded` answer of the admission
+    # queue; HTTP `Retry-After`).
+    retry_after_s: Annotated[float, Meta(ge=0, le=86400)] | None = None
 
 
 class ErrorReply(msgspec.Struct):

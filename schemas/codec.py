@@ -114,8 +114,8 @@ def convert(obj: Any, type_: type[T] | Any) -> T:
         raise _schema_error(exc) from None
 
 
-def error_reply(code: ErrorCode, message: str, path: str | None = None) -> ErrorReply:
-    return ErrorReply(error=ErrorBody(code=code, message=message, path=path))
+def error_reply(code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> ErrorReply:
+    return ErrorReply(error=ErrorBody(code=code, message=message, path=path, retry_after_s=retry_after_s))
 
 
 class _StatusProbe(msgspec.Struct):
@@ -126,11 +126,12 @@ class _StatusProbe(msgspec.Struct):
 class RemoteError(Exception):
     """An error envelope received from another service."""
 
-    def __init__(self, code: ErrorCode, message: str, path: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.path = path
+        self.retry_after_s = retry_after_s
 
 
 def decode_reply(data: bytes, type_: type[T], content_type: str | None = None) -> T:
@@ -138,5 +139,5 @@ def decode_reply(data: bytes, type_: type[T], content_type: str | None = None) -
     probe: _StatusProbe = decode(data, _StatusProbe, content_type)
     if probe.status == "error":
         err = probe.error or ErrorBody(code=ErrorCode.INTERNAL, message="error reply without body")
-        raise RemoteError(err.code, err.message, err.path)
+        raise RemoteError(err.code, err.message, err.path, err.retry_after_s)
     return decode(data, type_, content_type)

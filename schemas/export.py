@@ -26,6 +26,7 @@ MESSAGES: dict[str, Any] = {
     "StateReply": api.StateReply,
     "EppQueryRequest": api.EppQueryRequest,
     "EppQueryReply": api.EppQueryReply,
+    "EppBookRequest": api.EppBookRequest,
     "CleanupRequest": api.CleanupRequest,
     "CleanupReply": api.CleanupReply,
     "EppQueryBody": openai.OpenAiBody,

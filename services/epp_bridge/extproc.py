@@ -33,7 +33,7 @@ from schemas.api import CleanupRequest, ErrorCode, SelectReply
 from schemas.bookings import new_booking_id
 from schemas.openai import OpenAiBody
 from services.runtime.logs import get_logger
-from services.runtime.responder import ServiceError, error_for
+from services.runtime.responder import ServiceError, error_for, retry_after_of
 from services.runtime.tracing import context_from_headers, server_span
 
 from . import extproc_protocol as xp
@@ -271,6 +271,10 @@ class _Stream:
                 self.outcome = "aborted"
                 raise
             reply = routed.reply
+            if routed.query_only:
+                # Dynamo's `query_instance_id`: the worker ids, answered by the gateway; nothing booked.
+                self.outcome = "query_instance_id"
+                return [xp.instance_id_response(reply)], True
             self.reply = reply
             self.lifecycle = xp.BookingLifecycle(booked=ask.book)
             endpoints = destination(reply)
@@ -282,7 +286,7 @@ class _Stream:
             code, message, path = error_for(exc)
             if code is ErrorCode.INTERNAL:
                 log.exception("extproc.decision_failed", request_id=self.request_id)
-            return self._fail(code, message, path), True
+            return self._fail(code, message, path, retry_after_of(exc)), True
         finally:
             server.deciding -= 1
             metrics.EXTPROC_DECISION_SECONDS.observe(time.perf_counter() - started)
@@ -322,14 +326,15 @@ class _Stream:
             book=parsed is not None,
             fallbacks=self.server.fallbacks,
             booking_id=new_booking_id(),
+            headers=self.headers,
         )
 
-    def _fail(self, code: ErrorCode, message: str, path: str | None = None) -> list[pb.ProcessingResponse]:
+    def _fail(self, code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> list[pb.ProcessingResponse]:
         self.outcome = code
         log.debug("extproc.rejected", request_id=self.request_id, x_request_id=self.headers.get("x-request-id"),
                   code=code, message=message, path=path)  # fmt: skip
         self._update(self.lifecycle.finished())
-        return [xp.immediate_response(code, message, path)]
+        return [xp.immediate_response(code, message, path, retry_after_s)]
 
     # --- response path = cleanup ------------------------------------------------------------
 

@@ -10,6 +10,7 @@ api/envoy/extensions/filters/http/ext_proc/v3/processing_mode.proto.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from schemas import codec
-from schemas.api import ERROR_HTTP_STATUS, ErrorCode
+from schemas.api import ERROR_HTTP_STATUS, ErrorCode, SelectReply
 
 Mode = processing_mode_pb2.ProcessingMode
 NONE = Mode.NONE
@@ -173,15 +174,34 @@ def echo_response_body(body: bytes, end_of_stream: bool) -> pb.ProcessingRespons
     return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
 
 
-def immediate_response(code: ErrorCode, message: str, path: str | None = None) -> pb.ProcessingResponse:
+def immediate_response(code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> pb.ProcessingResponse:
     """An error answered by the gateway itself: HTTP status of the code, the NATS error envelope as
-    the JSON body."""
+    the JSON body; a `retry-after` header (whole seconds, at least 1) when the router gave a hint."""
     status = EXTPROC_STATUS.get(code, 500)
-    body = codec.encode_json(codec.error_reply(code, message, path))
-    headers = pb.HeaderMutation(set_headers=_header_options({"content-type": "application/json"}))
+    body = codec.encode_json(codec.error_reply(code, message, path, retry_after_s))
+    set_headers = {"content-type": "application/json"}
+    if retry_after_s is not None:
+        set_headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+    headers = pb.HeaderMutation(set_headers=_header_options(set_headers))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status), headers=headers, body=body, details=f"kvr_epp_{code}"
+        )
+    )
+
+
+def instance_id_response(reply: SelectReply) -> pb.ProcessingResponse:
+    """The answer to a `query_instance_id` request (Dynamo's annotation): 200 with the chosen worker
+    ids in Dynamo's response shape (`nvext.worker_id`), answered by the gateway itself: nothing is
+    booked and no engine runs the request."""
+    worker_id: dict[str, int] = {"decode_worker_id": reply.decode.worker_id, "decode_dp_rank": reply.decode.dp_rank}
+    if reply.prefill is not None:
+        worker_id.update(prefill_worker_id=reply.prefill.worker_id, prefill_dp_rank=reply.prefill.dp_rank)
+    body = codec.encode_json({"nvext": {"worker_id": worker_id}, "mode": reply.mode})
+    headers = pb.HeaderMutation(set_headers=_header_options({"content-type": "application/json"}))
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=200), headers=headers, body=body, details="kvr_epp_query_instance_id"
         )
     )
 

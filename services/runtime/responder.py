@@ -42,14 +42,21 @@ LATENCY = Histogram(
 class ServiceError(Exception):
     """A failure with a protocol error code (docs/protocol.md §5)."""
 
-    def __init__(self, code: ErrorCode, message: str, path: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.path = path
+        self.retry_after_s = retry_after_s  # a retry hint (`overloaded` from the admission queue)
 
 
 Handler = Callable[[Any, Msg], Awaitable[Any]]
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The retry hint an error carries (ServiceError or a RemoteError passed on), if any."""
+    hint = getattr(exc, "retry_after_s", None)
+    return float(hint) if isinstance(hint, (int, float)) else None
 
 
 def error_for(exc: BaseException) -> tuple[ErrorCode, str, str | None]:
@@ -147,7 +154,7 @@ class Responder(Generic[Req]):
                 else:
                     log.debug("request.rejected", endpoint=label, code=code, message=message, path=path)
                 current.set_attribute("error.code", code)
-                payload = codec.encode(codec.error_reply(code, message, path), ctype)
+                payload = codec.encode(codec.error_reply(code, message, path, retry_after_of(exc)), ctype)
         if msg.reply:
             headers = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK} if codec.is_msgpack(ctype) else None
             try:

@@ -54,6 +54,10 @@ SAMPLES = {
         request_id="r-1", decode=schemas.Target(7, 0), prefill=None, overlap_blocks=0, isl_tokens=3, block_size=16,
         cost=1.0, headers={"x-worker-instance-id": "7"},
     ),
+    "EppBookRequest": schemas.api.EppBookRequest(
+        request_id="r-1", body={"prompt": [1, 2, 3]}, decode=schemas.api.EppBookTarget(7, 1),
+        prefill=schemas.api.EppBookTarget(9), pods=[schemas.EppPod(address="10.0.0.7", port=8001)],
+    ),
     "CleanupRequest": schemas.CleanupRequest(request_id="r-1", phase="free"),
     "CleanupReply": schemas.CleanupReply(request_id="r-1", known=False),
     "ErrorReply": codec.error_reply("invalid_request", "bad", "$.x"),
