@@ -240,6 +240,9 @@ class SelectRequest(msgspec.Struct, omit_defaults=True):
     # Dynamo's name for the cache salt (the same hash); hashes `token_ids`, as `multimodal` does.
     cache_namespace: OptStr = None
     multimodal: MultimodalList | None = None
+    # Extension: how long a booking select may wait in the admission queue when every eligible
+    # target is busy (None = the scheduler's --queue-timeout-s; 0 = answer `overloaded` at once).
+    queue_timeout_ms: Annotated[int, Meta(ge=0, le=60_000)] | None = None
 
     def __post_init__(self) -> None:
         if self.token_ids is None and self.block_hashes is None:

@@ -61,6 +61,7 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
 from .candidates import Candidate, candidates_of
+from .admission import AdmissionQueue, Waiting
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
@@ -152,6 +153,18 @@ class SchedulerApp:
         self._hit_ratio: dict[str, Any] = {}
         self._reports: dict[str, dict[tuple[int, int], tuple[ReportedLoad, int]]] = {}
         self.match_failures = 0
+        # Admission queue, per pool (this replica's waiting booking selects): the pure rule, each
+        # ticket's decision inputs and wake-up future, the ticket admitted and not yet decided.
+        self.queues: dict[str, AdmissionQueue] = {}
+        self._queued: dict[str, dict[int, tuple[Prepared, Policy, asyncio.Future[bool]]]] = {}
+        self._admitting: dict[str, int | None] = {}
+        self._kicked: set[str] = set()
+        self._tickets = 0
+
+    @property
+    def trackers(self) -> dict[str, LoadTracker]:
+        """Per pool, the load view (`BookingState.tracker`): what `/digest` and the tests read."""
+        return {pool: state.tracker for pool, state in self.states.items()}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -161,6 +174,8 @@ class SchedulerApp:
         discovery first, then the bookings stream, then serve."""
         self.rt = rt
         self.states = {pool: BookingState(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
+        self.queues = {pool: AdmissionQueue(self.cfg.queue_max_size) for pool in rt.pools}
+        self._queued = {pool: {} for pool in rt.pools}
         self.watcher = rt.discovery()
         self.watcher.listen(self._on_worker_put, self._on_worker_remove, expire=True)
         if self.cfg.no_kv_events:
@@ -280,6 +295,8 @@ class SchedulerApp:
         if state is not None:
             state.worker_put(record.worker_id)
         self._worker_gauges(record.pool)
+        if is_new and record.pool in self.queues:
+            self._kick(record.pool)  # a new worker is capacity
 
     def _on_worker_remove(self, pool: str, worker_id: int) -> None:
         # Also for workers this replica never saw (delete markers replayed at start): see BookingState.
@@ -293,6 +310,8 @@ class SchedulerApp:
         if self.predicted is not None:
             self.predicted.drop_worker(pool, worker_id)
         self._worker_gauges(pool)
+        if pool in self.queues:
+            self._kick(pool)  # waiting selects pinned to it now fail with their error
 
     def _worker_gauges(self, pool: str) -> None:
         assert self.watcher is not None
@@ -332,6 +351,7 @@ class SchedulerApp:
                 return
             view = ReportedLoad(rep.active_decode_blocks or 0, rep.active_prefill_tokens or 0, rep.kv_total_blocks)
             reports[(rep.worker_id, rep.dp_rank)] = (view, now_ms())
+            self._kick(pool)
 
         return on_report
 
@@ -375,6 +395,8 @@ class SchedulerApp:
             m.BOOKING_LAG.observe(lag / 1000.0)
         ok = state.apply(ev, now)
         m.BOOKINGS_APPLIED.labels(_KIND[type(ev)], "applied" if ok else "noop").inc()
+        if ok and not isinstance(ev, BookingAdd):
+            self._kick(ev.pool)  # load went down (or moved): a waiting select may fit now
 
     async def _wait_applied(self, seq: int) -> bool:
         if max(self._applied_seq, self._tail_floor) >= seq:
@@ -463,6 +485,8 @@ class SchedulerApp:
             if gone:
                 m.BOOKINGS_EXPIRED.inc(len(gone))
                 log.info("scheduler.bookings_expired", pool=pool, requests=len(gone))
+            if pool in self.queues:
+                self._kick(pool)  # expired legs, and load reports aging out, free capacity
         if self.predicted is not None:
             self.predicted.expire(now)
             m.PREDICTED_BLOCKS.set(self.predicted.size())
@@ -547,9 +571,32 @@ class SchedulerApp:
         t2 = time.perf_counter()
         _PHASE["match"].observe(t2 - t1)
         booking_id = (req.booking_id or new_booking_id()) if req.book else ""
-        now = now_ms()
-        view = view._replace(reported=self.fresh_reports(pool))  # as of now, after the index answered
-        out = self.decider.decide(p, overlaps, view, policy=policy, ts_ms=now, booking_id=booking_id)
+        waiting: Waiting | None = None
+        try:
+            while True:
+                now = now_ms()
+                view = self.pool_view(pool)._replace(reported=self.fresh_reports(pool))  # as of now, after the index answered
+                try:
+                    out = self.decider.decide(p, overlaps, view, policy=policy, ts_ms=now, booking_id=booking_id)
+                    break
+                except SelectionError as exc:
+                    if exc.code != ErrorCode.OVERLOADED:
+                        raise
+                    # Every eligible target is busy: a booking select waits for capacity in the
+                    # admission queue (a dry run books nothing, so it is answered at once).
+                    waiting = waiting or self._waiting(pool, p, overlaps, now)
+                    if not req.book or waiting.deadline_ms <= now:
+                        raise ServiceError(exc.code, exc.message, exc.path, self.cfg.queue_retry_after_s) from None
+                    await self._queue_wait(pool, waiting, p, policy)
+                finally:
+                    if waiting is not None and self._admitting.get(pool) == waiting.ticket:
+                        # Admitted and decided (its provisional load is in before the next await):
+                        # the next waiting request may be tested.
+                        self._admitting[pool] = None
+                        self._kick(pool)
+        finally:
+            if waiting is not None:
+                self._leave_queue(pool, waiting.ticket)
         t3 = time.perf_counter()
         _PHASE["scoring"].observe(t3 - t2)
         decision = out.decision
@@ -568,6 +615,98 @@ class SchedulerApp:
             hit = self._hit_ratio.get(pool) or self._hit_ratio.setdefault(pool, m.KV_HIT_RATE.labels(pool))
             hit.observe(min(decision.overlap_blocks / len(p.local), 1.0))
         return reply
+
+    # --- admission queue (services/scheduler/admission.py holds the rule) ----------------------
+
+    def _waiting(self, pool: str, p: Prepared, overlaps: Overlaps, now: int) -> Waiting:
+        """A queue ticket for `p`: its priorities, prompt and best cached prefix (Dynamo's WSPT
+        input), and its deadline (the select's `queue_timeout_ms`, else --queue-timeout-s)."""
+        req = p.request
+        timeout_ms = req.queue_timeout_ms if req.queue_timeout_ms is not None else int(self.cfg.queue_timeout_s * 1000)
+        self._tickets += 1
+        cached = max(overlaps.device.values(), default=0) * p.block_size
+        return Waiting(self._tickets, req.request_id, now, now + timeout_ms, req.strict_priority, req.priority, p.isl, cached)
+
+    async def _queue_wait(self, pool: str, waiting: Waiting, p: Prepared, policy: Policy) -> None:
+        """Wait in the pool's admission queue until the dispatcher lets `waiting` through (then the
+        caller decides again), or answer `overloaded` with a retry hint: queue full, evicted by a
+        better-ranked request, or its deadline passed."""
+        queue = self.queues[pool]
+        hint = self.cfg.queue_retry_after_s
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if waiting.ticket not in queue:
+            offered = queue.offer(waiting)
+            if not offered.queued:
+                m.QUEUE_WAIT.labels(pool, "full").observe(0.0)
+                raise ServiceError(ErrorCode.OVERLOADED, f"every eligible worker is busy and the admission queue is full ({len(queue)})",
+                                   retry_after_s=hint)  # fmt: skip
+            if offered.evicted is not None:
+                evicted = self._queued[pool].pop(offered.evicted.ticket, None)
+                if evicted is not None and not evicted[2].done():
+                    evicted[2].set_result(False)
+        self._queued[pool][waiting.ticket] = (p, policy, fut)
+        m.QUEUE_DEPTH.labels(pool).set(len(queue))
+        self._kick(pool)
+        remaining = max(waiting.deadline_ms - now_ms(), 0) / 1000.0
+        try:
+            admitted = await asyncio.wait_for(asyncio.shield(fut), remaining)
+        except TimeoutError:
+            admitted = fut.done() and fut.result()
+            if not admitted:
+                m.QUEUE_WAIT.labels(pool, "timeout").observe(max(now_ms() - waiting.enqueued_ms, 0) / 1000.0)
+                raise ServiceError(
+                    ErrorCode.OVERLOADED, f"every eligible worker stayed busy for the queue deadline ({remaining:.3f} s)", retry_after_s=hint
+                ) from None
+        if not admitted:
+            m.QUEUE_WAIT.labels(pool, "evicted").observe(max(now_ms() - waiting.enqueued_ms, 0) / 1000.0)
+            raise ServiceError(ErrorCode.OVERLOADED, "evicted from the full admission queue by a higher-ranked request", retry_after_s=hint)
+        m.QUEUE_WAIT.labels(pool, "admitted").observe(max(now_ms() - waiting.enqueued_ms, 0) / 1000.0)
+
+    def _leave_queue(self, pool: str, ticket: int) -> None:
+        self.queues[pool].remove(ticket)
+        self._queued[pool].pop(ticket, None)
+        if self._admitting.get(pool) == ticket:
+            self._admitting[pool] = None
+            self._kick(pool)
+        m.QUEUE_DEPTH.labels(pool).set(len(self.queues[pool]))
+
+    def _kick(self, pool: str) -> None:
+        """Capacity may have changed (a booking applied, a report, a worker, the sweep): test the
+        waiting requests soon (once per loop turn, however many kicks)."""
+        if pool in self._kicked or not self.queues.get(pool) or self._admitting.get(pool) is not None:
+            return
+        self._kicked.add(pool)
+        asyncio.get_running_loop().call_soon(self._dispatch, pool)
+
+    def _dispatch(self, pool: str) -> None:
+        """Let the first waiting request that has capacity now go (one at a time: the next is
+        tested once this one has decided and its load is in the view)."""
+        self._kicked.discard(pool)
+        if self._admitting.get(pool) is not None:
+            return
+        queue, queued = self.queues[pool], self._queued[pool]
+        view = self.pool_view(pool)._replace(reported=self.fresh_reports(pool))
+
+        def admissible(w: Waiting) -> bool:
+            entry = queued.get(w.ticket)
+            if entry is None:
+                return True  # its waiter is gone: let it leave
+            p, policy, _ = entry
+            try:
+                return self.decider.has_capacity(p, view, policy)
+            except SelectionError:
+                return True  # no longer eligible at all (worker gone): it decides again and gets its error
+
+        w = queue.next_admissible(admissible)
+        m.QUEUE_DEPTH.labels(pool).set(len(queue))
+        if w is None:
+            return
+        entry = queued.pop(w.ticket, None)
+        if entry is None or entry[2].done():
+            self._kick(pool)
+            return
+        self._admitting[pool] = w.ticket
+        entry[2].set_result(True)
 
     async def _remote_overlaps(self, source: NatsOverlap, pool: str, p: Prepared) -> Overlaps:
         try:

@@ -46,3 +46,12 @@ BOOKINGS_UNRECORDED = Counter(
     "kvr_scheduler_bookings_unrecorded_total",
     "booking events the bookings stream did not acknowledge (no leader, ack timeout; the request got `timeout`)",
 )
+
+# --- admission queue -------------------------------------------------------------------------
+QUEUE_DEPTH = Gauge("kvr_scheduler_queue_depth", "booking selects waiting in this replica's admission queue", ["pool"])
+QUEUE_WAIT = fastmetrics.Histogram(
+    "kvr_scheduler_queue_wait_seconds",
+    "time a booking select waited in the admission queue, by outcome (admitted, timeout, evicted, full)",
+    ["pool", "outcome"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
