@@ -1,6 +1,6 @@
-"""`kvr epp query|cleanup|extproc|health` — talk to the EPP bridge as a gateway would.
+"""`kvr epp query|book|cleanup|extproc|health` — talk to the EPP bridge as a gateway would.
 
-`query` / `cleanup` send real epp.query / epp.cleanup requests over NATS; `extproc` drives one HTTP
+`query` / `book` / `cleanup` send real epp.query / epp.book / epp.cleanup requests over NATS; `extproc` drives one HTTP
 request through an endpoint picker's ext_proc gRPC port the way Envoy does (request headers and
 body, then a response and the end of stream, so a booking is freed), and `health` asks its gRPC
 health service. Both work against any endpoint picker that implements GAIE's protocol.
@@ -12,6 +12,8 @@ Exit status: 0 = ok reply / routed / SERVING, 1 = error reply / ImmediateRespons
     kvr epp query --pool llama --message user:"Hi" --pod vllm-0      # chat, restricted to one pod
     kvr epp query --pool llama --token-ids 1,2,3 --no-book --return-token-ids
     kvr epp query --pool llama --body-file request.json              # a full OpenAI body ('-' = stdin)
+    kvr epp query --pool llama --prompt "Hi" --header x-worker-instance-id:7   # pinned, as Dynamo's header
+    kvr epp book  --pool llama --prompt "Hello" --request-id r-1 --worker-id 7 --dp-rank 1   # split API
     kvr epp cleanup --pool llama --request-id r-1 --phase free
     kvr epp extproc --target 127.0.0.1:9002 --prompt "Hello" --chunks 3          # through ext_proc
     kvr epp extproc --target epp:9002 --tls-ca ca.pem --subset 10.0.0.7:8000 --body-file req.json
@@ -68,24 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--request-id", default=None, help="request id (default for query: a fresh uuid)")
     sub = parser.add_subparsers(dest="action", required=True)
 
-    q = sub.add_parser("query", parents=[common], help="ask where to send a request", formatter_class=HelpFormatter)
-    src = q.add_mutually_exclusive_group(required=True)
+    body_args = argparse.ArgumentParser(add_help=False)
+    src = body_args.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="completions prompt text")
     src.add_argument("--message", action="append", type=_message, help="chat message ROLE:TEXT (repeatable, in order)")
     src.add_argument("--messages", type=_json_arg, help="chat messages as a JSON array")
     src.add_argument("--token-ids", type=_token_ids, help="pre-tokenized prompt, sent as nvext.token_data")
     src.add_argument("--body-file", help="file with a full OpenAI request body (JSON); '-' reads stdin")
-    q.add_argument("--model", default=None, help="model field of the body")
-    q.add_argument("--tools", type=_json_arg, default=None, help="chat tools as a JSON array")
-    q.add_argument("--nvext", type=_json_arg, default=None, help="nvext object (JSON) merged into the body")
-    q.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
-    q.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
+    body_args.add_argument("--model", default=None, help="model field of the body")
+    body_args.add_argument("--tools", type=_json_arg, default=None, help="chat tools as a JSON array")
+    body_args.add_argument("--nvext", type=_json_arg, default=None, help="nvext object (JSON) merged into the body")
+    body_args.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
+    body_args.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
+    body_args.add_argument("--header", action="append", default=[],
+                           help="gateway request header NAME:VALUE (repeatable), e.g. x-worker-instance-id:7")  # fmt: skip
+    body_args.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
+    body_args.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
+
+    q = sub.add_parser("query", parents=[common, body_args], help="ask where to send a request", formatter_class=HelpFormatter)
     q.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto", help="routing mode")
     q.add_argument("--policy", choices=POLICY_NAMES, default=None,
                    help="routing policy (default: the scheduler's)")
     q.add_argument("--no-book", action="store_true", help="do not book the request (dry run)")
-    q.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
-    q.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
+
+    b = sub.add_parser("book", parents=[common, body_args], help="book a target chosen elsewhere (epp.book, the split API)",
+                       formatter_class=HelpFormatter)  # fmt: skip
+    b.add_argument("--worker-id", type=int, required=True, help="the decode (or aggregated) worker")
+    b.add_argument("--dp-rank", type=int, default=0, help="its dp rank")
+    b.add_argument("--prefill-worker-id", type=int, default=None, help="the prefill worker (a disaggregated booking)")
+    b.add_argument("--prefill-dp-rank", type=int, default=0, help="its dp rank")
+    b.add_argument("--booking-id", default=None, help="name of this booking (default: generated)")
 
     grpc_common = argparse.ArgumentParser(add_help=False)
     grpc_common.add_argument("--target", default="127.0.0.1:9002", help="host:port of the endpoint picker's ext_proc server")
@@ -149,20 +163,39 @@ def query_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _headers(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"a header is NAME:VALUE, got {item!r}")
+        out[name.strip().lower()] = value.strip()
+    return out
+
+
 def query_payload(args: argparse.Namespace) -> dict[str, Any]:
     body = query_body(args)
     pods = [{"name": name} for name in args.pod] + list(args.pod_json)
     payload: dict[str, Any] = {
         "request_id": args.request_id or f"epp-cli-{uuid.uuid4().hex[:12]}",
         "body": body,
-        "mode": args.mode,
-        "book": not args.no_book,
         "return_token_ids": args.return_token_ids,
     }
+    if args.action == "book":
+        payload["decode"] = {"worker_id": args.worker_id, "dp_rank": args.dp_rank}
+        if args.prefill_worker_id is not None:
+            payload["prefill"] = {"worker_id": args.prefill_worker_id, "dp_rank": args.prefill_dp_rank}
+        if args.booking_id:
+            payload["booking_id"] = args.booking_id
+    else:
+        payload.update(mode=args.mode, book=not args.no_book)
+        if args.policy:
+            payload["policy"] = args.policy
     if pods:
         payload["pods"] = pods
-    if args.policy:
-        payload["policy"] = args.policy
+    headers = _headers(args.header)
+    if headers:
+        payload["headers"] = headers
     return payload
 
 
@@ -256,13 +289,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if ok else 1
     conn = resolve(args, NATS_CONNECTION)
     names = Names(prefix=args.subject_prefix)
-    if args.action == "query":
+    if args.action in ("query", "book"):
+        if args.action == "book" and not args.request_id:
+            parser.error("book needs --request-id")
         try:
             payload = query_payload(args)
         except (OSError, json.JSONDecodeError) as exc:
             print(f"kvr epp: cannot read the body: {exc}", file=sys.stderr)
             return 2
-        subject = names.epp_query(args.pool)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+        subject = names.epp_query(args.pool) if args.action == "query" else names.epp_book(args.pool)
     else:
         if not args.request_id:
             parser.error("cleanup needs --request-id")
