@@ -57,6 +57,7 @@ def test_every_subject_the_code_builds_is_in_the_doc() -> None:
         names.booking("{pool}"),
         names.scheduler_state("{pool}"),
         names.epp_query("{pool}"),
+        names.epp_book("{pool}"),
         names.epp_cleanup("{pool}"),
         names.generate("{pool}", "{worker_id}"),  # type: ignore[arg-type]
         names.snapshot_object("{pool}"),
