@@ -42,7 +42,16 @@ from services.runtime.tracing import span
 from services.runtime.workers import WorkerWatcher
 
 from . import metrics
-from .decision import NO_PROMPT, Pins, RouteAsk, Routed, query_reply, request_pins, select_request, with_offered
+from .decision import (
+    NO_PROMPT,
+    Pins,
+    RouteAsk,
+    Routed,
+    query_reply,
+    request_pins,
+    select_request,
+    with_offered,
+)
 from .extproc import ExtProcServer
 from .labels import LabelFilter, parse_label_filters
 from .link import (

@@ -161,11 +161,6 @@ class SchedulerApp:
         self._kicked: set[str] = set()
         self._tickets = 0
 
-    @property
-    def trackers(self) -> dict[str, LoadTracker]:
-        """Per pool, the load view (`BookingState.tracker`): what `/digest` and the tests read."""
-        return {pool: state.tracker for pool, state in self.states.items()}
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, rt: Runtime) -> None:

@@ -414,3 +414,15 @@ async def test_a_replica_behind_the_bookings_stream_asks_for_a_retry_instead_of_
         await eventually(lambda: fresh.states[POOL].tracker.is_active("elsewhere"))
         assert not (await cleanup(nc, "nobody", "free")).known
         assert (await cleanup(nc, "elsewhere", "free")).known
+
+
+async def test_digest_reports_the_load_view_and_the_own_index_replica(nats_url, nc):
+    """`GET /digest` (what the fault suite compares) with an own index replica: the load view's
+    digest and bookings per pool, and the index replica's digests."""
+    async with running_scheduler(nats_url, "--router-id", "dg", "--embedded-indexer", "true") as app:
+        await put(nc, 1)
+        await eventually(lambda: worker_ids(app) == {1})
+        await select(nc, request_id="d-1")
+        out = app.digest()
+        assert out["router_id"] == "dg" and out["pools"][POOL]["bookings"] == 1 and out["pools"][POOL]["load"]
+        assert "pools" in out["index"] and "applied_seq" in out["index"]
