@@ -128,3 +128,23 @@ def test_pod_index_maps_endpoints_to_ranks_and_applies_the_label_filter():
     assert filtered.targets(["10.0.0.2:8000"]) == []
     none_pass = PodIndex(recs, [LabelFilter("tier", frozenset({"platinum"}))])
     assert none_pass.allowed(None) == []
+
+
+def test_overloaded_carries_retry_after_and_query_instance_id_is_answered_by_the_gateway():
+    """GAIE: a saturated pool answers 429 (here with the admission queue's hint as HTTP
+    Retry-After); Dynamo's `query_instance_id` gets the worker ids, not a routed request."""
+    import json
+
+    from schemas.api import ErrorCode, SelectReply, Target
+
+    resp = xp.immediate_response(ErrorCode.OVERLOADED, "busy", None, 1.2).immediate_response
+    headers = {h.header.key: h.header.raw_value.decode() or h.header.value for h in resp.headers.set_headers}
+    assert resp.status.code == 429 and headers["retry-after"] == "2"
+    assert json.loads(resp.body)["error"]["retry_after_s"] == 1.2
+    assert "retry-after" not in {h.header.key for h in xp.immediate_response(ErrorCode.NO_WORKERS, "x").immediate_response.headers.set_headers}
+    reply = SelectReply(decode=Target(7, 1), prefill=Target(3, 0), overlap_blocks=0, isl_tokens=1, block_size=16, cost=0.0,
+                        mode="disaggregated")  # fmt: skip
+    ans = xp.instance_id_response(reply).immediate_response
+    assert ans.status.code == 200
+    assert json.loads(ans.body)["nvext"]["worker_id"] == {"decode_worker_id": 7, "decode_dp_rank": 1, "prefill_worker_id": 3,
+                                                          "prefill_dp_rank": 0}  # fmt: skip
