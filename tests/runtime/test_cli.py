@@ -116,7 +116,7 @@ def test_connect_error_message_drops_credentials_from_the_url():
 # Flags whose absence is the default (one of the request's sources, optional body fields) or required.
 NO_DEFAULT = {
     "--prompt", "--message", "--messages", "--token-ids", "--body-file", "--model", "--tools", "--nvext",
-    "--pod", "--pod-json", "--phase",
+    "--pod", "--pod-json", "--phase", "--header", "--worker-id", "--prefill-worker-id", "--booking-id",
 }  # fmt: skip
 
 
@@ -148,7 +148,7 @@ def command_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 @pytest.mark.unit
 def test_help_of_every_command_shows_the_default_of_every_flag_that_takes_a_value(capsys):
     commands = [[name] for name in COMMANDS if name not in ("epp", "schemas", "config-table")]
-    commands += [["epp", "query"], ["epp", "cleanup"]]
+    commands += [["epp", "query"], ["epp", "book"], ["epp", "cleanup"]]
     checked = 0
     for argv in commands:
         name, text = " ".join(argv), command_help(capsys, *argv, "--help")
