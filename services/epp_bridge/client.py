@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("book", parents=[common, body_args], help="book a target chosen elsewhere (epp.book, the split API)",
                        formatter_class=HelpFormatter)  # fmt: skip
     b.add_argument("--worker-id", type=int, required=True, help="the decode (or aggregated) worker")
-    b.add_argument("--dp-rank", type=int, default=0, help="its dp rank")
+    b.add_argument("--dp-rank", type=int, default=0, help="its dp rank (default 0)")
     b.add_argument("--prefill-worker-id", type=int, default=None, help="the prefill worker (a disaggregated booking)")
-    b.add_argument("--prefill-dp-rank", type=int, default=0, help="its dp rank")
+    b.add_argument("--prefill-dp-rank", type=int, default=0, help="its dp rank (default 0)")
     b.add_argument("--booking-id", default=None, help="name of this booking (default: generated)")
 
     grpc_common = argparse.ArgumentParser(add_help=False)
