@@ -568,6 +568,14 @@ class SchedulerApp:
         booking_id = (req.booking_id or new_booking_id()) if req.book else ""
         waiting: Waiting | None = None
         try:
+            queue = self.queues[pool]
+            if req.book and 0 < len(queue) < queue.capacity and req.queue_timeout_ms != 0:
+                # Selects are waiting: take a place among them rather than overtaking them (the
+                # dispatcher lets this one go at once if its own targets have room).
+                waiting = self._waiting(pool, p, overlaps, now_ms())
+                await self._queue_wait(pool, waiting, p, policy)
+                self._admitting[pool] = None
+                self._kick(pool)
             while True:
                 now = now_ms()
                 view = self.pool_view(pool)._replace(reported=self.fresh_reports(pool))  # as of now, after the index answered
@@ -583,12 +591,11 @@ class SchedulerApp:
                     if not req.book or waiting.deadline_ms <= now:
                         raise ServiceError(exc.code, exc.message, exc.path, self.cfg.queue_retry_after_s) from None
                     await self._queue_wait(pool, waiting, p, policy)
-                finally:
-                    if waiting is not None and self._admitting.get(pool) == waiting.ticket:
-                        # Admitted and decided (its provisional load is in before the next await):
-                        # the next waiting request may be tested.
-                        self._admitting[pool] = None
-                        self._kick(pool)
+                    # Admitted: decide again. Nothing awaits from here to the booking's provisional
+                    # add (`_book`), so the dispatcher, woken at the next loop turn, tests the next
+                    # waiting select on a view that already holds this one's load.
+                    self._admitting[pool] = None
+                    self._kick(pool)
         finally:
             if waiting is not None:
                 self._leave_queue(pool, waiting.ticket)
