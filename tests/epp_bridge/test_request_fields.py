@@ -150,3 +150,30 @@ async def test_ext_proc_honours_pin_headers_and_answers_query_instance_id(bridge
         assert d.status == 404 and d.error["error"]["code"] == "not_found", d  # type: ignore[index]
     await asyncio.sleep(0.2)
     assert bridge.link.app.export_state(POOL).bookings == []  # routed ones freed at end of stream; the rest never booked
+
+
+async def test_a_busy_pool_answers_429_with_a_retry_hint_on_both_entry_points(nc, nats_url):
+    """GAIE's saturation answer (429) after Dynamo's queue deadline, with the hint a client can
+    honour: `retry_after_s` in the epp.query error, `Retry-After` over ext_proc."""
+    port = free_port()
+    app = await start_bridge(nc, nats_url, "--pool", "q", "--epp-embedded-scheduler", "--embedded-indexer", "--block-size", "4",
+                             "--grpc-port", str(port), "--grpc-host", "127.0.0.1", "--queue-timeout-s", "0.3",
+                             "--queue-retry-after-s", "2")  # fmt: skip
+    try:
+        await register(nc, [record(1, pool="q", address="10.0.0.1", port=8000, total_kv_blocks=8)])
+
+        async def up() -> bool:
+            return len(app.link.app.candidates("q")) == 1 and app.ready()  # type: ignore[union-attr]
+
+        await eventually(up)
+        first = await ask(nc, NAMES.epp_query("q"), {"request_id": "b-1", "body": body()})  # 8 blocks of 8: busy now
+        assert first["status"] == "ok", first
+        other = {"prompt": "", "nvext": {"token_data": list(range(9000, 9032))}}
+        r = await ask(nc, NAMES.epp_query("q"), {"request_id": "b-2", "body": other})
+        assert r["status"] == "error" and r["error"]["code"] == "overloaded" and r["error"]["retry_after_s"] == 2.0, r
+        async with ExtProcClient(f"127.0.0.1:{port}") as client:
+            d = await client.lifecycle(json.dumps(other).encode())
+        assert d.status == 429 and d.headers.get("retry-after") == "2" and d.error["error"]["retry_after_s"] == 2.0, d  # type: ignore[index]
+        assert app.link.app.export_state("q").bookings == ["b-1"]  # type: ignore[union-attr]
+    finally:
+        await app.stop()
