@@ -38,16 +38,17 @@ from typing import Any
 
 import msgspec
 
-from schemas.api import Overrides, Policy, SelectRequest
+from schemas.api import ErrorCode, Overrides, Policy, SelectRequest
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from schemas.types import MAX_TOKENS
 from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.candidates import Candidate, candidates_from
-from services.scheduler.decide import Decider, PoolView
+from services.scheduler.admission import AdmissionQueue, Waiting
+from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker
-from services.scheduler.selector import CostConfig, Overlaps, SelectionError, Selector
+from services.scheduler.selector import BusyThresholds, CostConfig, Overlaps, SelectionError, Selector
 
 from .runner import RequestRecord, RunResult
 from .trace import TokenExpander, TraceRequest
@@ -76,6 +77,13 @@ class OfflineConfig:
     max_output_tokens: int | None = None
     fused_decode_steps: int = 256
     salt: int = 0  # hash id → tokens expansion
+    # Busy thresholds and the admission queue, as the scheduler service has them (docs/scheduler.md,
+    # "Admission queue"): a request that finds every worker busy waits (in simulated time) for a
+    # freed slot, in the queue's order, until its deadline. Off by default here (no thresholds), so
+    # the published comparisons are unchanged.
+    busy: BusyThresholds = field(default_factory=BusyThresholds)
+    queue_max_size: int = 256
+    queue_timeout_ms: float = 500.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.policy))  # a name from the CLI, validated
@@ -149,7 +157,7 @@ class OfflineSim:
         self.candidates: list[Candidate] = candidates_from(records)
         self.index = PrefixIndex()
         self.tracker = LoadTracker(NO_EXPIRY_MS)
-        self.selector = Selector(rng=random.Random(cfg.seed))
+        self.selector = Selector(cfg.busy, rng=random.Random(cfg.seed))
         # The trace's prompts were filtered by length already (`load_trace`): no limit of its own.
         self.decider = Decider(self.selector, cfg.cost, router_id=ROUTER_ID, default_block_size=ec.block_size,
                                max_request_tokens=MAX_TOKENS)  # fmt: skip
@@ -167,6 +175,10 @@ class OfflineSim:
         self._now = 0.0
         self._inflight: dict[str, _Pending] = {}
         self._next_arrival_ms = math.inf
+        # The admission queue (the service's pure rule) and what each waiting request needs to go on.
+        self.queue = AdmissionQueue(cfg.queue_max_size)
+        self._queued: dict[int, tuple[RequestRecord, Prepared, Overlaps, list[int]]] = {}
+        self._tickets = 0
 
     # --- the event loop --------------------------------------------------------------------------
 
@@ -187,6 +199,7 @@ class OfflineSim:
                 self._next_arrival_ms = ta
                 before = done
                 done += self._pass_ended(w, end, res)
+                self._admit(end)
                 if on_progress and done // 256 != before // 256:
                     on_progress(done, n)
             else:
@@ -196,6 +209,8 @@ class OfflineSim:
         self._apply_visible(math.inf)
         self._now = math.inf
         self._apply_updates(math.inf)
+        for w in self.queue.expire(math.inf):  # type: ignore[arg-type]  # never admitted: overloaded
+            self._queued.pop(w.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
         if on_progress:
             on_progress(n, n)
         fleet = self._fleet_stats()
@@ -263,13 +278,34 @@ class OfflineSim:
         tokens = self.expander.tokens(req)
         select = SelectRequest(request_id=rid, token_ids=tokens, mode="aggregated", policy=cfg.policy,
                                expected_output_tokens=max_tokens)  # fmt: skip
+        self._admit(now)
         try:
             p = self.decider.prepare(select, self.view)
             overlaps = Overlaps.from_scores(self.index.find_matches(p.local)) if p.wants_overlaps else Overlaps()
-            out = self.decider.decide(p, overlaps, self.view, policy=cfg.policy, ts_ms=int(now), booking_id="")
         except SelectionError as exc:
             rec.error = f"select:{exc.code}"
             return rec
+        if len(self.queue):
+            self._wait(rec, p, overlaps, tokens, now)  # behind the waiting ones, as in the service
+            self._admit(now)
+        else:
+            self._place(rec, p, overlaps, tokens, now)
+        self.diag.route_cpu_s += time.perf_counter() - t_cpu
+        return rec
+
+    def _place(self, rec: RequestRecord, p: Prepared, overlaps: Overlaps, tokens: list[int], now: float) -> None:
+        """Decide (the scheduler's `Decider`), book and submit to the chosen engine; every eligible
+        worker busy → the admission queue."""
+        cfg = self.cfg
+        rid, max_tokens = rec.request_id, rec.max_tokens
+        try:
+            out = self.decider.decide(p, overlaps, self.view, policy=cfg.policy, ts_ms=int(now), booking_id="")
+        except SelectionError as exc:
+            if exc.code == ErrorCode.OVERLOADED and self.queue.capacity > 0:
+                self._wait(rec, p, overlaps, tokens, now)
+            else:
+                rec.error = f"select:{exc.code}"
+            return
         decision = out.decision
         assert decision is not None  # request ids are unique: never booked before
         target = decision.decode.candidate
@@ -280,20 +316,55 @@ class OfflineSim:
         self._add_due[rid] = add_due
         for ev in out.events:
             self._update_load(add_due, "add", ev)
-        self.diag.route_cpu_s += time.perf_counter() - t_cpu
         engine = self.engines[target.worker_id]
         rejected = engine.submit(rid, tokens, max_tokens, now)
         if rejected is not None:
             rec.error = "generate:invalid_request"
             self._cleanup(now, "free", rid)
-            return rec
+            return
         self._inflight[rid] = _Pending(rec, target.worker_id)
         waiting = len(engine.waiting)
         if waiting > self.diag.max_waiting[target.worker_id]:
             self.diag.max_waiting[target.worker_id] = waiting
         if target.worker_id not in self._busy:
             self._start_pass(target.worker_id, now)
-        return rec
+
+    # --- the admission queue (services/scheduler/admission.py) -------------------------------------
+
+    def _wait(self, rec: RequestRecord, p: Prepared, overlaps: Overlaps, tokens: list[int], now: float) -> None:
+        self._tickets += 1
+        cached = max(overlaps.device.values(), default=0) * p.block_size
+        w = Waiting(self._tickets, rec.request_id, int(now), int(now + self.cfg.queue_timeout_ms), p.request.strict_priority,
+                    p.request.priority, p.isl, cached)  # fmt: skip
+        offered = self.queue.offer(w)
+        if not offered.queued:
+            rec.error = f"select:{ErrorCode.OVERLOADED}"
+            return
+        self._queued[w.ticket] = (rec, p, overlaps, tokens)
+        if offered.evicted is not None:
+            self._queued.pop(offered.evicted.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
+
+    def _admit(self, now: float) -> None:
+        """Past their deadline: `overloaded`. Then, in the queue's order, each waiting request
+        that has a non-busy eligible worker under the selection's own rule decides and goes."""
+        if not len(self.queue):
+            return
+        self._now = now
+        self._apply_visible(now)
+        self._apply_updates(now)
+        for w in self.queue.expire(int(now)):
+            self._queued.pop(w.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
+
+        def admissible(w: Waiting) -> bool:
+            p = self._queued[w.ticket][1]
+            try:
+                return self.decider.has_capacity(p, self.view, self.cfg.policy)
+            except SelectionError:
+                return True  # it decides and records its error
+
+        while (w := self.queue.next_admissible(admissible)) is not None:
+            rec, p, overlaps, tokens = self._queued.pop(w.ticket)
+            self._place(rec, p, overlaps, tokens, now)
 
     # --- engines -----------------------------------------------------------------------------------
 

@@ -134,3 +134,29 @@ def test_burst_herds_only_when_decisions_do_not_see_each_other() -> None:
     assert sorted({r.worker_id for r in fresh.records}) == [1, 2, 3, 4]
     assert {r.worker_id for r in stale.records} == {1}
     assert summarize(stale)["ttft_ms"]["mean"] > summarize(fresh)["ttft_ms"]["mean"]
+
+
+def test_busy_workers_queue_in_the_simulator_as_in_the_service() -> None:
+    """The service's admission queue (Dynamo's scheduling queue) in simulated time: with Dynamo's
+    0.9 busy threshold, a burst larger than the worker's KV waits for freed slots instead of
+    failing; with the queue off, or a deadline shorter than a request, the overflow is `overloaded`."""
+    from services.scheduler.selector import BusyThresholds
+
+    small = EngineConfig(block_size=64, kv_blocks=80, max_num_batched_tokens=4_096, max_num_seqs=64)
+    burst = [TraceRequest(i, 0, 2_000, 8, tuple(range(100 * i, 100 * i + 32))) for i in range(8)]
+    busy = BusyThresholds(active_decode_blocks=0.9)
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        return run_offline(burst, OfflineConfig(policy="kv", workers=1, engine=small, max_output_tokens=8, busy=busy, **kw))
+
+    queued = run(queue_timeout_ms=600_000.0)
+    assert [r.error for r in queued.records] == [None] * 8 and not queued.open_bookings
+    # Three fit at once (0, 32 and 64 of 80 blocks are ≤ 0.9); the rest started only after frees.
+    ttft = sorted(r.ttft_ms for r in queued.records)
+    refused = run(queue_max_size=0)
+    assert sum(r.error == "select:overloaded" for r in refused.records) == 5
+    assert ttft[-1] > max(r.ttft_ms for r in refused.records if r.error is None)
+    short = run(queue_timeout_ms=1.0)
+    assert sum(r.error == "select:overloaded" for r in short.records) == 5 and not short.open_bookings
+    # Without thresholds (the default) nothing is ever busy: the queue stays empty.
+    assert all(r.error is None for r in run_offline(burst, OfflineConfig(policy="kv", workers=1, engine=small, max_output_tokens=8)).records)
