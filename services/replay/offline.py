@@ -209,8 +209,9 @@ class OfflineSim:
         self._apply_visible(math.inf)
         self._now = math.inf
         self._apply_updates(math.inf)
-        for w in self.queue.expire(math.inf):  # type: ignore[arg-type]  # never admitted: overloaded
-            self._queued.pop(w.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
+        for left in self.queue.ordered():  # never admitted: overloaded
+            self.queue.remove(left.ticket)
+            self._queued.pop(left.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
         if on_progress:
             on_progress(n, n)
         fleet = self._fleet_stats()
@@ -352,8 +353,8 @@ class OfflineSim:
         self._now = now
         self._apply_visible(now)
         self._apply_updates(now)
-        for w in self.queue.expire(int(now)):
-            self._queued.pop(w.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
+        for late in self.queue.expire(int(now)):
+            self._queued.pop(late.ticket)[0].error = f"select:{ErrorCode.OVERLOADED}"
 
         def admissible(w: Waiting) -> bool:
             p = self._queued[w.ticket][1]
@@ -362,8 +363,8 @@ class OfflineSim:
             except SelectionError:
                 return True  # it decides and records its error
 
-        while (w := self.queue.next_admissible(admissible)) is not None:
-            rec, p, overlaps, tokens = self._queued.pop(w.ticket)
+        while (admitted := self.queue.next_admissible(admissible)) is not None:
+            rec, p, overlaps, tokens = self._queued.pop(admitted.ticket)
             self._place(rec, p, overlaps, tokens, now)
 
     # --- engines -----------------------------------------------------------------------------------
