@@ -38,28 +38,27 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import msgspec  # noqa: E402
-import nats  # noqa: E402
-import nats.errors  # noqa: E402
+import msgspec
+import nats
+import nats.errors
 
-from schemas import codec  # noqa: E402
-from schemas.bookings import BookingEvent  # noqa: E402
-from schemas.discovery import WorkerRecord  # noqa: E402
-from schemas.events import RouterEvent, kv_msg_id, stored_event  # noqa: E402
-from schemas.subjects import Names  # noqa: E402
-from services.indexer.admission import binding_error, parse_kv_subject  # noqa: E402
-from services.runtime.config import COMMON, resolve  # noqa: E402
-from services.runtime.embedded import NatsServer  # noqa: E402
-from services.runtime.logs import setup_logging  # noqa: E402
-from services.runtime.natsio import provision  # noqa: E402
-from services.runtime.procs import ServiceProcess  # noqa: E402
-from services.runtime.service import Runtime, build_parser, stream_settings  # noqa: E402
-from services.runtime.workers import now_ms, parse_key, put_worker  # noqa: E402
+from schemas import codec
+from schemas.bookings import BookingEvent
+from schemas.discovery import WorkerRecord
+from schemas.events import RouterEvent, kv_msg_id, stored_event
+from schemas.subjects import Names
+from services.indexer.admission import binding_error, parse_kv_subject
+from services.runtime.config import Config, ServiceConfig
+from services.runtime.embedded import NatsServer
+from services.runtime.logs import setup_logging
+from services.runtime.natsio import provision
+from services.runtime.procs import ServiceProcess
+from services.runtime.service import Runtime, stream_settings
+from services.runtime.workers import now_ms, parse_key, put_worker
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = Names()
@@ -86,18 +85,18 @@ SEEDS: dict[str, list[dict[str, Any]]] = {
          "pods": [{"name": "vllm-1", "address": "10.0.0.1", "port": 8000}], "book": True, "mode": "auto"},
     ],
     "epp.cleanup": [{"request_id": "q-2", "phase": "free"}, {"request_id": "q-9", "phase": "prefill_complete"}],
-}  # fmt: skip
+}
 
 RAW = "\u0001RAW\u0001"  # a string placeholder replaced by a raw JSON literal after encoding
 RAW_LITERALS = [
     "1e400", "-1e400", "NaN", "Infinity", "-0", "1.5", "0.0000001", "9" * 30, "-" + "9" * 30, "1" * 5000,
     "18446744073709551616", "9223372036854775808", "-9223372036854775809", '"\\ud800"', '"\\udfff\\ud800"',
     '"\\u0000"', "true", "null", '"' + "x" * 300 + '"', "[" * 600 + "]" * 600, "{}",
-]  # fmt: skip
+]
 WEIRD_VALUES: list[Any] = [
     None, True, False, 0, -1, 1.5, 2**31, 2**53, 2**63 - 1, 2**64 - 1, -(2**63), "", "x" * 5000, "\x00", "é" * 10,
     [], {}, [None] * 5, {"a": 1}, list(range(2000)), "NaN", [[[[[]]]]], {"": {"": {"": None}}},
-]  # fmt: skip
+]
 BAD_UTF8 = [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc3", b"\x80"]
 
 
@@ -139,7 +138,7 @@ class Mutator:
     KINDS = (
         "random_bytes", "invalid_utf8", "deep_field", "deep_whole", "weird_value", "raw_number", "drop_field",
         "extra_field", "truncated", "msgpack", "msgpack_garbage", "msgpack_bad_utf8", "root_type", "empty",
-    )  # fmt: skip
+    )
 
     def __init__(self, seeds: list[Any], seed: int) -> None:
         self.seeds = seeds
@@ -225,9 +224,11 @@ def _deep_text(obj: Any, path: tuple, depth: int) -> bytes:
 # ---- the in-process stack -----------------------------------------------------------------------
 
 
-def _cfg(settings: list, nats_url: str, *argv: str) -> SimpleNamespace:
-    args = build_parser("kvr", "", settings).parse_args(["--nats-url", nats_url, "--pool", POOL, *argv])
-    return resolve(args, settings, env={})
+C = TypeVar("C", bound=Config)
+
+
+def _cfg(cls: type[C], nats_url: str, *argv: str) -> C:
+    return cls.from_argv(["--nats-url", nats_url, "--pool", POOL, *argv], env={})
 
 
 @dataclass
@@ -243,36 +244,34 @@ class Stack:
     @classmethod
     async def start(cls, nats_url: str) -> Stack:
         from services.epp_bridge.app import EppBridgeApp
-        from services.epp_bridge.settings import SETTINGS as BRIDGE
+        from services.epp_bridge.settings import EppBridgeConfig
         from services.indexer.app import IndexerApp
-        from services.indexer.settings import SETTINGS as INDEXER
+        from services.indexer.settings import IndexerConfig
         from services.scheduler.app import SchedulerApp
-        from services.scheduler.settings import SETTINGS as SCHEDULER
+        from services.scheduler.settings import SchedulerConfig
 
         nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
         js = nc.jetstream()
-        base = _cfg([*COMMON], nats_url)
+        base = _cfg(ServiceConfig, nats_url)
         await provision(js, NAMES, stream_settings(base))
         for wid in (1, 2):
             rec = WorkerRecord(worker_id=wid, pool=POOL, pod_name=f"vllm-{wid}", address=f"10.0.0.{wid}", port=8000,
-                               block_size=4, total_kv_blocks=1000, ttl_s=3600, heartbeat_ms=now_ms())  # fmt: skip
+                               block_size=4, total_kv_blocks=1000, ttl_s=3600, heartbeat_ms=now_ms())
             await put_worker(nc, NAMES.workers_bucket, rec)
         for wid in (1, 2):
             ev = stored_event(wid, 0, [(wid * 1000 + i, 11 + i) for i in range(3)])
             await js.publish(NAMES.kv_subject(POOL, wid, 0), codec.encode_json(ev), headers={"Nats-Msg-Id": kv_msg_id(POOL, wid, 0, 0)})
-        indexer_settings = [s for s in INDEXER if s.name not in {c.name for c in COMMON}]
-        icfg = _cfg([*COMMON, *INDEXER], nats_url, "--snapshot-every-events", "0", "--snapshot-interval-s", "0")
+        icfg = _cfg(IndexerConfig, nats_url, "--snapshot-every-events", "0", "--snapshot-interval-s", "0")
         indexer = IndexerApp(icfg)
         await indexer.start(Runtime("indexer", icfg, nc))
-        names = {s.name for s in SCHEDULER}
         # Bookings of accepted requests must not expire while the fuzz runs: the state check compares
         # the load view before and after each rejected request, and an expiry in between is not its doing.
-        scfg = _cfg([*COMMON, *SCHEDULER, *(s for s in indexer_settings if s.name not in names)], nats_url,
+        scfg = _cfg(SchedulerConfig, nats_url,
                     "--router-id", "fuzz", "--snapshot-every-events", "0", "--snapshot-interval-s", "0",
-                    "--booking-ttl-s", "86400", "--booking-unconfirmed-ttl-s", "86400")  # fmt: skip
+                    "--booking-ttl-s", "86400", "--booking-unconfirmed-ttl-s", "86400")
         scheduler = SchedulerApp(scfg)
         await scheduler.start(Runtime("scheduler", scfg, nc))
-        bcfg = _cfg([*COMMON, *BRIDGE], nats_url)
+        bcfg = _cfg(EppBridgeConfig, nats_url)
         bridge = EppBridgeApp(bcfg)
         await bridge.start(Runtime("epp-bridge", bcfg, nc))
         stack = cls(nc, indexer, scheduler, bridge)
@@ -334,7 +333,7 @@ class EndpointResult:
         return {
             "sent": self.sent, "no_reply": self.no_reply, "internal": self.internal, "state_changed": self.state_changed,
             "codes": dict(self.codes), "kinds": dict(self.kinds), "examples": self.examples[:5],
-        }  # fmt: skip
+        }
 
 
 def _reply_status(msg: Any) -> str:
@@ -464,7 +463,7 @@ async def fuzz_streams(stack: Stack, per_stream: int, seed: int) -> dict[str, An
         last_book = (await js.publish(NAMES.bookings_subject(POOL, "fuzz-peer"), data)).seq
     followers = [(stack.indexer.follower, last_kv), (stack.scheduler.overlap.replica.follower, last_kv),
                  (stack.indexer.watcher.follower, last_rec), (stack.scheduler.watcher.follower, last_rec),
-                 (stack.scheduler.follower, last_book)]  # fmt: skip
+                 (stack.scheduler.follower, last_book)]
     deadline = time.monotonic() + 60
     while any(f.applied_seq < seq for f, seq in followers):
         if time.monotonic() > deadline:
@@ -525,17 +524,17 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await provision(js, NAMES, stream_settings(_cfg([*COMMON], server.url)))
+        await provision(js, NAMES, stream_settings(_cfg(ServiceConfig, server.url)))
         workers = 8
         for w in range(workers):
             await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=w, pool=POOL, ttl_s=3600, total_kv_blocks=10**7))
         mp = {codec.CONTENT_TYPE_HEADER: codec.MSGPACK}
         items = [(NAMES.kv_subject(POOL, i % workers, 0), _stored_chain(i % workers, i // workers, (i // workers) * blocks, blocks), mp)
-                 for i in range(messages)]  # fmt: skip
+                 for i in range(messages)]
         payload_bytes = sum(len(d) for _, d, _ in items)
         last = await _publish_all(js, items, window=8)
         proc = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], nats_url=server.url,
-                              pools=[POOL], log_path=str(workdir / "indexer-backlog.log"))  # fmt: skip
+                              pools=[POOL], log_path=str(workdir / "indexer-backlog.log"))
         procs.append(proc.start())
         started = time.monotonic()
         ready_at = first_applied_at = None
@@ -560,7 +559,7 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
             "slow_consumers": _varz(server)["slow_consumers"],
             "follower_resets": (final.get("followers") or {}).get("kv", {}).get("resets"),
             "indexer_rss_mb": round(rss_mb(proc.proc.pid), 1) if proc.proc else None,
-        }  # fmt: skip
+        }
         await nc.close()
         return result
     finally:
@@ -576,12 +575,12 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await provision(js, NAMES, stream_settings(_cfg([*COMMON], server.url)))
+        await provision(js, NAMES, stream_settings(_cfg(ServiceConfig, server.url)))
         await put_worker(nc, NAMES.workers_bucket, WorkerRecord(worker_id=1, pool=POOL, ttl_s=3600))
         indexer = ServiceProcess("indexer", args=["--snapshot-every-events", "0", "--snapshot-interval-s", "0"], nats_url=server.url,
-                                 pools=[POOL], log_path=str(workdir / "indexer-flood.log"))  # fmt: skip
+                                 pools=[POOL], log_path=str(workdir / "indexer-flood.log"))
         scheduler = ServiceProcess("scheduler", args=["--router-id", "flood"], nats_url=server.url, pools=[POOL],
-                                   log_path=str(workdir / "scheduler-flood.log"))  # fmt: skip
+                                   log_path=str(workdir / "scheduler-flood.log"))
         procs.extend((indexer.start(), scheduler.start()))
         await asyncio.to_thread(indexer.wait_ready)
         await asyncio.to_thread(scheduler.wait_ready)
@@ -617,7 +616,7 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
             "rss_before_mb": {k: round(v, 1) for k, v in before.items()}, "rss_after_mb": {k: round(v, 1) for k, v in after.items()},
             "rss_growth_mb": {k: round(after[k] - before[k], 1) for k in before},
             "indexer_unknown_workers": unknown, "indexer_blocks": blocks,
-        }  # fmt: skip
+        }
         await nc.close()
         return result
     finally:
@@ -680,7 +679,7 @@ def table(res: dict[str, Any]) -> str:
         f = res["flood"]
         lines.append("")
         lines.append(f"flood {f['blocks']} blocks from {f['workers']} unregistered workers: RSS growth {f['rss_growth_mb']} MB "
-                     f"(before {f['rss_before_mb']}, after {f['rss_after_mb']})")  # fmt: skip
+                     f"(before {f['rss_before_mb']}, after {f['rss_after_mb']})")
     return "\n".join(lines)
 
 

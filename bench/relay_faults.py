@@ -37,11 +37,11 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.indexer.index import PrefixIndex  # noqa: E402
-from services.relay.convert import Converter  # noqa: E402
-from services.relay.decode import decode_batch  # noqa: E402
-from bench.lib.fake_engine import BlockPoolSim, EventBatch, FakeEngine  # noqa: E402
-from bench.lib.refindex import RefIndex  # noqa: E402
+from bench.lib.fake_engine import BlockPoolSim, EventBatch, FakeEngine
+from bench.lib.refindex import RefIndex
+from services.indexer.index import PrefixIndex
+from services.relay.convert import Converter
+from services.relay.decode import decode_batch
 
 BLOCK = 16
 
@@ -123,12 +123,11 @@ def index_blocks(events: list[Any]) -> tuple[set[int], dict[Any, Any]]:
 async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: argparse.Namespace) -> dict[str, Any]:
     from services.relay import metrics
     from services.relay.app import RelayApp
-    from services.relay.settings import SETTINGS
-    from services.runtime.config import COMMON, resolve
+    from services.relay.settings import RelayConfig
     from services.runtime.embedded import NatsServer, free_port
     from services.runtime.logs import setup_logging
     from services.runtime.natsio import connect, provision
-    from services.runtime.service import Runtime, build_parser, stream_settings
+    from services.runtime.service import Runtime, stream_settings
 
     setup_logging("console", "error")
     server = NatsServer().start()
@@ -137,10 +136,9 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
     go, done = [mp.Event() for _ in phases], [mp.Event() for _ in phases]
     child = mp.get_context("fork").Process(target=engine_process, args=(port, phases, ready, go, done), daemon=True)
     try:
-        settings = [*COMMON, *SETTINGS]
         argv = ["--nats-url", server.url, "--pool", "bench", "--zmq", f"tcp://127.0.0.1:{port}", "--pod-name", "bench-0",
-                "--buffer-messages", str(args.buffer_messages), "--publish-timeout-s", "0.5", "--log-level", "error"]  # fmt: skip
-        cfg = resolve(build_parser("kvr relay", "", settings).parse_args(argv), settings, env={})
+                "--buffer-messages", str(args.buffer_messages), "--publish-timeout-s", "0.5", "--log-level", "error"]
+        cfg = RelayConfig.from_argv(argv, env={})
         nc = await connect(cfg.nats_url, "bench-relay", max_wait_s=10)
         rt = Runtime("relay", cfg, nc)
         await provision(rt.js, rt.names, stream_settings(cfg))
@@ -199,7 +197,7 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
             "engine_batches": sent, "stream_events": len(events), "engine_cached_blocks": len(truth),
             "index_blocks": len(blocks), "stale_blocks": len(blocks - truth), "missing_blocks": len(truth - blocks),
             "dropped_batches": int(metrics.DROPPED_MESSAGES._value.get() - dropped0),
-        })  # fmt: skip
+        })
         if scenario == "stall":
             after = events[warm_events:]
             result["cleared_after_stall"] = sum(e.kind == "cleared" for e in after)
@@ -215,7 +213,7 @@ async def run(scenario: str, phases: list[list[bytes]], truth: set[int], args: a
                 result.update({
                     "surviving_batches": len(kept), "surviving_are_newest": kept == phases[1][-len(kept):],
                     "surviving_batches_blocks": len(want_blocks), "index_equals_surviving_batches": blocks == want_blocks,
-                })  # fmt: skip
+                })
         await app.stop()
         await nc.close()
         return result

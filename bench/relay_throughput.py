@@ -23,15 +23,17 @@ import random
 import resource
 import sys
 import time
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.relay.convert import Converter  # noqa: E402
-from services.relay.decode import decode_batch  # noqa: E402
+from services.relay.convert import Converter
+from services.relay.decode import decode_batch
 
 BLOCK = 16
 
@@ -43,7 +45,7 @@ def make_batches(n: int, stores_per_batch: int, blocks_per_store: int, encoding:
     payloads, blocks = [], 0
     next_hash = 1
     for _ in range(n):
-        events = []
+        events: list[Any] = []  # map- or array-encoded engine events
         for _ in range(stores_per_batch):
             parent = rng.choice(held) if held and rng.random() < 0.5 else None
             hashes = list(range(next_hash, next_hash + blocks_per_store))
@@ -51,7 +53,7 @@ def make_batches(n: int, stores_per_batch: int, blocks_per_store: int, encoding:
             tokens = [rng.randrange(1, 128_000) for _ in range(blocks_per_store * BLOCK)]
             if encoding == "map":
                 events.append({"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
-                               "block_size": BLOCK, "lora_id": None, "medium": "GPU", "lora_name": None})  # fmt: skip
+                               "block_size": BLOCK, "lora_id": None, "medium": "GPU", "lora_name": None})
             else:
                 events.append(["BlockStored", hashes, parent, tokens, BLOCK, None, "GPU", None])
             held.extend(hashes)
@@ -72,10 +74,10 @@ def bench_core(payloads: list[bytes], blocks: int) -> dict:
         out += len(conv.convert(0, decode_batch(p).events))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"batches": len(payloads), "blocks": blocks, "router_events": out, "wall_s": wall,
-            "blocks_per_s": blocks / wall, "cpu_ms_per_1k_blocks": cpu * 1e6 / blocks}  # fmt: skip
+            "blocks_per_s": blocks / wall, "cpu_ms_per_1k_blocks": cpu * 1e6 / blocks}
 
 
-def engine_process(port: int, payloads: list[bytes], ready: mp.Event, go: mp.Event) -> None:
+def engine_process(port: int, payloads: list[bytes], ready: EventType, go: EventType) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -95,12 +97,11 @@ def engine_process(port: int, payloads: list[bytes], ready: mp.Event, go: mp.Eve
 async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_events: int) -> dict:
     from services.relay import metrics
     from services.relay.app import RelayApp
-    from services.relay.settings import SETTINGS
-    from services.runtime.config import COMMON, resolve
+    from services.relay.settings import RelayConfig
     from services.runtime.embedded import NatsServer, free_port
     from services.runtime.logs import setup_logging
     from services.runtime.natsio import connect, provision
-    from services.runtime.service import Runtime, build_parser, stream_settings
+    from services.runtime.service import Runtime, stream_settings
 
     setup_logging("console", "warning")
     server = NatsServer().start()
@@ -108,11 +109,10 @@ async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_event
     ready, go = mp.Event(), mp.Event()
     child = mp.get_context("fork").Process(target=engine_process, args=(port, payloads, ready, go), daemon=True)
     try:
-        settings = [*COMMON, *SETTINGS]
         argv = ["--nats-url", server.url, "--pool", "bench", "--zmq", f"tcp://127.0.0.1:{port}", "--pod-name", "bench-0",
                 "--clear-on-start", "false", "--publish-encoding", encoding,
-                "--max-events-per-message", str(max_events), "--buffer-messages", str(len(payloads) * 50)]  # fmt: skip
-        cfg = resolve(build_parser("kvr relay", "", settings).parse_args(argv), settings, env={})
+                "--max-events-per-message", str(max_events), "--buffer-messages", str(len(payloads) * 50)]
+        cfg = RelayConfig.from_argv(argv, env={})
         nc = await connect(cfg.nats_url, "bench-relay", max_wait_s=10)
         rt = Runtime("relay", cfg, nc)
         await provision(rt.js, rt.names, stream_settings(cfg))
@@ -138,7 +138,7 @@ async def bench_e2e(payloads: list[bytes], blocks: int, encoding: str, max_event
             "events_per_s": publisher.published_events / wall, "engine_batches_per_s": len(payloads) / wall,
             "cpu_s": cpu, "cpu_ms_per_1k_blocks": cpu * 1e6 / blocks, "cpu_core_share": cpu / wall,
             "publish_failures": publisher.failures, "dropped_messages": metrics.DROPPED_MESSAGES._value.get(),
-        }  # fmt: skip
+        }
         await app.stop()
         await nc.close()
         return result
@@ -180,7 +180,7 @@ def main() -> int:
         print(f"{name:<26} {r['batches']:>8} {r['blocks']:>8} {r['wall_s']:>7.2f} {r['blocks_per_s']:>10,.0f} {ev_s:>9,.0f} {r['cpu_ms_per_1k_blocks']:>13.2f}")
     print(f"e2e: relay CPU {e2e['cpu_s']:.2f}s over {e2e['wall_s']:.2f}s wall = {e2e['cpu_core_share']:.2f} core; "
           f"{e2e['jetstream_messages']} JetStream messages; {e2e['publish_failures']} publish retries; "
-          f"{e2e['dropped_messages']:.0f} dropped")  # fmt: skip
+          f"{e2e['dropped_messages']:.0f} dropped")
     out = {
         # the output path is recorded repo-relative: a result file names no machine path
         "params": vars(args) | {"block_size": BLOCK, "out": _repo_relative(args.out)},

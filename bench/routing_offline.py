@@ -19,9 +19,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.replay.__main__ import _CLIENT_COMMON, build_parser, replay_offline
+from services.replay.__main__ import build_parser, replay_offline
 from services.replay.report import markdown_table
-from services.replay.settings import SETTINGS
+from services.replay.settings import ReplayCommandConfig
 from services.runtime.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ns, rest = pre.parse_known_args(argv)
     parser = build_parser()
     args = parser.parse_args([*rest, "--offline", "true"])
-    cfg = resolve(args, [*_CLIENT_COMMON, *SETTINGS])
     out = Path(tempfile.mkdtemp(prefix=f"kvr-{ns.name}-"))
-    cfg.out = str(out)
+    cfg = resolve(args, ReplayCommandConfig).with_values(out=str(out))
     console = Console()
     outcome = replay_offline(cfg, args.trace, console)
     print(markdown_table(outcome.summaries, offline=True))

@@ -18,17 +18,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.dev import Stack, start_stack  # noqa: E402
-from services.replay.__main__ import _CLIENT_COMMON, replay  # noqa: E402
-from services.replay.report import markdown_table  # noqa: E402
-from services.replay.settings import SETTINGS  # noqa: E402
+from services.dev import Stack, start_stack
+from services.replay.__main__ import replay
+from services.replay.report import markdown_table
+from services.replay.settings import ReplayCommandConfig
 
 
 def main() -> int:
@@ -53,8 +52,7 @@ def main() -> int:
     try:
         start_stack(stack, run_dir, console, pool="bench")
         assert stack.nats is not None
-        values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in [*_CLIENT_COMMON, *SETTINGS]}
-        values.update(
+        cfg = ReplayCommandConfig.build(
             nats_url=stack.nats.url,
             pool=["bench"],
             compare=args.compare.split(","),
@@ -71,7 +69,7 @@ def main() -> int:
             out=str(run_dir / "report"),
             progress=sys.stdout.isatty(),
         )
-        outcome = asyncio.run(replay(SimpleNamespace(**values), args.trace, console, log_dir=run_dir / "logs"))
+        outcome = asyncio.run(replay(cfg, args.trace, console, log_dir=run_dir / "logs"))
     finally:
         stack.stop(console)
     table = markdown_table(outcome.summaries)

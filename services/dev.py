@@ -26,8 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -35,8 +34,12 @@ from services.runtime.config import HelpFormatter
 from services.runtime.embedded import NatsServer, free_port
 from services.runtime.procs import ServiceProcess
 
+if TYPE_CHECKING:
+    from services.replay.settings import ReplayCommandConfig
+
 POOL = "dev"
 MODEL = "mock-model"
+
 REPO = Path(__file__).resolve().parent.parent
 # The demo slice (lines 3000-3299 of the synthetic trace shipped in data/) has 36 % ideal prefix
 # reuse; 300-request slices of the conversation trace have 6-11 %, too little to show anything.
@@ -125,7 +128,7 @@ class Stack:
 
 
 def launch_stack(stack: Stack, run_dir: Path, console: Console, pool: str = POOL, nats_port: int = 0,
-                 grpc_port: int | None = None, tokenizer: Path | None = None) -> None:  # fmt: skip
+                 grpc_port: int | None = None, tokenizer: Path | None = None) -> None:
     """nats-server (ready) + indexer, scheduler, epp-bridge started (not yet ready: `wait_stack`)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -154,23 +157,20 @@ def start_stack(stack: Stack, run_dir: Path, console: Console, pool: str = POOL)
     wait_stack(stack, console)
 
 
-def replay_values(args: argparse.Namespace, trace_start: int, **overrides: Any) -> SimpleNamespace:
+def replay_values(args: argparse.Namespace, trace_start: int, **overrides: Any) -> ReplayCommandConfig:
     """`kvr replay`'s settings at their defaults, with the demo's slice and fleet."""
-    from services.replay.__main__ import _CLIENT_COMMON
-    from services.replay.settings import SETTINGS
+    from services.replay.settings import ReplayCommandConfig
 
-    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in [*_CLIENT_COMMON, *SETTINGS]}
-    values.update(
-        pool=[POOL],
-        start=args.start if trace_start < 0 else trace_start,
-        limit=args.limit,
-        workers=args.workers,
-        kv_blocks=args.kv_blocks,
-        max_output_tokens=args.max_output_tokens,
-        max_input_tokens=100_000,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    demo = {
+        "pool": [POOL],
+        "start": args.start if trace_start < 0 else trace_start,
+        "limit": args.limit,
+        "workers": args.workers,
+        "kv_blocks": args.kv_blocks,
+        "max_output_tokens": args.max_output_tokens,
+        "max_input_tokens": 100_000,
+    }
+    return ReplayCommandConfig.build({**demo, **overrides})
 
 
 def policies(text: str) -> list[str]:
@@ -241,18 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.online_limit > 0:
             console.print()
             console.print(f"  ({time.monotonic() - t0:.1f} s) online: the first {args.online_limit} requests through the running "
-                          f"services at speed-up {args.speedup:g}, a fresh mock fleet per policy …")  # fmt: skip
+                          f"services at speed-up {args.speedup:g}, a fresh mock fleet per policy …")
             online_cfg = replay_values(
                 args, start, nats_url=stack.nats.url, compare=policies(args.online_compare), limit=args.online_limit,
                 speedup=args.speedup, fleet="spawn", out=str(run_dir / "report-online"),
-            )  # fmt: skip
+            )
             online = asyncio.run(replay(online_cfg, trace, console, log_dir=logs))
             console.print()
             console.rule("online run through the real services (wall clock: indicative, varies with the machine's load)")
             console.print(compact_table(online.summaries), markup=False, soft_wrap=True)
             if not print_lag_warnings(console, online.summaries):
                 console.print("  the fleets kept to their clocks (no pass later than "
-                              "the lag threshold): the online latencies are not inflated by this machine's load")  # fmt: skip
+                              "the lag threshold): the online latencies are not inflated by this machine's load")
             console.print(f"report   {online.paths['markdown']}")
             online_ok = all(s["errors"] == 0 for s in online.summaries)
         console.print(f"logs     {logs}")
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # 3. serve: an OpenAI-speaking fleet at speed-up 1 and the dev gateway in front of ext_proc
         fleet_args = ["--count", str(args.workers), "--kv-blocks", str(args.kv_blocks), "--speedup", "1", "--openai-port", "0",
-                      "--model", MODEL]  # fmt: skip
+                      "--model", MODEL]
         if tok is not None:
             fleet_args += ["--tokenizer-dir", str(tok)]
         fleet = ServiceProcess("mock-workers", fleet_args, nats_url=stack.nats.url, pools=[POOL], log_path=str(logs / "mock-workers.log"))
@@ -271,25 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         gateway = ServiceProcess(
             "dev-gateway", ["--gateway-port", str(gateway_port), "--extproc-target", f"127.0.0.1:{grpc_port}"],
             nats_url=stack.nats.url, pools=[POOL], log_path=str(logs / "dev-gateway.log"),
-        )  # fmt: skip
+        )
         stack.procs.append(gateway.start())
         fleet.wait_ready(60)
         gateway.wait_ready(60)
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         env = {"KVR_NATS_URL": stack.nats.url, "KVR_POOL": POOL, "KVR_DEV_GATEWAY": gateway_url,
-               "KVR_DEV_EXTPROC": f"127.0.0.1:{grpc_port}"}  # fmt: skip
+               "KVR_DEV_EXTPROC": f"127.0.0.1:{grpc_port}"}
         write_env_file(env_file, env, run_dir)
         env_written = True
         console.rule("serving")
         console.print(f"OpenAI gateway  {gateway_url}   (dev gateway → ext_proc 127.0.0.1:{grpc_port} → "
-                      f"{args.workers} mock workers, speed-up 1)")  # fmt: skip
+                      f"{args.workers} mock workers, speed-up 1)")
         console.print(f"NATS            {stack.nats.url}   (pool '{POOL}')")
         for proc in stack.procs:
             console.print(f"{proc.command:<15} {proc.base_url}/metrics   /readyz")
         console.print("try it, in another terminal:")
         console.print(f"  {curl_line(gateway_url)}", markup=False, soft_wrap=True)
         console.print(f"  . {shown_path(env_file)}    # then every command of the README's quick start works as written",
-                      markup=False)  # fmt: skip
+                      markup=False)
         console.print("Ctrl-C to stop.")
         while not stop_requested:
             time.sleep(0.5)

@@ -13,26 +13,27 @@ import json
 import sys
 from collections.abc import Sequence
 
-from services.relay.settings import SETTINGS as RELAY_SETTINGS
-from services.runtime.config import COMMON, REGISTRY, Setting, names_of, resolve
+from services.relay.settings import RelayConfig
+from services.runtime.config import REGISTRY, ServiceConfig, config, names_of, resolve, same_as, setting
 from services.runtime.logs import get_logger, setup_logging
 from services.runtime.natsauth import NatsAuth
 from services.runtime.natsio import ProvisioningError, connect, ensure_workers_bucket, provision
 from services.runtime.service import build_parser, stream_settings
 
-SETTINGS = REGISTRY.register(
-    "provision",
-    [
-        *(s for s in RELAY_SETTINGS if s.name == "relay_bucket"),
-        Setting("provision_wait_s", 120.0, "kvr provision: how long to wait for the NATS server", float),
-    ],
-)
-COMMAND_SETTINGS = REGISTRY.command("provision", (*COMMON, *SETTINGS))
+
+@config
+class ProvisionConfig(ServiceConfig):
+    relay_bucket: str = same_as(RelayConfig, "relay_bucket")
+    provision_wait_s: float = setting(120.0, "kvr provision: how long to wait for the NATS server")
+
+
+SETTINGS = REGISTRY.register("provision", ProvisionConfig.own_settings())
+REGISTRY.command("provision", ProvisionConfig.settings())
 
 log = get_logger("kvr.provision")
 
 
-async def run(cfg) -> dict[str, str]:  # noqa: ANN001 - a resolved settings namespace
+async def run(cfg: ProvisionConfig) -> dict[str, str]:
     nc = await connect(cfg.nats_url, "kvr-provision", auth=NatsAuth.from_cfg(cfg), max_wait_s=cfg.provision_wait_s)
     try:
         js = nc.jetstream()
@@ -44,9 +45,8 @@ async def run(cfg) -> dict[str, str]:  # noqa: ANN001 - a resolved settings name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = list(COMMAND_SETTINGS)
-    parser = build_parser("kvr provision", __doc__.splitlines()[0], settings)
-    cfg = resolve(parser.parse_args(argv), settings)
+    parser = build_parser("kvr provision", (__doc__ or "").splitlines()[0], ProvisionConfig.settings())
+    cfg = resolve(parser.parse_args(argv), ProvisionConfig)
     setup_logging(cfg.log_format, cfg.log_level, service="provision")
     try:
         result = asyncio.run(run(cfg))

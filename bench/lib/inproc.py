@@ -6,40 +6,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 
 from schemas.discovery import WorkerRecord
 from services.epp_bridge.app import EppBridgeApp
-from services.epp_bridge.settings import COMMAND_SETTINGS as BRIDGE_SETTINGS
-from services.indexer.settings import COMMAND_SETTINGS as INDEXER_SETTINGS
-from services.runtime.config import COMMON, Setting, resolve
+from services.epp_bridge.settings import EppBridgeConfig
+from services.indexer.settings import IndexerConfig
+from services.runtime.config import Config
 from services.runtime.natsio import connect, provision
-from services.runtime.service import Runtime, build_parser, stream_settings
+from services.runtime.service import Runtime, stream_settings
 from services.runtime.workers import now_ms, put_worker
 from services.scheduler.app import SchedulerApp
-from services.scheduler.settings import COMMAND_SETTINGS as SCHEDULER_SETTINGS
+from services.scheduler.settings import SchedulerConfig
+
+C = TypeVar("C", bound=Config)
 
 
-def command_cfg(command: str, settings: Sequence[Setting], *argv: str, **overrides: Any) -> SimpleNamespace:
-    """What `kvr <command> argv…` resolves to (no environment), then `overrides` set on it."""
-    every = [*COMMON, *settings]
-    cfg = resolve(build_parser(f"kvr {command}", "", every).parse_args(list(argv)), every, env={})
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+def command_cfg(cls: type[C], *argv: str, **overrides: Any) -> C:
+    """What the command resolves `argv…` to (no environment), with `overrides` (settings by name)."""
+    cfg = cls.from_argv(argv, env={})
+    return cfg.with_values(**overrides) if overrides else cfg
 
 
-def indexer_cfg(*argv: str, **overrides: Any) -> SimpleNamespace:
-    return command_cfg("indexer", INDEXER_SETTINGS, *argv, **overrides)
+def indexer_cfg(*argv: str, **overrides: Any) -> IndexerConfig:
+    return command_cfg(IndexerConfig, *argv, **overrides)
 
 
 @contextlib.asynccontextmanager
 async def running_scheduler(nats_url: str, *argv: str, pool: str = "p") -> AsyncIterator[SchedulerApp]:
     """`kvr scheduler --pool pool argv…` in this process, ready; stopped and drained on exit."""
-    cfg = command_cfg("scheduler", SCHEDULER_SETTINGS, "--nats-url", nats_url, "--pool", pool, *argv)
+    cfg = command_cfg(SchedulerConfig, "--nats-url", nats_url, "--pool", pool, *argv)
     nc = await connect(nats_url, "bench-scheduler", max_wait_s=5)
     rt = Runtime("scheduler", cfg, nc)
     await provision(rt.js, rt.names, stream_settings(cfg))
@@ -60,7 +58,7 @@ async def running_scheduler(nats_url: str, *argv: str, pool: str = "p") -> Async
 
 async def start_bridge(nc: NATS, nats_url: str, *argv: str) -> EppBridgeApp:
     """`kvr epp-bridge argv…` in this process, on the connection `nc` (stop it with `.stop()`)."""
-    cfg = command_cfg("epp-bridge", BRIDGE_SETTINGS, "--nats-url", nats_url, *argv)
+    cfg = command_cfg(EppBridgeConfig, "--nats-url", nats_url, *argv)
     rt = Runtime("epp-bridge", cfg, nc)
     await provision(rt.js, rt.names, stream_settings(cfg))
     app = EppBridgeApp(cfg)

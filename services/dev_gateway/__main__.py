@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.runtime.service import main_for
+from services.runtime.service import ServiceApp, main_for
 
-from .settings import COMMAND_SETTINGS
+from .settings import DevGatewayConfig
 
 
-def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays fast
+def make_app(cfg: DevGatewayConfig) -> ServiceApp:
+    # imported lazily so `--help` stays fast
     from .app import DevGatewayApp
 
     return DevGatewayApp(cfg)
@@ -19,8 +20,8 @@ def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays f
 def main(argv: Sequence[str] | None = None) -> int:
     return main_for(
         "dev-gateway", "development OpenAI HTTP gateway: routes each request through an Envoy ext_proc endpoint picker "
-        "(not a production gateway)", COMMAND_SETTINGS, make_app, argv,
-    )  # fmt: skip
+        "(not a production gateway)", DevGatewayConfig, make_app, argv,
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -36,9 +35,12 @@ from prometheus_client import Counter
 from services.epp_bridge import extproc_protocol as xp
 from services.epp_bridge.extproc import EXTPROC_SERVICE
 from services.epp_bridge.extproc_client import Decision, ExtProcClient, ExtProcStream
+from services.runtime.http import bound_port
 from services.runtime.logs import get_logger
 from services.runtime.service import Runtime
 from services.runtime.tasks import cancel_and_wait
+
+from .settings import DevGatewayConfig
 
 log = get_logger("kvr.dev_gateway")
 
@@ -49,7 +51,7 @@ WORKER_HEADER = "x-worker-instance-id"
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
     "host", "content-length", "expect",
-})  # fmt: skip
+})
 HEALTH_POLL_S = 1.0
 
 
@@ -60,7 +62,7 @@ def error_body(status: int, message: str, code: str) -> bytes:
 class DevGatewayApp:
     """`ServiceApp` of `kvr dev-gateway`: ready while the endpoint picker's ext_proc service is SERVING."""
 
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: DevGatewayConfig) -> None:
         self.cfg = cfg
         self.client: ExtProcClient | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -81,10 +83,9 @@ class DevGatewayApp:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.gateway_host, int(self.cfg.gateway_port))
+        site = web.TCPSite(self._runner, self.cfg.gateway_host, self.cfg.gateway_port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr,attr-defined]
-        self.port = sockets[0].getsockname()[1] if sockets else int(self.cfg.gateway_port)
+        self.port = bound_port(site, self.cfg.gateway_port)
         self._tasks.append(asyncio.create_task(self._follow_picker(), name="dev-gateway-health"))
         log.info("dev_gateway.listening", url=f"http://{self.cfg.gateway_host}:{self.port}", extproc=self.cfg.extproc_target)
 
@@ -135,7 +136,7 @@ class DevGatewayApp:
                 REQUESTS.labels("extproc_error").inc()
                 stream.cancel()
                 return web.Response(status=500, body=error_body(500, f"endpoint picker failed: {type(exc).__name__}", "extproc_error"),
-                                    content_type="application/json")  # fmt: skip
+                                    content_type="application/json")
             if not decision.routed:
                 REQUESTS.labels("rejected").inc()
                 await self._finish(stream)

@@ -6,20 +6,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from services.runtime.config import Setting
-from services.runtime.service import main_for
+from services.runtime.service import ServiceApp, main_for
 
 from .app import make_app
-from .settings import COMMAND_SETTINGS
+from .settings import EppBridgeConfig
 
 
-def all_settings() -> tuple[Setting, ...]:
-    """The bridge's settings, plus the scheduler's and indexer's for one-process mode."""
-    return COMMAND_SETTINGS
-
-
-def _make_app(cfg):  # type: ignore[no-untyped-def]
-    if getattr(cfg, "epp_embedded_scheduler", False) and getattr(cfg, "embedded_indexer", False):
+def _make_app(cfg: EppBridgeConfig) -> ServiceApp:
+    if cfg.epp_embedded_scheduler and cfg.scheduler.embedded_indexer:
         from services.runtime.heap import tune_gc
 
         tune_gc()
@@ -30,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One prompt per encode call: tokenizers' rayon pool could only add a thread hand-off per request
     # (measured ≈ 10 % slower on a 2 KB prompt). An operator's explicit setting wins.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", all_settings(), _make_app, argv)
+    return main_for("epp-bridge", "GAIE endpoint-picker bridge: epp.query / epp.cleanup over NATS", EppBridgeConfig, _make_app, argv)
 
 
 if __name__ == "__main__":

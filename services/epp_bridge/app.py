@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -62,6 +61,7 @@ from .link import (
 )
 from .pods import PodIndex
 from .prompt import needs_tokenizer, parse_body, prompt_tokens
+from .settings import EppBridgeConfig
 from .tokenizer import PoolTokenizer, parse_tokenizer_dirs
 
 log = get_logger("kvr.epp_bridge")
@@ -75,7 +75,7 @@ UPDATE_RETRY_DELAYS_S = (0.0, 0.2, 1.0)
 
 
 class EppBridgeApp:
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: EppBridgeConfig) -> None:
         self.cfg = cfg
         self.max_body_bytes: int = cfg.epp_max_body_bytes
         self.max_prompt_tokens: int = cfg.epp_max_prompt_tokens
@@ -89,7 +89,7 @@ class EppBridgeApp:
         self._background: set[asyncio.Task[None]] = set()
         self._rt: Runtime | None = None
         self._embedded: EmbeddedSchedulerLink | None = None
-        threads = int(getattr(cfg, "epp_tokenize_threads", 0) or 0)
+        threads = cfg.epp_tokenize_threads
         self._tokenize_pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize") if threads > 0 else None
         self.link: SchedulerLink | None = None
         self._ready = False
@@ -100,8 +100,8 @@ class EppBridgeApp:
 
     async def start(self, rt: Runtime) -> None:
         self._rt = rt
-        self.label_filters = parse_label_filters(list(getattr(self.cfg, "epp_label_filter", []) or []), rt.pools)
-        if int(getattr(self.cfg, "grpc_port", 0) or 0) > 0:
+        self.label_filters = parse_label_filters(list(self.cfg.epp_label_filter), rt.pools)
+        if self.cfg.grpc_port > 0:
             # Up first, so gateways' health checks get NOT_SERVING (not a refused connection) while
             # discovery catches up.
             self.extproc = ExtProcServer(self, self.cfg, rt.pools)
@@ -115,8 +115,8 @@ class EppBridgeApp:
         # index replica listen to it too (every listener first, then it starts).
         self.watcher = rt.discovery()
         self.watcher.listen(self._on_worker_put, self._on_worker_remove)
-        if getattr(self.cfg, "epp_embedded_scheduler", False):
-            self._embedded = EmbeddedSchedulerLink(self.cfg)
+        if self.cfg.epp_embedded_scheduler:
+            self._embedded = EmbeddedSchedulerLink(self.cfg.scheduler)
             await self._embedded.start(rt)
             self.link = self._embedded
         else:
@@ -177,7 +177,7 @@ class EppBridgeApp:
     @property
     def stop_timeout_s(self) -> float:
         """run_app's bound on `stop()`: the ext_proc drain plus the usual 10 s."""
-        return 10.0 + (float(self.cfg.grpc_drain_s) if self.extproc is not None else 0.0)
+        return 10.0 + (self.cfg.grpc_drain_s if self.extproc is not None else 0.0)
 
     def ready(self) -> bool:
         # connected, and the discovery follower caught up and not lagging (--max-ready-lag-s)
@@ -208,7 +208,7 @@ class EppBridgeApp:
         # Heartbeats re-put unchanged records every ttl/3: rebuild the pod index only when what it
         # is built from changes.
         identity = (record.pod_name, record.address, record.port, record.dp_start_rank, record.dp_size,
-                    tuple(record.dp_ports or ()), tuple(record.taints), tuple(sorted(record.labels.items())))  # fmt: skip
+                    tuple(record.dp_ports or ()), tuple(record.taints), tuple(sorted(record.labels.items())))
         key = (record.pool, record.worker_id)
         if self._identities.get(key) != identity:
             self._identities[key] = identity
@@ -351,7 +351,7 @@ class EppBridgeApp:
             # eligible worker, nothing booked.
             sreq = SelectRequest(request_id=ask.request_id, token_ids=[], allowed_worker_ids=allowed, allowed_targets=targets,
                                  pinned_worker_id=pins.worker_id, pinned_dp_rank=pins.dp_rank,
-                                 policy=Policy.LEAST_LOADED, book=False, fallbacks=ask.fallbacks)  # fmt: skip
+                                 policy=Policy.LEAST_LOADED, book=False, fallbacks=ask.fallbacks)
         else:
             sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks,
                                   pins=pins, book=ask.book and not query_only)  # fmt: skip
@@ -469,5 +469,5 @@ def _code_of(exc: BaseException) -> ErrorCode:
     return error_for(exc)[0]
 
 
-def make_app(cfg: SimpleNamespace) -> EppBridgeApp:
+def make_app(cfg: EppBridgeConfig) -> EppBridgeApp:
     return EppBridgeApp(cfg)

@@ -28,6 +28,7 @@ import json
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -35,7 +36,7 @@ import msgspec
 from schemas import codec
 from schemas.api import POLICY_NAMES
 from schemas.subjects import Names
-from services.runtime.config import NATS_CONNECTION, HelpFormatter, add_settings, resolve
+from services.runtime.config import NATS_CONNECTION, HelpFormatter, NatsConnectionConfig, add_settings, resolve
 from services.runtime.logs import redact, setup_logging
 
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def query_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.body_file:
-        text = sys.stdin.read() if args.body_file == "-" else open(args.body_file, encoding="utf-8").read()
+        text = sys.stdin.read() if args.body_file == "-" else Path(args.body_file).read_text(encoding="utf-8")
         body = json.loads(text)
     elif args.prompt is not None:
         body = {"prompt": args.prompt}
@@ -251,7 +252,7 @@ async def run_extproc(args: argparse.Namespace, body: bytes | None) -> dict[str,
         d = await client.lifecycle(
             body, chunks=args.chunks, subset=subset, headers=headers, served=args.served, timeout=args.timeout,
             request_mode=xp.MODE_NAMES[args.request_mode], response_mode=xp.MODE_NAMES[args.response_mode],
-        )  # fmt: skip
+        )
     out: dict[str, Any] = {"routed": d.routed, "responses": d.responses}
     if d.routed:
         out.update(destination=d.destination, metadata=d.metadata, headers=d.headers, body_unchanged=d.body == (body or b""))
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0 if ok else 1
-    conn = resolve(args, NATS_CONNECTION)
+    conn = resolve(args, NatsConnectionConfig)
     names = Names(prefix=args.subject_prefix)
     if args.action in ("query", "book"):
         if args.action == "book" and not args.request_id:

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -39,6 +38,7 @@ from services.runtime.tracing import context_from_headers, server_span
 from . import extproc_protocol as xp
 from . import metrics
 from .decision import DESTINATION, RouteAsk, destination, routing_headers
+from .settings import EppBridgeConfig
 
 if TYPE_CHECKING:
     from .app import EppBridgeApp
@@ -49,7 +49,7 @@ EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_POLL_S = 0.25
 
 
-def server_credentials(cfg: SimpleNamespace) -> grpc.ServerCredentials | None:
+def server_credentials(cfg: EppBridgeConfig) -> grpc.ServerCredentials | None:
     """TLS when a certificate and key are configured; client certificates required (mTLS) when a
     client CA is too. A half-configured TLS setup is a startup error, never a silent plaintext port."""
     cert, key, client_ca = cfg.grpc_tls_cert, cfg.grpc_tls_key, cfg.grpc_tls_client_ca
@@ -66,7 +66,7 @@ def server_credentials(cfg: SimpleNamespace) -> grpc.ServerCredentials | None:
 
 
 class ExtProcServer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, app: EppBridgeApp, cfg: SimpleNamespace, pools: Sequence[str]) -> None:
+    def __init__(self, app: EppBridgeApp, cfg: EppBridgeConfig, pools: Sequence[str]) -> None:
         self.app = app
         self.cfg = cfg
         pool = cfg.grpc_pool or ""
@@ -77,9 +77,9 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
         elif pool not in pools:
             raise ValueError(f"--grpc-pool {pool!r} is not one of the bridge's pools {list(pools)}")
         self.pool = pool
-        self.fallbacks = max(0, min(int(cfg.grpc_fallbacks), 16))
+        self.fallbacks = max(0, min(cfg.grpc_fallbacks, 16))
         self.max_body_bytes: int = cfg.epp_max_body_bytes
-        self.max_decisions = max(1, int(cfg.grpc_max_decisions))
+        self.max_decisions = max(1, cfg.grpc_max_decisions)
         self.deciding = 0
         self.credentials = server_credentials(cfg)
         self.tls_mode = "off" if self.credentials is None else ("mtls" if cfg.grpc_tls_client_ca else "tls")
@@ -102,10 +102,8 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
         pb_grpc.add_ExternalProcessorServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.cfg.grpc_host}:{int(self.cfg.grpc_port)}"
-        if self.credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, self.credentials)
+        creds = self.credentials
+        port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
         if not port:
             raise OSError(f"cannot bind the ext_proc server to {address}")
         await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
@@ -147,7 +145,7 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
 
     # --- the RPC ----------------------------------------------------------------------------
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:  # noqa: N802 - gRPC name
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:  # gRPC name
         stream = _Stream(self)
         self.streams += 1
         metrics.EXTPROC_STREAMS.inc()
@@ -282,7 +280,7 @@ class _Stream:
                 raise ServiceError(ErrorCode.NO_WORKERS, f"worker {reply.decode.worker_id} has no address:port in discovery")
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes an ImmediateResponse
+        except BaseException as exc:  # every failure becomes an ImmediateResponse
             code, message, path = error_for(exc)
             if code is ErrorCode.INTERNAL:
                 log.exception("extproc.decision_failed", request_id=self.request_id)
@@ -321,7 +319,7 @@ class _Stream:
         return RouteAsk(
             self.request_id,
             parsed,
-            (lambda: codec.decode(raw_bytes, dict)) if raw_bytes is not None else None,  # type: ignore[arg-type]
+            (lambda: codec.decode(raw_bytes, dict)) if raw_bytes is not None else None,
             endpoints=self.subset,
             book=parsed is not None,
             fallbacks=self.server.fallbacks,
@@ -332,7 +330,7 @@ class _Stream:
     def _fail(self, code: ErrorCode, message: str, path: str | None = None, retry_after_s: float | None = None) -> list[pb.ProcessingResponse]:
         self.outcome = code
         log.debug("extproc.rejected", request_id=self.request_id, x_request_id=self.headers.get("x-request-id"),
-                  code=code, message=message, path=path)  # fmt: skip
+                  code=code, message=message, path=path)
         self._update(self.lifecycle.finished())
         return [xp.immediate_response(code, message, path, retry_after_s)]
 
@@ -389,7 +387,7 @@ class _Stream:
                 worker_id=target[0] if target and phase == "move" else None,
                 dp_rank=target[1] if target and phase == "move" else None,
                 booking_id=(self.reply.booking_id or None) if self.reply is not None else None,
-            )  # fmt: skip
+            )
             self._pending.append(req)
         if self._pending and (self._sender is None or self._sender.done()):
             self._sender = self.app.booking_updates(self.pool, self._pending)

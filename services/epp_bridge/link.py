@@ -14,6 +14,7 @@ from nats.errors import NoRespondersError
 from schemas.api import CleanupReply, CleanupRequest, ErrorCode, SelectReply, SelectRequest
 from services.runtime.responder import ServiceError, request
 from services.runtime.service import Runtime
+from services.scheduler.settings import SchedulerConfig
 
 
 class SchedulerLink(Protocol):
@@ -60,13 +61,13 @@ class EmbeddedSchedulerLink:
     skips the two NATS hops per query.
     """
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: SchedulerConfig) -> None:
         from services.scheduler.app import SchedulerApp
 
         self.app = SchedulerApp(cfg)
         # The scheduler's request handlers (coroutines taking pool and request).
-        self._select = getattr(self.app, "select", None) or self.app._select
-        self._booking = getattr(self.app, "booking", None) or self.app._booking
+        self._select = self.app.select
+        self._booking = self.app.booking
 
     async def start(self, rt: Runtime) -> None:
         await self.app.start(rt)

@@ -9,12 +9,12 @@ from services.runtime.heap import tune_gc
 from services.runtime.service import main_for
 
 from .app import make_app
-from .settings import COMMAND_SETTINGS
+from .settings import IndexerConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     tune_gc()
-    return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", COMMAND_SETTINGS, make_app, argv)
+    return main_for("indexer", "Prefix index over KVR_KV; answers indexer.match / indexer.dump", IndexerConfig, make_app, argv)
 
 
 if __name__ == "__main__":

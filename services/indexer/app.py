@@ -8,7 +8,6 @@ to a replica that is still replaying its backlog and would under-report overlaps
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -28,7 +27,7 @@ from .admission import Admission
 from .core import PoolState
 from .index import OverlapScores, PrefixIndex
 from .replica import IndexReplica
-from .settings import setting
+from .settings import IndexerConfig
 
 QUEUE = "indexer"
 
@@ -37,12 +36,12 @@ class IndexerApp:
     """One prefix index per served pool (`kvr indexer`): construct with a resolved config,
     `await start(rt)`, then `match()` / `dump()` in process or over NATS."""
 
-    def __init__(self, cfg: SimpleNamespace, *, serve_endpoints: bool | None = None) -> None:
+    def __init__(self, cfg: IndexerConfig, *, serve_endpoints: bool | None = None) -> None:
         self.cfg = cfg
         self.replica = IndexReplica(cfg)
         self.pools = self.replica.pools
-        self.serve_endpoints = bool(setting(cfg, "serve_endpoints")) if serve_endpoints is None else serve_endpoints
-        self.lag_interval = float(setting(cfg, "lag_interval_s"))
+        self.serve_endpoints = cfg.serve_endpoints if serve_endpoints is None else serve_endpoints
+        self.lag_interval = cfg.lag_interval_s
         self.rt: Runtime | None = None
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,9 +85,9 @@ class IndexerApp:
             nc, names = self.rt.nc, self.rt.names
             for pool in self.pools:
                 self._subs.append(await serve(nc, names.match(pool), MatchRequest, self._match_handler(pool), queue=QUEUE,
-                                              endpoint="indexer.match"))  # fmt: skip
+                                              endpoint="indexer.match"))
                 self._subs.append(await serve(nc, names.dump(pool), DumpRequest, self._dump_handler(pool), queue=QUEUE,
-                                              endpoint="indexer.dump"))  # fmt: skip
+                                              endpoint="indexer.dump"))
         self._serving = True
 
     # ---- the replica, in process --------------------------------------------------------------
@@ -177,5 +176,5 @@ class IndexerApp:
             await asyncio.sleep(self.lag_interval)
 
 
-def make_app(cfg: SimpleNamespace) -> IndexerApp:
+def make_app(cfg: IndexerConfig) -> IndexerApp:
     return IndexerApp(cfg)

@@ -97,9 +97,9 @@ class _Worker:
         self.key = key
         self.slot = slot
         self.bit = 1 << slot
-        self.blocks: dict[str, dict[int, _Node]] = {DEVICE: {}}
+        self.blocks: dict[StorageTier, dict[int, _Node]] = {DEVICE: {}}
 
-    def resolve(self, block_hash: int, tier: str) -> _Node | None:
+    def resolve(self, block_hash: int, tier: StorageTier) -> _Node | None:
         """A parent reference: the event's own tier first, then device, then the slower tiers."""
         own = self.blocks.get(tier)
         if own is not None:
@@ -192,7 +192,7 @@ class PrefixIndex:
             if cap is not None and self._over_cap(key, event.storage_tier, data.stored.blocks, cap):  # type: ignore[union-attr]
                 outcome = "over_capacity"
             else:
-                outcome = self._store(key, event.storage_tier, data.stored)  # type: ignore[union-attr, arg-type]
+                outcome = self._store(key, event.storage_tier, data.stored)  # type: ignore[union-attr]
         elif kind == "removed":
             outcome = self._remove(key, event.storage_tier, data.removed.block_hashes)  # type: ignore[union-attr]
         else:
@@ -229,7 +229,7 @@ class PrefixIndex:
             self._slot_keys[w.slot] = None
             heapq.heappush(self._free_slots, w.slot)
 
-    def _store(self, key: WorkerKey, tier: str, stored: Any) -> str:
+    def _store(self, key: WorkerKey, tier: StorageTier, stored: Any) -> str:
         blocks: list[StoredBlock] = stored.blocks
         parent_hash = stored.parent_hash
         prev = parent_hash
@@ -290,7 +290,7 @@ class PrefixIndex:
         self.nodes += created
         return "ok"
 
-    def _over_cap(self, key: WorkerKey, tier: str, blocks: list[StoredBlock], cap: int) -> bool:
+    def _over_cap(self, key: WorkerKey, tier: StorageTier, blocks: list[StoredBlock], cap: int) -> bool:
         w = self._workers.get(key)
         lk = w.blocks.get(tier) if w is not None else None
         held = len(lk) if lk else 0
@@ -301,13 +301,13 @@ class PrefixIndex:
             new.difference_update(lk.keys())
         return held + len(new) > cap
 
-    def _add_alias(self, node: _Node, tier: str, slot: int) -> None:
+    def _add_alias(self, node: _Node, tier: StorageTier, slot: int) -> None:
         if node.alias is None:
             node.alias = {}
         k = (tier, slot)
         node.alias[k] = node.alias.get(k, 0) + 1
 
-    def _link_lower(self, node: _Node, tier: str, w: _Worker) -> None:
+    def _link_lower(self, node: _Node, tier: StorageTier, w: _Worker) -> None:
         if node.tiers is None:
             node.tiers = {}
         m = node.tiers.get(tier, 0)
@@ -316,7 +316,7 @@ class PrefixIndex:
         else:
             node.tiers[tier] = m | w.bit
 
-    def _unlink(self, node: _Node, tier: str, w: _Worker) -> None:
+    def _unlink(self, node: _Node, tier: StorageTier, w: _Worker) -> None:
         """Drop one reference of worker `w` to `node` in `tier`; prune nodes nobody needs."""
         alias = node.alias
         if alias is not None:
@@ -355,7 +355,7 @@ class PrefixIndex:
             self.nodes -= 1
             node = parent
 
-    def _remove(self, key: WorkerKey, tier: str, hashes: Sequence[int]) -> str:
+    def _remove(self, key: WorkerKey, tier: StorageTier, hashes: Sequence[int]) -> str:
         w = self._workers.get(key)
         lk = w.blocks.get(tier) if w is not None else None
         if lk is None:

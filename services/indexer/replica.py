@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 from nats.js.errors import NotFoundError
@@ -36,7 +35,7 @@ from . import snapshot
 from .admission import Admission, CapPolicy
 from .core import Carry, IndexCore, KvOutcome, PoolState
 from .index import OverlapScores, PrefixIndex
-from .settings import setting
+from .settings import IndexerConfig
 
 log = get_logger("kvr.indexer")
 SNAPSHOT_RETRY_MAX_S = 60.0
@@ -44,26 +43,26 @@ _REFUSED = {"bad_subject": "kv.bad_subject", "malformed": "kv.malformed", "subje
 
 
 class IndexReplica:
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: IndexerConfig) -> None:
         self.cfg = cfg
         self.pools: list[str] = list(cfg.pool)
-        self.snapshot_every = int(setting(cfg, "snapshot_every_events"))
-        self.snapshot_interval = float(setting(cfg, "snapshot_interval_s"))
-        self.restore = bool(setting(cfg, "snapshot_restore"))
-        self.batch = int(setting(cfg, "follower_batch"))
-        self.follower_max_bytes = int(setting(cfg, "follower_max_bytes"))
-        self.max_lag = float(getattr(cfg, "max_ready_lag_s", 0.0))
+        self.snapshot_every = cfg.snapshot_every_events
+        self.snapshot_interval = cfg.snapshot_interval_s
+        self.restore = cfg.snapshot_restore
+        self.batch = cfg.follower_batch
+        self.follower_max_bytes = cfg.follower_max_bytes
+        self.max_lag = cfg.max_ready_lag_s
         admission = Admission(
             self.pools,
-            buffer_bytes=int(setting(cfg, "unknown_worker_buffer_bytes")),
-            max_tracked=int(setting(cfg, "unknown_workers_tracked")),
+            buffer_bytes=cfg.unknown_worker_buffer_bytes,
+            max_tracked=cfg.unknown_workers_tracked,
             caps=CapPolicy(
-                headroom=float(setting(cfg, "worker_blocks_headroom")),
-                lower_tier_factor=float(setting(cfg, "worker_lower_tier_blocks_factor")),
-                default_blocks=int(setting(cfg, "worker_default_max_blocks")),
+                headroom=cfg.worker_blocks_headroom,
+                lower_tier_factor=cfg.worker_lower_tier_blocks_factor,
+                default_blocks=cfg.worker_default_max_blocks,
             ),
         )
-        self.core = IndexCore(self.pools, admission, default_block_size=int(setting(cfg, "block_size")), report=self._report)
+        self.core = IndexCore(self.pools, admission, default_block_size=cfg.block_size, report=self._report)
         self._match_seconds = {p: m.MATCH_SECONDS.labels(p) for p in self.pools}
         self._messages: dict[tuple[str, str], Any] = {}
         self._probes: set[asyncio.Task[None]] = set()
@@ -101,7 +100,7 @@ class IndexReplica:
             rt.nc, names.kv_stream, [names.kv_filter(p) for p in self.pools], self._on_kv,
             start_seq=max(start_seq, first_seq), batch=self.batch, max_bytes=self.follower_max_bytes,
             max_lag_s=self.max_lag, name="indexer-kv", on_history_lost=self._on_history_lost,
-        )  # fmt: skip
+        )
         self.watcher.start()
         self._tasks.append(asyncio.create_task(self._follow_after_discovery(), name="indexer-follow"))
         self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="indexer-snapshots"))
@@ -223,7 +222,7 @@ class IndexReplica:
             if out.outcome == "malformed":
                 fields["size"] = out.size
             malformed(self._kv_stream, "schema" if out.outcome == "malformed" else out.outcome, event, pool=out.pool, seq=out.seq,
-                      **fields)  # fmt: skip
+                      **fields)
 
     def _carry_out(self, pool: str, worker_id: int, carry: Carry) -> None:
         """Do the I/O an admission needs (see `IndexCore.worker_put`)."""
@@ -231,7 +230,7 @@ class IndexReplica:
             assert self.follower is not None
             m.BACKFILLS.labels(pool, "rewind").inc()
             log.info("indexer.worker_backfill", pool=pool, worker_id=worker_id, from_seq=carry.rewind_from,
-                     up_to=self.applied_seq)  # fmt: skip
+                     up_to=self.applied_seq)
             self.follower.rewind(carry.rewind_from)
         if carry.probe_from is not None:
             m.BACKFILLS.labels(pool, "probe").inc()
@@ -273,7 +272,7 @@ class IndexReplica:
             log.error(
                 "indexer.history_lost", pool=pool, missing_from=from_seq, missing=count,
                 hint="KVR_KV dropped events before this replica applied them (max_bytes or max_age too small for its lag)",
-            )  # fmt: skip
+            )
 
     # ---- discovery ----------------------------------------------------------------------------
 
@@ -322,7 +321,7 @@ class IndexReplica:
             log.info(
                 "snapshot.restored", pool=pool, stream_seq=loaded.stream_seq, bytes=loaded.size,
                 blocks=loaded.index.blocks, seconds=round(loaded.seconds, 3),
-            )  # fmt: skip
+            )
 
     def restore_pool(self, pool: str, loaded: snapshot.LoadedSnapshot) -> None:
         """Take a pool's state from a snapshot (before discovery and the stream are followed)."""
@@ -350,7 +349,7 @@ class IndexReplica:
                         missing=first - st.covered_seq - 1,
                         hint="the stream dropped events newer than the snapshot (max_age < snapshot cadence?); "
                         "rebuilding from the snapshot plus what the stream still holds",
-                    )  # fmt: skip
+                    )
         return first
 
     async def _snapshot_loop(self) -> None:
@@ -382,7 +381,7 @@ class IndexReplica:
                         log.error(
                             "snapshot.failed", pool=st.pool, error=f"{type(exc).__name__}: {exc}"[:500],
                             consecutive_failures=st.snapshot_failures, retry_in_s=delay,
-                        )  # fmt: skip
+                        )
 
     def _busy_backfilling(self) -> bool:
         return bool(self._probes) or (self.follower is not None and self.follower.replaying)
@@ -421,4 +420,4 @@ class IndexReplica:
             log.info(
                 "index.snapshot_written", pool=st.pool, seq=seq, bytes=len(data), blocks=st.index.blocks,
                 encode_s=round(encoded - started, 4), total_s=round(took, 4),
-            )  # fmt: skip
+            )

@@ -5,19 +5,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.runtime.service import main_for
+from services.runtime.service import ServiceApp, main_for
 
-from .settings import COMMAND_SETTINGS
+from .settings import MockWorkersConfig
 
 
-def make_app(cfg):  # noqa: ANN001, ANN201 - imported lazily so `--help` stays fast
+def make_app(cfg: MockWorkersConfig) -> ServiceApp:
+    # imported lazily so `--help` stays fast
     from .app import MockFleetApp
 
     return MockFleetApp(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("mock-workers", "simulated engine fleet publishing real KV events", COMMAND_SETTINGS, make_app, argv)
+    return main_for("mock-workers", "simulated engine fleet publishing real KV events", MockWorkersConfig, make_app, argv)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from schemas import codec
 from schemas.api import ErrorCode
@@ -33,11 +33,12 @@ from schemas.worker import GenerateDone, GenerateFirstToken, GenerateRequest
 from services.runtime.kv_publisher import KvEventPublisher, OutBuffer, made_events
 from services.runtime.logs import get_logger
 from services.runtime.service import Runtime
-from services.runtime.workers import delete_worker, heartbeat_loop, put_worker
 from services.runtime.tasks import cancel_and_wait
+from services.runtime.workers import delete_worker, heartbeat_loop, put_worker
 
 from . import metrics as m
 from .engine import Engine, EngineConfig, PassResult, Rejected
+from .settings import MockWorkersConfig
 
 log = get_logger("kvr.mock_worker")
 
@@ -62,7 +63,7 @@ class FleetConfig:
     tokenizer_dir: str = ""
 
     @classmethod
-    def from_cfg(cls, cfg: SimpleNamespace) -> FleetConfig:
+    def from_cfg(cls, cfg: MockWorkersConfig) -> FleetConfig:
         return cls(
             pool=cfg.pool[0],
             count=cfg.count,
@@ -125,7 +126,7 @@ class MockWorker:
         self.http: Any = None  # OpenAiFront while serving HTTP
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._sub = None
+        self._sub: Subscription | None = None
         self._t0 = 0.0
         self._sim_ms = 0.0
         self.registered = False
@@ -311,7 +312,7 @@ class MockWorker:
                 await asyncio.wait_for(self._wake.wait(), timeout)
                 elapsed = self.sim_now() - start
                 steps = max(1, sum(1 for t in plan if t <= elapsed))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return self.engine.commit_decode(start, plan, steps)
 
@@ -424,7 +425,7 @@ class MockFleet:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers))
         log.info("mock.fleet_started", pool=self.fleet.pool, workers=self.worker_ids, speedup=self.fleet.speedup,
-                 openai=[f"{w.address}:{w.http.port}" for w in self.workers if w.http is not None] or None)  # fmt: skip
+                 openai=[f"{w.address}:{w.http.port}" for w in self.workers if w.http is not None] or None)
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
@@ -443,7 +444,7 @@ class MockFleet:
 class MockFleetApp:
     """`ServiceApp` for `kvr mock-workers`."""
 
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: MockWorkersConfig) -> None:
         self.cfg = cfg
         self.fleet_cfg = FleetConfig.from_cfg(cfg)
         self.fleet: MockFleet | None = None

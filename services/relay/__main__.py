@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.runtime.service import main_for
+from services.runtime.service import ServiceApp, main_for
 
-from .settings import COMMAND_SETTINGS
+from .settings import RelayConfig
 
 
-def make_app(cfg):  # type: ignore[no-untyped-def]
+def make_app(cfg: RelayConfig) -> ServiceApp:
     from schemas.codec import SchemaError
 
     from .app import RelayApp
@@ -22,7 +22,7 @@ def make_app(cfg):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("relay", "vLLM/SGLang ZMQ KV events → KVR_KV, with replay and discovery heartbeat", COMMAND_SETTINGS, make_app, argv)
+    return main_for("relay", "vLLM/SGLang ZMQ KV events → KVR_KV, with replay and discovery heartbeat", RelayConfig, make_app, argv)
 
 
 if __name__ == "__main__":

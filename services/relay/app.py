@@ -14,7 +14,6 @@ import asyncio
 import os
 import socket
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import xxhash
@@ -34,6 +33,7 @@ from .decode import BadBatch, decode_batch
 from .ids import IdReservations
 from .ingest import RankIntake, rank_endpoints
 from .plane import PlaneIntake
+from .settings import RelayConfig
 
 WORKER_ID_MASK = (1 << 53) - 1
 _EVENTS = list[RouterEvent]
@@ -44,7 +44,7 @@ def worker_id_for(pod_name: str) -> int:
     return xxhash.xxh3_64_intdigest(pod_name.encode()) & WORKER_ID_MASK
 
 
-def resolve_identity(cfg: SimpleNamespace, env: dict[str, str] | None = None) -> tuple[str, int, str | None]:
+def resolve_identity(cfg: RelayConfig, env: dict[str, str] | None = None) -> tuple[str, int, str | None]:
     """(pod_name, worker_id, address) from flags, then the Downward API env (POD_NAME, POD_IP)."""
     env = dict(os.environ) if env is None else env
     pod_name = cfg.pod_name or env.get("POD_NAME") or socket.gethostname()
@@ -53,7 +53,7 @@ def resolve_identity(cfg: SimpleNamespace, env: dict[str, str] | None = None) ->
     return pod_name, worker_id, address
 
 
-def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int, address: str | None) -> WorkerRecord:
+def worker_record(cfg: RelayConfig, pool: str, pod_name: str, worker_id: int, address: str | None) -> WorkerRecord:
     try:
         dp_ports = [int(p) for p in cfg.dp_ports]
     except ValueError:
@@ -89,7 +89,7 @@ def worker_record(cfg: SimpleNamespace, pool: str, pod_name: str, worker_id: int
 
 
 class RelayApp:
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: RelayConfig) -> None:
         self.cfg = cfg
         if len(cfg.pool) != 1:
             raise ValueError(f"the relay serves exactly one pool, got {cfg.pool}")
@@ -275,7 +275,7 @@ class RelayApp:
                 return []
             try:
                 out = self.converter.convert(item.dp_rank, batch.events)
-            except Exception:  # noqa: BLE001 - one bad batch must never stop the publisher
+            except Exception:  # one bad batch must never stop the publisher
                 # The converter may have changed part of its state: start the rank over.
                 self.invalid_batches += 1
                 metrics.INVALID.labels("convert_failed").inc()

@@ -6,19 +6,19 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from schemas.api import POLICY_NAMES
+from schemas.api import POLICY_NAMES, Policy
+from schemas.subjects import Names
 from services.mock_worker.app import FleetConfig
 from services.mock_worker.engine import EngineConfig
-from services.runtime.config import COMMON, add_settings, names_of, resolve
+from services.runtime.config import add_settings, resolve
 from services.runtime.logs import setup_logging
 from services.runtime.natsauth import NatsAuth
 from services.runtime.natsio import NatsUnreachable, StreamSettings, connect, provision
@@ -27,11 +27,8 @@ from .fleets import InProcessFleet, SpawnedFleet
 from .offline import OfflineConfig, cost_with_overrides, run_offline
 from .report import LAG_ADVICE, lag_warnings, markdown_table, summarize, write_report
 from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
-from .settings import CLIENT_COMMON, SETTINGS
+from .settings import ReplayCommandConfig
 from .trace import TraceError, TraceRequest, ideal_hit_rate, load_trace
-
-
-_CLIENT_COMMON = list(CLIENT_COMMON)
 
 
 @dataclass
@@ -45,11 +42,16 @@ class ReplayOutcome:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvr replay", description=__doc__)
     parser.add_argument("trace", help="Mooncake JSONL trace (timestamp, input_length, output_length, hash_ids)")
-    add_settings(parser, [*_CLIENT_COMMON, *SETTINGS])
+    add_settings(parser, ReplayCommandConfig.settings())
     return parser
 
 
-def fleet_config(cfg: SimpleNamespace) -> FleetConfig:
+def _advance(progress: Progress, task: TaskID) -> Callable[[int, int], None]:
+    """A run's progress callback: completed requests move the bar."""
+    return lambda done, _total: progress.update(task, completed=done)
+
+
+def fleet_config(cfg: ReplayCommandConfig) -> FleetConfig:
     return FleetConfig(
         pool=cfg.pool[0],
         count=cfg.workers,
@@ -66,18 +68,18 @@ def fleet_config(cfg: SimpleNamespace) -> FleetConfig:
     )
 
 
-def select_requests(cfg: SimpleNamespace, trace: str) -> tuple[list[TraceRequest], int]:
+def select_requests(cfg: ReplayCommandConfig, trace: str) -> tuple[list[TraceRequest], int]:
     reqs = load_trace(trace, start=cfg.start, limit=cfg.limit or None)
     kept = [r for r in reqs if r.input_length <= cfg.max_input_tokens]
     return kept, len(reqs) - len(kept)
 
 
-async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Path | None = None) -> ReplayOutcome:
+async def replay(cfg: ReplayCommandConfig, trace: str, console: Console, log_dir: Path | None = None) -> ReplayOutcome:
     """Run every (policy, load) pair on a fresh fleet; write the report. Used by `kvr dev` too."""
-    names = names_of(SimpleNamespace(**{**_defaults_for_names(), **vars(cfg)}))
+    names = Names(prefix=cfg.subject_prefix)  # the other stream and bucket names at their defaults
     pool = cfg.pool[0]
     requests, skipped = select_requests(cfg, trace)
-    policies = cfg.compare or [cfg.policy]
+    policies = [Policy(p) for p in cfg.compare or (cfg.policy,)]
     nc = await connect(cfg.nats_url, "kvr-replay", auth=NatsAuth.from_cfg(cfg), max_wait_s=cfg.connect_timeout_s)
     runs: list[RunResult] = []
     try:
@@ -127,7 +129,7 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
                 ) as progress:
                     task = progress.add_task("replay", total=len(requests))
                     result = await run_policy(
-                        nc, names, requests, rcfg, fleet, on_progress=lambda done, _total: progress.update(task, completed=done)
+                        nc, names, requests, rcfg, fleet, on_progress=_advance(progress, task)
                     )
                 s = summarize(result)
                 lag = "" if s["fleet_lag_max_ms"] is None else f", fleet max lag {s['fleet_lag_max_ms']:,.0f} ms"
@@ -156,10 +158,10 @@ async def replay(cfg: SimpleNamespace, trace: str, console: Console, log_dir: Pa
     return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
 
 
-def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> ReplayOutcome:
+def replay_offline(cfg: ReplayCommandConfig, trace: str, console: Console) -> ReplayOutcome:
     """`--offline`: every (policy, load) pair in the discrete-event simulator; same report."""
     requests, skipped = select_requests(cfg, trace)
-    policies = cfg.compare or [cfg.policy]
+    policies = [Policy(p) for p in cfg.compare or (cfg.policy,)]
     cost = cost_with_overrides(cfg.offline_overrides)
     engine = EngineConfig(
         block_size=cfg.block_size,
@@ -179,15 +181,16 @@ def replay_offline(cfg: SimpleNamespace, trace: str, console: Console) -> Replay
         for policy in policies:
             ocfg = OfflineConfig(
                 policy=policy, rate_scale=rate, workers=cfg.workers, engine=engine, event_delay_ms=cfg.offline_event_delay_ms,
-                cleanup_delay_ms=cfg.offline_cleanup_delay_ms, booking_delay_ms=cfg.offline_booking_delay_ms, seed=cfg.offline_seed, cost=cost, max_output_tokens=cfg.max_output_tokens or None,
+                cleanup_delay_ms=cfg.offline_cleanup_delay_ms, booking_delay_ms=cfg.offline_booking_delay_ms, seed=cfg.offline_seed,
+                cost=cost, max_output_tokens=cfg.max_output_tokens or None,
                 fused_decode_steps=cfg.offline_fused_decode_steps, salt=cfg.salt,
-            )  # fmt: skip
+            )
             with Progress(
                 TextColumn(f"  {policy:<12} load ×{rate:<4g}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=console, disable=not cfg.progress, transient=False,
-            ) as progress:  # fmt: skip
+            ) as progress:
                 task = progress.add_task("replay", total=len(requests))
-                result = run_offline(requests, ocfg, on_progress=lambda done, _total: progress.update(task, completed=done))
+                result = run_offline(requests, ocfg, on_progress=_advance(progress, task))
             s = summarize(result)
             console.print(
                 f"    hit rate {100 * s['hit_rate']:.1f} %, TTFT mean {s['ttft_ms']['mean'] or 0:,.0f} ms, "
@@ -227,14 +230,10 @@ def print_lag_warnings(console: Console, summaries: Sequence[dict[str, Any]]) ->
     return bool(warnings)
 
 
-def _defaults_for_names() -> dict[str, Any]:
-    return {s.name: s.default for s in COMMON}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = resolve(args, [*_CLIENT_COMMON, *SETTINGS])
+    cfg = resolve(args, ReplayCommandConfig)
     bad = [p for p in cfg.compare if p not in POLICY_NAMES]
     if bad:
         parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import COMMON, HelpFormatter, add_settings, names_of, resolve
+from .config import HelpFormatter, NamesConfig, add_settings, names_of, resolve
 from .permissions import (
     Raw,
     Scope,
@@ -34,10 +34,8 @@ from .permissions import (
     role_permissions,
 )
 
-NAME_SETTINGS = [s for s in COMMON if s.name in ("pool", "subject_prefix", "kv_stream", "workers_bucket", "bookings_stream", "snapshots_bucket")]
 
-
-def users_for(cfg: Any, relay_bucket: str = "KVR_RELAY", nkeys_dir: Path | None = None) -> list[User]:
+def users_for(cfg: NamesConfig, relay_bucket: str = "KVR_RELAY", nkeys_dir: Path | None = None) -> list[User]:
     """One user per identity; with `nkeys_dir`, identities that have `<user>.pub` (NKEY public keys,
     one per line) get one NKEY user per key instead of a password: no secret in the server config,
     and a key is rotated by adding the new one, rolling the pods, then removing the old one."""
@@ -83,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvr nats-config", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
-    add_settings(parser, NAME_SETTINGS)
+    add_settings(parser, NamesConfig.settings())
     parser.add_argument("--relay-bucket", default="KVR_RELAY", help="the relays' event-id bucket (relay --relay-bucket)")
     parser.add_argument("--format", choices=["conf", "helm", "table"], default="conf",
                         help="conf: nats-server accounts; helm: values for the NATS chart; table: the role/subject table")
@@ -92,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder of <user>.pub NKEY public keys: those users get NKEYs, not passwords (default: none, passwords for all)",
     )
     args = parser.parse_args(argv)
-    cfg = resolve(args, NAME_SETTINGS)
+    cfg = resolve(args, NamesConfig)
     if args.format == "table":
         print(markdown_table(cfg.pool, names_of(cfg)), end="")
         return 0

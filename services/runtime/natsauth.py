@@ -14,10 +14,13 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .logs import register_secret
+
+if TYPE_CHECKING:
+    from .config import NatsConnectionConfig
 
 DEFAULT_INBOX_ROOT = "_INBOX"
 
@@ -42,14 +45,9 @@ class NatsAuth:
     inbox_prefix: str = ""  # empty: `_INBOX.<role>` (see `inbox_prefix_for`)
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> NatsAuth:
-        """From a resolved settings namespace (missing attributes keep their defaults)."""
-        values = {}
-        for f in fields(cls):
-            value = getattr(cfg, f"nats_{f.name}", None)
-            if value is not None:
-                values[f.name] = value
-        return cls(**values)
+    def from_cfg(cls, cfg: NatsConnectionConfig) -> NatsAuth:
+        """From a command's config (every one carries the NATS connection settings)."""
+        return cls(**{f.name: getattr(cfg, f"nats_{f.name}") for f in fields(cls)})
 
     # ---- description (never a secret) ---------------------------------------------------------
 
@@ -84,7 +82,7 @@ class NatsAuth:
         methods = [name for name, on in (
             ("KVR_NATS_CREDS", self.creds), ("KVR_NATS_NKEY_SEED", self.nkey_seed),
             ("KVR_NATS_USER", self.user), ("KVR_NATS_TOKEN_FILE", self.token_file),
-        ) if on]  # fmt: skip
+        ) if on]
         if len(methods) > 1:
             raise NatsConfigError(f"choose one NATS authentication method, got {' and '.join(methods)}")
         if self.user and not self.password_file:
@@ -97,7 +95,7 @@ class NatsAuth:
             ("KVR_NATS_CREDS", self.creds), ("KVR_NATS_NKEY_SEED", self.nkey_seed),
             ("KVR_NATS_PASSWORD_FILE", self.password_file), ("KVR_NATS_TOKEN_FILE", self.token_file),
             ("KVR_NATS_TLS_CA", self.tls_ca), ("KVR_NATS_TLS_CERT", self.tls_cert), ("KVR_NATS_TLS_KEY", self.tls_key),
-        ):  # fmt: skip
+        ):
             if path and not Path(path).is_file():
                 raise NatsConfigError(f"{label}: no readable file at {path}")
 

@@ -11,15 +11,14 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from schemas.subjects import Names
 
-from .config import COMMON, Setting, add_settings, names_of, resolve
+from .config import ServiceConfig, Setting, add_settings, names_of, resolve
 from .heap import freeze_startup_heap
 from .http import HealthServer
 from .logs import get_logger, redact_fields, setup_logging
@@ -34,7 +33,7 @@ class Runtime:
     """What a running service gets handed: config, names, connection, logger, and what the
     components of one process share (the discovery watcher)."""
 
-    def __init__(self, name: str, cfg: SimpleNamespace, nc: NATS) -> None:
+    def __init__(self, name: str, cfg: ServiceConfig, nc: NATS) -> None:
         self.name = name
         self.cfg = cfg
         self.nc = nc
@@ -53,7 +52,7 @@ class Runtime:
         components: the one-process bridge, its scheduler and their index replica `listen` to the
         same watcher instead of following the bucket three times."""
         if self._discovery is None:
-            lag = float(getattr(self.cfg, "max_ready_lag_s", 0.0))
+            lag = self.cfg.max_ready_lag_s
             self._discovery = WorkerWatcher(self.nc, self.names.workers_bucket, self.pools, expire=False, max_lag_s=lag)
         return self._discovery
 
@@ -68,11 +67,11 @@ class ServiceApp(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-def stream_settings(cfg: SimpleNamespace) -> StreamSettings:
+def stream_settings(cfg: ServiceConfig) -> StreamSettings:
     return StreamSettings(
         kv_max_age_s=cfg.kv_max_age_s, bookings_max_age_s=cfg.bookings_max_age_s, replicas=cfg.stream_replicas,
         kv_max_bytes=cfg.kv_max_bytes, bookings_max_bytes=cfg.bookings_max_bytes,
-    )  # fmt: skip
+    )
 
 
 def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> argparse.ArgumentParser:
@@ -81,7 +80,7 @@ def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> ar
     return parser
 
 
-async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
+async def run_app(name: str, cfg: ServiceConfig, app: ServiceApp) -> int:
     setup_logging(cfg.log_format, cfg.log_level, service=name)
     try:
         setup_tracing(f"kvr-{name}", cfg.otlp_endpoint, cfg.trace_file)
@@ -118,7 +117,7 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
     http = HealthServer(
         cfg.http_host, cfg.http_port, ready=lambda: started and app.ready(), status=status,
         digest=getattr(app, "digest", None),
-    )  # fmt: skip
+    )
     port = await http.start()
     endpoints = ["/healthz", "/readyz", "/metrics", *(["/digest"] if hasattr(app, "digest") else [])]
     log.info("http.listening", port=port, endpoints=endpoints)
@@ -153,7 +152,7 @@ async def run_app(name: str, cfg: SimpleNamespace, app: ServiceApp) -> int:
 
 
 async def _provision_or_wait(
-    rt: Runtime, cfg: SimpleNamespace, conn: ConnectionState, stop: asyncio.Event, waiting: dict[str, str]
+    rt: Runtime, cfg: ServiceConfig, conn: ConnectionState, stop: asyncio.Event, waiting: dict[str, str]
 ) -> dict[str, str] | None:
     """Provision. When this NATS user may not create what is missing (a least-privilege identity
     before `kvr provision` ran) or JetStream does not answer, say why in `/readyz` and in one log
@@ -170,7 +169,7 @@ async def _provision_or_wait(
             refused = sorted(s for s in conn.denied.get("publish", set()) if s.startswith("$js.api.stream."))
             if refused:
                 reason = (f"this NATS user may not create what is missing ({', '.join(refused)}): "
-                          "run `kvr provision` with the provisioner identity (docs/security.md)")  # fmt: skip
+                          "run `kvr provision` with the provisioner identity (docs/security.md)")
             else:
                 reason = f"provisioning failed: {type(exc).__name__}: {exc}"
             waiting["reason"] = reason
@@ -206,17 +205,19 @@ async def _close(nc: NATS, app: ServiceApp, http: HealthServer) -> None:
     shutdown_tracing()
 
 
+C = TypeVar("C", bound=ServiceConfig)
+
+
 def main_for(
     name: str,
     description: str,
-    settings: Sequence[Setting],
-    make_app: Callable[[SimpleNamespace], ServiceApp],
+    config: type[C],
+    make_app: Callable[[C], ServiceApp],
     argv: Sequence[str] | None = None,
 ) -> int:
-    all_settings = [*COMMON, *settings]
-    parser = build_parser(f"kvr {name}", description, all_settings)
+    parser = build_parser(f"kvr {name}", description, config.settings())
     args = parser.parse_args(argv)
-    cfg = resolve(args, all_settings)
+    cfg = resolve(args, config)
     try:
         return asyncio.run(run_app(name, cfg, make_app(cfg)))
     except KeyboardInterrupt:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.runtime.service import main_for
+from services.runtime.service import ServiceApp, main_for
 
-from .settings import COMMAND_SETTINGS
-
-
-def _settings() -> tuple:
-    """The scheduler's settings, plus the indexer's for its index replica (see INDEX_REPLICA_DEFAULTS)."""
-    return COMMAND_SETTINGS
+from .settings import SchedulerConfig
 
 
-def make_app(cfg):  # type: ignore[no-untyped-def]
+def make_app(cfg: SchedulerConfig) -> ServiceApp:
     from .app import SchedulerApp
 
     if cfg.embedded_indexer:
@@ -26,7 +21,7 @@ def make_app(cfg):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("scheduler", "worker selection with replicated load (scheduler.select)", _settings(), make_app, argv)
+    return main_for("scheduler", "worker selection with replicated load (scheduler.select)", SchedulerConfig, make_app, argv)
 
 
 if __name__ == "__main__":

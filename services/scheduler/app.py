@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from collections import deque
-from types import SimpleNamespace
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -67,7 +67,7 @@ from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
 from .predicted import PredictedCache
 from .selector import BusyThresholds, CostConfig, Overlaps, ReportedLoad, SelectionError, Selector
-from .settings import SETTINGS
+from .settings import SchedulerConfig
 from .state import BookingState
 
 log = get_logger("kvr.scheduler")
@@ -76,14 +76,14 @@ STREAM_FULL = 10077  # JetStream error code of a publish refused by a full disca
 LAG_WINDOW = 20_000
 _KIND: dict[type, str] = {
     BookingAdd: "add", BookingPrefillComplete: "prefill_complete", BookingMove: "move", BookingFree: "free",
-}  # fmt: skip
+}
 _PHASE = {
     phase: m.PHASE_SECONDS.labels(phase)
     for phase in ("hashing", "match", "scoring", "booking", "booking_publish", "booking_apply")
 }
 
 
-def _policy_table(entries: list[str]) -> dict[str, Policy]:
+def _policy_table(entries: Sequence[str]) -> dict[str, Policy]:
     out: dict[str, Policy] = {}
     for item in entries:
         pool, sep, policy = item.partition("=")
@@ -93,19 +93,11 @@ def _policy_table(entries: list[str]) -> dict[str, Policy]:
     return out
 
 
-def with_defaults(cfg: SimpleNamespace) -> SimpleNamespace:
-    """The config, plus defaults for scheduler settings an embedding service's namespace lacks."""
-    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in SETTINGS}
-    values.update(vars(cfg))
-    return SimpleNamespace(**values)
-
-
 class SchedulerApp:
     """Usable standalone (`kvr scheduler`) or embedded (the EPP bridge's one-process mode): construct
     with a resolved config, `await start(rt)`, then call `select()` / `booking()` directly."""
 
-    def __init__(self, cfg: SimpleNamespace) -> None:
-        cfg = with_defaults(cfg)
+    def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.router_id: str = cfg.router_id or f"sched-{uuid.uuid4().hex[:10]}"
         self.cost = CostConfig(
@@ -125,8 +117,8 @@ class SchedulerApp:
         self.decider = Decider(
             self.selector, self.cost, router_id=self.router_id, default_block_size=cfg.block_size,
             max_request_tokens=cfg.max_request_tokens,
-        )  # fmt: skip
-        self.pool_policy = _policy_table(list(getattr(cfg, "pool_policy", []) or []))
+        )
+        self.pool_policy = _policy_table(cfg.pool_policy)
         self.default_policy = Policy(cfg.selection_policy)
         self.ttl_ms = int(cfg.booking_ttl_s * 1000)
         self.unconfirmed_ttl_ms = int(cfg.booking_unconfirmed_ttl_s * 1000)
@@ -177,12 +169,12 @@ class SchedulerApp:
             self.predicted = PredictedCache(int(self.cfg.approx_ttl_s * 1000), self.cfg.approx_max_blocks, self.cfg.block_size)
             self.overlap = PredictedOverlap(self.predicted, now_ms)
         elif self.cfg.embedded_indexer:
-            embedded = EmbeddedOverlap(self.cfg)
+            embedded = EmbeddedOverlap(self.cfg.index)
             await embedded.start(rt)
             self.overlap = embedded
         else:
             self.overlap = NatsOverlap(rt.nc, rt.names, self.cfg.match_timeout_s)
-        max_lag = float(getattr(self.cfg, "max_ready_lag_s", 0.0))
+        max_lag = self.cfg.max_ready_lag_s
         if self.cfg.bookings_feed == "push":
             self.follower = PushFollower(
                 rt.nc, rt.names.bookings_stream, rt.names.bookings_filter("*"), self._apply_booking, max_lag_s=max_lag
@@ -191,7 +183,7 @@ class SchedulerApp:
             self.follower = StreamFollower(
                 rt.nc, rt.names.bookings_stream, [rt.names.bookings_filter("*")], self._apply_booking, name="bookings",
                 max_lag_s=max_lag,
-            )  # fmt: skip
+            )
         self._tasks.append(asyncio.create_task(self._catch_up(), name="scheduler-catch-up"))
         log.info("scheduler.starting", router_id=self.router_id, pools=rt.pools, overlap=type(self.overlap).__name__)
 
@@ -210,9 +202,9 @@ class SchedulerApp:
             inflight = self.cfg.max_inflight
             self._subs.append(await serve(rt.nc, rt.names.select(pool), SelectRequest, self._handler(pool, self._select),
                                           queue=QUEUE, endpoint="scheduler.select", max_inflight=inflight,
-                                          inline=lambda req: self.decides_inline(req.book)))  # fmt: skip
+                                          inline=lambda req: self.decides_inline(req.book)))
             self._subs.append(await serve(rt.nc, rt.names.booking(pool), CleanupRequest, self._handler(pool, self._booking),
-                                          queue=QUEUE, endpoint="scheduler.booking", max_inflight=inflight))  # fmt: skip
+                                          queue=QUEUE, endpoint="scheduler.booking", max_inflight=inflight))
             if self.selector.busy.enabled:
                 self._subs.append(await rt.nc.subscribe(rt.names.load_subject(pool, "*"), cb=self._load_report_cb(pool)))
             state = rt.names.scheduler_state(pool)
@@ -470,7 +462,7 @@ class SchedulerApp:
             try:
                 self.expire_now()
                 self._load_gauges()
-            except Exception:  # noqa: BLE001 - never let the sweeper die
+            except Exception:  # never let the sweeper die
                 log.exception("scheduler.sweep_failed")
 
     def expire_now(self, now: int | None = None) -> None:
@@ -762,7 +754,7 @@ class SchedulerApp:
                 # A booking not (yet) in the stream: publish the free anyway. Every replica then
                 # ignores a later add of it (a select that books after its caller gave up).
                 ev = BookingFree(request_id=req.request_id, router_id=self.router_id, pool=pool, ts_ms=ts,
-                                 booking_id=req.booking_id)  # fmt: skip
+                                 booking_id=req.booking_id)
                 await self._wait_applied(await self._publish(pool, ev, "free"))
             elif not synced:
                 # This replica is behind the stream (its feed stalled, e.g. right after a NATS
@@ -819,7 +811,7 @@ class SchedulerApp:
                 continue
             v = tracker.view(target)
             loads.append(WorkerLoad(worker_id=target[0], dp_rank=target[1], active_prefill_tokens=v.active_prefill_tokens,
-                                    active_blocks=v.active_blocks, active_requests=v.active_requests))  # fmt: skip
+                                    active_blocks=v.active_blocks, active_requests=v.active_requests))
         bookings = sorted({leg.request_id for leg in tracker.legs.values() if leg.target[0] in known})
         return StateReply(
             router_id=self.router_id,

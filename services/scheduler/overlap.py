@@ -12,13 +12,13 @@ and one is awaited: `NatsOverlap` asks a separate indexer service (`kvr.{pool}.i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 from typing import Protocol
 
 from nats.aio.client import Client as NATS
 
 from schemas.api import MatchReply, MatchRequest
 from schemas.subjects import Names
+from services.indexer.settings import IndexerConfig
 from services.runtime.responder import request
 from services.runtime.service import Runtime
 
@@ -60,7 +60,7 @@ class EmbeddedOverlap:
     """This process's own index replica: the same overlaps as the indexer service, read from the
     index without wire types or a network hop."""
 
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: IndexerConfig) -> None:
         from services.indexer.replica import IndexReplica  # the indexer's modules, only when embedded
 
         self.replica = IndexReplica(cfg)

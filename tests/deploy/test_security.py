@@ -9,12 +9,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
 import pytest
 
+from services.runtime.config import NamesConfig
 from services.runtime.embedded import NatsServer, nats_server_binary
 from services.runtime.nats_config import users_for
 from services.runtime.natsauth import NatsAuth
@@ -31,8 +31,7 @@ needs_kustomize = pytest.mark.skipif(kustomize_command() is None, reason="neithe
 
 
 def table_users(pools: list[str]) -> list[Any]:
-    cfg = SimpleNamespace(pool=pools, subject_prefix="kvr", kv_stream="KVR_KV", workers_bucket="KVR_WORKERS",
-                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")  # fmt: skip
+    cfg = NamesConfig.build(pool=pools)
     return users_for(cfg)
 
 
@@ -142,7 +141,7 @@ def test_production_pods_mount_their_own_credentials_as_files() -> None:
         assert mounts["nats-credentials"] == SECRET_DIR and mounts["nats-tls"] == TLS_DIR
         assert env["KVR_NATS_PASSWORD_FILE"] == f"{SECRET_DIR}/password"
         assert (env["KVR_NATS_TLS_CA"], env["KVR_NATS_TLS_CERT"], env["KVR_NATS_TLS_KEY"]) == (
-            f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key")  # fmt: skip
+            f"{TLS_DIR}/ca.crt", f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key")
         assert env["KVR_NATS_URL"].startswith("tls://") and env["KVR_PROVISION"] == "false"
         assert not any("PASSWORD=" in v or k.lower() == "password" for k, v in env.items()), "no secret in a ConfigMap"
 
@@ -160,7 +159,7 @@ def test_network_policies_let_only_the_gateway_reach_ext_proc_and_only_kvr_pods_
     assert nats["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "nats"}
     client = [rule for rule in nats["ingress"] if 4222 in {p["port"] for p in rule["ports"]}]
     assert client == [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"kvr.io/nats-client": "true"}}}],
-                       "ports": [{"port": 4222, "protocol": "TCP"}]}]  # fmt: skip
+                       "ports": [{"port": 4222, "protocol": "TCP"}]}]
     (worker,) = load_docs(K8S / "examples" / "vllm-worker.yaml")
     assert worker["spec"]["template"]["metadata"]["labels"]["kvr.io/nats-client"] == "true"
 
@@ -197,14 +196,14 @@ def test_secured_compose_profile_validates_and_gives_every_kvr_service_its_ident
 def test_secured_compose_files_start_a_real_server_that_the_services_identities_can_use(tmp_path: Path) -> None:
     out = tmp_path / "secure"
     gen = subprocess.run([sys.executable, str(COMPOSE_DIR / "secure" / "generate.py"), "--out", str(out), "--root", str(out)],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     check = subprocess.run([nats_server_binary(), "-t", "-c", str(out / "nats.conf")], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr + check.stdout
     env = load_yaml(COMPOSE_DIR / "compose.secure.yaml")["services"]["indexer"]["environment"]
     local = {k: str(v).replace("/etc/kvr-secure", str(out)) for k, v in env.items()}
     auth = NatsAuth(user=local["KVR_NATS_USER"], password_file=local["KVR_NATS_PASSWORD_FILE"], tls_ca=local["KVR_NATS_TLS_CA"],
-                    tls_cert=local["KVR_NATS_TLS_CERT"], tls_key=local["KVR_NATS_TLS_KEY"])  # fmt: skip
+                    tls_cert=local["KVR_NATS_TLS_CERT"], tls_key=local["KVR_NATS_TLS_KEY"])
     with NatsServer(config_file=str(out / "nats.conf")) as server:
 
         async def attempt() -> None:
@@ -233,7 +232,7 @@ def test_kvr_chart_gives_each_component_its_own_nats_identity() -> None:
     common = configmaps["edge-kvr-common"]["data"]
     assert common["KVR_NATS_PASSWORD_FILE"] == "/etc/kvr/nats/password" and common["KVR_PROVISION"] == "false"
     assert (common["KVR_NATS_TLS_CA"], common["KVR_NATS_TLS_CERT"], common["KVR_NATS_TLS_KEY"]) == (
-        "/etc/kvr/nats-tls/ca.crt", "/etc/kvr/nats-tls/tls.crt", "/etc/kvr/nats-tls/tls.key")  # fmt: skip
+        "/etc/kvr/nats-tls/ca.crt", "/etc/kvr/nats-tls/tls.crt", "/etc/kvr/nats-tls/tls.key")
     server_secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in load_yaml(VALUES)["container"]["env"].values()}
     users = {u.permissions.user for u in table_users(["default"])}
     deployments = by_kind(docs, "Deployment")
@@ -248,5 +247,5 @@ def test_kvr_chart_gives_each_component_its_own_nats_identity() -> None:
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts["nats-credentials"] == "/etc/kvr/nats" and mounts["nats-tls"] == "/etc/kvr/nats-tls"
     both = subprocess.run([_helm(), "template", "edge", str(CHART), "--values", str(CHART / "ci" / "identities-values.yaml"),
-                           "--set", "nats.credentialsSecret=shared"], capture_output=True, text=True, timeout=60)  # fmt: skip
+                           "--set", "nats.credentialsSecret=shared"], capture_output=True, text=True, timeout=60)
     assert both.returncode != 0 and "choose one way to authenticate" in both.stderr

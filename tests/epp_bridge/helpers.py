@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 from schemas import codec
 from schemas.discovery import WorkerRecord
@@ -12,17 +11,14 @@ from schemas.events import RouterEvent
 from schemas.hashing import local_block_hashes, salt_seed
 from bench.lib.inproc import record  # noqa: F401 - the tests import it from here
 from services.epp_bridge.app import EppBridgeApp
-from services.epp_bridge.settings import COMMAND_SETTINGS
-from services.runtime.config import COMMON
-from services.runtime.service import Runtime, build_parser
-from services.runtime.config import resolve
+from services.epp_bridge.settings import EppBridgeConfig
+from services.runtime.service import Runtime
 from services.runtime.workers import put_worker
 
 
-def bridge_cfg(nats_url: str, *argv: str) -> SimpleNamespace:
-    settings = [*COMMON, *COMMAND_SETTINGS]  # what `kvr epp-bridge` parses (with the scheduler's, for one-process mode)
-    args = build_parser("kvr epp-bridge", "", settings).parse_args(["--nats-url", nats_url, *argv])
-    return resolve(args, settings, env={})
+def bridge_cfg(nats_url: str, *argv: str) -> EppBridgeConfig:
+    # what `kvr epp-bridge` parses (with the scheduler's, for one-process mode)
+    return EppBridgeConfig.from_argv(["--nats-url", nats_url, *argv], env={})
 
 
 async def start_bridge(nc, nats_url: str, *argv: str) -> EppBridgeApp:

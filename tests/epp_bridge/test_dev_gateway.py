@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from schemas.api import StateReply, StateRequest
 from schemas.subjects import Names
 from services.dev_gateway.app import DevGatewayApp
-from services.dev_gateway.settings import SETTINGS as GATEWAY_SETTINGS
+from services.dev_gateway.settings import DevGatewayConfig
 from services.mock_worker.app import FleetConfig, MockFleet
 from services.mock_worker.engine import EngineConfig
 from services.runtime.embedded import free_port
@@ -59,15 +58,14 @@ async def test_dev_gateway_routes_streams_fails_over_and_frees(nc, nats_url, tmp
         ["--epp-embedded-scheduler", "--embedded-indexer", "--epp-tokenizer-dir", str(TOKENIZER), "--grpc-port", str(grpc_port),
          "--grpc-host", "127.0.0.1", "--seed", "1"],
         nats_url=nats_url, pools=[POOL], log_path=str(tmp_path / "bridge.log"),
-    )  # fmt: skip
+    )
     bridge.start()
     fleet = MockFleet(nc, NAMES, FleetConfig(
         pool=POOL, count=2, engine=EngineConfig(block_size=16, kv_blocks=1024), speedup=20.0, openai_port=0,
         tokenizer_dir=str(TOKENIZER), ttl_s=5.0,
-    ))  # fmt: skip
+    ))
     await fleet.start()
-    cfg = SimpleNamespace(**{s.name: s.default for s in GATEWAY_SETTINGS})
-    cfg.gateway_port, cfg.extproc_target = 0, f"127.0.0.1:{grpc_port}"
+    cfg = DevGatewayConfig(gateway_port=0, extproc_target=f"127.0.0.1:{grpc_port}")
     gateway = DevGatewayApp(cfg)
     try:
         await asyncio.to_thread(bridge.wait_ready, 60)

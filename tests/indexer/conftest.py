@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
@@ -11,28 +10,24 @@ import pytest
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent, kv_msg_id
+from schemas.subjects import Names
 from services.indexer.app import IndexerApp
-from services.indexer.settings import SETTINGS
-from services.runtime.config import COMMON, resolve
+from services.indexer.settings import IndexerConfig
 from services.runtime.natsio import StreamSettings, provision
 from services.runtime.service import Runtime
 from services.runtime.workers import put_worker
-from schemas.subjects import Names
 
 NAMES = Names()
 
 
-def make_cfg(**overrides):
-    cfg = resolve(argparse.Namespace(), [*COMMON, *SETTINGS], env={})
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+def make_cfg(**overrides) -> IndexerConfig:
+    return IndexerConfig.build(overrides)
 
 
 _REGISTERED: dict[int, tuple[object, set[tuple[str, int]]]] = {}
 
 
-async def register(js, pool: str, worker_id: int, **fields) -> None:  # noqa: ANN001, ANN003
+async def register(js, pool: str, worker_id: int, **fields) -> None:
     """Put the worker's discovery record, as a real worker does before (or while) it publishes."""
     nc = js._nc
     record = WorkerRecord(worker_id=worker_id, pool=pool, ttl_s=3600, dp_size=fields.pop("dp_size", 1024), **fields)

@@ -12,21 +12,19 @@ from prometheus_client import REGISTRY
 from schemas import codec
 from schemas.events import RouterEvent
 from services.relay.app import RelayApp
-from services.relay.settings import SETTINGS
-from services.runtime.config import COMMON, resolve
+from services.relay.settings import RelayConfig
 from services.runtime.embedded import free_port
 from services.runtime.natsio import connect, provision
-from services.runtime.service import Runtime, build_parser, stream_settings
+from services.runtime.service import Runtime, stream_settings
 
 
 def relay_cfg(nats_url: str, zmq_port: int, replay_port: int | None, *extra: str):
     argv = ["--nats-url", nats_url, "--pool", "p", "--zmq", f"tcp://127.0.0.1:{zmq_port}",
             "--pod-name", "vllm-0", "--address", "10.0.0.7", "--replay-timeout-s", "1",
-            "--heartbeat-ttl-s", "3", "--log-level", "warning"]  # fmt: skip
+            "--heartbeat-ttl-s", "3", "--log-level", "warning"]
     if replay_port is not None:
         argv += ["--replay", f"tcp://127.0.0.1:{replay_port}"]
-    settings = [*COMMON, *SETTINGS]
-    return resolve(build_parser("kvr relay", "", settings).parse_args([*argv, *extra]), settings, env={})
+    return RelayConfig.from_argv([*argv, *extra], env={})
 
 
 @dataclass
@@ -39,7 +37,7 @@ class RunningRelay:
         await self.rt.nc.close()
 
 
-async def start_relay(cfg) -> RunningRelay:  # type: ignore[no-untyped-def]
+async def start_relay(cfg) -> RunningRelay:
     nc = await connect(cfg.nats_url, "test-relay", max_wait_s=10)
     rt = Runtime("relay", cfg, nc)
     await provision(rt.js, rt.names, stream_settings(cfg))
@@ -55,7 +53,7 @@ def ports(n: int = 2) -> list[int]:
 async def read_kv(js, stream: str = "KVR_KV") -> list[tuple[dict[str, str], RouterEvent]]:
     """Every RouterEvent in the stream, in order, with the headers of its message."""
     info = await js.stream_info(stream)
-    out = []
+    out: list[tuple[dict[str, str], RouterEvent]] = []
     if not info.state.messages:
         return []
     for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):

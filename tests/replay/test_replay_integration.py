@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from rich.console import Console
 
-from services.replay.__main__ import _CLIENT_COMMON, replay
-from services.replay.settings import SETTINGS
+from services.replay.__main__ import replay
+from services.replay.settings import ReplayCommandConfig
 
 TRACE = str(Path(__file__).resolve().parents[2] / "data" / "mooncake_synthetic_trace.jsonl.gz")
 
 
-def replay_cfg(nats_url: str, out: str, **over) -> SimpleNamespace:
-    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in [*_CLIENT_COMMON, *SETTINGS]}
-    values.update(nats_url=nats_url, pool=["replay"], out=out, progress=False)
-    values.update(over)
-    return SimpleNamespace(**values)
+def replay_cfg(nats_url: str, out: str, **over) -> ReplayCommandConfig:
+    return ReplayCommandConfig.build({"nats_url": nats_url, "pool": ["replay"], "out": out, "progress": False, **over})
 
 
 async def test_kv_beats_baselines_every_request_completes_no_booking_left(router_stack, nats_url, tmp_path):
@@ -65,15 +61,14 @@ async def test_a_generate_nobody_serves_is_an_error_not_an_unreadable_reply(nc):
     message (a worker gone, or its NATS node died in a cluster, seen in tests/faults/)."""
     import asyncio
 
-    from schemas.codec import RemoteError
     from schemas.worker import GenerateRequest
-    from services.replay.runner import GenerateClient
+    from services.replay.runner import GenerateClient, NoResponders
 
     client = GenerateClient(nc)
     await client.start()
     try:
         _, queue = await client.open("kvr.replay.worker.999.generate", GenerateRequest(request_id="r", token_ids=[1, 2], max_tokens=1))
         item = await asyncio.wait_for(queue.get(), 5)
-        assert isinstance(item, RemoteError) and item.code == "no_responders", item
+        assert isinstance(item, NoResponders) and item.code == "no_responders", item
     finally:
         await client.stop()

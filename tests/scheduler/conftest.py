@@ -16,23 +16,20 @@ import pytest
 from schemas import codec
 from schemas.api import MatchReply, MatchRequest, StateReply, StateRequest, WorkerScore
 from schemas.subjects import Names
-from services.runtime.config import COMMON, resolve
 from services.runtime.natsio import connect, provision
 from services.runtime.responder import request, serve
-from services.runtime.service import Runtime, build_parser, stream_settings
+from services.runtime.service import Runtime, stream_settings
 from services.scheduler.app import SchedulerApp
-from services.scheduler.settings import SETTINGS
+from services.scheduler.settings import SchedulerConfig
 
 POOL = "p"
 NAMES = Names()
 
 
-def scheduler_cfg(nats_url: str, *flags: str):  # type: ignore[no-untyped-def]
+def scheduler_cfg(nats_url: str, *flags: str) -> SchedulerConfig:
     """The scheduler against an indexer over NATS (real or scripted) unless `flags` say otherwise."""
-    all_settings = [*COMMON, *SETTINGS]
     argv = ["--nats-url", nats_url, "--pool", POOL, "--embedded-indexer", "false", *flags]
-    args = build_parser("kvr scheduler", "", all_settings).parse_args(argv)
-    return resolve(args, all_settings, env={})
+    return SchedulerConfig.from_argv(argv, env={})
 
 
 @contextlib.asynccontextmanager
@@ -76,14 +73,14 @@ class ScriptedIndexer:
 
 
 @pytest.fixture
-async def indexer(nc) -> AsyncIterator[ScriptedIndexer]:  # type: ignore[no-untyped-def]
+async def indexer(nc) -> AsyncIterator[ScriptedIndexer]:
     fake = ScriptedIndexer()
     sub = await serve(nc, NAMES.match(POOL), MatchRequest, fake.handle, queue="indexer")
     yield fake
     await sub.unsubscribe()
 
 
-async def states_of_all(nc, n: int, timeout: float = 2.0) -> list[StateReply]:  # type: ignore[no-untyped-def]
+async def states_of_all(nc, n: int, timeout: float = 2.0) -> list[StateReply]:
     """Ask every replica (no queue group) for its load view; collect n replies."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -98,5 +95,5 @@ async def states_of_all(nc, n: int, timeout: float = 2.0) -> list[StateReply]:  
     return sorted(out, key=lambda s: s.router_id)
 
 
-async def state_of(nc, router_id: str) -> StateReply:  # type: ignore[no-untyped-def]
+async def state_of(nc, router_id: str) -> StateReply:
     return await request(nc, f"{NAMES.scheduler_state(POOL)}.{router_id}", StateRequest(), StateReply)

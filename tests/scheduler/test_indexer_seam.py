@@ -20,7 +20,7 @@ from .helpers import record
 TOKENS = list(range(1, 65))
 
 
-async def seed_fleet(nc) -> None:  # type: ignore[no-untyped-def]
+async def seed_fleet(nc) -> None:
     """Workers 1 and 2; worker 2 has stored the first 3 blocks of TOKENS."""
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
@@ -31,7 +31,7 @@ async def seed_fleet(nc) -> None:  # type: ignore[no-untyped-def]
     await js.publish(NAMES.kv_subject(POOL, 2, 0), codec.encode_json(ev), headers={"Nats-Msg-Id": kv_msg_id(POOL, 2, 0, 1)})
 
 
-async def select_until_overlap(nc, want: int) -> SelectReply:  # type: ignore[no-untyped-def]
+async def select_until_overlap(nc, want: int) -> SelectReply:
     deadline = time.monotonic() + 10
     while True:
         r = await request(nc, NAMES.select(POOL), SelectRequest(request_id="x", token_ids=TOKENS, book=False), SelectReply, timeout=5)
@@ -68,21 +68,13 @@ async def test_one_process_mode_embedded_indexer(nats_url, nc):
 def test_the_index_replica_restores_snapshots_but_writes_none_unless_asked():
     """`kvr scheduler` defaults: the indexer service writes the snapshots; a scheduler only restores them."""
     from services.indexer.replica import IndexReplica
-    from services.runtime.config import COMMON, resolve
-    from services.runtime.service import build_parser
-    from services.scheduler.__main__ import _settings
+    from services.indexer.settings import IndexerConfig
+    from services.scheduler.settings import SchedulerConfig
 
-    settings = [*COMMON, *_settings()]
-
-    def cfg(*argv: str):  # type: ignore[no-untyped-def]
-        return resolve(build_parser("kvr scheduler", "", settings).parse_args(list(argv)), settings, env={})
-
-    default = cfg()
-    assert default.embedded_indexer and default.snapshot_restore
-    assert not IndexReplica(default).snapshot_enabled
-    assert IndexReplica(cfg("--snapshot-interval-s", "30")).snapshot_enabled
+    default = SchedulerConfig.from_argv([], env={})
+    assert default.embedded_indexer and default.index.snapshot_restore
+    assert not IndexReplica(default.index).snapshot_enabled
+    assert IndexReplica(SchedulerConfig.from_argv(["--snapshot-interval-s", "30"], env={}).index).snapshot_enabled
     # The indexer service itself still writes them by default.
-    from services.indexer.settings import SETTINGS as INDEXER_SETTINGS
-
-    indexer_defaults = {s.name: s.default for s in INDEXER_SETTINGS}
-    assert indexer_defaults["snapshot_interval_s"] > 0 and indexer_defaults["snapshot_every_events"] > 0
+    indexer = IndexerConfig.from_argv([], env={})
+    assert indexer.snapshot_interval_s > 0 and indexer.snapshot_every_events > 0

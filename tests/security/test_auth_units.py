@@ -7,7 +7,6 @@ import json
 import logging
 import ssl
 from pathlib import Path
-from types import SimpleNamespace
 
 import nats
 import pytest
@@ -15,7 +14,7 @@ import structlog
 
 from schemas.subjects import Names
 from services.runtime import logs
-from services.runtime.config import COMMON, NATS_CONNECTION
+from services.runtime.config import COMMON, NATS_CONNECTION, NamesConfig
 from services.runtime.devpki import CertificateAuthority
 from services.runtime.nats_config import helm_values, users_for
 from services.runtime.natsauth import NatsAuth, NatsConfigError, inbox_prefix_for, redact_url
@@ -41,7 +40,7 @@ def test_every_connection_setting_is_common_to_all_services_and_read_by_natsauth
     assert {s.env for s in NATS_CONNECTION} >= {
         "KVR_NATS_CREDS", "KVR_NATS_NKEY_SEED", "KVR_NATS_USER", "KVR_NATS_PASSWORD_FILE", "KVR_NATS_TOKEN_FILE",
         "KVR_NATS_TLS_CA", "KVR_NATS_TLS_CERT", "KVR_NATS_TLS_KEY", "KVR_NATS_TLS_HANDSHAKE_FIRST",
-    }  # fmt: skip
+    }
 
 
 def test_password_and_token_are_read_from_files_at_every_connect(tmp_path):
@@ -62,7 +61,7 @@ def test_seed_and_creds_files_are_passed_as_paths_and_their_secrets_registered(t
         tmp_path, "x.creds",
         "-----BEGIN NATS USER JWT-----\neyJhbGciOi.JWTPART.SIG\n------END NATS USER JWT------\n\n"
         "-----BEGIN USER NKEY SEED-----\nSUAMCREDSSEEDVALUETHATISLONGENOUGHFORTHECHECKINTHISTEST000\n------END USER NKEY SEED------\n",
-    )  # fmt: skip
+    )
     assert NatsAuth(creds=creds).options()["user_credentials"] == creds
     assert "SUAMCREDSSEED" not in logs.redact("seed SUAMCREDSSEEDVALUETHATISLONGENOUGHFORTHECHECKINTHISTEST000")
     assert "SUAKEXAMPLE" not in logs.redact("SUAKEXAMPLESEEDTHATISLONGENOUGHTOBEAUSERSEEDFORTHISTEST0123")
@@ -247,12 +246,11 @@ def test_server_config_rendering():
 
 
 def test_nats_config_cli_outputs_share_the_table():
-    cfg = SimpleNamespace(pool=["llama"], subject_prefix="kvr", kv_stream="KVR_KV", workers_bucket="KVR_WORKERS",
-                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")  # fmt: skip
+    cfg = NamesConfig.build(pool=["llama"])
     users = users_for(cfg)
     assert [u.permissions.user for u in users] == [
         "kvr-indexer", "kvr-scheduler", "kvr-epp-bridge", "kvr-gateway", "kvr-operator", "kvr-provisioner", "kvr-relay-llama"
-    ]  # fmt: skip
+    ]
     values = helm_values(users)
     entries = values["config"]["merge"]["accounts"]["KVR"]["users"]
     assert entries[0]["password"] == "<< $PASSWORD_KVR_INDEXER >>"
@@ -268,8 +266,7 @@ def test_nkey_users_replace_passwords_for_identities_with_public_keys(tmp_path):
 
     keys = [nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))).public_key.decode() for _ in range(2)]
     (tmp_path / "kvr-indexer.pub").write_text(f"# old and new during a rotation\n{keys[0]}\n{keys[1]}\n")
-    cfg = SimpleNamespace(pool=["default"], subject_prefix="kvr", kv_stream="KVR_KV", workers_bucket="KVR_WORKERS",
-                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")  # fmt: skip
+    cfg = NamesConfig.build(pool=["default"])
     users = users_for(cfg, nkeys_dir=tmp_path)
     indexer = [u for u in users if u.permissions.user == "kvr-indexer"]
     assert [u.nkey for u in indexer] == keys and all("password" not in u.entry() for u in indexer)
