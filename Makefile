@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit integration lock schemas bench clean prometheus
+.PHONY: install run test lint unit integration lock schemas bench clean prometheus
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,7 +31,12 @@ $(BIN)/helm: tools/fetch-k8s-tools.sh | $(STAMP)
 run: $(STAMP)
 	$(BIN)/kvr dev
 
-test: $(STAMP) $(BIN)/helm
+# ruff (rules in pyproject.toml, docs/development.md) and mypy (incremental cache in .mypy_cache)
+lint: $(STAMP)
+	$(BIN)/ruff check services schemas bench tests deploy tools
+	$(BIN)/mypy
+
+test: $(STAMP) $(BIN)/helm lint
 	$(BIN)/kvr schemas check
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
@@ -56,4 +61,4 @@ lock:
 	$(BIN)/python -m uv pip compile --quiet pyproject.toml --extra dev -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .kvr
+	rm -rf $(VENV) .pytest_cache .hypothesis .kvr .mypy_cache .ruff_cache

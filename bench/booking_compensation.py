@@ -54,11 +54,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         await serve(nc, NAMES.match(POOL), MatchRequest, slow_match, queue="indexer", max_inflight=1024)
         flags = ["--router-id", "s1", "--match-timeout-s", "60", "--block-size", "4", "--max-inflight", str(args.max_inflight),
-                 "--log-level", "error"]  # fmt: skip
+                 "--log-level", "error"]
         async with running_scheduler(server.url, "--embedded-indexer", "false", *flags, pool=POOL) as app:
             await register(nc, [record(w) for w in range(1, 5)])
             bridge = await start_bridge(nc, server.url, "--pool", POOL, "--epp-select-timeout-s", str(args.select_timeout_s),
-                                        "--log-level", "error")  # fmt: skip
+                                        "--log-level", "error")
             assert bridge.watcher is not None
             while len(app.candidates(POOL)) < 4 or len(bridge.watcher.directory.live(POOL)) < 4:
                 await asyncio.sleep(0.02)
@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "leaked_bookings": len(held - answered),  # booked, but nobody was told where
                 "compensations": {o: REGISTRY.get_sample_value("kvr_epp_compensating_frees_total", {"outcome": o}) or 0
                                   for o in ("freed", "cancelled", "not_booked", "error")},
-            }  # fmt: skip
+            }
             await bridge.stop()
         await nc.close()
         return result

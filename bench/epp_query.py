@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -43,21 +44,23 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.lib.driver import drive  # noqa: E402
-from bench.lib.measure import cpu_seconds, phase_means_us, phase_totals  # noqa: E402
-from bench.lib.plots import plot_open_loop  # noqa: E402
-from bench.lib.stack import BLOCK, seed_fleet, start_stack  # noqa: E402
-from bench.lib.tokenizer import build_tokenizer_dir  # noqa: E402
-from services.epp_bridge.tokenizer import PoolTokenizer  # noqa: E402
-from services.runtime.embedded import NatsServer  # noqa: E402
+from bench.lib.driver import drive
+from bench.lib.measure import cpu_seconds, phase_means_us, phase_totals
+from bench.lib.plots import plot_open_loop
+from bench.lib.stack import BLOCK, seed_fleet, start_stack
+from bench.lib.tokenizer import build_tokenizer_dir
+from services.epp_bridge.tokenizer import PoolTokenizer
+from services.runtime.embedded import NatsServer
+from services.runtime.procs import ServiceProcess
 
-WORDS = "the quick brown fox jumps over lazy dog capital France Paris story dragon route worker cache prefix".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "capital", "France", "Paris", "story", "dragon", "route", "worker", "cache", "prefix"]
 
 
 def make_payloads(variant: str, tok: PoolTokenizer, prefixes: list[list[int]], texts: list[str], n: int, rng: random.Random) -> list[bytes]:
     out = []
     for i in range(n):
         k = rng.randrange(len(prefixes))
+        body: dict[str, Any]
         if variant == "tokenize":
             body = {"model": "tiny", "messages": [{"role": "system", "content": texts[k]}, {"role": "user", "content": " ".join(rng.choices(WORDS, k=30))}]}
         else:
@@ -118,21 +121,23 @@ def main() -> int:
                 book = variant == "token_data_book"
                 loads = {"light": light[mode], "target": targets[mode], "closed": None}
                 for rate in [loads[name] for name in args.loads.split(",") for _ in range(args.repeat)]:
-                    before = phase_totals(procs[-1])
-                    cpu0, t0 = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs}, time.perf_counter()
+                    bridge = procs[-1]
+                    assert isinstance(bridge, ServiceProcess) and server.proc is not None  # started: the bridge comes last
+                    before = phase_totals(bridge)
+                    cpu0, t0 = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs if p.proc is not None}, time.perf_counter()
                     gen0, nats0 = cpu_seconds(os.getpid()), cpu_seconds(server.proc.pid)
                     res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book, args.client))
                     wall = time.perf_counter() - t0
                     res["generator_cpu_pct"] = round((cpu_seconds(os.getpid()) - gen0) / wall * 100)
                     res["nats_server_cpu_pct"] = round((cpu_seconds(server.proc.pid) - nats0) / wall * 100)
-                    res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(procs[-1]))
+                    res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(bridge))
                     # CPU of each service process over the measurement (incl. warm-up), % of one core
                     res["service_cpu_pct"] = [round((cpu_seconds(pid) - c) / wall * 100) for pid, c in cpu0.items()]
                     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     row = {"mode": mode, "variant": variant, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                     rows.append(row)
                     print(f"{mode:23} {variant:16} {row['load']:14} ok/s={res['throughput_qps']:8.1f} p50={res['p50_ms']:7.3f}ms "
-                          f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us']}", flush=True)  # fmt: skip
+                          f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us']}", flush=True)
         finally:
             for p in procs:
                 p.terminate()
@@ -144,11 +149,11 @@ def main() -> int:
         own = r["bridge_phase_mean_us"].get("parse", 0) + r["bridge_phase_mean_us"].get("tokenize", 0)
         cpu = "+".join(str(c) for c in r["service_cpu_pct"])
         print(f"{r['mode']:23} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
+              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-            "duration_s": args.duration, "client": args.client, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}  # fmt: skip
+            "duration_s": args.duration, "client": args.client, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     png = plot_open_loop(rows, targets, out.with_suffix(".png"))
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))

@@ -45,14 +45,14 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.lib.measure import cpu_seconds, percentile  # noqa: E402
-from bench.lib.stack import BLOCK, NAMES, POOL, seed_fleet  # noqa: E402
-from schemas.api import StateReply, StateRequest  # noqa: E402
-from services.epp_bridge import extproc_protocol as xp  # noqa: E402
-from services.epp_bridge.extproc_client import ExtProcClient  # noqa: E402
-from services.runtime.embedded import NatsServer, free_port  # noqa: E402
-from services.runtime.procs import ServiceProcess  # noqa: E402
-from services.runtime.responder import request  # noqa: E402
+from bench.lib.measure import cpu_seconds, percentile
+from bench.lib.stack import BLOCK, NAMES, POOL, seed_fleet
+from schemas.api import StateReply, StateRequest
+from services.epp_bridge import extproc_protocol as xp
+from services.epp_bridge.extproc_client import ExtProcClient
+from services.runtime.embedded import NatsServer, free_port
+from services.runtime.procs import ServiceProcess
+from services.runtime.responder import request
 
 RESPONSE = (b'data: {"choices": [{"delta": {"content": "Hello"}}]}\n\n', b"data: [DONE]\n\n")
 TARGET_RATE = 2000.0
@@ -71,7 +71,7 @@ async def floor_server(port: int) -> None:
     headers = {xp.DESTINATION_KEY: "10.0.0.1:8000", "x-worker-instance-id": "1", "x-dp-rank": "0"}
 
     class Floor(pb_grpc.ExternalProcessorServicer):
-        async def Process(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        async def Process(self, request_iterator, context):
             body = bytearray()
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
@@ -375,26 +375,26 @@ def main() -> int:
                 row = {"layout": layout, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                 rows.append(row)
                 print(f"{layout:11} {row['load']:13} lifecycles/s={res['lifecycles_per_s']:8.1f} frees/s={res['frees_per_s']} "
-                      f"decision p50={res['decision_p50_ms']:.2f} p99={res['decision_p99_ms']:.2f} ms errors={res['errors']}", flush=True)  # fmt: skip
+                      f"decision p50={res['decision_p50_ms']:.2f} p99={res['decision_p99_ms']:.2f} ms errors={res['errors']}", flush=True)
         finally:
             for p in procs:
                 p.terminate()
             server.cleanup()
     print()
     print(f"{'layout':11} {'load':13} {'life/s':>8} {'frees/s':>8} {'dec p50':>8} {'dec p90':>8} {'dec p99':>8} {'life p99':>9} "
-          f"{'cpu % (services)':>17} {'gen/nats %':>10} {'open':>5} {'load1':>6} errors")  # fmt: skip
+          f"{'cpu % (services)':>17} {'gen/nats %':>10} {'open':>5} {'load1':>6} errors")
     for r in rows:
         cpu = "+".join(str(c) for c in r["service_cpu_pct"])
         frees = "-" if r["frees_per_s"] is None else f"{r['frees_per_s']:.1f}"
         print(f"{r['layout']:11} {r['load']:13} {r['lifecycles_per_s']:8.1f} {frees:>8} {r['decision_p50_ms']:8.2f} {r['decision_p90_ms']:8.2f} "
               f"{r['decision_p99_ms']:8.2f} {r['lifecycle_p99_ms']:9.2f} {cpu:>17} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} "
-              f"{r['open_bookings_after']:5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")  # fmt: skip
+              f"{r['open_bookings_after']:5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "duration_s": args.duration, "rate": args.rate, "concurrency": args.concurrency, "workers": args.workers,
             "prefixes": args.prefixes, "block_size": BLOCK, "bridge_args": args.bridge_args,
-            "modes": "FULL_DUPLEX_STREAMED request and response; body 1 chunk, response 2 chunks"}  # fmt: skip
+            "modes": "FULL_DUPLEX_STREAMED request and response; body 1 chunk, response 2 chunks"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     png = plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))

@@ -34,13 +34,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import hostile_input  # noqa: E402
-from faultlib.scenarios import FaultResult, LoadConfig, Session, kill_nats, kill_process, kill_stream_leader  # noqa: E402
-from faultlib.stack import NAMES, Stack, StackConfig  # noqa: E402
-
-from services.runtime.logs import setup_logging  # noqa: E402
+from bench import hostile_input
+from bench.faultlib.scenarios import FaultResult, LoadConfig, Session, kill_nats, kill_process, kill_stream_leader
+from bench.faultlib.stack import NAMES, Stack, StackConfig
+from services.runtime.logs import setup_logging
 
 SINGLE = ("kill-indexer", "kill-scheduler", "kill-nats")
 ALL = (*SINGLE, "cluster", "fuzz", "backlog", "flood")
@@ -144,7 +142,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-    }  # fmt: skip
+    }
 
 
 def repo_relative(path: str) -> str:
@@ -158,7 +156,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown scenario(s): {sorted(unknown)}; choose from {', '.join(ALL)}")
     load = LoadConfig(rate=args.rate, probe_rate=args.probe_rate, warmup_s=args.warmup_s, down_s=args.down_s,
-                      after_s=args.after_s, cleanup_window_s=args.window_s)  # fmt: skip
+                      after_s=args.after_s, cleanup_window_s=args.window_s)
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)  # one run's logs only
     workdir.mkdir(parents=True)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.events import stored_event  # noqa: E402
-from schemas.hashing import sequence_hashes  # noqa: E402
-from services.indexer.index import PrefixIndex  # noqa: E402
-from services.indexer.treecodec import decode_snapshot, encode_snapshot  # noqa: E402
-from services.runtime.heap import tune_gc  # noqa: E402
+from schemas.events import stored_event
+from schemas.hashing import sequence_hashes
+from services.indexer.index import PrefixIndex
+from services.indexer.treecodec import decode_snapshot, encode_snapshot
+from services.runtime.heap import tune_gc
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,7 +46,7 @@ def build_events(rng: random.Random, prompts: list[list[int]], workers: int, per
     for w in range(workers):
         for i in range(per_worker):
             j = rng.randrange(len(prompts))
-            events.append(stored_event(w, i, list(zip(seqs[j], prompts[j]))))
+            events.append(stored_event(w, i, list(zip(seqs[j], prompts[j], strict=False))))
     rng.shuffle(events)  # interleave workers; each worker's ids must still increase
     next_id = [0] * workers
     for ev in events:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.events import removed_event, stored_event  # noqa: E402
-from services.runtime.heap import tune_gc  # noqa: E402
-from services.indexer.index import PrefixIndex  # noqa: E402
-from services.replay.trace import open_trace  # noqa: E402
+from schemas.events import removed_event, stored_event
+from services.indexer.index import PrefixIndex
+from services.replay.trace import open_trace
+from services.runtime.heap import tune_gc
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RESULTS = Path(__file__).parent / "results"

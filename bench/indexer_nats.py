@@ -19,25 +19,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nats  # noqa: E402
+import nats
 
-from bench.indexer_core import build_events, make_prompts  # noqa: E402
-from schemas import codec  # noqa: E402
-from schemas.api import MatchRequest  # noqa: E402
-from schemas.discovery import WorkerRecord  # noqa: E402
-from schemas.events import kv_msg_id, stored_event  # noqa: E402
-from schemas.hashing import sequence_hashes  # noqa: E402
-from schemas.subjects import Names  # noqa: E402
-from services.indexer import snapshot  # noqa: E402
-from services.indexer.app import IndexerApp  # noqa: E402
-from services.runtime.heap import tune_gc  # noqa: E402
-from services.indexer.index import PrefixIndex  # noqa: E402
-from services.runtime.embedded import NatsServer  # noqa: E402
-from services.runtime.natsio import StreamSettings, provision  # noqa: E402
-from services.runtime.procs import ServiceProcess  # noqa: E402
-from services.runtime.service import Runtime  # noqa: E402
-from services.runtime.workers import put_worker  # noqa: E402
-from bench.lib.inproc import indexer_cfg  # noqa: E402
+from bench.indexer_core import build_events, make_prompts
+from bench.lib.inproc import indexer_cfg
+from schemas import codec
+from schemas.api import MatchRequest
+from schemas.discovery import WorkerRecord
+from schemas.events import kv_msg_id, stored_event
+from schemas.hashing import sequence_hashes
+from schemas.subjects import Names
+from services.indexer import snapshot
+from services.indexer.app import IndexerApp
+from services.indexer.index import PrefixIndex
+from services.runtime.embedded import NatsServer
+from services.runtime.heap import tune_gc
+from services.runtime.natsio import StreamSettings, provision
+from services.runtime.procs import ServiceProcess
+from services.runtime.service import Runtime
+from services.runtime.workers import put_worker
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = Names()
@@ -54,7 +54,7 @@ async def publish_ingest(js, rng: random.Random, messages: int, workers: int, bl
     for i in range(messages):
         w = i % workers
         p = prompts[rng.randrange(len(prompts))]
-        ev = stored_event(w, next_id[w], list(zip(sequence_hashes(p), p)))
+        ev = stored_event(w, next_id[w], list(zip(sequence_hashes(p), p, strict=True)))
         next_id[w] += 1
         total_blocks += len(p)
         headers = {"Nats-Msg-Id": kv_msg_id(POOL, w, 0, ev.event.event_id), "Content-Type": codec.MSGPACK}
@@ -75,7 +75,7 @@ async def ingest(nc, last_seq: int) -> float:
     first: list[float] = []
     on_kv = app.replica._on_kv
 
-    def timed(seq, subject, data, headers):  # noqa: ANN001 - first-message timestamp, then the real apply
+    def timed(seq, subject, data, headers):  # first-message timestamp, then the real apply
         if not first:
             first.append(time.perf_counter())
         on_kv(seq, subject, data, headers)
@@ -127,8 +127,8 @@ async def match_latency(nc, prompts: list[list[int]], rate: float, seconds: floa
             p = p[:cut] + [rng.getrandbits(64) for _ in range(len(p) - cut)]
         queries.append(codec.encode(MatchRequest(block_hashes=p)))
     subject = NAMES.match(POOL)
-    for q in queries[:200]:  # warm-up
-        await nc.request(subject, q, timeout=2)
+    for query in queries[:200]:  # warm-up
+        await nc.request(subject, query, timeout=2)
     latencies: list[float] = []
     errors = 0
     n = int(rate * seconds)
@@ -140,7 +140,7 @@ async def match_latency(nc, prompts: list[list[int]], rate: float, seconds: floa
     done = asyncio.Event()
     received = 0
 
-    async def on_reply(msg) -> None:  # noqa: ANN001
+    async def on_reply(msg) -> None:
         nonlocal received, errors
         i = int(msg.subject.rsplit(".", 1)[1])
         latencies.append(time.perf_counter() - sent[i])
@@ -161,7 +161,7 @@ async def match_latency(nc, prompts: list[list[int]], rate: float, seconds: floa
         await nc.publish(subject, queries[i % len(queries)], reply=f"{inbox}.{i}")
     try:
         await asyncio.wait_for(done.wait(), 30)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors += n - received
     wall = time.perf_counter() - t0
     await sub.unsubscribe()
@@ -188,7 +188,7 @@ def server_quantiles(metrics_text: str, endpoint: str) -> dict:
             buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
     buckets.sort()
     total = buckets[-1][1] if buckets else 0
-    out = {"count": total}
+    out: dict[str, float | None] = {"count": total}
     for name, q in (("p50_le_ms", 0.5), ("p99_le_ms", 0.99)):
         out[name] = next((b * 1e3 for b, c in buckets if c >= q * total), None)
     return out

@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import random
+import sys
 import time
+from pathlib import Path
 
-from scheduler_fleet import Workload, machine, table, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scheduler_fleet import Workload, machine, table, write_result
+from schemas.api import Policy
 from schemas.bookings import BookingAdd
 from schemas.discovery import WorkerRecord
 from schemas.hashing import request_hashes
@@ -40,10 +44,10 @@ def run(n_workers: int, decisions: int, policy: str) -> dict:
         t0 = time.perf_counter()
         local, seq = request_hashes(tokens, 16)
         ov = Overlaps(device={(1 + (i % n_workers), 0): len(local) // 2})
-        d = selector.select(cands, tracker, ov, SelectionInput(isl_tokens=len(tokens), block_size=16, hashes=seq, policy=policy))
+        d = selector.select(cands, tracker, ov, SelectionInput(isl_tokens=len(tokens), block_size=16, hashes=seq, policy=Policy(policy)))
         c = d.decode.candidate
         tracker.add(BookingAdd(request_id=f"r{i}", router_id="b", pool="b", worker_id=c.worker_id, dp_rank=c.dp_rank, ts_ms=1,
-                               isl_tokens=len(tokens), overlap_blocks=d.overlap_blocks, sequence_hashes=seq), 2)  # fmt: skip
+                               isl_tokens=len(tokens), overlap_blocks=d.overlap_blocks, sequence_hashes=seq), 2)
         lat_us.append((time.perf_counter() - t0) * 1e6)
         live.append(f"r{i}")
         if len(live) > 256:  # keep ~256 requests in flight
@@ -51,7 +55,7 @@ def run(n_workers: int, decisions: int, policy: str) -> dict:
     lat_us.sort()
     q = lambda p: round(lat_us[int(p * (len(lat_us) - 1))], 1)  # noqa: E731
     return {"workers": n_workers, "policy": policy, "decisions": decisions, "p50_us": q(0.5), "p99_us": q(0.99),
-            "decisions_per_s": round(decisions / (sum(lat_us) / 1e6))}  # fmt: skip
+            "decisions_per_s": round(decisions / (sum(lat_us) / 1e6))}
 
 
 def main() -> None:

@@ -17,16 +17,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import msgspec  # noqa: E402
-import nats  # noqa: E402
+import msgspec
+import nats
 
-from schemas import codec  # noqa: E402
-from schemas.discovery import WorkerRecord  # noqa: E402
-from schemas.events import kv_msg_id, stored_event  # noqa: E402
-from schemas.hashing import local_block_hashes  # noqa: E402
-from schemas.subjects import Names  # noqa: E402
-from services.runtime.natsio import StreamSettings, provision  # noqa: E402
-from services.runtime.workers import put_worker  # noqa: E402
+from schemas import codec
+from schemas.discovery import WorkerRecord
+from schemas.events import kv_msg_id, stored_event
+from schemas.hashing import local_block_hashes
+from schemas.subjects import Names
+from services.runtime.natsio import StreamSettings, provision
+from services.runtime.workers import put_worker
 
 POOL = "bench"
 NAMES = Names()
@@ -50,14 +50,14 @@ class Workload:
         return self.prefix(g) + [rng.randrange(50_000) for _ in range(self.suffix_blocks * self.block_size)]
 
 
-async def seed_fleet(nc, n_workers: int, wl: Workload) -> None:  # type: ignore[no-untyped-def]
+async def seed_fleet(nc, n_workers: int, wl: Workload) -> None:
     """Workers 1..n; each prefix group is cached (its prefix blocks) on one worker."""
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
     now = int(time.time() * 1000)
     for wid in range(1, n_workers + 1):
         rec = WorkerRecord(worker_id=wid, pool=POOL, address=f"10.0.0.{wid}", port=8000, pod_name=f"w{wid}",
-                           block_size=wl.block_size, heartbeat_ms=now, ttl_s=3600)  # fmt: skip
+                           block_size=wl.block_size, heartbeat_ms=now, ttl_s=3600)
         await put_worker(nc, NAMES.workers_bucket, rec)
     event_ids: dict[int, int] = {}
     for g in range(wl.groups):
@@ -100,7 +100,7 @@ class LoadResult:
 
 async def run_load(
     nc, wl: Workload, duration_s: float, concurrency: int, book: bool, warmup_s: float = 1.0, rate: float | None = None
-) -> LoadResult:  # type: ignore[no-untyped-def]
+) -> LoadResult:
     """Closed loop (or paced at `rate`/s): select (msgpack), then free the booking when booked."""
     res = LoadResult()
     select_subject, booking_subject = NAMES.select(POOL), NAMES.booking(POOL)
@@ -149,7 +149,7 @@ async def run_load(
     return res
 
 
-async def connect(url: str):  # type: ignore[no-untyped-def]
+async def connect(url: str):
     return await nats.connect(url, pending_size=64 * 1024 * 1024)
 
 

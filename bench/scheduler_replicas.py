@@ -15,11 +15,13 @@ import argparse
 import asyncio
 import datetime
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from scheduler_fleet import POOL, Workload, connect, machine, run_load, seed_fleet, table, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scheduler_fleet import POOL, Workload, connect, machine, run_load, seed_fleet, table, write_result
 from services.runtime.embedded import NatsServer
 from services.runtime.procs import ServiceProcess
 
@@ -39,7 +41,7 @@ async def main() -> None:
     procs = [ServiceProcess("indexer", nats_url=server.url, pools=[POOL], env=env, log_path=str(logdir / "indexer.log"))]
     procs += [
         ServiceProcess("scheduler", args=["--router-id", f"r{i}", "--embedded-indexer", "false"], nats_url=server.url, pools=[POOL], env=env,
-                       log_path=str(logdir / f"r{i}.log"))  # fmt: skip
+                       log_path=str(logdir / f"r{i}.log"))
         for i in range(args.replicas)
     ]
     try:
@@ -57,7 +59,7 @@ async def main() -> None:
             status = json.loads(p.get("/readyz")[1])
             lag = status["convergence_lag_ms"]
             rows.append({"replica": status["router_id"], "remote_bookings": lag["n"], "lag_p50_ms": lag["p50"],
-                         "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"], "sync_timeouts": status["sync_timeouts"]})  # fmt: skip
+                         "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"], "sync_timeouts": status["sync_timeouts"]})
         await nc.close()
     finally:
         for p in procs:
@@ -65,11 +67,11 @@ async def main() -> None:
         server.cleanup()
     load = res.summary()
     print(f"load: {load['selections_per_s']} booked selects/s (+ one free each), select p50 {load['p50_ms']} ms, "
-          f"p99 {load['p99_ms']} ms, errors {load['errors']}\n")  # fmt: skip
+          f"p99 {load['p99_ms']} ms, errors {load['errors']}\n")
     print(table(rows, list(rows[0])))
     path = write_result(args.out, {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "load": load, "replicas": rows,
-    })  # fmt: skip
+    })
     print(f"\nwrote {path}")
 
 

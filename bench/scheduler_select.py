@@ -18,11 +18,13 @@ import argparse
 import asyncio
 import datetime
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from scheduler_fleet import POOL, Workload, connect, machine, run_load, seed_fleet, table, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scheduler_fleet import POOL, Workload, connect, machine, run_load, seed_fleet, table, write_result
 from services.runtime.embedded import NatsServer
 from services.runtime.procs import ServiceProcess
 
@@ -42,7 +44,7 @@ async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[
         else:
             sched_args.append("--embedded-indexer")
         procs.append(ServiceProcess("scheduler", args=sched_args, nats_url=server.url, pools=[POOL], env=env,
-                                    log_path=str(logdir / f"scheduler-{mode}.log")))  # fmt: skip
+                                    log_path=str(logdir / f"scheduler-{mode}.log")))
         for p in procs:
             p.start()
         for p in procs:
@@ -55,7 +57,7 @@ async def bench_mode(mode: str, args: argparse.Namespace, logdir: Path) -> list[
                 runs.sort(key=lambda r: r["selections_per_s"])
                 median = runs[len(runs) // 2]
                 rows.append({"mode": mode, "book": book, "load": f"closed loop x{conc}", **median,
-                             "runs_per_s": [r["selections_per_s"] for r in runs], "runs_p99_ms": [r["p99_ms"] for r in runs]})  # fmt: skip
+                             "runs_per_s": [r["selections_per_s"] for r in runs], "runs_p99_ms": [r["p99_ms"] for r in runs]})
             if target:
                 res = await run_load(nc, wl, args.duration, args.paced_concurrency, book, warmup_s=args.warmup, rate=target)
                 rows.append({"mode": mode, "book": book, "load": f"paced {target:g}/s", **res.summary()})
@@ -90,7 +92,7 @@ async def main() -> None:
     path = write_result("scheduler_select", {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-    })  # fmt: skip
+    })
     print(f"\nwrote {path}\nservice logs: {logdir}")  # a temporary directory: printed, not recorded
 
 

@@ -308,7 +308,7 @@ class EppPod(msgspec.Struct, omit_defaults=True):
     address: str | None = None
     port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     labels: dict[str, str] = {}
-    podName: str | None = None  # noqa: N815 - Dynamo's shape
+    podName: str | None = None  # Dynamo's shape
     pod: dict[str, Any] | None = None
 
     @property
@@ -317,9 +317,8 @@ class EppPod(msgspec.Struct, omit_defaults=True):
             return self.name
         if self.podName:
             return self.podName
-        if self.pod and isinstance(self.pod.get("podName"), str):
-            return self.pod["podName"]
-        return None
+        name = self.pod.get("podName") if self.pod else None
+        return name if isinstance(name, str) else None
 
     @property
     def endpoint(self) -> str | None:

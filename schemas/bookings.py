@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
-from .types import MAX_TOKENS, DpRank, Hash, NonNegInt, Pool, RequestId, WorkerId, U64_MASK, to_u64
+from .types import MAX_TOKENS, U64_MASK, DpRank, Hash, NonNegInt, Pool, RequestId, WorkerId, to_u64
 
 # One select's attempt to book a request (unique per attempt; retries of the same attempt reuse it).
 BookingId = Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")]
@@ -65,7 +65,7 @@ class BookingMove(_BookingBase, tag="move", kw_only=True):
     dp_rank: DpRank = 0
 
 
-BookingEvent = Union[BookingAdd, BookingPrefillComplete, BookingFree, BookingMove]
+BookingEvent = BookingAdd | BookingPrefillComplete | BookingFree | BookingMove
 
 
 def booking_msg_id(pool: str, request_id: str, type_: str, leg: str = "", booking_id: str = "") -> str:

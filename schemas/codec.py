@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 
@@ -39,12 +39,12 @@ def _schema_error(exc: msgspec.ValidationError) -> SchemaError:
 
 
 @cache
-def _json_decoder(type_: Any) -> msgspec.json.Decoder:
+def _json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(type_)
 
 
 @cache
-def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder:
+def _msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(type_)
 
 
@@ -53,7 +53,7 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 def is_msgpack(content_type: str | None) -> bool:
-    return bool(content_type) and content_type.split(";")[0].strip().lower() == MSGPACK  # type: ignore[union-attr]
+    return content_type is not None and content_type.split(";")[0].strip().lower() == MSGPACK
 
 
 def content_type_of(headers: dict[str, str] | None) -> str | None:
@@ -65,7 +65,11 @@ def content_type_of(headers: dict[str, str] | None) -> str | None:
     return None
 
 
-def decode(data: bytes | bytearray | memoryview, type_: type[T] | Any, content_type: str | None = None) -> T:
+@overload
+def decode(data: bytes | bytearray | memoryview, type_: type[T], content_type: str | None = None) -> T: ...
+@overload
+def decode(data: bytes | bytearray | memoryview, type_: Any, content_type: str | None = None) -> Any: ...
+def decode(data: bytes | bytearray | memoryview, type_: Any, content_type: str | None = None) -> Any:
     """Decode `data` as `type_`; raises `SchemaError` (with a field path) on any mismatch.
 
     Whatever the bytes are, the only exception is `SchemaError`: msgspec raises `UnicodeDecodeError`
@@ -73,9 +77,8 @@ def decode(data: bytes | bytearray | memoryview, type_: type[T] | Any, content_t
     recursion limit (~1,000 levels), and a callers' `except SchemaError` must cover those too."""
     msgpack = is_msgpack(content_type)
     try:
-        if msgpack:
-            return _msgpack_decoder(type_).decode(data)
-        return _json_decoder(type_).decode(data)
+        decoder = _msgpack_decoder(type_) if msgpack else _json_decoder(type_)
+        return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:

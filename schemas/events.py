@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -56,8 +56,8 @@ class EventData(msgspec.Struct, omit_defaults=True):
             raise ValueError('exactly one of "stored" or "removed" must be present')
 
 
-CLEARED = "cleared"
-EventPayload = Union[EventData, Literal["cleared"]]
+CLEARED: Literal["cleared"] = "cleared"
+EventPayload = EventData | Literal["cleared"]
 
 
 class KvCacheEvent(msgspec.Struct, omit_defaults=True):
@@ -103,22 +103,22 @@ def stored_event(
     blocks: list[tuple[int, int]],
     parent_hash: int | None = None,
     dp_rank: int = 0,
-    storage_tier: str = "device",
+    storage_tier: StorageTier = "device",
 ) -> RouterEvent:
     """Build a stored event from (block_hash, tokens_hash) pairs."""
     data = EventData(stored=StoreData(blocks=[StoredBlock(b, t) for b, t in blocks], parent_hash=parent_hash))
-    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)  # type: ignore[arg-type]
+    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)
 
 
 def removed_event(
-    worker_id: int, event_id: int, block_hashes: list[int], dp_rank: int = 0, storage_tier: str = "device"
+    worker_id: int, event_id: int, block_hashes: list[int], dp_rank: int = 0, storage_tier: StorageTier = "device"
 ) -> RouterEvent:
     data = EventData(removed=RemoveData(block_hashes=list(block_hashes)))
-    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)  # type: ignore[arg-type]
+    return RouterEvent(worker_id, KvCacheEvent(event_id, data, dp_rank), storage_tier)
 
 
-def cleared_event(worker_id: int, event_id: int, dp_rank: int = 0, storage_tier: str = "device") -> RouterEvent:
-    return RouterEvent(worker_id, KvCacheEvent(event_id, CLEARED, dp_rank), storage_tier)  # type: ignore[arg-type]
+def cleared_event(worker_id: int, event_id: int, dp_rank: int = 0, storage_tier: StorageTier = "device") -> RouterEvent:
+    return RouterEvent(worker_id, KvCacheEvent(event_id, CLEARED, dp_rank), storage_tier)
 
 
 MSG_ID = "Nats-Msg-Id"

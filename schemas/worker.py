@@ -7,7 +7,7 @@ accounting (or an error envelope `{"status": "error", ...}` instead of either).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -49,4 +49,4 @@ class GenerateDone(msgspec.Struct, tag_field="type", tag="done", kw_only=True):
     status: Literal["ok"] = "ok"
 
 
-GenerateProgress = Union[GenerateFirstToken, GenerateDone]
+GenerateProgress = GenerateFirstToken | GenerateDone

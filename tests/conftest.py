@@ -34,7 +34,7 @@ def _docker_server():  # pragma: no cover - needs a Docker engine
     wait_for_logs(container, "Server is ready")
     url = f"nats://{container.get_container_host_ip()}:{container.get_exposed_port(4222)}"
     server = _External(url)
-    server.cleanup = container.stop  # type: ignore[method-assign]
+    server.cleanup = container.stop
     return server
 
 

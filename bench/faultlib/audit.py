@@ -65,7 +65,7 @@ async def read_stream(stack: Stack, stream: str, filters: list[str], timeout: fl
     if info.state.messages == 0:
         return out
     follower = StreamFollower(stack.nc, stream, filters, lambda seq, subj, data, hdrs: out.append((seq, subj, data, hdrs)),
-                              start_seq=1, name="faults-audit", track_history=False)  # fmt: skip
+                              start_seq=1, name="faults-audit", track_history=False)
     follower.start()
     try:
         deadline = time.monotonic() + timeout
@@ -135,7 +135,7 @@ class ReplicaReport:
     def as_dict(self) -> dict[str, Any]:
         short = {n: {**v, "index": (v.get("index") or "")[:16]} for n, v in self.index.items()}
         return {"stream_last_seq": self.stream_last_seq, "index": short, "load": self.load, "index_identical": self.index_identical,
-                "diverged": self.diverged, "load_identical": self.load_identical, "witness_replay_s": self.witness_replay_s}  # fmt: skip
+                "diverged": self.diverged, "load_identical": self.load_identical, "witness_replay_s": self.witness_replay_s}
 
 
 def _index_of(stack: Stack, name: str) -> dict[str, Any]:

@@ -152,7 +152,7 @@ class GatewayLoad:
         while True:
             try:
                 await request(self.nc, NAMES.epp_cleanup(self.pool), CleanupRequest(request_id=rid, phase=phase), CleanupReply,  # type: ignore[arg-type]
-                              timeout=self.rpc_timeout_s)  # fmt: skip
+                              timeout=self.rpc_timeout_s)
                 return
             except RemoteError as exc:
                 if exc.code != "timeout":  # the bridge answered something final
@@ -192,7 +192,7 @@ class ProbePublisher:
 
     async def register(self) -> None:
         rec = WorkerRecord(worker_id=self.worker_id, pool=self.pool, pod_name="probe", address="127.0.0.1", port=1,
-                           block_size=16, total_kv_blocks=1 << 20, ttl_s=3600, heartbeat_ms=now_ms())  # fmt: skip
+                           block_size=16, total_kv_blocks=1 << 20, ttl_s=3600, heartbeat_ms=now_ms())
         await put_worker(self.nc, NAMES.workers_bucket, rec)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -69,7 +69,7 @@ class FaultResult:
 
     def ok(self) -> bool:
         return (self.lost == 0 and self.identical and self.leaked_bookings == 0 and not self.errors_outside_fault
-                and self.converge_s is not None)  # fmt: skip
+                and self.converge_s is not None)
 
     def summary(self) -> str:
         def fmt(d: dict[str, Any]) -> str:
@@ -87,7 +87,7 @@ class FaultResult:
             "   RSS MB before → after: " + ", ".join(
                 f"{k} {self.rss_before_mb.get(k)}→{self.rss_after_mb.get(k)}" for k in self.rss_before_mb),
             f"   RSS growth MB: {growth}",
-        ])  # fmt: skip
+        ])
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -120,7 +120,7 @@ class Session:
         await probe.register()
         self.probes.append(probe)
         gateway = GatewayLoad(stack.nc, stack.cfg.pool, lc.rate, pods=[f"mock-{w}" for w in stack.cfg.worker_ids],
-                              seed=len(self.probes), tag=f"{scenario}-{len(self.probes)}")  # fmt: skip
+                              seed=len(self.probes), tag=f"{scenario}-{len(self.probes)}")
         stop = asyncio.Event()
         res.started_at = time.monotonic()
         tasks = [asyncio.create_task(gateway.run(stop)), asyncio.create_task(probe.run(stop))]
@@ -155,7 +155,7 @@ class Session:
         res.outcomes = [(o.start, o.end, o.code) for o in gateway.outcomes]
         res.details["error_examples"] = gateway.examples
         res.details.update(cleanup_retries=gateway.cleanup_retries, cleanup_failures=gateway.cleanup_failures,
-                           probe_retries=probe.retries, probe_duplicate_acks=probe.duplicates, probe_given_up=probe.given_up)  # fmt: skip
+                           probe_retries=probe.retries, probe_duplicate_acks=probe.duplicates, probe_given_up=probe.given_up)
         self.progress(f"{scenario}: load stopped; cleanup window {lc.cleanup_window_s} s")
         held, gone = await bookings_after(stack, lc.cleanup_window_s)
         res.details["bookings_held"] = held
@@ -178,7 +178,7 @@ async def _stream_last(stack: Stack, stream: str, timeout: float) -> int:
     while True:
         try:
             return (await stack.nc.jetstream().stream_info(stream)).state.last_seq
-        except Exception:  # noqa: BLE001 - server restarting, leader moving
+        except Exception:  # server restarting, leader moving
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
@@ -243,7 +243,7 @@ async def kill_nats(session: Session) -> FaultResult:
         return {"harness_reconnects": stack.nc.stats["reconnects"]}
 
     return await session.run("kill-nats-server", f"SIGKILL nats-server under load, restart it (same port and store) after "
-                             f"{session.load.down_s} s", inject, repair, observe)  # fmt: skip
+                             f"{session.load.down_s} s", inject, repair, observe)
 
 
 async def stream_leaders(stack: Stack, timeout: float = 15.0) -> dict[str, str | None]:
@@ -286,4 +286,4 @@ async def kill_stream_leader(session: Session, stream: str = NAMES.kv_stream) ->
         return {"leaders_after": await stream_leaders(stack)}
 
     return await session.run(f"kill-{stream}-leader", f"3-node cluster, R3 streams: SIGKILL the node leading {stream}, "
-                             f"restart it after {session.load.down_s} s", inject, repair, observe)  # fmt: skip
+                             f"restart it after {session.load.down_s} s", inject, repair, observe)

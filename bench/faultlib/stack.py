@@ -109,7 +109,7 @@ class Stack:
 
     def _process(self, name: str, command: str, args: list[str]) -> ServiceProcess:
         return ServiceProcess(command, args=[*self._common(), *args], nats_url=self.url, pools=[self.cfg.pool],
-                              log_path=str(self.workdir / f"{name}.log"))  # fmt: skip
+                              log_path=str(self.workdir / f"{name}.log"))
 
     def indexer_args(self) -> list[str]:
         return ["--snapshot-every-events", str(self.cfg.snapshot_every_events), "--snapshot-interval-s", str(self.cfg.snapshot_interval_s)]
@@ -137,7 +137,7 @@ class Stack:
         self.procs["workers"] = self._process("workers", "mock-workers", [
             "--count", str(c.workers), "--worker-id-base", str(c.worker_id_base), "--block-size", str(c.block_size),
             "--kv-blocks", str(c.kv_blocks), "--speedup", str(c.speedup), "--load-interval-s", "0",
-        ])  # fmt: skip
+        ])
         # The first indexer provisions the streams (with R3 on a cluster, once the meta leader is
         # elected); the others start once they exist, so no two processes race to create them.
         first = self.procs[names[0]].start()
@@ -147,7 +147,7 @@ class Stack:
                 proc.start()
         await self.wait_ready(timeout=90)
         self.nc = await nats.connect(self.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, name="faults-harness",
-                                     error_cb=_quiet, disconnected_cb=_quiet_event, reconnected_cb=_quiet_event)  # fmt: skip
+                                     error_cb=_quiet, disconnected_cb=_quiet_event, reconnected_cb=_quiet_event)
         await self.wait_workers_seen(timeout=60)
         return self
 
@@ -245,4 +245,4 @@ def witness(stack: Stack) -> ServiceProcess:
     none written, no endpoints. What every replica must equal once it has applied the same stream."""
     return stack._process("witness", "indexer", [
         "--snapshot-restore", "false", "--snapshot-every-events", "0", "--snapshot-interval-s", "0", "--serve-endpoints", "false",
-    ])  # fmt: skip
+    ])

@@ -53,7 +53,7 @@ class RefIndex:
         return {k: {(t, h, p) for h, (t, p) in tree.items()} for k, tree in self.blocks.items() if tree}
 
     def match(self, tokens: list[int], block_size: int = 16, lora: str | None = None, salt: str | None = None,
-              tier: str = "device") -> dict[tuple[int, int], int]:  # fmt: skip
+              tier: str = "device") -> dict[tuple[int, int], int]:
         """Leading request blocks held per (worker, rank), following the chain by tokens_hash."""
         want = local_block_hashes(tokens, block_size, salt_seed(lora, salt))
         out = {}

@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from schemas import codec  # noqa: E402
-from schemas.discovery import WorkerRecord  # noqa: E402
-from schemas.events import kv_msg_id  # noqa: E402
-from schemas.hashing import local_block_hashes  # noqa: E402
-from schemas.subjects import Names  # noqa: E402
-from services.runtime.procs import ServiceProcess  # noqa: E402
-from services.runtime.workers import now_ms, put_worker  # noqa: E402
+from schemas import codec
+from schemas.discovery import WorkerRecord
+from schemas.events import kv_msg_id
+from schemas.hashing import local_block_hashes
+from schemas.subjects import Names
+from services.runtime.procs import ServiceProcess
+from services.runtime.workers import now_ms, put_worker
 
 POOL = "bench"
 BLOCK = 16
@@ -133,7 +133,7 @@ def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads
         return ServiceProcess(command, list(argv), nats_url=url, pools=[POOL], log_path=str(logs / f"{log_name}.log"))
 
     bridge_args = ["--epp-tokenizer-dir", str(tok_dir), "--block-size", str(BLOCK), "--log-level", "warning",
-                   "--epp-tokenize-threads", str(tokenize_threads)]  # fmt: skip
+                   "--epp-tokenize-threads", str(tokenize_threads)]
     scheduler_args = ["--block-size", str(BLOCK), "--log-level", "warning"]
     procs: list[StubProcess | ServiceProcess]
     if mode in ("nats-floor", "responder-floor"):
@@ -160,7 +160,7 @@ def start_stack(mode: str, url: str, tok_dir: Path, logs: Path, tokenize_threads
 async def seed_fleet(nc: NATS, workers: int, prefixes: list[list[int]]) -> None:
     for wid in range(1, workers + 1):
         rec = WorkerRecord(worker_id=wid, pool=POOL, pod_name=f"vllm-{wid}", address=f"10.0.0.{wid}", port=8000,
-                           block_size=BLOCK, ttl_s=3600, heartbeat_ms=now_ms())  # fmt: skip
+                           block_size=BLOCK, ttl_s=3600, heartbeat_ms=now_ms())
         await put_worker(nc, "KVR_WORKERS", rec)
     js = nc.jetstream()
     next_event: dict[int, int] = {}

@@ -21,8 +21,8 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from services.config_table import load_all  # noqa: E402
-from services.runtime.config import COMMON, REGISTRY, Setting  # noqa: E402
+from services.config_table import load_all
+from services.runtime.config import COMMON, REGISTRY, Setting
 
 # Values that differ from the code defaults because the process runs in a container next to the
 # NATS Helm release `nats` in the same namespace.

@@ -114,8 +114,8 @@ class ExtProcStream:
         if self._first:
             msg.protocol_config.CopyFrom(
                 pb.ProtocolConfiguration(
-                    request_body_mode=self.request_mode,  # type: ignore[arg-type]
-                    response_body_mode=self.response_mode,  # type: ignore[arg-type]
+                    request_body_mode=self.request_mode,
+                    response_body_mode=self.response_mode,
                     send_body_without_waiting_for_header_response=self.send_body_without_waiting,
                 )
             )
@@ -129,7 +129,7 @@ class ExtProcStream:
             resp = await self.call.read()
         if resp is grpc.aio.EOF:
             raise ProtocolViolation("the processor closed the stream without an answer")
-        return resp  # type: ignore[return-value]
+        return resp
 
     def _immediate(self, resp: pb.ProcessingResponse, decision: Decision) -> bool:
         if resp.WhichOneof("response") != "immediate_response":
@@ -184,7 +184,7 @@ class ExtProcStream:
     ) -> Decision:
         decision = Decision()
         hdrs = {":method": "POST" if body is not None else "GET", ":path": "/v1/chat/completions", ":authority": "gateway",
-                "content-type": "application/json", **(headers or {})}  # fmt: skip
+                "content-type": "application/json", **(headers or {})}
         if body is not None:
             hdrs.setdefault("content-length", str(len(body)))
         msg = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_headers(hdrs), end_of_stream=body is None))

@@ -136,12 +136,12 @@ def routing_common(headers: Mapping[str, str]) -> pb.CommonResponse:
 
 
 def request_headers_response(common: pb.CommonResponse | None = None, destination: str | None = None,
-                             mode_override: int | None = None) -> pb.ProcessingResponse:  # fmt: skip
+                             mode_override: int | None = None) -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common or pb.CommonResponse()))
     if destination is not None:
         resp.dynamic_metadata.CopyFrom(destination_metadata(destination))
     if mode_override is not None:
-        resp.mode_override.request_body_mode = mode_override  # type: ignore[assignment]
+        resp.mode_override.request_body_mode = mode_override
     return resp
 
 

@@ -42,7 +42,9 @@ def parse_label_filters(entries: Sequence[str], pools: Sequence[str]) -> dict[st
     for entry in entries:
         m = _ENTRY.match(entry.strip())
         if m is None:
-            raise ValueError(f"bad --epp-label-filter entry {entry!r} (want [pool:]key=value1|value2, or key?=... to let workers without the label pass)")
+            raise ValueError(
+                f"bad --epp-label-filter entry {entry!r} (want [pool:]key=value1|value2, or key?=... to let workers without the label pass)"
+            )
         values = frozenset(m.group("values").split("|"))
         f = LabelFilter(m.group("key"), values, m.group("optional") is not None)
         for pool in [m.group("pool")] if m.group("pool") else pools:

@@ -45,7 +45,7 @@ TOKEN_SOURCE_CHILDREN = {s: TOKEN_SOURCE.labels(s) for s in ("token_data", "prom
 _query_children: dict[tuple[str, str, str], object] = {}
 
 
-def query_counter(outcome: str, mode: str, routed: str):  # type: ignore[no-untyped-def]
+def query_counter(outcome: str, mode: str, routed: str):
     key = (outcome, mode, routed)
     child = _query_children.get(key)
     if child is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from schemas import codec
 from schemas.api import ErrorCode
@@ -42,6 +42,16 @@ def needs_tokenizer(body: OpenAiBody) -> bool:
     return not (isinstance(body.prompt, list) and not isinstance(body.prompt[0], str))
 
 
+# A prompt list holds one kind of item (`OpenAiBody` refuses mixed lists), so its first item says
+# what all are.
+def _token_ids(prompt: list[Any]) -> TypeGuard[list[int]]:
+    return isinstance(prompt[0], int)
+
+
+def _token_id_lists(prompt: list[Any]) -> TypeGuard[list[list[int]]]:
+    return isinstance(prompt[0], list)
+
+
 def _check_size(tokens: list[int], isl: int, max_tokens: int, path: str) -> None:
     if not tokens:
         raise ServiceError(ErrorCode.INVALID_REQUEST, "the prompt is empty (no tokens)", path)
@@ -60,13 +70,13 @@ def prompt_tokens(raw: dict[str, Any] | None, body: OpenAiBody, tokenizer: PoolT
         return PromptTokens(kind, tokens, len(tokens), "token_data")
 
     prompt = body.prompt
-    if isinstance(prompt, list) and isinstance(prompt[0], int):
-        _check_size(prompt, len(prompt), max_tokens, "$.body.prompt")  # type: ignore[arg-type]
-        return PromptTokens(kind, prompt, len(prompt), "prompt_ids")  # type: ignore[arg-type]
-    if isinstance(prompt, list) and isinstance(prompt[0], list):
-        total = sum(len(p) for p in prompt)  # type: ignore[arg-type]
-        _check_size(prompt[0], total, max_tokens, "$.body.prompt")  # type: ignore[arg-type]
-        return PromptTokens(kind, prompt[0], total, "prompt_ids")  # type: ignore[arg-type]
+    if isinstance(prompt, list) and _token_ids(prompt):
+        _check_size(prompt, len(prompt), max_tokens, "$.body.prompt")
+        return PromptTokens(kind, prompt, len(prompt), "prompt_ids")
+    if isinstance(prompt, list) and _token_id_lists(prompt):
+        total = sum(len(p) for p in prompt)
+        _check_size(prompt[0], total, max_tokens, "$.body.prompt")
+        return PromptTokens(kind, prompt[0], total, "prompt_ids")
 
     if tokenizer is None:
         raise ServiceError(

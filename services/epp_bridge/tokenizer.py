@@ -113,7 +113,7 @@ class PoolTokenizer:
             else:
                 tok_file = gz_file
                 tokenizer = Tokenizer.from_str(gzip.decompress(gz_file.read_bytes()).decode("utf-8"))
-        except Exception as exc:  # noqa: BLE001 - the library raises plain Exception on bad files
+        except Exception as exc:  # the library raises plain Exception on bad files
             raise TokenizerError(f"cannot load {tok_file}: {exc}") from exc
         config: dict[str, Any] = {}
         cfg_file = path / "tokenizer_config.json"

@@ -94,8 +94,9 @@ class CapPolicy:
 
     def caps(self, total_kv_blocks: int | None) -> dict[str, int]:
         """Per-tier block caps of one (worker, dp rank), from its discovery record."""
+        out: dict[str, int] = dict.fromkeys(TIERS, self.default_blocks)
         if not total_kv_blocks:
-            return dict.fromkeys(TIERS, self.default_blocks)
+            return out
         lower = max(1, math.ceil(total_kv_blocks * self.lower_tier_factor))
         out = dict.fromkeys(TIERS, lower)
         out[DEVICE] = max(1, math.ceil(total_kv_blocks * self.headroom))
@@ -154,7 +155,7 @@ class PoolAdmission:
 
 class Admission:
     def __init__(self, pools: Sequence[str], *, buffer_bytes: int = 8 << 20, max_tracked: int = 16_384,
-                 caps: CapPolicy | None = None) -> None:  # fmt: skip
+                 caps: CapPolicy | None = None) -> None:
         self.pools: dict[str, PoolAdmission] = {p: PoolAdmission() for p in pools}
         self.buffer_bytes = buffer_bytes
         self.max_tracked = max(1, max_tracked)

@@ -242,4 +242,4 @@ class IndexCore:
         return MatchReply(
             block_size=st.block_size or self.default_block_size, scores=_scores(res.scores), tier_scores=tiers, tree_sizes=sizes,
             stream_seq=self.applied_seq,
-        )  # fmt: skip
+        )

@@ -60,6 +60,7 @@ async def read_object(js: JetStreamContext, bucket: str, name: str, attempts: in
             while len(data) < size:
                 msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
                 data += msg.data or b""
+                assert msg.seq is not None  # a stored message always has its sequence
                 seq = msg.seq + 1
         except NotFoundError:
             await asyncio.sleep(0.05)
@@ -86,7 +87,7 @@ async def load(js: JetStreamContext, bucket: str, name: str) -> LoadedSnapshot |
     return LoadedSnapshot(
         index, seq, len(data), time.perf_counter() - started, float(state.get("written_at", 0.0)),
         admission if isinstance(admission, dict) else None,
-    )  # fmt: skip
+    )
 
 
 def serialise(index: PrefixIndex, stream_seq: int) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.events import RouterEvent, removed_event, stored_event
+from schemas.events import RouterEvent, StorageTier, removed_event, stored_event
 
 from .index import DEVICE, TIERS, PrefixIndex, WorkerKey, _Node, _Worker
 
@@ -44,8 +44,8 @@ def _bfs(index: PrefixIndex, canonical: bool = True) -> list[_Node]:
     return order
 
 
-def _entries_by_node(index: PrefixIndex) -> dict[int, list[tuple[WorkerKey, str, int]]]:
-    by_node: dict[int, list[tuple[WorkerKey, str, int]]] = {}
+def _entries_by_node(index: PrefixIndex) -> dict[int, list[tuple[WorkerKey, StorageTier, int]]]:
+    by_node: dict[int, list[tuple[WorkerKey, StorageTier, int]]] = {}
     for key, w in index._workers.items():
         for tier, lk in w.blocks.items():
             for e, node in lk.items():
@@ -64,7 +64,7 @@ def dump(index: PrefixIndex) -> list[RouterEvent]:
     original memberships. Event ids are synthetic, consecutive from 0 per (worker, dp_rank).
     """
     by_node = _entries_by_node(index)
-    held: dict[tuple[int, WorkerKey], list[tuple[str, int]]] = {}
+    held: dict[tuple[int, WorkerKey], list[tuple[StorageTier, int]]] = {}
     for node_id, entries in by_node.items():
         for key, tier, e in entries:
             held.setdefault((node_id, key), []).append((tier, e))
@@ -119,7 +119,7 @@ def dump(index: PrefixIndex) -> list[RouterEvent]:
 
 
 def _parent_ref(
-    w: _Worker, parent: _Node, tier: str, held: dict[tuple[int, WorkerKey], list[tuple[str, int]]]
+    w: _Worker, parent: _Node, tier: StorageTier, held: dict[tuple[int, WorkerKey], list[tuple[StorageTier, int]]]
 ) -> int | None:
     """An engine hash of `w` that resolves to `parent` when looked up from `tier`."""
     cands = held.get((id(parent), w.key), ())

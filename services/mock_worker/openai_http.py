@@ -27,6 +27,7 @@ from schemas.api import ErrorCode, mm_objects
 from schemas.codec import SchemaError
 from schemas.hashing import effective_salt
 from services.epp_bridge.prompt import parse_body, prompt_tokens
+from services.runtime.http import bound_port
 from services.runtime.responder import ServiceError
 
 from .engine import Finished, Rejected, output_token_ids
@@ -42,7 +43,7 @@ MAX_PROMPT_TOKENS = 1 << 20  # the engine rejects what it can never admit; this 
 OUTPUT_WORDS = (
     "simulated", "tokens", "from", "a", "mock", "worker", "the", "router", "picked", "this", "engine", "for",
     "its", "cached", "prefix", "and", "load", "each", "word", "is", "one", "output", "token", "of", "kvr",
-)  # fmt: skip
+)
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> web.Response:
@@ -77,8 +78,7 @@ class OpenAiFront:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr,attr-defined]
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self.port = bound_port(site, port)
         return self.port
 
     async def stop(self) -> None:

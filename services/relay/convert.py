@@ -27,6 +27,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TypeVar
 
 from schemas.events import CLEARED, EventData, KvCacheEvent, RemoveData, RouterEvent, StoreData, StoredBlock
 from schemas.hashing import SEED, local_block_hashes, salt_seed
@@ -67,14 +68,17 @@ _seed = lru_cache(maxsize=1024)(salt_seed)
 NO_GROUP = -1  # the group of events without `group_idx` (vLLM before #37688, SGLang)
 
 
-class BoundedMap(OrderedDict[int, int | str]):
+V = TypeVar("V")
+
+
+class BoundedMap(OrderedDict[int, V]):
     """An LRU dict with a fixed capacity (oldest entry evicted first)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = max(1, capacity)
 
-    def remember(self, key: int, value: int | str) -> None:
+    def remember(self, key: int, value: V) -> None:
         if key in self:
             self.move_to_end(key)
         self[key] = value
@@ -86,8 +90,8 @@ class BoundedMap(OrderedDict[int, int | str]):
 class RankState:
     """What the relay must remember per dp rank."""
 
-    tokens: BoundedMap  # engine block hash → tokens_hash (any tier; tokens do not change)
-    salts: BoundedMap  # engine block hash → cache salt, for salted chains only
+    tokens: BoundedMap[int]  # engine block hash → tokens_hash (any tier; tokens do not change)
+    salts: BoundedMap[str]  # engine block hash → cache salt, for salted chains only
     # tier → engine hash → holding KV-cache group(s): one group as an int (the common case, and
     # compact), several as a set; group None is kept as NO_GROUP.
     held: dict[str, dict[int, int | set[int]]] = field(default_factory=dict)
@@ -246,7 +250,7 @@ class Converter:
             except (OverflowError, TypeError):
                 self.counts["invalid_bad_event"] += 1
                 return None
-            pairs = list(zip(hashes, locals_))
+            pairs = list(zip(hashes, locals_, strict=False))  # a cut store: the hashes beyond its tokens wait
             remember = state.tokens.remember
             for bh, th in pairs:
                 remember(bh, th)
@@ -257,10 +261,10 @@ class Converter:
             pairs = []
             known = state.tokens
             for bh in hashes:
-                th = known.get(bh)
-                if th is None:
+                known_th = known.get(bh)
+                if known_th is None:
                     break
-                pairs.append((bh, th))  # type: ignore[arg-type]
+                pairs.append((bh, known_th))
             if len(pairs) < len(hashes):
                 self.counts["unresolved_stores"] += 1
             if not pairs:

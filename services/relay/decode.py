@@ -154,7 +154,7 @@ def _fields(raw: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
             raise _Invalid('map event without a string "type"')
         return tag, raw
     if isinstance(raw, list) and raw and isinstance(raw[0], str):
-        return raw[0], dict(zip(names, raw[1:]))
+        return raw[0], dict(zip(names, raw[1:], strict=False))  # older engines send fewer fields
     raise _Invalid(f"event is {type(raw).__name__}, want a tagged array or a map")
 
 

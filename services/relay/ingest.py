@@ -39,7 +39,7 @@ def rank_endpoints(endpoints: list[str], dp_start_rank: int, dp_size: int) -> di
     if not endpoints:
         return {}
     if len(endpoints) == len(ranks):
-        return dict(zip(ranks, endpoints))
+        return dict(zip(ranks, endpoints, strict=True))
     if len(endpoints) != 1:
         raise ValueError(f"{len(endpoints)} endpoints for {len(ranks)} dp ranks: give one base endpoint or one per rank")
     base = endpoints[0]
@@ -148,7 +148,7 @@ class RankIntake:
                 await self.on_frames(frames)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad batch must never stop the intake
+            except Exception:  # one bad batch must never stop the intake
                 log.exception("relay.intake_failed", dp_rank=self.dp_rank)
 
     async def on_frames(self, frames: list[bytes]) -> None:

@@ -85,7 +85,7 @@ class SpawnedFleet:
             "--load-interval-s", str(self.cfg.load_interval_s),
             "--fused-decode-steps", str(self.cfg.fused_decode_steps),
             "--openai-port", str(self.cfg.openai_port),  # replays use the NATS generate endpoint
-        ]  # fmt: skip
+        ]
 
     async def start(self) -> list[int]:
         base = fresh_base()

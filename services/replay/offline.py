@@ -153,14 +153,14 @@ class OfflineSim:
             WorkerRecord(worker_id=w, pool=POOL, model="mock-model", block_size=ec.block_size, total_kv_blocks=ec.kv_blocks,
                          max_num_batched_tokens=ec.max_num_batched_tokens, max_num_seqs=ec.max_num_seqs)
             for w in self.worker_ids
-        ]  # fmt: skip
+        ]
         self.candidates: list[Candidate] = candidates_from(records)
         self.index = PrefixIndex()
         self.tracker = LoadTracker(NO_EXPIRY_MS)
         self.selector = Selector(cfg.busy, rng=random.Random(cfg.seed))
         # The trace's prompts were filtered by length already (`load_trace`): no limit of its own.
         self.decider = Decider(self.selector, cfg.cost, router_id=ROUTER_ID, default_block_size=ec.block_size,
-                               max_request_tokens=MAX_TOKENS)  # fmt: skip
+                               max_request_tokens=MAX_TOKENS)
         self.view = PoolView(POOL, self.candidates, self.tracker)
         self.expander = TokenExpander(salt=cfg.salt)
         self.diag = OfflineDiagnostics(max_waiting={w: 0 for w in self.worker_ids})
@@ -278,7 +278,7 @@ class OfflineSim:
         self._apply_updates(now)
         tokens = self.expander.tokens(req)
         select = SelectRequest(request_id=rid, token_ids=tokens, mode="aggregated", policy=cfg.policy,
-                               expected_output_tokens=max_tokens)  # fmt: skip
+                               expected_output_tokens=max_tokens)
         self._admit(now)
         try:
             p = self.decider.prepare(select, self.view)
@@ -336,7 +336,7 @@ class OfflineSim:
         self._tickets += 1
         cached = max(overlaps.device.values(), default=0) * p.block_size
         w = Waiting(self._tickets, rec.request_id, int(now), int(now + self.cfg.queue_timeout_ms), p.request.strict_priority,
-                    p.request.priority, p.isl, cached)  # fmt: skip
+                    p.request.priority, p.isl, cached)
         offered = self.queue.offer(w)
         if not offered.queued:
             rec.error = f"select:{ErrorCode.OVERLOADED}"
@@ -426,7 +426,7 @@ class OfflineSim:
             cached += s.cached_tokens
             per[str(w)] = {"busy_ms": round(s.busy_ms, 1), "passes": s.passes, "preemptions": s.preemptions,
                            "evictions": e.pool.evictions, "max_waiting": self.diag.max_waiting[w],
-                           "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}  # fmt: skip
+                           "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}
         busy = [p["busy_ms"] for p in per.values()]
         d = self.diag
         return {
@@ -451,5 +451,5 @@ class OfflineSim:
 
 
 def run_offline(requests: Sequence[TraceRequest], cfg: OfflineConfig,
-                on_progress: Callable[[int, int], None] | None = None) -> RunResult:  # fmt: skip
+                on_progress: Callable[[int, int], None] | None = None) -> RunResult:
     return OfflineSim(cfg).run(requests, on_progress)

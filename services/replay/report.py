@@ -51,7 +51,6 @@ def summarize(run: RunResult) -> dict[str, Any]:
     for wid in run.worker_ids:
         per_worker_reqs.setdefault(wid, 0)
         per_worker_tokens.setdefault(wid, 0)
-    counts = list(per_worker_reqs.values())
     work = list(per_worker_tokens.values())
     span_ms = 0.0
     if ok:

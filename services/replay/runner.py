@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 
 from schemas import codec
@@ -99,13 +100,20 @@ class FleetHandle(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
 
+class NoResponders(Exception):
+    """A generate request nobody serves (the server's 503 status): not an error envelope of the
+    protocol (`RemoteError`), a transport condition, counted as `generate:no_responders`."""
+
+    code = "no_responders"
+
+
 class GenerateClient:
     """Streams of generate progress over one wildcard inbox subscription."""
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self._prefix = nc.new_inbox()
-        self._sub = None
+        self._sub: Subscription | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._n = 0
 
@@ -124,7 +132,7 @@ class GenerateClient:
         if msg.headers and msg.headers.get("Status") == "503":
             # The server's "no responders": nobody serves that worker's generate subject right now
             # (the worker is gone, or its NATS node died and its interest is being re-routed).
-            queue.put_nowait(RemoteError("no_responders", f"nobody serves {msg.headers.get('Nats-Subject', 'the subject')}"))
+            queue.put_nowait(NoResponders(f"nobody serves {msg.headers.get('Nats-Subject', 'the subject')}"))
             return
         try:
             item: Any = codec.decode(msg.data, GenerateProgress)
@@ -150,7 +158,7 @@ class GenerateClient:
 async def scheduler_state(nc: NATS, names: Names, pool: str, timeout: float = 2.0) -> StateReply | None:
     try:
         return await request(nc, names.scheduler_state(pool), StateRequest(), StateReply, timeout=timeout)
-    except (NoRespondersError, asyncio.TimeoutError, TimeoutError, RemoteError):
+    except (NoRespondersError, TimeoutError, RemoteError):
         return None
     except Exception:  # noqa: BLE001 - nats raises its own timeout type
         return None
@@ -305,7 +313,7 @@ class Replayer:
                 rec.error = "generate:timeout"
             finally:
                 client.close(inbox)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             rec.error = rec.error or "timeout"
         except Exception as exc:  # noqa: BLE001 - a failed request is data for the report
             rec.error = rec.error or f"{type(exc).__name__}"

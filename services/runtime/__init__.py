@@ -3,8 +3,8 @@
 from .config import COMMON, REGISTRY, Setting, names_of
 from .embedded import NatsCluster, NatsServer, free_port
 from .follower import StreamFollower
-from .push_follower import PushFollower
 from .natsio import ProvisioningError, StreamSettings, connect, provision
+from .push_follower import PushFollower
 from .responder import ServiceError, request, serve
 from .service import Runtime, ServiceApp, main_for, run_app
 from .workers import WorkerDirectory, WorkerWatcher, delete_worker, put_worker

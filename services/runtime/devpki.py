@@ -61,7 +61,7 @@ class CertificateAuthority:
                     decipher_only=False,
                 ),
                 critical=True,
-            )  # fmt: skip
+            )
             .sign(self._key, hashes.SHA256())
         )
         self.days = days

@@ -5,6 +5,7 @@ Used by `kvr dev` (the one-machine main job) and by the test-suite; never a mock
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -109,6 +110,7 @@ class NatsServer:
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout: float) -> NatsServer:
+        assert self.store_dir is not None  # start() chose one
         args = [
             nats_server_binary(),
             *(["-c", self.config_file] if self.config_file else []),
@@ -118,9 +120,10 @@ class NatsServer:
             "-m", str(self.monitor_port),
             "-sd", self.store_dir,
             *self.extra_args,
-        ]  # fmt: skip
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        ]
+        # The child holds its own copy of the log file; the parent's closes with the block.
+        with open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
         try:
             wait_for_nats(self.host, self.port, timeout, self.proc, greets=not self.tls_handshake_first)
         except (TimeoutError, ChildProcessError):
@@ -184,7 +187,7 @@ class NatsCluster:
                     "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}",
                     "--routes", routes,
                 ],
-            )  # fmt: skip
+            )
             self.nodes.append(node)
         for node in self.nodes[: self.size if count is None else count]:
             node.start(timeout)

@@ -137,7 +137,7 @@ class Histogram(_Family):
             edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
             for key, child in list(self._children.items()):
                 total, buckets = 0, []
-                for edge, n in zip(edges, list(child.counts)):
+                for edge, n in zip(edges, list(child.counts), strict=False):
                     total += n
                     buckets.append((edge, total))
                 family.add_metric(key, buckets, child.sum)

@@ -406,7 +406,7 @@ class StreamFollower:
             self.first_delivered_seq = seq
         try:
             self._apply(seq, subject, data, headers)
-        except Exception:  # noqa: BLE001 - a poison message must never stall the stream
+        except Exception:  # a poison message must never stall the stream
             self.apply_failures += 1
             self._failures_metric.inc()
             if self._errors.allow(("apply", self.name)) is not None:
@@ -443,7 +443,7 @@ class StreamFollower:
             log.error(
                 "follower.history_lost", stream=self.stream, name=self.name, missing_from=needed_from, missing=lost,
                 stream_first_seq=first, hint="the stream dropped messages before this follower read them (max_age, max_bytes or a purge)",
-            )  # fmt: skip
+            )
             if self._on_history_lost is not None:
                 self._on_history_lost(needed_from, lost)
         if consumer is None or consumer != self._consumer:

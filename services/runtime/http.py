@@ -3,12 +3,20 @@ small aiohttp server."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 
 READY = Gauge("kvr_ready", "1 while /readyz answers 200 (caught up with the streams and serving), else 0")
+
+
+def bound_port(site: web.TCPSite, requested: int) -> int:
+    """The port a started site listens on (the one the OS picked when `requested` is 0)."""
+    server = site._server
+    sockets = server.sockets if isinstance(server, asyncio.Server) else ()
+    return int(sockets[0].getsockname()[1]) if sockets else requested
 
 
 class HealthServer:
@@ -62,9 +70,8 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
-        return self.port  # type: ignore[return-value]
+        self.port = bound_port(site, self._port)
+        return self.port
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -270,7 +270,8 @@ async def connect(
                 nc.connect(
                     servers=servers,
                     name=name,
-                    connect_timeout=connect_timeout if remaining is None else min(connect_timeout, remaining),
+                    # nats-py annotates an int; it is a float of seconds (asyncio.wait_for)
+                    connect_timeout=connect_timeout if remaining is None else min(connect_timeout, remaining),  # type: ignore[arg-type]
                     allow_reconnect=False,
                     max_reconnect_attempts=1,  # nats-py: each server tried (twice) once, then NoServersError
                     reconnect_time_wait=0,
@@ -359,28 +360,19 @@ def stream_configs(names: Names, settings: StreamSettings) -> list[StreamConfig]
     replicated load (no snapshot), so dropping old adds would silently under-count load on every
     replica that starts later; a refused publish is an explicit `overloaded` instead. Sizing:
     docs/deploy.md, "Retention and stream limits"."""
-    common = dict(
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        num_replicas=settings.replicas,
-        duplicate_window=settings.duplicate_window_s,
-    )
+
+    def stream(name: str, subjects: list[str], max_age: float, max_bytes: int, discard: DiscardPolicy) -> StreamConfig:
+        return StreamConfig(
+            name=name, subjects=subjects, max_age=max_age, max_bytes=_max_bytes(max_bytes), discard=discard,
+            storage=StorageType.FILE, retention=RetentionPolicy.LIMITS, num_replicas=settings.replicas,
+            duplicate_window=settings.duplicate_window_s,
+        )
+
     return [
-        StreamConfig(
-            name=names.kv_stream,
-            subjects=names.kv_stream_subjects(),
-            max_age=settings.kv_max_age_s,
-            max_bytes=_max_bytes(settings.kv_max_bytes),
-            discard=DiscardPolicy.OLD,
-            **common,
-        ),
-        StreamConfig(
-            name=names.bookings_stream,
-            subjects=names.bookings_stream_subjects(),
-            max_age=settings.bookings_max_age_s,
-            max_bytes=_max_bytes(settings.bookings_max_bytes),
-            discard=DiscardPolicy.NEW,
-            **common,
+        stream(names.kv_stream, names.kv_stream_subjects(), settings.kv_max_age_s, settings.kv_max_bytes, DiscardPolicy.OLD),
+        stream(
+            names.bookings_stream, names.bookings_stream_subjects(), settings.bookings_max_age_s, settings.bookings_max_bytes,
+            DiscardPolicy.NEW,
         ),
     ]
 
@@ -457,4 +449,4 @@ async def provision(js: JetStreamContext, names: Names, settings: StreamSettings
 __all__ = [
     "NATS", "ConnectionState", "NatsAuth", "NatsUnreachable", "ProvisioningError", "StreamSettings", "connect", "describe_failure",
     "ensure_stream", "provision", "stream_configs", "nats",
-]  # fmt: skip
+]

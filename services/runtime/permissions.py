@@ -225,7 +225,7 @@ def role_permissions(role: str, scope: Scope | None = None) -> RolePermissions:
     elif role == "operator":
         grants += _info([*every_stream, streams["relay"]])
         grants += [Grant("pub", f"{API}.INFO", "account usage"), Grant("pub", f"{API}.STREAM.NAMES", "list streams"),
-                   Grant("pub", f"{API}.STREAM.LIST", "list streams with state")]  # fmt: skip
+                   Grant("pub", f"{API}.STREAM.LIST", "list streams with state")]
         for s in every_stream:
             grants += [
                 Grant("pub", f"{API}.CONSUMER.INFO.{s}.*", "consumer lag"),
@@ -240,7 +240,7 @@ def role_permissions(role: str, scope: Scope | None = None) -> RolePermissions:
             [n.dump(p) for p in pools] + [n.match(p) for p in pools] + [f"{n.scheduler_state(p)}" for p in pools]
             + [f"{n.scheduler_state(p)}.*" for p in pools],
             "indexer.dump / indexer.match / scheduler.state (read-only endpoints)",
-        )  # fmt: skip
+        )
     elif role == "provisioner":
         for s in [*every_stream, streams["relay"]]:
             grants += [
@@ -282,7 +282,7 @@ def _scheduler(scope: Scope, every_stream: list[str]) -> list[Grant]:
         [n.select(p) for p in pools] + [n.booking(p) for p in pools]
         + [n.scheduler_state(p) for p in pools] + [f"{n.scheduler_state(p)}.{router}" for p in pools],
         "answers scheduler.select / scheduler.booking / scheduler.state",
-    )  # fmt: skip
+    )
     grants += _serve([n.load_subject(p, "*") for p in pools], "workers' load reports (busy thresholds)")
     return grants
 

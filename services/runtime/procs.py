@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,9 +38,10 @@ class ServiceProcess:
             "--http-port", str(self.http_port),
             "--http-host", "127.0.0.1",
             *self.args,
-        ]  # fmt: skip
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
+        ]
+        # The child holds its own copy of the log file; the parent's closes with the block.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
         return self
 
     @property

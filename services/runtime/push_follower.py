@@ -36,7 +36,7 @@ log = get_logger("kvr.push_follower")
 class PushFollower:
     def __init__(self, nc: NATS, stream: str, filter_subject: str, apply: ApplyFn, *, idle_heartbeat_s: float = 1.0,
                  name: str = "bookings", max_lag_s: float = 0.0, poll_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.time) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
@@ -88,10 +88,8 @@ class PushFollower:
         await cancel_and_wait(self._watch_task)
         await cancel_and_wait(self._task)
         if self._sub is not None:
-            try:
+            with contextlib.suppress(Exception):  # the connection may already be closing
                 await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection already closing
-                pass
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -105,7 +103,7 @@ class PushFollower:
                 self._sub = await self._js.subscribe(
                     self.filter_subject, stream=self.stream, ordered_consumer=True, idle_heartbeat=self.idle_heartbeat_s,
                     config=cfg, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1,
-                )  # fmt: skip
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - server not there yet: retry
@@ -136,7 +134,7 @@ class PushFollower:
             return  # redelivered after a consumer reset
         try:
             self._apply(seq, msg.subject, msg.data, msg.headers)
-        except Exception:  # noqa: BLE001 - a poison message must never stall the stream
+        except Exception:  # a poison message must never stall the stream
             self.apply_failures += 1
             self._failures_metric.inc()
             if self._errors.allow("apply") is not None:

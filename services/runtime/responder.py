@@ -144,7 +144,7 @@ class Responder(Generic[Req]):
                     req = self.decode(msg)
                 reply = await self.handler(req, msg)
                 payload = codec.encode(reply, ctype)
-            except BaseException as exc:  # noqa: BLE001 - map everything to the envelope
+            except BaseException as exc:  # map everything to the envelope
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 code, message, path = error_for(exc)
@@ -216,7 +216,7 @@ async def serve(
     responder = Responder(
         nc, subject, request_type, handler, queue=queue, endpoint=endpoint, max_inflight=max_inflight, inline=inline,
         max_bytes=max_bytes,
-    )  # fmt: skip
+    )
     return await responder.start()
 
 

@@ -10,7 +10,7 @@ from .logs import get_logger
 log = get_logger("kvr.tasks")
 
 
-async def cancel_and_wait(*tasks: asyncio.Task | None | Iterable[asyncio.Task], timeout: float = 10.0) -> None:  # type: ignore[type-arg]
+async def cancel_and_wait(*tasks: asyncio.Task | None | Iterable[asyncio.Task], timeout: float = 10.0) -> None:
     """Cancel tasks and wait until they are gone; their cancellation or failure is not re-raised
     (a stopping service only needs them gone).
 
@@ -18,7 +18,7 @@ async def cancel_and_wait(*tasks: asyncio.Task | None | Iterable[asyncio.Task], 
     object-store writes) would otherwise leave a `while True` loop running and the stop waiting
     forever. After `timeout` seconds the remaining tasks are logged and abandoned.
     """
-    pending: set[asyncio.Task] = set()  # type: ignore[type-arg]
+    pending: set[asyncio.Task] = set()
     for item in tasks:
         if item is None:
             continue

@@ -73,6 +73,8 @@ class JsonLinesExporter(SpanExporter):
             for span in spans:
                 ctx = span.get_span_context()
                 parent = span.parent
+                if ctx is None:  # not a recorded span
+                    continue
                 fh.write(
                     json.dumps(
                         {

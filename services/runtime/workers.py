@@ -241,7 +241,7 @@ class WorkerWatcher:
         if record.pool != pool or record.worker_id != worker_id:
             self.invalid_records += 1
             malformed(self.follower.stream, "key_mismatch", "workers.key_mismatch", key=key[:200], pool=record.pool,
-                      worker_id=record.worker_id)  # fmt: skip
+                      worker_id=record.worker_id)
             return
         is_new = self.directory.put(record, seq, now_ms())
         if is_new:

@@ -203,7 +203,7 @@ class Decider:
                     worker_id=c.worker_id, dp_rank=c.dp_rank, isl_tokens=p.isl, overlap_blocks=scored.overlap_blocks,
                     sequence_hashes=p.seq, expected_output_tokens=req.expected_output_tokens, leg=leg, block_size=p.block_size,
                     track_prefill_tokens=track,
-                )  # fmt: skip
+                )
             )
         return tuple(events)
 

@@ -139,7 +139,7 @@ class LoadTracker:
             ev.request_id, ev.leg, (ev.worker_id, ev.dp_rank), hashes, prefill, expires, ev.isl_tokens, ev.overlap_blocks,
             booking_id=ev.booking_id, deadline_ms=deadline, confirmed=deadline >= expires, provisional=provisional,
             serial=self._serial,
-        )  # fmt: skip
+        )
         if deadline < expires:
             heapq.heappush(self._expiry, (deadline, leg.serial, key))
         heapq.heappush(self._expiry, (expires, leg.serial, key))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import NamedTuple, Protocol
 
-from schemas.api import ErrorCode, MatchReply, Overrides, Policy
+from schemas.api import ErrorCode, MatchReply, Overrides, Policy, WorkerScore
 
 from .candidates import Candidate
 from .load import LoadView, Target
@@ -51,7 +51,7 @@ class CostConfig:
             return self
         changes = {k: getattr(o, k) for k in (
             "overlap_score_credit", "prefill_load_scale", "temperature", "host_cache_hit_weight", "disk_cache_hit_weight"
-        ) if getattr(o, k) is not None}  # fmt: skip
+        ) if getattr(o, k) is not None}
         return replace(self, **changes) if changes else self
 
 
@@ -74,7 +74,7 @@ class BusyThresholds:
     @property
     def enabled(self) -> bool:
         return not (self.active_decode_blocks is None and self.active_prefill_tokens is None
-                    and self.active_prefill_tokens_frac is None)  # fmt: skip
+                    and self.active_prefill_tokens_frac is None)
 
     def busy(self, c: Candidate, load: LoadView, reported: ReportedLoad | None = None) -> bool:
         """Over a threshold by the router's own bookings, or by the worker's latest report."""
@@ -110,7 +110,7 @@ class Overlaps:
 
     @classmethod
     def from_match(cls, reply: MatchReply) -> Overlaps:
-        def table(scores) -> dict[Target, int]:  # type: ignore[no-untyped-def]
+        def table(scores: Iterable[WorkerScore]) -> dict[Target, int]:
             return {(s.worker_id, s.dp_rank): s.blocks for s in scores}
 
         tiers = reply.tier_scores or {}

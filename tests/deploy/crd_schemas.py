@@ -251,7 +251,7 @@ _KEY_USAGES = [
     "signing", "digital signature", "content commitment", "key encipherment", "key agreement", "data encipherment",
     "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth", "client auth", "code signing",
     "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
-]  # fmt: skip
+]
 CERT_MANAGER_ISSUER = _resource(
     "cert-manager.io/v1",
     "Issuer",

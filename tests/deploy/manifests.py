@@ -33,7 +33,7 @@ def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bo
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -62,7 +62,7 @@ def yaml_files() -> list[Path]:
     return sorted(
         p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext)
         if not (p.is_relative_to(helm_templates) and "templates" in p.relative_to(helm_templates).parts)
-    )  # fmt: skip
+    )
 
 
 def kustomization_resources(folder: Path) -> list[Path]:

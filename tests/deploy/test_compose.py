@@ -77,7 +77,7 @@ def test_every_kvr_service_runs_an_existing_subcommand_with_known_flags() -> Non
         assert argv and argv[0] in COMMANDS, f"service {name}: {argv[:1]} is not a kvr subcommand"
     subcommands = sorted({argv[0] for argv in commands.values()})
     with ThreadPoolExecutor(max_workers=4) as pool:
-        helps = dict(zip(subcommands, pool.map(_help, subcommands)))
+        helps = dict(zip(subcommands, pool.map(_help, subcommands), strict=True))
     for name, argv in commands.items():
         flags = {re.split("=", a, maxsplit=1)[0] for a in argv[1:] if a.startswith("--")}
         known = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", helps[argv[0]]))

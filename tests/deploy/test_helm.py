@@ -137,6 +137,7 @@ def rendered(name: str) -> tuple[dict[str, Any], ...]:
 @pytest.mark.parametrize("name", VALUE_FILES)
 def test_helm_lint(name: str):
     helm = helm_command()
+    assert helm is not None
     args = [helm, "lint", str(CHART), "--strict"]
     if VALUE_FILES[name] is not None:
         args += ["--values", str(VALUE_FILES[name])]

@@ -150,7 +150,7 @@ def test_production_overlay_pool_shape() -> None:
     assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} >= {
         "KvrIndexerConsumerLag", "KvrIndexHistoryLost", "KvrSnapshotFailures", "KvrNoLiveWorkers",
         "KvrEppErrorRatio", "KvrOverloaded", "KvrNotReady",
-    }  # fmt: skip
+    }
 
 
 @needs_kustomize

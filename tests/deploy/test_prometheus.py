@@ -55,7 +55,7 @@ def test_promtool_checks_both_rule_files_and_runs_the_alert_unit_tests(tmp_path)
     assert f"SUCCESS: {len(_alerts_module().ALERTS)} rules found" in promtool("check", "rules", "k8s-rules.yml", cwd=tmp_path)
     assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml", cwd=prom_dir)
     tested = {t["alertname"] for case in yaml.safe_load((prom_dir / "alerts.test.yml").read_text())["tests"]
-              for t in case.get("alert_rule_test", [])}  # fmt: skip
+              for t in case.get("alert_rule_test", [])}
     assert tested == {a.name for a in _alerts_module().ALERTS}, "every alert has a unit test"
 
 
@@ -103,21 +103,21 @@ def test_every_dashboard_query_and_alert_signal_returns_data_from_a_scraped_dev_
                  "static_configs": [{"targets": [f"127.0.0.1:{svc.http_port}"], "labels": {"namespace": NAMESPACE}}]}
                 for svc in services
             ],
-        }  # fmt: skip
+        }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         prom_proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=prom_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         replay = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "replay", str(REPO / "data" / "mooncake_synthetic_trace.jsonl.gz"),
              "--fleet", "external", "--nats-url", nats.url, "--pool", POOL, "--start", "3000", "--limit", "120",
              "--speedup", "10", "--workers", "4", "--max-output-tokens", "16", "--progress", "false",
              "--out", str(tmp_path / "replay")],
             cwd=REPO, stdout=replay_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
 
         queries = dashboard_queries() + [(f"alert {a.name}", a.signal) for a in _alerts_module().ALERTS]
         empty: dict[str, str] = dict(queries)

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from services.epp_bridge.tokenizer import PoolTokenizer
-
 from bench.lib.tokenizer import build_tokenizer_dir
+from services.epp_bridge.tokenizer import PoolTokenizer
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def stack(tmp_path_factory, tokenizer_dir):
             proc = ServiceProcess(
                 command, [*extra, "--trace-file", str(logs / f"{command}.spans")], nats_url=server.url,
                 pools=POOLS, log_path=str(logs / f"{command}.log"),
-            )  # fmt: skip
+            )
             procs[command] = proc.start()
         for proc in procs.values():
             proc.wait_ready(60)
@@ -110,7 +110,7 @@ async def publish_cached(nc, pool: str, worker_id: int, tokens: list[int], event
     await wait_for(indexed)
 
 
-async def wait_workers(nc, pool: str, ids: set[int], absent: set[int] = frozenset()) -> None:
+async def wait_workers(nc, pool: str, ids: set[int], absent: frozenset[int] = frozenset()) -> None:
     """Until the bridge and the scheduler both know these workers of `pool` (and none of `absent`)."""
 
     async def seen():

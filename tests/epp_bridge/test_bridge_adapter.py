@@ -55,7 +55,7 @@ class ScriptedScheduler:
             decode=Target(wid, rank, f"vllm-{wid}", None), prefill=prefill, overlap_blocks=0,
             isl_tokens=req.isl_tokens or 0, block_size=16, cost=1.0,
             mode="disaggregated" if prefill else "aggregated",
-        )  # fmt: skip
+        )
 
     async def booking(self, req: CleanupRequest, _msg) -> CleanupReply:
         self.cleanups.append(req)
@@ -199,7 +199,7 @@ async def kvr_epp(nats_url: str, *args: str) -> tuple[int, dict]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "epp", args[0], "--nats-url", nats_url, "--pool", POOL, *args[1:],
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode, (msgspec.json.decode(out) if out.strip() else {"stderr": err.decode()})
 

@@ -33,7 +33,7 @@ async def bookings_stream(nc: Any) -> list[Any]:
     js = nc.jetstream()
     info = await js.stream_info(NAMES.bookings_stream)
     return [codec.decode((await js.get_msg(NAMES.bookings_stream, s)).data, BookingEvent)
-            for s in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages]  # fmt: skip
+            for s in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages]
 
 
 async def test_a_select_that_books_after_the_bridge_gave_up_books_nothing(nats_url, nc):
@@ -142,7 +142,7 @@ async def test_a_scheduler_that_answers_timeout_gets_its_booking_cancelled(nats_
         return CleanupReply(request_id=req.request_id, known=False)
 
     subs = [await serve(nc, NAMES.select(POOL), SelectRequest, scripted_select, queue="scheduler"),
-            await serve(nc, NAMES.booking(POOL), CleanupRequest, record_free, queue="scheduler")]  # fmt: skip
+            await serve(nc, NAMES.booking(POOL), CleanupRequest, record_free, queue="scheduler")]
     bridge = await start_bridge(nc, nats_url, "--pool", POOL)
     await register(nc, [record(1)])
     try:

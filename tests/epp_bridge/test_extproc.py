@@ -104,7 +104,7 @@ def stack(tmp_path_factory):
                                          "--grpc-tls-cert", str(pki.server_cert), "--grpc-tls-key", str(pki.server_key),
                                          "--grpc-tls-client-ca", str(pki.ca),
                                          "--epp-label-filter", f"{LAB}:tier=gold|silver", "--epp-label-filter", f"{LAB}:zone?=a"]),
-        ):  # fmt: skip
+        ):
             procs[name] = ServiceProcess(command, extra, nats_url=server.url, pools=pools, log_path=str(logs / f"{name}.log")).start()
         # Bridge A: the command line, exactly.
         with open(logs / "a.log", "ab") as out:
@@ -112,14 +112,14 @@ def stack(tmp_path_factory):
                 [sys.executable, "-m", "services.epp_bridge", "--nats-url", server.url, "--pool", POOL,
                  "--http-port", "0", "--grpc-port", str(ports["a"])],
                 stdout=out, stderr=out, start_new_session=True,
-            )  # fmt: skip
+            )
         for proc in procs.values():
             proc.wait_ready(60)
         _wait_health(f"127.0.0.1:{ports['a']}")
         _wait_health(f"127.0.0.1:{ports['b']}", pki)
         _wait_health(f"127.0.0.1:{ports['c']}", pki, mtls=True)
         yield {"url": server.url, "procs": procs, "raw": raw, "pki": pki, "logs": logs,
-               "a": f"127.0.0.1:{ports['a']}", "b": f"127.0.0.1:{ports['b']}", "c": f"127.0.0.1:{ports['c']}"}  # fmt: skip
+               "a": f"127.0.0.1:{ports['a']}", "b": f"127.0.0.1:{ports['b']}", "c": f"127.0.0.1:{ports['c']}"}
     finally:
         if raw is not None:
             raw.terminate()
@@ -464,7 +464,7 @@ async def test_label_filter_applies_to_ext_proc_and_epp_query(stack, conn):
 async def test_kvr_epp_extproc_and_health_commands_over_mtls(stack, conn):
     pki = stack["pki"]
     tls = ["--target", stack["c"], "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key),
-           "--server-name", "localhost"]  # fmt: skip
+           "--server-name", "localhost"]
 
     async def kvr(*argv: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -493,7 +493,7 @@ async def test_kvr_epp_extproc_and_health_commands_over_mtls(stack, conn):
 async def test_sigterm_drains_open_streams_then_frees_their_bookings_and_exits_0(stack, conn):
     port = free_port()
     proc = ServiceProcess("epp-bridge", ["--grpc-port", str(port), "--grpc-host", "127.0.0.1", "--grpc-drain-s", "1"],
-                          nats_url=stack["url"], pools=(POOL,), log_path=str(stack["logs"] / "d.log")).start()  # fmt: skip
+                          nats_url=stack["url"], pools=(POOL,), log_path=str(stack["logs"] / "d.log")).start()
     try:
         await asyncio.to_thread(proc.wait_ready, 60)
         async with ExtProcClient(f"127.0.0.1:{port}") as client:

@@ -91,7 +91,7 @@ def test_split_keeps_the_bytes(body, n):
 
 def test_immediate_response_status_per_code():
     for code, status in (("invalid_request", 400), ("no_workers", 503), ("constraints_unsatisfied", 503),
-                         ("overloaded", 429), ("timeout", 503), ("internal", 500)):  # fmt: skip
+                         ("overloaded", 429), ("timeout", 503), ("internal", 500)):
         resp = xp.immediate_response(code, "m")
         assert resp.immediate_response.status.code == status
         assert b'"code":"%s"' % code.encode() in resp.immediate_response.body

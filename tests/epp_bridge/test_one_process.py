@@ -31,7 +31,7 @@ async def test_embedded_scheduler_and_indexer(nats_url, tokenizer_dir, tmp_path)
         "epp-bridge",
         ["--epp-embedded-scheduler", "--embedded-indexer", "--epp-tokenizer-dir", str(tokenizer_dir), "--block-size", "4"],
         nats_url=nats_url, pools=["one"], log_path=str(tmp_path / "bridge.log"),
-    )  # fmt: skip
+    )
     bridge.start().wait_ready(60)
     try:
         assert bridge.readyz()["_http_status"] == 200

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.lib.tokenizer import build_tokenizer_dir
 from schemas.api import EppPod, EppQueryRequest, SelectReply, Target
 from schemas.codec import SchemaError, convert
 from schemas.discovery import WorkerRecord
@@ -15,8 +16,6 @@ from services.epp_bridge.pods import PodIndex
 from services.epp_bridge.prompt import parse_body, prompt_tokens
 from services.epp_bridge.tokenizer import PoolTokenizer, TokenizerError, parse_tokenizer_dirs
 from services.runtime.responder import ServiceError
-
-from bench.lib.tokenizer import build_tokenizer_dir
 
 
 def tokens_of(body: dict, tok: PoolTokenizer | None, max_tokens: int = 10_000):
@@ -240,7 +239,7 @@ def test_select_request_and_headers(pool_tokenizer):
     dis = SelectReply(
         decode=Target(7, 1, "vllm-7", "10.0.0.7:8001"), prefill=Target(3, 0, "p-3", "10.0.0.3:8000"),
         overlap_blocks=0, isl_tokens=3, block_size=16, cost=1.0, mode="disaggregated",
-    )  # fmt: skip
+    )
     out = query_reply(convert({"request_id": "r-1", "body": body, "return_token_ids": True}, EppQueryRequest), dis, prompt)
     assert out.headers == {
         "x-gateway-destination-endpoint": "10.0.0.7:8001",

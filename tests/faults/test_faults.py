@@ -11,15 +11,12 @@ lists what each scenario checks and the figures of the long runs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from faultlib.scenarios import FaultResult, LoadConfig, Session, kill_nats, kill_process, kill_stream_leader  # noqa: E402
-from faultlib.stack import Stack, StackConfig  # noqa: E402
+from bench.faultlib.scenarios import FaultResult, LoadConfig, Session, kill_nats, kill_process, kill_stream_leader
+from bench.faultlib.stack import Stack, StackConfig
 
 pytestmark = pytest.mark.integration
 

@@ -5,14 +5,11 @@ tests/runtime/test_follower.py; the fuzzed inputs in tests/fuzz/."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from hostile_input import backlog, flood  # noqa: E402
+from bench.hostile_input import backlog, flood
 
 pytestmark = pytest.mark.integration
 

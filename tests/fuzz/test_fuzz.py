@@ -5,19 +5,14 @@ state change from a rejected request; every malformed stream message counted, no
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import msgspec
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from hostile_input import SEEDS, Mutator, Stack, fuzz_endpoints, fuzz_streams  # noqa: E402
-
-from schemas import codec  # noqa: E402
-from schemas.api import SelectRequest  # noqa: E402
-from services.runtime.embedded import NatsServer  # noqa: E402
+from bench.hostile_input import SEEDS, Mutator, Stack, fuzz_endpoints, fuzz_streams
+from schemas import codec
+from schemas.api import SelectRequest
+from services.runtime.embedded import NatsServer
 
 N = int(os.environ.get("KVR_FUZZ_N", "300"))
 
@@ -39,7 +34,7 @@ def test_the_generator_is_seeded_and_hostile() -> None:
 
 
 @pytest.fixture
-async def stack(nats_url: str):  # noqa: ANN201
+async def stack(nats_url: str):
     s = await Stack.start(nats_url)
     try:
         yield s

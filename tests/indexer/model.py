@@ -43,7 +43,7 @@ class ModelIndex:
             blocks = data.stored.blocks
             prev = data.stored.parent_hash
             hashes = [b.block_hash for b in blocks]
-            if any(h == p for h, p in zip(hashes, [prev, *hashes[:-1]])):
+            if any(h == p for h, p in zip(hashes, [prev, *hashes[:-1]], strict=True)):
                 outcome = "invalid_block"
             else:
                 if prev is None:
@@ -58,12 +58,12 @@ class ModelIndex:
                         path = path + (b.tokens_hash,)
                         lk[b.block_hash] = path
         else:
-            lk = self.workers.get(key, {}).get(tier)
+            held = self.workers.get(key, {}).get(tier)
             for h in data.removed.block_hashes:
-                if lk is None or h not in lk:
+                if held is None or h not in held:
                     outcome = "block_not_found"
                 else:
-                    del lk[h]
+                    del held[h]
         if gap and outcome == "ok":
             outcome = "gap"
         return outcome

@@ -110,7 +110,7 @@ def test_a_full_buffer_spills_and_the_worker_is_then_read_again_from_the_stream(
     adm.begin_replay("p", 1, 10, position=13)
     assert [adm.route("p", s, w) for s, w in [(10, 1), (11, 2), (12, 1), (13, 3), (14, 1)]] == [
         Verdict.APPLY, Verdict.SKIP, Verdict.APPLY, Verdict.SKIP, Verdict.APPLY,
-    ]  # fmt: skip
+    ]
 
 
 def test_too_many_unknown_workers_leave_a_floor_and_later_registrations_probe_the_stream() -> None:
@@ -264,7 +264,7 @@ def reference_dump(stream: list[tuple[int, bytes]], discovery: list[tuple[str, i
     restart_at=st.one_of(st.none(), st.sampled_from(range(1, 90))),
     from_snapshot=st.booleans(),
 )
-def test_every_interleaving_and_restart_reaches_the_reference_index(seed, buffer, tracked, choices, restart_at, from_snapshot) -> None:  # noqa: ANN001
+def test_every_interleaving_and_restart_reaches_the_reference_index(seed, buffer, tracked, choices, restart_at, from_snapshot) -> None:
     stream, discovery = build_streams(seed, workers=5, messages=60)
     expected = reference_dump(stream, discovery)
     rep = Replica(buffer=buffer, tracked=tracked)

@@ -11,10 +11,9 @@ from schemas.api import DumpReply, DumpRequest, MatchReply, MatchRequest
 from schemas.discovery import WorkerRecord
 from schemas.events import cleared_event, removed_event, stored_event
 from schemas.hashing import local_block_hashes
+from services.indexer import metrics as m
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
-
-from services.indexer import metrics as m
 
 from .conftest import NAMES, publish, wait_for
 
@@ -52,7 +51,7 @@ async def test_match_table_over_nats(nc, start_indexer):
     reply = await request(nc, NAMES.match("p"), MatchRequest(block_hashes=q), MatchReply, msgpack=True)
     assert {(s.worker_id, s.dp_rank): s.blocks for s in reply.tree_sizes} == {
         (1, 0): 4, (1, 1): 2, (2, 0): 3, (3, 0): 2, (5, 0): 3, (6, 1): 1,
-    }  # fmt: skip
+    }
     assert reply.block_size == 16 and reply.stream_seq == seq
     assert set(reply.tier_scores) == {"host_pinned", "disk"}
     counters = app.index("p").counters

@@ -160,7 +160,7 @@ async def test_ready_only_once_a_backlog_of_large_messages_is_applied_and_not_wh
         w = i % 4
         blocks = [(w * 10**9 + i * 8192 + b, i * 8192 + b) for b in range(8192)]
         last = (await js.publish(NAMES.kv_subject("p", w, 0), codec.encode_msgpack(stored_event(w, i // 4, blocks)),
-                                 headers={codec.CONTENT_TYPE_HEADER: codec.MSGPACK})).seq  # fmt: skip
+                                 headers={codec.CONTENT_TYPE_HEADER: codec.MSGPACK})).seq
     cfg = make_cfg(pool=["p"], snapshot_every_events=0, snapshot_interval_s=0, max_ready_lag_s=5.0)
     app = IndexerApp(cfg)
     await app.start(Runtime("indexer", cfg, nc))

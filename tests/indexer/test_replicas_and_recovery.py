@@ -62,7 +62,7 @@ async def test_sigkill_restart_restores_snapshot_plus_tail(nats_url, nc, tmp_pat
         sizes: dict[int, int] = {}  # stream seq → events in that message
         worker_of: dict[int, int] = {}  # stream seq → worker of that message
 
-        async def send(msg) -> None:  # noqa: ANN001
+        async def send(msg) -> None:
             seq = await publish(js, "p", msg)
             sizes[seq], worker_of[seq] = len(msg), msg[0].worker_id
 

@@ -27,7 +27,7 @@ async def test_a_version_replaced_between_meta_and_chunks_is_read_as_the_newer_o
     original = ObjectStore.get_info
     replaced = asyncio.Event()
 
-    async def get_info_then_replace(self, name, show_deleted=False):  # noqa: ANN001, ANN202
+    async def get_info_then_replace(self, name, show_deleted=False):
         info = await original(self, name, show_deleted)
         if not replaced.is_set():
             replaced.set()

@@ -320,4 +320,4 @@ def test_fused_decode_matches_stepping(split):
         assert fb[k] == pytest.approx(fa[k])
     assert a.cached_blocks() == b.cached_blocks() == ra.blocks == rb.blocks
     assert a.stats.passes == b.stats.passes and a.stats.output_tokens == b.stats.output_tokens
-    assert b.fused_commits > 0  # type: ignore[attr-defined]
+    assert b.fused_commits > 0

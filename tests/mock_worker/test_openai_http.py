@@ -32,7 +32,7 @@ async def test_chat_and_completions_over_http(nc) -> None:
     cfg = FleetConfig(
         pool="oa", count=2, worker_id_base=500, engine=EngineConfig(block_size=16, kv_blocks=512), speedup=20.0,
         openai_port=0, tokenizer_dir=str(TOKENIZER), model="mock-model",
-    )  # fmt: skip
+    )
     fleet = MockFleet(nc, NAMES, cfg)
     await fleet.start()
     try:

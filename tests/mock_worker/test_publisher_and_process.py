@@ -20,7 +20,7 @@ async def test_publisher_batches_with_msg_ids_and_checks_order(nc):
     js = nc.jetstream()
     await provision(js, NAMES, StreamSettings())
     pub = KvEventPublisher(js, pool="pp", worker_id=9, subject_of=lambda r: NAMES.kv_subject("pp", 9, r), msgpack=False,
-                           max_events=4, max_inflight=2, epoch=77)  # fmt: skip
+                           max_events=4, max_inflight=2, epoch=77)
     pub.start()
     events = [stored_event(9, i, [(1000 + i, 2000 + i)], parent_hash=(1000 + i - 1) if i else None) for i in range(10)]
     await pub.publish(events)

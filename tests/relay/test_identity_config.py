@@ -26,13 +26,13 @@ def test_identity_comes_from_flags_then_downward_api_env():
 
 def test_app_builds_the_discovery_record_and_rank_endpoints():
     cfg = relay_cfg("nats://x:1", 6000, 7000, "--dp-start-rank", "2", "--dp-size", "2", "--dp-ports", "8000,8001",
-                    "--taints", "gpu=h100", "--labels", "app=vllm,tier=a", "--role", "decode")  # fmt: skip
+                    "--taints", "gpu=h100", "--labels", "app=vllm,tier=a", "--role", "decode")
     app = make_app(cfg)
     assert app.endpoints == {2: "tcp://127.0.0.1:6002", 3: "tcp://127.0.0.1:6003"}
     assert app.replay_endpoints == {2: "tcp://127.0.0.1:7002", 3: "tcp://127.0.0.1:7003"}
     r = app.record
     assert (r.pool, r.pod_name, r.address, r.dp_start_rank, r.dp_size, r.dp_ports, r.role) == (
-        "p", "vllm-0", "10.0.0.7", 2, 2, [8000, 8001], "decode")  # fmt: skip
+        "p", "vllm-0", "10.0.0.7", 2, 2, [8000, 8001], "decode")
     assert r.taints == ["gpu=h100"] and r.labels == {"app": "vllm", "tier": "a"} and r.endpoint(3) == "10.0.0.7:8001"
 
 

@@ -7,6 +7,8 @@ import asyncio
 import msgspec
 import pytest
 
+from bench.lib.fake_engine import BlockPoolSim, FakeEngine
+from bench.lib.refindex import RefIndex
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
@@ -17,9 +19,6 @@ from services.relay.convert import Converter
 from services.relay.decode import decode_batch
 from services.runtime.kv_publisher import Pending
 from services.runtime.natsio import StreamSettings, provision
-
-from bench.lib.fake_engine import BlockPoolSim, FakeEngine
-from bench.lib.refindex import RefIndex
 
 from .helpers import (
     metric,
@@ -375,7 +374,7 @@ async def test_each_dp_rank_has_its_own_socket_subject_ids_and_restarts(nats_url
     e0 = FakeEngine(z0, r0, dp_rank=0).start()
     e1 = FakeEngine(z1, r1, dp_rank=1, encoding="map").start()
     cfg = relay_cfg(nats_url, z0, None, "--zmq", f"tcp://127.0.0.1:{z1}", "--dp-size", "2",
-                    "--replay", f"tcp://127.0.0.1:{r0},tcp://127.0.0.1:{r1}")  # fmt: skip
+                    "--replay", f"tcp://127.0.0.1:{r0},tcp://127.0.0.1:{r1}")
     assert cfg.zmq == [f"tcp://127.0.0.1:{z0}", f"tcp://127.0.0.1:{z1}"]
     relay = await start_relay(cfg)
     js = nc.jetstream()

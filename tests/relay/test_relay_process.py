@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from bench.lib.fake_engine import FakeEngine
 from schemas import MatchReply, MatchRequest, codec
 from schemas.discovery import WorkerRecord
 from schemas.subjects import Names
@@ -14,7 +15,6 @@ from services.relay.app import worker_id_for
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
 
-from bench.lib.fake_engine import FakeEngine
 from .helpers import ports
 
 P1 = list(range(1, 65))
@@ -32,7 +32,7 @@ async def test_relay_process_feeds_indexer_heartbeats_and_deregisters(nats_url, 
     relay = ServiceProcess(
         "relay",
         args=["--zmq", f"tcp://127.0.0.1:{zp}", "--replay", f"tcp://127.0.0.1:{rp}", "--heartbeat-ttl-s", "0.9",
-              "--taints", "gpu=h100,zone=a", "--total-kv-blocks", "4096"],  # fmt: skip
+              "--taints", "gpu=h100,zone=a", "--total-kv-blocks", "4096"],
         nats_url=nats_url,
         pools=["p"],
         env={"POD_NAME": "vllm-7", "POD_IP": "10.1.2.3"},
@@ -61,7 +61,7 @@ async def test_relay_process_feeds_indexer_heartbeats_and_deregisters(nats_url, 
         first = await kv.get(f"p.{wid}")
         record = codec.decode(first.value, WorkerRecord)
         assert (record.pod_name, record.address, record.taints, record.total_kv_blocks) == (
-            "vllm-7", "10.1.2.3", ["gpu=h100", "zone=a"], 4096)  # fmt: skip
+            "vllm-7", "10.1.2.3", ["gpu=h100", "zone=a"], 4096)
         await asyncio.sleep(0.7)
         later = await kv.get(f"p.{wid}")
         assert later.revision > first.revision  # heartbeat every ttl/3

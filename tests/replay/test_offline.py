@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.api import Policy
 from services.mock_worker.engine import EngineConfig
 from services.replay.__main__ import main as replay_main
 from services.replay.offline import OfflineConfig, OfflineSim, cost_with_overrides, run_offline
@@ -26,13 +27,13 @@ def workload():
 
 
 def _cfg(policy: str, **kw) -> OfflineConfig:
-    return OfflineConfig(policy=policy, workers=4, engine=ENGINE, max_output_tokens=48, **kw)
+    return OfflineConfig(policy=Policy(policy), workers=4, engine=ENGINE, max_output_tokens=48, **kw)
 
 
 def _outcome(run) -> list[tuple]:
     # Times rounded to 1 ns: a fused span sums its pass durations in another order than stepping.
     return [(r.request_id, r.worker_id, r.overlap_blocks, r.cached_tokens, round(r.ttft_ms, 6), round(r.e2e_ms, 6),
-             r.output_tokens) for r in run.records]  # fmt: skip
+             r.output_tokens) for r in run.records]
 
 
 @pytest.mark.parametrize("policy", ["kv", "random"])
@@ -104,7 +105,7 @@ def test_cli_offline_writes_report(tmp_path: Path) -> None:
     trace = write_trace(synthetic_trace(60, groups=4, prefix_blocks=4, seed=1), tmp_path / "t.jsonl")
     out = tmp_path / "out"
     rc = replay_main([str(trace), "--offline", "true", "--compare", "kv,round_robin", "--rate-scale", "1,2", "--workers", "2",
-                      "--kv-blocks", "2048", "--max-output-tokens", "16", "--out", str(out), "--progress", "false"])  # fmt: skip
+                      "--kv-blocks", "2048", "--max-output-tokens", "16", "--out", str(out), "--progress", "false"])
     assert rc == 0
     doc = json.loads((out / "report.json").read_text())
     assert doc["meta"]["mode"].startswith("offline")

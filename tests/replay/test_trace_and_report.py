@@ -107,7 +107,7 @@ def test_percentile_interpolates():
 
 def _run(policy: str, cached: list[int], workers: list[int], errors: int = 0) -> RunResult:
     recs = []
-    for i, (c, w) in enumerate(zip(cached, workers)):
+    for i, (c, w) in enumerate(zip(cached, workers, strict=False)):
         recs.append(
             RequestRecord(i, f"r{i}", arrival_ms=100.0 * i, prompt_tokens=1000, max_tokens=10, worker_id=w,
                           ttft_ms=50.0 + i, e2e_ms=200.0 + i, cached_tokens=c, output_tokens=10)

@@ -17,7 +17,8 @@ KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER
 
 
 def _value(v: AnyValue) -> Any:
-    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+    which = v.WhichOneof("value")
+    return getattr(v, which) if which else None
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Receiver:
                             name=s.name, kind=KINDS[s.kind], trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
                             parent_span_id=s.parent_span_id.hex(), resource=resource,
                             attributes={a.key: _value(a.value) for a in s.attributes},
-                        )  # fmt: skip
+                        )
                     )
         with self.lock:
             self.paths.append(path)
@@ -77,7 +78,7 @@ class HttpReceiver(Receiver):
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 request = trace_service_pb2.ExportTraceServiceRequest()
                 request.ParseFromString(body)
@@ -115,7 +116,7 @@ class GrpcReceiver(Receiver):
         receiver = self
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - the proto's naming
+            def Export(self, request: Any, context: Any) -> Any:  # the proto's naming
                 receiver.add(request, "grpc:Export")
                 return trace_service_pb2.ExportTraceServiceResponse()
 

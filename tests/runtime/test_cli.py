@@ -75,7 +75,7 @@ def test_epp_cleanup_against_a_silent_server_fails_within_timeout_with_one_line(
         code, out, err, took = kvr(
             "epp", "cleanup", "--pool", "dev", "--request-id", "r-1", "--phase", "free",
             "--nats-url", f"nats://127.0.0.1:{silent.port}", "--timeout", "1.5",
-        )  # fmt: skip
+        )
     finally:
         silent.close()
     assert code == 2 and out == ""
@@ -117,7 +117,7 @@ def test_connect_error_message_drops_credentials_from_the_url():
 NO_DEFAULT = {
     "--prompt", "--message", "--messages", "--token-ids", "--body-file", "--model", "--tools", "--nvext",
     "--pod", "--pod-json", "--phase", "--header", "--worker-id", "--prefill-worker-id", "--booking-id",
-}  # fmt: skip
+}
 
 
 def help_blocks(text: str) -> dict[str, str]:

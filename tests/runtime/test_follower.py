@@ -44,7 +44,7 @@ async def tight_nc(tight_server: NatsServer) -> AsyncIterator:
         await conn.close()
 
 
-async def wait_for(predicate, timeout: float = 20.0) -> None:  # noqa: ANN001
+async def wait_for(predicate, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -72,7 +72,7 @@ async def test_backlog_of_large_messages_never_trips_the_slow_consumer_limit(tig
     caught_up_during: list[bool] = []
     follower: StreamFollower
 
-    def apply(seq: int, _subject: str, data: bytes, _headers) -> None:  # noqa: ANN001
+    def apply(seq: int, _subject: str, data: bytes, _headers) -> None:
         caught_up_during.append(follower.caught_up.is_set())
         time.sleep(0.01)  # a slow fold: the server would pile messages up for us without a byte bound
         seen.append(int(data[600_000:]))
@@ -153,7 +153,7 @@ async def test_messages_dropped_before_they_were_read_are_reported(nc) -> None:
     follower = StreamFollower(
         nc, "H", ["h.>"], lambda s, *_: seen.append(s), batch=2, poll_interval_s=0.1, name="h",
         on_history_lost=lambda a, b: lost.append((a, b)),
-    )  # fmt: skip
+    )
     follower.start()
     try:
         await asyncio.wait_for(follower.caught_up.wait(), 5)
@@ -225,7 +225,7 @@ async def test_one_pull_at_a_time_even_when_batches_complete_by_count(nc) -> Non
         assert seen == list(range(1, 61))
         waiting = []
         for _ in range(10):
-            info = await js.consumer_info("B1", follower._consumer)  # type: ignore[arg-type]
+            info = await js.consumer_info("B1", follower._consumer)
             waiting.append(info.num_waiting)
             await asyncio.sleep(0.05)
         assert max(waiting) <= 1, waiting

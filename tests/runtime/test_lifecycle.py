@@ -90,7 +90,7 @@ def test_service_waits_for_nats_then_serves_and_drains_on_sigterm(tmp_path):
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        output = proc.stdout.read().decode()  # type: ignore[union-attr]
+        output = proc.stdout.read().decode()
         assert '"event": "service.stopped"' in output
         # A clean shutdown logs nothing above info (closing our own connection is not a disconnect).
         lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -108,8 +108,8 @@ def test_service_waits_for_nats_then_serves_and_drains_on_sigterm(tmp_path):
 
 
 def test_cluster_helper_provisions_replicated_streams(nats_cluster):
-    from services.runtime.natsio import StreamSettings, provision
     from schemas.subjects import Names
+    from services.runtime.natsio import StreamSettings, provision
 
     async def run() -> dict:
         nc = await nats.connect(nats_cluster.url.split(","))

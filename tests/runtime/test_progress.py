@@ -52,7 +52,7 @@ def test_replayed_messages_do_not_make_the_state_look_stale() -> None:
         max_size=30,
     )
 )
-def test_lag_is_never_negative_and_zero_exactly_when_nothing_is_pending(steps) -> None:  # noqa: ANN001
+def test_lag_is_never_negative_and_zero_exactly_when_nothing_is_pending(steps) -> None:
     p = FollowerProgress(started=0.0)
     now = 0.0
     zero_seen = False

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import pytest
 import nats.js.errors
+import pytest
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from schemas import MatchReply, MatchRequest, RemoteError, codec
+from schemas.api import ErrorCode
 from schemas.subjects import Names
 from services.runtime.follower import StreamFollower
 from services.runtime.natsio import ProvisioningError, StreamSettings, ensure_stream, provision, stream_configs
@@ -85,7 +86,7 @@ async def test_conflicting_subjects_named_in_error(nc):
 async def test_responder_maps_errors_and_stays_up(nc):
     async def handler(req: MatchRequest, _msg):
         if req.block_hashes == [13]:
-            raise ServiceError("not_found", "unlucky")
+            raise ServiceError(ErrorCode.NOT_FOUND, "unlucky")
         if req.block_hashes == [666]:
             raise RuntimeError("boom")
         return MatchReply(block_size=16, scores=[], tier_scores={}, tree_sizes=[], stream_seq=len(req.block_hashes or []))
@@ -127,7 +128,7 @@ async def test_inline_requests_run_in_the_subscription_task_and_others_concurren
         if first >= 100:  # the non-inline kind waits for the test
             await release.wait()
         if first == 13:
-            raise ServiceError("not_found", "unlucky")
+            raise ServiceError(ErrorCode.NOT_FOUND, "unlucky")
         return MatchReply(block_size=16, scores=[], tier_scores={}, tree_sizes=[], stream_seq=first)
 
     await serve(nc, "t.inline", MatchRequest, handler, max_inflight=8, inline=lambda req: req.block_hashes[0] < 100)

@@ -72,7 +72,7 @@ def test_quickstart_commands_run_against_kvr_dev(tmp_path: Path) -> None:
         [sys.executable, "-m", "services.cli", "dev", "--nats-port", "0", "--gateway-port", "0", "--extproc-port", "0",
          "--env-file", str(env_file), "--run-dir", str(run_dir), "--limit", "100", "--online-limit", "30"],
         cwd=REPO, stdout=dev_out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 240
         while not env_file.exists():
@@ -89,7 +89,7 @@ def test_quickstart_commands_run_against_kvr_dev(tmp_path: Path) -> None:
             proc = subprocess.run(
                 ["bash", "-c", f". {env_file} && {runnable}"], cwd=REPO, capture_output=True, text=True,
                 timeout=COMMAND_TIMEOUT_S, env={**os.environ, "COLUMNS": "120"},
-            )  # fmt: skip
+            )
             took = time.monotonic() - started
             assert proc.returncode == 0, (
                 f"{command}\nexit {proc.returncode} after {took:.1f} s\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
@@ -120,5 +120,5 @@ def test_quickstart_commands_run_against_kvr_dev(tmp_path: Path) -> None:
     assert code == 0, (tmp_path / "dev.out").read_text()[-3000:]
     assert not env_file.exists(), "kvr dev left its env file behind"
     loud = [line for log in (run_dir / "logs").glob("*.log") if log.name != "nats-server.log"
-            for line in log.read_text().splitlines() if re.search(r'"level": ?"(warning|error|critical)"', line)]  # fmt: skip
+            for line in log.read_text().splitlines() if re.search(r'"level": ?"(warning|error|critical)"', line)]
     assert not loud, "log lines above info:\n" + "\n".join(loud[:10])

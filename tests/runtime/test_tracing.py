@@ -20,7 +20,7 @@ OTEL_VARS = (
     "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_SDK_DISABLED",
     "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_TRACES_EXPORTER",
-)  # fmt: skip
+)
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_gateway_traceparent_from_http_headers_is_continued(clean_env, http_rece
     """What the ext_proc handler does with the headers Envoy forwards (any case, bytes values)."""
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     headers = [(":path", b"/v1/chat/completions"), ("TraceParent", f"00-{trace_id}-{parent_id}-01".encode()),
-               ("tracestate", b"vendor=x")]  # fmt: skip
+               ("tracestate", b"vendor=x")]
     tracing.setup_tracing("kvr-test", http_receiver.url)
     ctx = tracing.context_from_headers(headers)
     assert tracing.context_from_headers({"content-type": "application/json"}) is None
@@ -169,7 +169,7 @@ def test_one_trace_from_the_gateway_through_bridge_scheduler_and_bookings(protoc
                        log_path=str(tmp_path / "scheduler.log")),
         ServiceProcess("epp-bridge", [], nats_url=nats_server.url, pools=["t"],
                        env={**otel, "OTEL_SERVICE_NAME": "gateway-picker"}, log_path=str(tmp_path / "bridge.log")),
-    ]  # fmt: skip
+    ]
     trace_id, gateway_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     try:
         for p in procs:
@@ -183,7 +183,7 @@ def test_one_trace_from_the_gateway_through_bridge_scheduler_and_bookings(protoc
                 for _ in range(100):  # until the scheduler has seen the workers
                     payload = {"request_id": f"r-{uuid.uuid4().hex[:8]}", "body": {"prompt": "", "nvext": {"token_data": list(range(300))}}}
                     msg = await nc.request(Names().epp_query("t"), codec.encode_json(payload), timeout=10,
-                                           headers={"traceparent": f"00-{trace_id}-{gateway_span}-01"})  # fmt: skip
+                                           headers={"traceparent": f"00-{trace_id}-{gateway_span}-01"})
                     reply = msgspec.json.decode(msg.data)
                     if reply.get("status") == "ok":
                         return reply

@@ -7,7 +7,7 @@ from schemas.discovery import WorkerRecord
 from services.scheduler.candidates import Candidate, candidates_from
 
 
-def record(wid: int, pool: str = "p", **kw) -> WorkerRecord:  # type: ignore[no-untyped-def]
+def record(wid: int, pool: str = "p", **kw) -> WorkerRecord:
     kw.setdefault("address", f"10.0.0.{wid}")
     kw.setdefault("port", 8000)
     kw.setdefault("pod_name", f"pod-{wid}")
@@ -19,9 +19,9 @@ def cands(*records: WorkerRecord) -> list[Candidate]:
 
 
 def add(rid: str, wid: int, hashes: list[int], *, isl: int | None = None, overlap: int = 0, rank: int = 0, leg: str = "",
-        track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16, bid: str = "") -> BookingAdd:  # fmt: skip
+        track: bool = True, ts: int = 1_000, pool: str = "p", bs: int = 16, bid: str = "") -> BookingAdd:
     return BookingAdd(
         request_id=rid, router_id="r", pool=pool, worker_id=wid, dp_rank=rank, ts_ms=ts,
         isl_tokens=len(hashes) * bs if isl is None else isl, overlap_blocks=overlap, sequence_hashes=hashes,
         leg=leg, track_prefill_tokens=track, block_size=bs, booking_id=bid,
-    )  # fmt: skip
+    )

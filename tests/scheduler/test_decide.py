@@ -24,7 +24,7 @@ def decider(limit: int = 1_000) -> Decider:
     return Decider(Selector(rng=random.Random(0)), CostConfig(), router_id="me", default_block_size=16, max_request_tokens=limit)
 
 
-def view(tracker: LoadTracker | None = None, *records) -> PoolView:  # type: ignore[no-untyped-def]
+def view(tracker: LoadTracker | None = None, *records) -> PoolView:
     return PoolView("p", cands(*(records or (record(1), record(2)))), tracker or LoadTracker())
 
 
@@ -61,7 +61,7 @@ def test_decide_picks_by_the_overlaps_and_books_one_add_per_leg() -> None:
     assert ev.expected_output_tokens == 9
     assert out.reply.booking_id == "b1" and out.reply.request_id == "r"
     unbooked = d.decide(d.prepare(SelectRequest(request_id="q", token_ids=TOKENS, book=False), v), Overlaps(), v,
-                        policy=Policy.KV, ts_ms=5_000, booking_id="")  # fmt: skip
+                        policy=Policy.KV, ts_ms=5_000, booking_id="")
     assert unbooked.events == () and unbooked.reply.booking_id == ""
 
 

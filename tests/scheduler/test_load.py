@@ -108,7 +108,7 @@ ops = st.lists(
 )
 
 
-def model_view(t: LoadTracker, target):  # type: ignore[no-untyped-def]
+def model_view(t: LoadTracker, target):
     legs = [leg for leg in t.legs.values() if leg.target == target]
     blocks = set()
     for leg in legs:
@@ -265,7 +265,7 @@ def model_fold(events: list[tuple], now: int, ttl: int, unconfirmed: int) -> dic
                 continue
             window = unconfirmed if 0 < unconfirmed < ttl else ttl
             recs[key] = {"wid": wid, "hashes": set(hashes), "prefill": isl, "end": ts + ttl, "deadline": ts + window,
-                         "confirmed": window >= ttl, "gone": False}  # fmt: skip
+                         "confirmed": window >= ttl, "gone": False}
             continue
         mine = [(k, r) for k, r in recs.items() if k[0] == rid and (not bid or k[1] == bid) and not r["gone"]]
         if kind == "move":
@@ -289,14 +289,14 @@ def model_fold(events: list[tuple], now: int, ttl: int, unconfirmed: int) -> dic
     view: dict[tuple[int, int], LoadView] = {}
     for wid in (1, 2):
         alive = [r for r in recs.values() if r["wid"] == wid and not r["gone"]
-                 and now < (r["end"] if r["confirmed"] else r["deadline"])]  # fmt: skip
+                 and now < (r["end"] if r["confirmed"] else r["deadline"])]
         blocks = set().union(*(r["hashes"] for r in alive)) if alive else set()
         view[(wid, 0)] = LoadView(sum(r["prefill"] for r in alive), len(blocks), len(alive)) if alive else EMPTY
     return view
 
 
 @st.composite
-def booking_streams(draw):  # type: ignore[no-untyped-def]
+def booking_streams(draw):
     """Booking events in stream order with their stamps, as several replicas would publish them:
     stamps wander (clock skew, publish delays), attempts are unique, a free may come before the add
     of its booking (a select that books after its caller gave up)."""

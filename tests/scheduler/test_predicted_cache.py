@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.scheduler.predicted import PredictedCache
 
 
-def scores(reply):  # type: ignore[no-untyped-def]
+def scores(reply):
     return {(s.worker_id, s.dp_rank): s.blocks for s in reply.scores}
 
 

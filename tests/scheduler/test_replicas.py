@@ -11,9 +11,9 @@ import asyncio
 import time
 
 from schemas import codec
+from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
 from schemas.events import kv_msg_id, stored_event
 from schemas.hashing import local_block_hashes
-from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
 from services.runtime.natsio import StreamSettings, provision
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
@@ -25,7 +25,7 @@ from .helpers import record
 TTL_S = 8.0
 
 
-def replica(nats_url: str, rid: str, log_dir) -> ServiceProcess:  # type: ignore[no-untyped-def]
+def replica(nats_url: str, rid: str, log_dir) -> ServiceProcess:
     return ServiceProcess(
         "scheduler",
         # Overlaps from the indexer process over NATS (the remote-index layout).
@@ -36,7 +36,7 @@ def replica(nats_url: str, rid: str, log_dir) -> ServiceProcess:  # type: ignore
     )
 
 
-async def converged(nc, n: int, timeout: float = 5.0, until=lambda states: True):  # type: ignore[no-untyped-def]
+async def converged(nc, n: int, timeout: float = 5.0, until=lambda states: True):
     """Wait until all replicas report the same view and that view satisfies `until` (events such as a
     discovery delete reach the replicas asynchronously)."""
     deadline = time.monotonic() + timeout
@@ -108,7 +108,7 @@ async def test_replicas_converge_through_bookings_restart_removal_and_expiry(nat
         text = "\n".join(procs[r].metrics() for r in ("s1", "s3", "s4"))
         for name in ("kvr_scheduler_decisions_total", "kvr_scheduler_kv_hit_ratio_bucket", "kvr_scheduler_phase_seconds_bucket",
                      "kvr_scheduler_booking_lag_seconds_bucket", "kvr_scheduler_bookings_expired_total",
-                     "kvr_scheduler_bookings_worker_removed_total", "kvr_scheduler_workers"):  # fmt: skip
+                     "kvr_scheduler_bookings_worker_removed_total", "kvr_scheduler_workers"):
             assert name in text, name
         assert 'outcome="ok"' in text
         assert procs["s1"].terminate() == 0  # SIGTERM drains and exits 0

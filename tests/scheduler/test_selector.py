@@ -14,9 +14,9 @@ from schemas.api import Overrides
 from services.scheduler.load import EMPTY, LoadView
 from services.scheduler.selector import (
     BusyThresholds,
-    ReportedLoad,
     CostConfig,
     Overlaps,
+    ReportedLoad,
     SelectionError,
     SelectionInput,
     Selector,
@@ -30,30 +30,30 @@ REQ = list(range(1, 11))  # the request's 10 sequence hashes (160 tokens at bloc
 
 
 class FakeLoad:
-    def __init__(self, views=None, active=None):  # type: ignore[no-untyped-def]
+    def __init__(self, views=None, active=None):
         self.views = views or {}
         self.active = active or {}
 
-    def view(self, t):  # type: ignore[no-untyped-def]
+    def view(self, t):
         return self.views.get(t, EMPTY)
 
-    def new_blocks(self, t, hashes):  # type: ignore[no-untyped-def]
+    def new_blocks(self, t, hashes):
         return len(set(hashes) - self.active.get(t, set()))
 
 
-def inp(**kw) -> SelectionInput:  # type: ignore[no-untyped-def]
+def inp(**kw) -> SelectionInput:
     kw.setdefault("isl_tokens", 160)
     kw.setdefault("block_size", 16)
     kw.setdefault("hashes", REQ)
     return SelectionInput(**kw)
 
 
-def pick(cs, load=None, ov=None, selector=None, **kw):  # type: ignore[no-untyped-def]
+def pick(cs, load=None, ov=None, selector=None, **kw):
     d = (selector or Selector()).select(cs, load or FakeLoad(), ov or Overlaps(), inp(**kw))
     return d
 
 
-def worked_example():  # type: ignore[no-untyped-def]
+def worked_example():
     """The worked example of Dynamo's cost rule: A (id 1) overlap 8, 64 prefill tokens, 30 active blocks (8 of ours);
     B (id 2) no overlap, 20 unrelated active blocks."""
     load = FakeLoad(
@@ -191,7 +191,7 @@ def test_busy_thresholds_filter_and_overload():
     cs = cands(record(1, total_kv_blocks=100, max_num_batched_tokens=1000), record(2, total_kv_blocks=100, max_num_batched_tokens=1000))
     load = FakeLoad(views={(1, 0): LoadView(900, 95, 5), (2, 0): LoadView(100, 10, 1)})
     for busy in (BusyThresholds(active_decode_blocks=0.9), BusyThresholds(active_prefill_tokens=500),
-                 BusyThresholds(active_prefill_tokens_frac=0.5)):  # fmt: skip
+                 BusyThresholds(active_prefill_tokens_frac=0.5)):
         # Worker 1 would win on cost (lower id, we make 2 dearer) but it is busy.
         heavy = FakeLoad(views=load.views, active={(2, 0): set()})
         assert pick(cs, heavy, selector=Selector(busy)).decode.candidate.worker_id == 2
@@ -224,11 +224,11 @@ def test_disaggregated_pair():
 
 def test_disaggregated_filters_apply_to_both_legs():
     cs = cands(record(1, role="prefill", taints=["z=a"]), record(2, role="prefill"), record(3, role="decode", taints=["z=a"]),
-               record(4, role="decode"))  # fmt: skip
+               record(4, role="decode"))
     d = pick(cs, mode="disaggregated", required_taints=frozenset({"z=a"}))
-    assert (d.prefill.candidate.worker_id, d.decode.candidate.worker_id) == (1, 3)  # type: ignore[union-attr]
+    assert (d.prefill.candidate.worker_id, d.decode.candidate.worker_id) == (1, 3)
     d = pick(cs, mode="disaggregated", pinned_worker_id=4)
-    assert (d.prefill.candidate.worker_id, d.decode.candidate.worker_id) == (1, 4)  # type: ignore[union-attr]
+    assert (d.prefill.candidate.worker_id, d.decode.candidate.worker_id) == (1, 4)
 
 
 def test_softmax_statistics_match_the_formula():
@@ -296,7 +296,7 @@ def test_temperature_zero_picks_a_minimum_cost_target_deterministically(workers,
     cs = cands(*(record(i + 1) for i in range(len(workers))))
     load = FakeLoad(views={(i + 1, 0): LoadView(p, b, 1) for i, (b, p, _, _) in enumerate(workers)})
     ov = Overlaps(device={(i + 1, 0): o for i, (_, _, o, _) in enumerate(workers)},
-                  tree_sizes={(i + 1, 0): t for i, (_, _, _, t) in enumerate(workers)})  # fmt: skip
+                  tree_sizes={(i + 1, 0): t for i, (_, _, _, t) in enumerate(workers)})
     d1 = pick(cs, load, ov, isl_tokens=isl)
     d2 = pick(list(reversed(cs)), load, ov, isl_tokens=isl)  # candidate order does not matter
     assert d1.decode.candidate == d2.decode.candidate

@@ -8,11 +8,12 @@ import time
 
 import msgspec
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from schemas import codec
 from schemas.api import CleanupReply, CleanupRequest, SelectReply, SelectRequest
-from schemas.codec import RemoteError
 from schemas.bookings import BookingAdd
+from schemas.codec import RemoteError
 from schemas.discovery import LoadReport
 from services.runtime.responder import request
 from services.runtime.workers import delete_worker, put_worker
@@ -27,7 +28,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def eventually(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+async def eventually(pred, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -36,21 +37,21 @@ async def eventually(pred, timeout: float = 5.0) -> None:  # type: ignore[no-unt
     raise AssertionError("condition not met in time")
 
 
-async def put(nc, wid: int, **kw) -> None:  # type: ignore[no-untyped-def]
+async def put(nc, wid: int, **kw) -> None:
     kw.setdefault("heartbeat_ms", now_ms())
     await put_worker(nc, NAMES.workers_bucket, record(wid, pool=POOL, **kw))
 
 
-async def select(nc, **kw) -> SelectReply:  # type: ignore[no-untyped-def]
+async def select(nc, **kw) -> SelectReply:
     kw.setdefault("token_ids", TOKENS)
     return await request(nc, NAMES.select(POOL), SelectRequest(**kw), SelectReply)
 
 
-async def cleanup(nc, rid: str, phase: str) -> CleanupReply:  # type: ignore[no-untyped-def]
+async def cleanup(nc, rid: str, phase: str) -> CleanupReply:
     return await request(nc, NAMES.booking(POOL), CleanupRequest(request_id=rid, phase=phase), CleanupReply)  # type: ignore[arg-type]
 
 
-def worker_ids(app) -> set[int]:  # type: ignore[no-untyped-def]
+def worker_ids(app) -> set[int]:
     return {c.worker_id for c in app.candidates(POOL)}
 
 
@@ -105,7 +106,7 @@ async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, inde
         await eventually(lambda: 3 in worker_ids(app))
         await eventually(lambda: app.watcher.directory.get(POOL, 3) is None, 4)
         kv = await nc.jetstream().key_value(NAMES.workers_bucket)
-        with pytest.raises(Exception):
+        with pytest.raises(KeyNotFoundError):
             await kv.get(f"{POOL}.3")
 
 
@@ -152,7 +153,7 @@ async def test_disaggregated_select_books_both_legs(nats_url, nc, indexer):
         assert r.prefill is None and r.decode.worker_id == 3
 
 
-async def raw_select(nc, payload: bytes, msgpack: bool = False) -> dict:  # type: ignore[no-untyped-def]
+async def raw_select(nc, payload: bytes, msgpack: bool = False) -> dict:
     headers = {"Content-Type": "application/msgpack"} if msgpack else None
     msg = await nc.request(NAMES.select(POOL), payload, timeout=5, headers=headers)
     return (msgspec.msgpack.decode if msgpack else msgspec.json.decode)(msg.data)
@@ -174,7 +175,7 @@ async def test_bad_input_gets_structured_errors_and_changes_nothing(nats_url, nc
             (j({"request_id": "x", "token_ids": [1], "isl_tokens": -5}), "invalid_request", "$.isl_tokens"),
             (j({"request_id": "x", "token_ids": [1], "overrides": {"temperature": -1}}), "invalid_request", "$.overrides.temperature"),
             (b'{"request_id": "x", "token_ids": [1], "routing_constraints": {"preferred_taints": {"a": 1e999}}}',
-             "invalid_request", "$.routing_constraints.preferred_taints[...]"),  # fmt: skip
+             "invalid_request", "$.routing_constraints.preferred_taints[...]"),
             (j({"request_id": "x", "token_ids": [1], "allowed_worker_ids": [-3]}), "invalid_request", "$.allowed_worker_ids[0]"),
             (j({"request_id": "x y", "token_ids": [1]}), "invalid_request", "$.request_id"),
             (j({"request_id": "x"}), "invalid_request", None),
@@ -246,7 +247,7 @@ async def test_bookings_feed_survives_a_server_restart(nats_server, nats_url, nc
             try:
                 await select(nc, request_id="after")
                 break
-            except Exception:  # noqa: BLE001
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
@@ -385,7 +386,7 @@ async def test_a_cleanup_while_this_replica_is_still_booking_lands_after_the_add
             booking = asyncio.create_task(app.select(POOL, SelectRequest(request_id=rid, token_ids=TOKENS)))
             while not app.states[POOL].tracker.is_active(rid):  # the add is provisional, its publish in flight
                 await asyncio.sleep(0)
-            reply = await app.booking(POOL, CleanupRequest(request_id=rid, phase=phase))  # type: ignore[arg-type]
+            reply = await app.booking(POOL, CleanupRequest(request_id=rid, phase=phase))
             assert reply.known and (await booking).booking_id
             legs = app.states[POOL].tracker.legs_of(rid)
             assert (legs == []) if phase == "free" else (len(legs) == 1 and legs[0].confirmed)
@@ -403,9 +404,9 @@ async def test_a_replica_behind_the_bookings_stream_asks_for_a_retry_instead_of_
         assert app.follower is not None
         await app.follower.stop()  # a stalled feed: nothing more is applied here
         add = BookingAdd(request_id="elsewhere", router_id="s2", pool=POOL, worker_id=1, ts_ms=now_ms(), isl_tokens=64,
-                         sequence_hashes=[1, 2, 3, 4], block_size=16, booking_id="b-9")  # fmt: skip
+                         sequence_hashes=[1, 2, 3, 4], block_size=16, booking_id="b-9")
         await nc.jetstream().publish(NAMES.bookings_subject(POOL, "s2"), codec.encode_json(add),
-                                     headers={"Nats-Msg-Id": booking_msg_id(POOL, "elsewhere", "add", "", "b-9")})  # fmt: skip
+                                     headers={"Nats-Msg-Id": booking_msg_id(POOL, "elsewhere", "add", "", "b-9")})
         with pytest.raises(RemoteError) as err:
             await cleanup(nc, "elsewhere", "free")
         assert err.value.code == "timeout" and "not applied the bookings stream" in err.value.message

@@ -93,7 +93,7 @@ def test_a_move_onto_a_removed_worker_ends_the_same_in_either_order(removal_firs
 
 
 @st.composite
-def scenario(draw):  # type: ignore[no-untyped-def]
+def scenario(draw):
     """A bookings stream (events with stamps, as replicas publish them), whether worker 3 is removed
     (never put again), and for each of 3 replicas: where the removal falls in its bookings stream,
     which adds it made itself (booked provisionally some steps before their copy arrives), which
@@ -135,7 +135,7 @@ def scenario(draw):  # type: ignore[no-untyped-def]
             "failed": [(draw(st.integers(0, len(events))), ev) for ev in failed],
             "lags": [draw(st.integers(0, 300)) for _ in events],
             "sweeps": [draw(st.booleans()) for _ in events],
-        })  # fmt: skip
+        })
     last = max((ev.ts_ms for ev in events), default=1_000)
     return events, removed, replicas, last + draw(st.integers(0, 3_000))
 
@@ -153,7 +153,7 @@ def model_view(events: list, removed: bool, now: int) -> dict[tuple[int, int], L
                 continue
             prefill = max(ev.isl_tokens - ev.overlap_blocks * ev.block_size, 0) if ev.track_prefill_tokens else 0
             legs[key] = {"wid": ev.worker_id, "hashes": set(ev.sequence_hashes), "prefill": prefill, "end": ts + TTL,
-                         "deadline": ts + UNCONFIRMED, "confirmed": False, "gone": False}  # fmt: skip
+                         "deadline": ts + UNCONFIRMED, "confirmed": False, "gone": False}
             continue
         mine = [(k, leg) for k, leg in legs.items() if k[0] == rid and (not bid or k[1] == bid) and not leg["gone"]]
         if isinstance(ev, BookingMove):
@@ -176,7 +176,7 @@ def model_view(events: list, removed: bool, now: int) -> dict[tuple[int, int], L
     view = {}
     for wid in (*STABLE, GONE):
         alive = [leg for leg in legs.values() if leg["wid"] == wid and not leg["gone"] and not (removed and wid == GONE)
-                 and now < (leg["end"] if leg["confirmed"] else leg["deadline"])]  # fmt: skip
+                 and now < (leg["end"] if leg["confirmed"] else leg["deadline"])]
         blocks = set().union(*(leg["hashes"] for leg in alive)) if alive else set()
         view[(wid, 0)] = LoadView(sum(leg["prefill"] for leg in alive), len(blocks), len(alive)) if alive else EMPTY
     return view
@@ -212,7 +212,7 @@ def run_replica(events: list, removed: bool, plan: dict, now: int) -> BookingSta
 
 @settings(max_examples=200, deadline=None)
 @given(scenario())
-def test_every_replica_reaches_the_model_whatever_it_booked_itself_and_when_the_worker_left(case) -> None:  # noqa: ANN001
+def test_every_replica_reaches_the_model_whatever_it_booked_itself_and_when_the_worker_left(case) -> None:
     events, removed, plans, now = case
     want = model_view(events, removed, now)
     replicas = [run_replica(events, removed, plan, now) for plan in plans]

@@ -70,7 +70,7 @@ async def test_a_bookings_stream_without_a_leader_answers_timeout_and_books_noth
 
         restore = asyncio.create_task(back())
         reply = await request(nc, NAMES.select(POOL), SelectRequest(request_id="r-back", block_hashes=[1, 2], book=True),
-                              SelectReply, timeout=5)  # fmt: skip
+                              SelectReply, timeout=5)
         await restore
         assert reply.decode.worker_id == 1 and reply.booking_id
         info = await js.stream_info(NAMES.bookings_stream)

@@ -35,7 +35,7 @@ def epp_query(secure: SecureNats, env: dict[str, str], timeout: str = "2") -> tu
         [sys.executable, "-m", "services.cli", "epp", "query", "--pool", "default", "--token-ids", "1,2,3",
          "--nats-url", secure.url, "--timeout", timeout],
         capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env},
-    )  # fmt: skip
+    )
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started
 
 
@@ -71,7 +71,7 @@ async def test_a_bounded_connect_keeps_the_cause_in_its_state_and_its_error(secu
     wrong = tmp_path / "wrong.password"
     wrong.write_text("nope\n")
     auth = NatsAuth(user=ident.user, password_file=str(wrong), tls_ca=str(ident.ca),
-                    tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))  # fmt: skip
+                    tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))
     state = ConnectionState()
     started = time.monotonic()
     with pytest.raises(NatsUnreachable) as info:

@@ -44,7 +44,7 @@ async def test_a_reconnect_uses_the_rotated_password_ca_and_client_certificate(t
     files["key"].write_bytes(old_client.key.read_bytes())
     files["pw"].write_text("old-password-1234\n")
     auth = NatsAuth(user="kvr-operator", password_file=str(files["pw"]), tls_ca=str(files["ca"]),
-                    tls_cert=str(files["cert"]), tls_key=str(files["key"]))  # fmt: skip
+                    tls_cert=str(files["cert"]), tls_key=str(files["key"]))
     port, store = free_port(), str(tmp_path / "store")
     server = NatsServer(port=port, store_dir=store, config_file=server_conf(tmp_path / "old.conf", old_ca, "old-password-1234")).start()
     state = ConnectionState()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from bench.lib.fake_engine import FakeEngine
 from schemas import MatchReply, MatchRequest, codec
 from schemas.discovery import WorkerRecord
 from schemas.subjects import Names
@@ -32,7 +33,6 @@ from services.runtime.natsio import PERMISSION_DENIED, ConnectionState, connect
 from services.runtime.permissions import Scope
 from services.runtime.procs import ServiceProcess
 from services.runtime.responder import request
-from bench.lib.fake_engine import FakeEngine
 from tests.relay.helpers import ports
 
 from .secure_nats import SecureNats
@@ -58,10 +58,10 @@ class ThreadedEngine:
     async def _start(zmq_port: int, replay_port: int) -> FakeEngine:
         return FakeEngine(zmq_port, replay_port, encoding="map").start()
 
-    def call(self, coro):  # noqa: ANN001, ANN201 - any coroutine, its result
+    def call(self, coro):  # any coroutine, its result
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
-    async def acall(self, coro):  # noqa: ANN001, ANN201
+    async def acall(self, coro):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def close(self) -> None:
@@ -125,7 +125,7 @@ def stack(secure, logs):
             "relay", ["--zmq", f"tcp://127.0.0.1:{zp}", "--block-size", "16", "--clear-on-start", "true"],
             {**secure.identities[f"kvr-relay-{POOL}-{worker_id_for(BOUND_POD)}"].env(), "POD_NAME": OTHER_POD}, secure.url,
         ),
-    }  # fmt: skip
+    }
     procs = {
         name: ServiceProcess(cmd, args, nats_url=url, pools=[POOL], env=env, log_path=str(logs / f"{name}.log")).start()
         for name, (cmd, args, env, url) in specs.items()
@@ -151,7 +151,7 @@ def stop_all(state: dict) -> dict[str, int | None]:
 async def connect_as(secure: SecureNats, role: str, state: ConnectionState | None = None):
     ident = secure.get(role)
     auth = NatsAuth(user=ident.user, password_file=str(ident.password_file), tls_ca=str(ident.ca),
-                    tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))  # fmt: skip
+                    tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))
     return await connect(secure.url, f"kvr-{role}", auth=auth, state=state, max_wait_s=10)
 
 
@@ -172,7 +172,7 @@ async def test_every_role_connects_with_its_own_identity_and_the_gateway_path_wo
 
     # The gateway path, as the gateway identity, through the real CLI.
     out = kvr(["epp", "query", "--nats-url", secure.url, "--token-ids", ",".join(map(str, TOKENS))],
-              secure.get("gateway").env(), logs / "epp-cli.log")  # fmt: skip
+              secure.get("gateway").env(), logs / "epp-cli.log")
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
     assert reply["status"] == "ok" and reply["decode"]["worker_id"] > 0
@@ -325,7 +325,7 @@ async def test_tls_handshake_first(tmp_path):
     try:
         ident = sn.get("operator")
         common = dict(user=ident.user, password_file=str(ident.password_file), tls_ca=str(ident.ca),
-                      tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))  # fmt: skip
+                      tls_cert=str(ident.cert.cert), tls_key=str(ident.cert.key))
         nc = await connect(sn.url, "kvr-operator", auth=NatsAuth(**common, tls_handshake_first=True), max_wait_s=10)
         assert nc.is_connected
         await nc.close()

@@ -10,6 +10,7 @@ import pytest
 
 import schemas
 from schemas import codec
+from schemas.api import ErrorCode
 from schemas.export import MESSAGES, render_all, stale_files
 from schemas.openai import ChatMessage, ContentPart, NvExt, OpenAiBody
 from schemas.worker import GenerateDone, GenerateRequest
@@ -60,7 +61,7 @@ SAMPLES = {
     ),
     "CleanupRequest": schemas.CleanupRequest(request_id="r-1", phase="free"),
     "CleanupReply": schemas.CleanupReply(request_id="r-1", known=False),
-    "ErrorReply": codec.error_reply("invalid_request", "bad", "$.x"),
+    "ErrorReply": codec.error_reply(ErrorCode.INVALID_REQUEST, "bad", "$.x"),
     "EppQueryBody": OpenAiBody(
         model="llama", messages=[ChatMessage(role="user", content=[ContentPart(type="text", text="hi")])],
         nvext=NvExt(token_data=[1, 2, 3], cache_salt="s"),

@@ -22,8 +22,8 @@ REPO = HERE.parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from services.runtime.devpki import CertificateAuthority  # noqa: E402
-from services.runtime.permissions import ROLES, Scope, User, accounts_config, render_conf, role_permissions  # noqa: E402
+from services.runtime.devpki import CertificateAuthority
+from services.runtime.permissions import ROLES, Scope, User, accounts_config, render_conf, role_permissions
 
 CA_NAME = "kvr-dev-ca"
 SERVER_HOSTS = ("nats", "localhost", "127.0.0.1")

