@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from bench.lib.inproc import record  # noqa: F401 - the tests import it from here
 from schemas import codec
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from schemas.hashing import local_block_hashes, salt_seed
-from bench.lib.inproc import record  # noqa: F401 - the tests import it from here
 from services.epp_bridge.app import EppBridgeApp
 from services.epp_bridge.settings import EppBridgeConfig
 from services.runtime.service import Runtime
