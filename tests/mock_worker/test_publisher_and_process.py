@@ -51,7 +51,7 @@ async def test_publisher_rides_out_a_stream_without_a_leader(nc):
     a new stream leader): every message is retried until the stream is back, nothing is given up."""
     js = nc.jetstream()
     pub = KvEventPublisher(js, pool="pp", worker_id=9, subject_of=lambda r: NAMES.kv_subject("pp", 9, r), max_events=1,
-                           max_inflight=8)  # fmt: skip
+                           max_inflight=8)
     pub.start()
     events = [stored_event(9, i, [(1000 + i, 2000 + i)]) for i in range(6)]
     await pub.publish(events)
