@@ -375,7 +375,7 @@ async def test_each_dp_rank_has_its_own_socket_subject_ids_and_restarts(nats_url
     e1 = FakeEngine(z1, r1, dp_rank=1, encoding="map").start()
     cfg = relay_cfg(nats_url, z0, None, "--zmq", f"tcp://127.0.0.1:{z1}", "--dp-size", "2",
                     "--replay", f"tcp://127.0.0.1:{r0},tcp://127.0.0.1:{r1}")
-    assert cfg.zmq == [f"tcp://127.0.0.1:{z0}", f"tcp://127.0.0.1:{z1}"]
+    assert cfg.zmq == (f"tcp://127.0.0.1:{z0}", f"tcp://127.0.0.1:{z1}")
     relay = await start_relay(cfg)
     js = nc.jetstream()
     try:
