@@ -41,7 +41,7 @@ TIERS: tuple[StorageTier, ...] = get_args(StorageTier)  # fastest first
 EVENT_TYPES: tuple[str, ...] = ("stored", "removed", "cleared")
 OUTCOMES: tuple[str, ...] = (
     "ok", "parent_not_found", "block_not_found", "duplicate", "gap", "invalid_block", "over_capacity", "other_domain",
-)  # fmt: skip
+)
 DEVICE: StorageTier = "device"
 
 WorkerKey = tuple[int, int]  # (worker_id, dp_rank)

@@ -159,7 +159,7 @@ class RelayApp:
             self.plane = PlaneIntake(
                 self.ctx, list(cfg.zmq), set(self.endpoints), self.worker_id, topic=cfg.topic,
                 events=self.apply_events, clear=self.clear_rank, clear_on_start=cfg.clear_on_start, hwm=cfg.zmq_hwm,
-            )  # fmt: skip
+            )
             self.plane.start()
         for rank, endpoint in ({} if self.dynamo else self.endpoints).items():
             intake = RankIntake(
@@ -226,7 +226,7 @@ class RelayApp:
                 {"messages": self.plane.messages, "invalid": self.plane.invalid, "duplicates": self.plane.duplicates,
                  "publishers": len(self.plane.sequencer.publishers)}
                 if self.plane is not None else None
-            ),  # fmt: skip
+            ),
             "buffered": self.publisher.pending() if self.publisher else 0,
             "published_events": self.publisher.published_events if self.publisher else 0,
             "invalid_batches": self.invalid_batches,

@@ -93,7 +93,7 @@ class PlaneIntake:
             burst += 1
             try:
                 self.on_frames(frames)
-            except Exception:  # noqa: BLE001 - one bad message must never stop the intake
+            except Exception:
                 self.invalid += 1
                 metrics.INVALID.labels("plane_failed").inc()
                 log.exception("relay.plane_failed")

@@ -40,7 +40,7 @@ async def test_multimodal_and_cache_namespace_route_to_the_worker_that_cached_th
     bridge = ServiceProcess(
         "epp-bridge", ["--epp-embedded-scheduler", "--embedded-indexer", "--block-size", "4"],
         nats_url=nats_url, pools=["mm"], log_path=str(tmp_path / "bridge.log"),
-    )  # fmt: skip
+    )
     bridge.start().wait_ready(60)
     try:
         nc = await nats.connect(nats_url)

@@ -26,7 +26,7 @@ def samples(name: str, **labels: str) -> list[float]:
     return [
         s.value for metric in REGISTRY.collect() for s in metric.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in want.items())
-    ] or [0.0]  # fmt: skip
+    ] or [0.0]
 
 
 def publisher(js, epoch: int) -> KvEventPublisher:

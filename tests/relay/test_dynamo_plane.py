@@ -62,7 +62,7 @@ def frames(publisher_id: int, sequence: int, events: list[dict], topic: str = TO
     envelope = msgspec.msgpack.encode({
         "publisher_id": publisher_id, "sequence": sequence, "published_at": int(time.time() * 1000),
         "topic": topic, "payload": msgspec.msgpack.encode(events),
-    })  # fmt: skip
+    })
     body = struct.pack(">BI", 1, len(envelope)) + envelope
     return [topic.encode(), struct.pack(">Q", publisher_id), struct.pack(">Q", sequence), body]
 
@@ -242,15 +242,15 @@ def test_the_intake_survives_any_frames_and_emits_only_served_ranks_in_order(msg
 
     out: list[tuple[str, int, object]] = []
     intake = PlaneIntake(
-        None, [], {0, 1}, WID, topic="",  # type: ignore[arg-type]  # on_frames needs no socket
+        None, [], {0, 1}, WID, topic="",  # on_frames needs no socket
         events=lambda rank, evs: out.append(("events", rank, evs)), clear=lambda rank, cause: out.append(("clear", rank, cause)),
-    )  # fmt: skip
+    )
     for parts in msgs:
         intake.on_frames(parts)  # never raises
     for kind, rank, payload in out:
         assert rank in (0, 1)
         if kind == "events":
-            assert all(ev.worker_id == WID and ev.worker_domain for ev in payload)  # type: ignore[attr-defined]
+            assert all(ev.worker_id == WID and ev.worker_domain for ev in payload)
     first = {}
     for i, (kind, rank, _) in enumerate(out):
         first.setdefault(rank, (i, kind))

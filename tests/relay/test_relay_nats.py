@@ -73,7 +73,7 @@ async def test_engine_events_land_in_kvr_kv_and_match_prompts(nats_url, nc, enco
 
         msgs = await read_kv(js)
         first_ids = {h["Nats-Msg-Id"] for h, _ in msgs}
-        epoch = relay.app.publisher.epoch  # type: ignore[union-attr]
+        epoch = relay.app.publisher.epoch
         assert f"p:{WID}:0:{epoch}:1" in first_ids and all(h["Content-Type"] == codec.MSGPACK for h, _ in msgs)
         info = await js.stream_info("KVR_KV")
         subjects = {(await js.get_msg("KVR_KV", s)).subject for s in range(1, info.state.last_seq + 1)}

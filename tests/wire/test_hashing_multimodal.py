@@ -32,8 +32,8 @@ def dynamo_block_level(mm: list[tuple[int, int, int]], block_size: int, total: i
             if lo < hi:
                 if blocks[b] is None:
                     blocks[b] = []
-                if mm_hash not in blocks[b]:  # type: ignore[operator]
-                    blocks[b].append(mm_hash)  # type: ignore[union-attr]
+                if mm_hash not in blocks[b]:
+                    blocks[b].append(mm_hash)
     return blocks
 
 
@@ -42,8 +42,9 @@ def dynamo_local_hashes(tokens: list[int], block_size: int, seed: int, mm: list[
     out = []
     for b in range(len(tokens) // block_size):
         data = struct.pack(f"<{block_size}I", *tokens[b * block_size : (b + 1) * block_size])
-        if per_block[b]:
-            data += b"".join(struct.pack("<Q", h) for h in sorted(per_block[b]))  # type: ignore[union-attr]
+        held = per_block[b]
+        if held:
+            data += b"".join(struct.pack("<Q", h) for h in sorted(held))
         out.append(xxhash.xxh3_64_intdigest(data, seed=seed))
     return out
 
