@@ -24,6 +24,7 @@ APP = textwrap.dedent(
     import sys
     from schemas import CleanupReply, CleanupRequest
     from services.runtime.responder import serve
+    from services.runtime.config import ServiceConfig
     from services.runtime.service import main_for
 
     class Echo:
@@ -36,7 +37,7 @@ APP = textwrap.dedent(
         def ready(self): return self.ok
         def status(self): return {"echo": True}
 
-    sys.exit(main_for("echo", "test service", [], Echo))
+    sys.exit(main_for("echo", "test service", ServiceConfig, Echo))
     """
 )
 
