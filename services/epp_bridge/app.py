@@ -253,7 +253,7 @@ class EppBridgeApp:
 
         return handle
 
-    def _book_handler(self, pool: str):  # type: ignore[no-untyped-def]
+    def _book_handler(self, pool: str):
         async def handle(req: EppBookRequest, msg: Msg) -> EppQueryReply:
             routed, outcome = "none", "ok"
             try:
@@ -280,7 +280,7 @@ class EppBridgeApp:
         body = req.body if isinstance(req.body, OpenAiBody) else parse_body(req.body)
         metrics.PHASE_PARSE.observe(time.perf_counter() - t0)
         ask = RouteAsk(req.request_id, body, lambda: _raw_body(req, msg), pods=req.pods, mode=req.mode, book=req.book,
-                       policy=req.policy, headers=req.headers)  # fmt: skip
+                       policy=req.policy, headers=req.headers)
         routed = await self.route(pool, ask)
         return query_reply(req, routed.reply, routed.prompt)
 
@@ -289,9 +289,9 @@ class EppBridgeApp:
         pinned (same eligibility checks; a failure books nothing)."""
         body = parse_body(req.body)
         pins = Pins(req.decode.worker_id, req.decode.dp_rank, req.prefill.worker_id if req.prefill else None,
-                    req.prefill.dp_rank if req.prefill else None)  # fmt: skip
+                    req.prefill.dp_rank if req.prefill else None)
         ask = RouteAsk(req.request_id, body, lambda: req.body, pods=req.pods, book=True, headers=req.headers, pins=pins,
-                       booking_id=req.booking_id or "")  # fmt: skip
+                       booking_id=req.booking_id or "")
         routed = await self.route(pool, ask)
         return query_reply(req, routed.reply, routed.prompt)
 
@@ -337,7 +337,7 @@ class EppBridgeApp:
         constraints = nvext.routing_constraints if nvext else None
         if constraints and constraints.required_taints:
             candidates: list[int] = sorted({t[0] for t in targets}) if targets is not None else (
-                allowed if allowed is not None else list(index.records))  # fmt: skip
+                allowed if allowed is not None else list(index.records))
             if candidates and not index.required_taints_met(candidates, constraints.required_taints):
                 raise ServiceError(
                     ErrorCode.CONSTRAINTS_UNSATISFIED,
@@ -354,7 +354,7 @@ class EppBridgeApp:
                                  policy=Policy.LEAST_LOADED, book=False, fallbacks=ask.fallbacks)
         else:
             sreq = select_request(ask, body, prompt, allowed, index.block_size, allowed_targets=targets, fallbacks=ask.fallbacks,
-                                  pins=pins, book=ask.book and not query_only)  # fmt: skip
+                                  pins=pins, book=ask.book and not query_only)
             if ask.pins is not None:
                 # epp.book: exactly the chosen legs; disaggregated when a prefill target is given.
                 sreq.mode = "disaggregated" if ask.pins.prefill_worker_id is not None else "aggregated"

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     body_args.add_argument("--pod", action="append", default=[], help="candidate pod name (repeatable)")
     body_args.add_argument("--pod-json", action="append", type=_json_arg, default=[], help="candidate pod as JSON (repeatable)")
     body_args.add_argument("--header", action="append", default=[],
-                           help="gateway request header NAME:VALUE (repeatable), e.g. x-worker-instance-id:7")  # fmt: skip
+                           help="gateway request header NAME:VALUE (repeatable), e.g. x-worker-instance-id:7")
     body_args.add_argument("--return-token-ids", action="store_true", help="include the prompt's token ids in the reply")
     body_args.add_argument("--msgpack", action="store_true", help="send and receive msgpack instead of JSON")
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-book", action="store_true", help="do not book the request (dry run)")
 
     b = sub.add_parser("book", parents=[common, body_args], help="book a target chosen elsewhere (epp.book, the split API)",
-                       formatter_class=HelpFormatter)  # fmt: skip
+                       formatter_class=HelpFormatter)
     b.add_argument("--worker-id", type=int, required=True, help="the decode (or aggregated) worker")
     b.add_argument("--dp-rank", type=int, default=0, help="its dp rank (default 0)")
     b.add_argument("--prefill-worker-id", type=int, default=None, help="the prefill worker (a disaggregated booking)")

@@ -44,8 +44,8 @@ from schemas.events import RouterEvent
 from schemas.types import MAX_TOKENS
 from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
-from services.scheduler.candidates import Candidate, candidates_from
 from services.scheduler.admission import AdmissionQueue, Waiting
+from services.scheduler.candidates import Candidate, candidates_from
 from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker
 from services.scheduler.selector import BusyThresholds, CostConfig, Overlaps, SelectionError, Selector

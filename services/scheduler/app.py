@@ -60,8 +60,8 @@ from services.runtime.tracing import consumer_span, inject_headers, producer_spa
 from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 
 from . import metrics as m
-from .candidates import Candidate, candidates_of
 from .admission import AdmissionQueue, Waiting
+from .candidates import Candidate, candidates_of
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
@@ -633,7 +633,7 @@ class SchedulerApp:
             if not offered.queued:
                 m.QUEUE_WAIT.labels(pool, "full").observe(0.0)
                 raise ServiceError(ErrorCode.OVERLOADED, f"every eligible worker is busy and the admission queue is full ({len(queue)})",
-                                   retry_after_s=hint)  # fmt: skip
+                                   retry_after_s=hint)
             if offered.evicted is not None:
                 evicted = self._queued[pool].pop(offered.evicted.ticket, None)
                 if evicted is not None and not evicted[2].done():

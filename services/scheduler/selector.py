@@ -224,7 +224,7 @@ AGGREGATED_ROLES = ("aggregated", "decode")
 # Which of two eligibility errors to report when both `auto` attempts fail: the higher.
 _ERROR_RANK: dict[str, int] = {
     ErrorCode.OVERLOADED: 3, ErrorCode.NOT_FOUND: 2, ErrorCode.CONSTRAINTS_UNSATISFIED: 1, ErrorCode.NO_WORKERS: 0,
-}  # fmt: skip
+}
 
 
 class Legs(NamedTuple):

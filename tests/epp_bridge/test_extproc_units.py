@@ -143,8 +143,8 @@ def test_overloaded_carries_retry_after_and_query_instance_id_is_answered_by_the
     assert json.loads(resp.body)["error"]["retry_after_s"] == 1.2
     assert "retry-after" not in {h.header.key for h in xp.immediate_response(ErrorCode.NO_WORKERS, "x").immediate_response.headers.set_headers}
     reply = SelectReply(decode=Target(7, 1), prefill=Target(3, 0), overlap_blocks=0, isl_tokens=1, block_size=16, cost=0.0,
-                        mode="disaggregated")  # fmt: skip
+                        mode="disaggregated")
     ans = xp.instance_id_response(reply).immediate_response
     assert ans.status.code == 200
     assert json.loads(ans.body)["nvext"]["worker_id"] == {"decode_worker_id": 7, "decode_dp_rank": 1, "prefill_worker_id": 3,
-                                                          "prefill_dp_rank": 0}  # fmt: skip
+                                                          "prefill_dp_rank": 0}

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.api import EppPod, EppQueryRequest, Policy, SelectReply
-from schemas.discovery import WorkerRecord
+from schemas.discovery import Role, WorkerRecord
 from schemas.openai import NvExt, OpenAiBody
 from services.epp_bridge.decision import (
     DESTINATION,
@@ -39,15 +39,15 @@ from services.scheduler.selector import CostConfig, Overlaps, SelectionError, Se
 pytestmark = pytest.mark.unit
 
 
-def _record(wid: int, role: str = "aggregated", dp_size: int = 1, ports: bool = True, taints: tuple[str, ...] = ()) -> WorkerRecord:
+def _record(wid: int, role: Role = "aggregated", dp_size: int = 1, ports: bool = True, taints: tuple[str, ...] = ()) -> WorkerRecord:
     return WorkerRecord(
         worker_id=wid, pool="p", pod_name=f"vllm-{wid}", address=f"10.0.0.{wid}", port=9000, dp_size=dp_size,
         dp_ports=[9000 + r for r in range(dp_size)] if ports and dp_size > 1 else None, role=role, taints=list(taints),
-    )  # fmt: skip
+    )
 
 
 def _route(records: list[WorkerRecord], pods: list[EppPod] | None, body: OpenAiBody, *, mode: str = "auto",
-           endpoints: list[str] | None = None, seed: int = 0) -> tuple[SelectReply, dict[str, str]]:  # fmt: skip
+           endpoints: list[str] | None = None, seed: int = 0) -> tuple[SelectReply, dict[str, str]]:
     """What `EppBridgeApp.route` does around the select, with the scheduler's pure Decider."""
     index = PodIndex(records)
     offer = index.offer(pods, endpoints)
@@ -98,7 +98,7 @@ def fleets(draw: st.DrawFn) -> tuple[list[WorkerRecord], list[EppPod], OpenAiBod
         _record(
             wid, draw(st.sampled_from(["aggregated", "prefill", "decode"])), draw(st.integers(1, 3)), draw(st.booleans()),
             tuple(draw(st.sets(st.sampled_from(["z=a", "z=b"]), max_size=2))),
-        )  # fmt: skip
+        )
         for wid in range(1, n + 1)
     ]
     every = [(i, rank) for i, r in enumerate(records) for rank in r.dp_ranks]
@@ -125,7 +125,7 @@ def fleets(draw: st.DrawFn) -> tuple[list[WorkerRecord], list[EppPod], OpenAiBod
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fleets(), st.integers(0, 3))
-def test_destination_endpoint_is_always_one_the_gateway_offered(fleet, seed):  # type: ignore[no-untyped-def]
+def test_destination_endpoint_is_always_one_the_gateway_offered(fleet, seed):
     """GAIE's endpoint picker contract: the picked endpoint (and the fallbacks, and the prefill
     endpoint when disaggregated) is one of the candidates the gateway offered."""
     records, pods, body, mode = fleet
@@ -157,7 +157,7 @@ def test_pin_headers_win_over_nvext_as_in_dynamo():
     assert request_pins({"x-prefill-instance-id": "8", "x-prefill-dp-rank": str((1 << 32) - 1)}, None) == Pins(None, None, 8, None)
     assert request_pins({"x-dp-rank": "1"}, None) == Pins()
     for bad in ({"x-worker-instance-id": "seven"}, {"x-dp-rank": "-1", "x-worker-instance-id": "1"},
-                {"x-dp-rank": "70000", "x-worker-instance-id": "1"}, {"x-prefill-instance-id": str(1 << 53)}):  # fmt: skip
+                {"x-dp-rank": "70000", "x-worker-instance-id": "1"}, {"x-prefill-instance-id": str(1 << 53)}):
         with pytest.raises(ServiceError) as err:
             request_pins(bad, None)
         assert err.value.code == "invalid_request" and err.value.path and err.value.path.startswith("$.headers.")
@@ -170,7 +170,7 @@ def test_router_config_override_maps_to_the_selects_overrides_within_bounds():
     o = overrides_of(nv)
     assert o is not None and (o.overlap_score_credit, o.temperature, o.prefill_load_scale) == (0.5, 0.2, None)
     nv = msgspec.convert({"router_config_override": {"overlap_score_credit": 2.0, "overlap_score_weight": 0.5}}, NvExt)
-    assert overrides_of(nv).overlap_score_credit == 2.0  # type: ignore[union-attr]
+    assert overrides_of(nv).overlap_score_credit == 2.0
     assert overrides_of(NvExt()) is None
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"router_config_override": {"router_temperature": 1e6}}, NvExt)
@@ -183,12 +183,12 @@ def test_select_request_carries_pins_priorities_and_overrides():
         {"prompt": [1, 2, 3], "nvext": {"prefill_worker_id": 4, "agent_hints": {"priority": 3, "strict_priority": 2},
                                         "router_config_override": {"overlap_score_credit": 0.0}, "enable_local_updates": False}},
         OpenAiBody,
-    )  # fmt: skip
+    )
     req = msgspec.convert({"request_id": "r", "body": {}, "headers": {"x-worker-instance-id": "9"}}, EppQueryRequest)
     s = select_request(req, body, prompt_tokens(None, body, None, 100), None)
     assert (s.pinned_worker_id, s.pinned_prefill_worker_id, s.priority, s.strict_priority) == (9, 4, 3, 2)
     assert s.overrides is not None and s.overrides.overlap_score_credit == 0.0
     query = msgspec.convert({"prompt": [1], "nvext": {"annotations": ["query_instance_id"]}}, OpenAiBody)
     assert query.nvext is not None and query.nvext.query_instance_id
-    assert msgspec.convert({"prompt": [1], "nvext": {"annotations": ["query_instance_id:"]}}, OpenAiBody).nvext.query_instance_id  # type: ignore[union-attr]
-    assert not msgspec.convert({"prompt": [1], "nvext": {"annotations": ["other"]}}, OpenAiBody).nvext.query_instance_id  # type: ignore[union-attr]
+    assert msgspec.convert({"prompt": [1], "nvext": {"annotations": ["query_instance_id:"]}}, OpenAiBody).nvext.query_instance_id
+    assert not msgspec.convert({"prompt": [1], "nvext": {"annotations": ["other"]}}, OpenAiBody).nvext.query_instance_id

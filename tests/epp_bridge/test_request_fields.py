@@ -22,55 +22,55 @@ POOL = "p"
 TOKENS = list(range(500, 532))  # 8 blocks of 4
 
 
-async def ask(nc, subject: str, payload: dict) -> dict:  # type: ignore[no-untyped-def]
+async def ask(nc, subject: str, payload: dict) -> dict:
     msg = await nc.request(subject, codec.encode_json(payload), timeout=10)
     return msgspec.json.decode(msg.data)
 
 
-def body(**nvext) -> dict:  # type: ignore[no-untyped-def]
+def body(**nvext) -> dict:
     return {"prompt": "", "nvext": {"token_data": TOKENS, **nvext}}
 
 
 @pytest.fixture
-async def bridge(nc, nats_url):  # type: ignore[no-untyped-def]
+async def bridge(nc, nats_url):
     port = free_port()
     app = await start_bridge(nc, nats_url, "--pool", POOL, "--epp-embedded-scheduler", "--embedded-indexer", "--block-size", "4",
-                             "--grpc-port", str(port), "--grpc-host", "127.0.0.1")  # fmt: skip
+                             "--grpc-port", str(port), "--grpc-host", "127.0.0.1")
     await register(nc, [
         record(1, role="prefill", address="10.0.0.1", port=8000),
         record(2, role="decode", address="10.0.0.2", port=8000, taints=["z=a"]),
         record(3, role="aggregated", address="10.0.0.3", port=9000, dp_size=2, dp_ports=[9000, 9001]),
-    ])  # fmt: skip
-    scheduler = app.link.app  # type: ignore[union-attr]
+    ])
+    scheduler = app.link.app
     async def up() -> bool:
         return len(scheduler.candidates(POOL)) == 4 and app.ready()
 
     try:
         await eventually(up)
-        app.grpc_target = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+        app.grpc_target = f"127.0.0.1:{port}"
         yield app
     finally:
         await app.stop()
 
 
-def booked(app, rid: str) -> bool:  # type: ignore[no-untyped-def]
+def booked(app, rid: str) -> bool:
     return app.link.app.states[POOL].tracker.is_active(rid)
 
 
 async def test_fallback_dp_rank_and_taint_errors_over_epp_query(nc, bridge):
     # Offered only decode/aggregated pods: routed aggregated instead of failing (Dynamo's profile handler).
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "f-1", "body": body(), "book": False,
-                                              "pods": [{"address": "10.0.0.3", "port": 9001}]})  # fmt: skip
+                                              "pods": [{"address": "10.0.0.3", "port": 9001}]})
     assert r["status"] == "ok" and r["mode"] == "aggregated", r
     # dp rank: only 10.0.0.3:9001 offered → rank 1 and exactly that endpoint.
     assert (r["decode"]["worker_id"], r["decode"]["dp_rank"], r["headers"]["x-gateway-destination-endpoint"]) == (3, 1, "10.0.0.3:9001")
     # A required taint no prefill worker carries: aggregated on the decode worker that has it.
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "f-2", "body": body(routing_constraints={"required_taints": ["z=a"]}),
-                                              "book": False})  # fmt: skip
+                                              "book": False})
     assert r["status"] == "ok" and r["mode"] == "aggregated" and r["decode"]["worker_id"] == 2, r
     # ... and in explicit disaggregated mode it is the taint's error, not no_workers.
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "f-3", "body": body(routing_constraints={"required_taints": ["z=a"]}),
-                                              "mode": "disaggregated", "book": False})  # fmt: skip
+                                              "mode": "disaggregated", "book": False})
     assert r["status"] == "error" and r["error"]["code"] == "constraints_unsatisfied", r
     # Invalid constraints are invalid_request with the field.
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "f-4", "body": body(routing_constraints={"preferred_taints": {"z=a": 5.0}})})
@@ -81,7 +81,7 @@ async def test_fallback_dp_rank_and_taint_errors_over_epp_query(nc, bridge):
 async def test_pin_headers_nvext_pins_and_query_instance_id_over_epp_query(nc, bridge):
     # Header pins win over nvext (Dynamo's frontend), and are validated.
     q = {"request_id": "h-1", "body": body(backend_instance_id=2), "book": False,
-         "headers": {"x-worker-instance-id": "3", "x-dp-rank": "1"}}  # fmt: skip
+         "headers": {"x-worker-instance-id": "3", "x-dp-rank": "1"}}
     r = await ask(nc, NAMES.epp_query(POOL), q)
     assert (r["decode"]["worker_id"], r["decode"]["dp_rank"]) == (3, 1), r
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "h-2", "body": body(prefill_worker_id=1, decode_worker_id=2), "book": False})
@@ -97,7 +97,7 @@ async def test_pin_headers_nvext_pins_and_query_instance_id_over_epp_query(nc, b
     assert not booked(bridge, "h-5")
     # The other Dynamo fields are accepted: overrides within bounds, strict priority, enable_local_updates.
     fields = {"router_config_override": {"overlap_score_credit": 0.5, "router_temperature": 0.0},
-              "agent_hints": {"strict_priority": 2, "priority": 1}, "enable_local_updates": False}  # fmt: skip
+              "agent_hints": {"strict_priority": 2, "priority": 1}, "enable_local_updates": False}
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "h-6", "body": body(**fields)})
     assert r["status"] == "ok" and r["booking_id"] and booked(bridge, "h-6"), r
     r = await ask(nc, NAMES.epp_query(POOL), {"request_id": "h-7", "body": body(router_config_override={"router_temperature": 1e9})})
@@ -114,7 +114,7 @@ async def test_split_api_books_the_chosen_targets_with_the_same_checks(nc, bridg
     assert booked(bridge, "s-1")
     # Disaggregated: both legs pinned and booked.
     r = await ask(nc, NAMES.epp_book(POOL), {"request_id": "s-2", "body": body(), "decode": {"worker_id": 2},
-                                             "prefill": {"worker_id": 1}})  # fmt: skip
+                                             "prefill": {"worker_id": 1}})
     assert r["status"] == "ok" and r["mode"] == "disaggregated" and r["headers"]["x-prefill-instance-id"] == "1", r
     legs = {leg.leg: leg.target for leg in bridge.link.app.states[POOL].tracker.legs_of("s-2")}
     assert legs == {"prefill": (1, 0), "": (2, 0)}
@@ -138,7 +138,7 @@ async def test_split_api_books_the_chosen_targets_with_the_same_checks(nc, bridg
 
 
 async def test_ext_proc_honours_pin_headers_and_answers_query_instance_id(bridge):
-    async with ExtProcClient(bridge.grpc_target) as client:  # type: ignore[attr-defined]
+    async with ExtProcClient(bridge.grpc_target) as client:
         d = await client.lifecycle(json.dumps(body()).encode(), headers={"x-worker-instance-id": "3", "x-dp-rank": "1"})
         assert d.routed and d.destination and d.destination.split(",")[0] == "10.0.0.3:9001", d
         assert d.headers["x-worker-instance-id"] == "3" and d.headers["x-dp-rank"] == "1"
@@ -147,7 +147,7 @@ async def test_ext_proc_honours_pin_headers_and_answers_query_instance_id(bridge
         ids = d.error["nvext"]["worker_id"]
         assert ids["decode_worker_id"] in (2, 3) and "decode_dp_rank" in ids
         d = await client.lifecycle(json.dumps(body()).encode(), headers={"x-worker-instance-id": "99"})
-        assert d.status == 404 and d.error["error"]["code"] == "not_found", d  # type: ignore[index]
+        assert d.status == 404 and d.error["error"]["code"] == "not_found", d
     await asyncio.sleep(0.2)
     assert bridge.link.app.export_state(POOL).bookings == []  # routed ones freed at end of stream; the rest never booked
 
@@ -158,12 +158,12 @@ async def test_a_busy_pool_answers_429_with_a_retry_hint_on_both_entry_points(nc
     port = free_port()
     app = await start_bridge(nc, nats_url, "--pool", "q", "--epp-embedded-scheduler", "--embedded-indexer", "--block-size", "4",
                              "--grpc-port", str(port), "--grpc-host", "127.0.0.1", "--queue-timeout-s", "0.3",
-                             "--queue-retry-after-s", "2")  # fmt: skip
+                             "--queue-retry-after-s", "2")
     try:
         await register(nc, [record(1, pool="q", address="10.0.0.1", port=8000, total_kv_blocks=8)])
 
         async def up() -> bool:
-            return len(app.link.app.candidates("q")) == 1 and app.ready()  # type: ignore[union-attr]
+            return len(app.link.app.candidates("q")) == 1 and app.ready()
 
         await eventually(up)
         first = await ask(nc, NAMES.epp_query("q"), {"request_id": "b-1", "body": body()})  # 8 blocks of 8: busy now
@@ -173,7 +173,7 @@ async def test_a_busy_pool_answers_429_with_a_retry_hint_on_both_entry_points(nc
         assert r["status"] == "error" and r["error"]["code"] == "overloaded" and r["error"]["retry_after_s"] == 2.0, r
         async with ExtProcClient(f"127.0.0.1:{port}") as client:
             d = await client.lifecycle(json.dumps(other).encode())
-        assert d.status == 429 and d.headers.get("retry-after") == "2" and d.error["error"]["retry_after_s"] == 2.0, d  # type: ignore[index]
-        assert app.link.app.export_state("q").bookings == ["b-1"]  # type: ignore[union-attr]
+        assert d.status == 429 and d.headers.get("retry-after") == "2" and d.error["error"]["retry_after_s"] == 2.0, d
+        assert app.link.app.export_state("q").bookings == ["b-1"]
     finally:
         await app.stop()

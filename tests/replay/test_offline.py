@@ -147,7 +147,7 @@ def test_busy_workers_queue_in_the_simulator_as_in_the_service() -> None:
     burst = [TraceRequest(i, 0, 2_000, 8, tuple(range(100 * i, 100 * i + 32))) for i in range(8)]
     busy = BusyThresholds(active_decode_blocks=0.9)
 
-    def run(**kw):  # type: ignore[no-untyped-def]
+    def run(**kw):
         return run_offline(burst, OfflineConfig(policy="kv", workers=1, engine=small, max_output_tokens=8, busy=busy, **kw))
 
     queued = run(queue_timeout_ms=600_000.0)
@@ -160,4 +160,4 @@ def test_busy_workers_queue_in_the_simulator_as_in_the_service() -> None:
     short = run(queue_timeout_ms=1.0)
     assert sum(r.error == "select:overloaded" for r in short.records) == 5 and not short.open_bookings
     # Without thresholds (the default) nothing is ever busy: the queue stays empty.
-    assert all(r.error is None for r in run_offline(burst, OfflineConfig(policy="kv", workers=1, engine=small, max_output_tokens=8)).records)
+    assert all(r.error is None for r in run_offline(burst, OfflineConfig(policy=Policy.KV, workers=1, engine=small, max_output_tokens=8)).records)

@@ -51,7 +51,7 @@ def test_deadlines_and_the_admissibility_walk():
         q.offer(item)
     assert [x.ticket for x in q.expire(100)] == [1] and 1 not in q
     # Request 2's own targets are busy; 3's are not: 3 goes (no head-of-line blocking across constraints).
-    assert q.next_admissible(lambda x: x.ticket == 3).ticket == 3  # type: ignore[union-attr]
+    assert q.next_admissible(lambda x: x.ticket == 3).ticket == 3
     assert q.next_admissible(lambda x: False) is None and [x.ticket for x in q.ordered()] == [2]
     assert q.remove(2) and not q.remove(2) and len(q) == 0
 
@@ -59,7 +59,7 @@ def test_deadlines_and_the_admissibility_walk():
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("offer"), st.integers(0, 2), st.integers(-3, 3), st.integers(1, 3000), st.integers(0, 3000),
-                  st.integers(0, 1000)),  # fmt: skip
+                  st.integers(0, 1000)),
         st.tuples(st.just("expire"), st.integers(0, 1000)),
         st.tuples(st.just("admit"), st.sets(st.integers(0, 60), max_size=10)),
         st.tuples(st.just("remove"), st.integers(0, 60)),
@@ -70,7 +70,7 @@ ops = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 6), ops)
-def test_queue_matches_a_brute_force_model(capacity, script):  # type: ignore[no-untyped-def]
+def test_queue_matches_a_brute_force_model(capacity, script):
     """Against a model that sorts a plain list on every step: same members, same order, the bound
     holds, an eviction only ever displaces a lower-ranked request, admission takes the first
     admissible in order, expiry takes exactly the past-deadline ones."""
@@ -102,7 +102,7 @@ def test_queue_matches_a_brute_force_model(capacity, script):  # type: ignore[no
             model = [x for x in model if x.deadline_ms > op[1]]
         elif op[0] == "admit":
             allowed = op[1]
-            got = q.next_admissible(lambda x, allowed=allowed: x.ticket in allowed)  # type: ignore[misc]
+            got = q.next_admissible(lambda x, allowed=allowed: x.ticket in allowed)
             model.sort(key=key)
             first = next((x for x in model if x.ticket in allowed), None)
             assert got == first

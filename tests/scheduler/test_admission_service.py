@@ -24,7 +24,7 @@ def tokens(i: int) -> list[int]:
     return list(range(1000 * i, 1000 * i + 64))
 
 
-async def queued(app, n: int) -> None:  # type: ignore[no-untyped-def]
+async def queued(app, n: int) -> None:
     await eventually(lambda: len(app.queues[POOL]) == n)
 
 
@@ -100,7 +100,7 @@ async def test_replicas_agree_on_busy_from_the_replicated_load(nats_url, nc, ind
     second replica queues behind bookings made on the first, and a free published through either
     admits it."""
     async with running_scheduler(nats_url, "--router-id", "r1", "--queue-timeout-s", "10") as one, \
-            running_scheduler(nats_url, "--router-id", "r2", "--queue-timeout-s", "10") as two:  # fmt: skip
+            running_scheduler(nats_url, "--router-id", "r2", "--queue-timeout-s", "10") as two:
         await put(nc, 1, **WORKER)
         await eventually(lambda: len(one.candidates(POOL)) == 1 and len(two.candidates(POOL)) == 1)
         await one.select(POOL, SelectRequest(request_id="a", token_ids=tokens(1)))

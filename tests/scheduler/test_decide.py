@@ -117,11 +117,11 @@ def test_booking_a_pick_made_elsewhere_books_exactly_those_legs_with_their_own_o
     v = view(None, record(1, role="prefill"), record(2, role="decode", dp_size=2), record(3, role="decode"))
     ov = Overlaps(device={(1, 0): 2, (3, 0): 4})
     req = SelectRequest(request_id="r", token_ids=TOKENS, mode="disaggregated", pinned_worker_id=2, pinned_dp_rank=1,
-                        pinned_prefill_worker_id=1, pinned_prefill_dp_rank=0)  # fmt: skip
+                        pinned_prefill_worker_id=1, pinned_prefill_dp_rank=0)
     out = d.decide(d.prepare(req, v), ov, v, policy=Policy.KV, ts_ms=1, booking_id="b")
     assert [(e.worker_id, e.dp_rank, e.leg, e.overlap_blocks) for e in out.events] == [(1, 0, PREFILL_LEG, 2), (2, 1, "", 0)]
     for bad, code in (({"pinned_worker_id": 9}, ErrorCode.NOT_FOUND), ({"pinned_dp_rank": 7}, ErrorCode.NOT_FOUND),
-                      ({"pinned_prefill_worker_id": 3}, ErrorCode.NOT_FOUND)):  # fmt: skip
+                      ({"pinned_prefill_worker_id": 3}, ErrorCode.NOT_FOUND)):
         wrong = SelectRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__}, **bad})
         with pytest.raises(SelectionError) as err:
             d.decide(d.prepare(wrong, v), ov, v, policy=Policy.KV, ts_ms=1, booking_id="b")

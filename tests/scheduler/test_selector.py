@@ -322,10 +322,10 @@ def test_busy_from_worker_load_reports():
 # --- issue 18: per-request disaggregated fallback (Dynamo's disagg profile handler) ------------
 
 
-def _pd_pool():  # type: ignore[no-untyped-def]
+def _pd_pool():
     return cands(record(1, role="prefill", total_kv_blocks=100), record(2, role="prefill", total_kv_blocks=100),
                  record(3, role="decode", taints=["z=a"], total_kv_blocks=100), record(4, role="aggregated", taints=["z=a"],
-                 total_kv_blocks=100))  # fmt: skip
+                 total_kv_blocks=100))
 
 
 def test_auto_falls_back_to_aggregated_when_the_gateway_offers_no_prefill_worker():
@@ -338,7 +338,7 @@ def test_auto_falls_back_to_aggregated_when_the_gateway_offers_no_prefill_worker
     assert d.mode == "aggregated" and d.decode.candidate.worker_id == 3
     # The prefill leg still exists when offered: disaggregated as before.
     d = pick(cs, allowed_targets=frozenset({(1, 0), (3, 0)}))
-    assert d.mode == "disaggregated" and d.prefill.candidate.worker_id == 1 and not d.fell_back  # type: ignore[union-attr]
+    assert d.mode == "disaggregated" and d.prefill.candidate.worker_id == 1 and not d.fell_back
     # An explicit mode is obeyed: no fallback.
     with pytest.raises(SelectionError) as err:
         pick(cs, mode="disaggregated", allowed_targets=frozenset({(3, 0)}))
@@ -390,10 +390,10 @@ def test_pinned_prefill_worker_and_rank():
     which makes an auto request disaggregated."""
     cs = cands(record(1, role="prefill", dp_size=2), record(2, role="prefill"), record(3, role="decode"))
     d = pick(cs, pinned_prefill_worker_id=1, pinned_prefill_dp_rank=1)
-    assert d.mode == "disaggregated" and d.prefill.candidate.target == (1, 1)  # type: ignore[union-attr]
+    assert d.mode == "disaggregated" and d.prefill.candidate.target == (1, 1)
     for kw, code in (({"pinned_prefill_worker_id": 99}, "not_found"),
                      ({"pinned_prefill_worker_id": 1, "pinned_prefill_dp_rank": 5}, "not_found"),
-                     ({"pinned_prefill_worker_id": 3}, "not_found")):  # fmt: skip
+                     ({"pinned_prefill_worker_id": 3}, "not_found")):
         with pytest.raises(SelectionError) as err:
             pick(cs, **kw)
         assert err.value.code == code, kw

@@ -182,7 +182,7 @@ def test_worker_record_endpoints():
         ({"required_taints": [""]}, "required_taints"),
     ],
 )
-def test_routing_constraints_are_validated_as_dynamo_does(constraints, needle):  # type: ignore[no-untyped-def]
+def test_routing_constraints_are_validated_as_dynamo_does(constraints, needle):
     """Dynamo's RoutingConstraints validation: taints non-empty and trimmed, required taints not
     duplicated; weights are a tanh bias in (−1, 1). Before: 5.0 and untrimmed taints were accepted
     (and then matched nothing)."""
@@ -193,5 +193,5 @@ def test_routing_constraints_are_validated_as_dynamo_does(constraints, needle): 
     assert needle in text and err.value.path and err.value.path.startswith("$.routing_constraints")
     ok = {"required_taints": ["zone=a"], "preferred_taints": {"gpu": 0.99, "zone=b": -0.99}}
     req = schemas.codec.decode(schemas.codec.encode_json({"request_id": "r", "token_ids": [1], "routing_constraints": ok}),
-                               schemas.SelectRequest)  # fmt: skip
+                               schemas.SelectRequest)
     assert req.routing_constraints is not None and req.routing_constraints.preferred_taints["gpu"] == 0.99
