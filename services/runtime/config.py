@@ -413,6 +413,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default!r})" if isinstance(default, str) else f"{text} (default: {default})"
 
 
+# argparse's None means "flag not given"; a flag whose value parses to None ("off" for a threshold)
+# is carried as this marker instead, so it wins over the variable and the default.
+_GIVEN_NONE = object()
+
+
+def _flag_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(raw: str) -> Any:
+        value = parse(raw)
+        return _GIVEN_NONE if value is None else value
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in its error messages
+    return convert
+
+
 def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
     for s in settings:
         kwargs: dict[str, Any] = {"dest": s.name, "help": f"{s.help} [env {s.env}, default {s.default!r}]"}
@@ -427,7 +441,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -
             kwargs["nargs"] = "?"
             kwargs["const"] = True
         else:
-            kwargs["type"] = s.type
+            kwargs["type"] = _flag_parser(s.type)
         kwargs["default"] = None
         parser.add_argument(s.flag, **kwargs)
 
@@ -438,7 +452,9 @@ def resolve_values(args: argparse.Namespace, settings: Iterable[Setting], env: M
     values: dict[str, Any] = {}
     for s in settings:
         raw = getattr(args, s.name, None)
-        if raw is not None:
+        if raw is _GIVEN_NONE:
+            values[s.name] = None
+        elif raw is not None:
             if s.is_list:
                 raw = [item for entry in raw for item in parse_list(str(entry))]
                 raw = [s.type(x) for x in raw]

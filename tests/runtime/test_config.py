@@ -60,6 +60,15 @@ def test_env_then_flags():
     cfg = parse(["--pool", "c", "--pool", "d,e", "--http-port", "1", "--early-exit", "false", "--threshold", "2"], env)
     assert cfg.pool == ("c", "d", "e") and cfg.http_port == 1 and cfg.early_exit is False and cfg.threshold == 2.0
     assert parse(["--threshold", "off"], {}).threshold is None
+    # "off" on the command line wins over the variable (argparse's None would mean "not given")
+    assert parse(["--threshold", "off"], {"KVR_THRESHOLD": "0.5"}).threshold is None
+
+
+def test_a_threshold_on_by_default_can_be_turned_off_by_flag():
+    from services.scheduler.settings import SchedulerConfig
+
+    assert SchedulerConfig.from_argv([], env={}).active_decode_blocks_threshold == 0.9
+    assert SchedulerConfig.from_argv(["--active-decode-blocks-threshold", "off"], env={}).active_decode_blocks_threshold is None
     assert parse(["--early-exit"], {}).early_exit is True
 
 
