@@ -47,7 +47,8 @@ from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.admission import AdmissionQueue, Waiting
 from services.scheduler.candidates import Candidate, candidates_from
 from services.scheduler.decide import Decider, PoolView, Prepared
-from services.scheduler.load import LoadTracker
+from services.scheduler.load import LoadTracker, Target
+from services.scheduler.peers import EngineMetrics, PeerContext, make_peer
 from services.scheduler.selector import BusyThresholds, CostConfig, Overlaps, SelectionError, Selector
 
 from .runner import RequestRecord, RunResult
@@ -84,6 +85,12 @@ class OfflineConfig:
     busy: BusyThresholds = field(default_factory=BusyThresholds)
     queue_max_size: int = 256
     queue_timeout_ms: float = 500.0
+    # A peer router's policy (`services/scheduler/peers`, by name) choosing instead of `policy`.
+    peer: str | None = None
+    # How often a gateway scrapes the engines' metrics (the peers' queue and KV-usage scorers read
+    # the latest scrape; GAIE's --refresh-metrics-interval).
+    metrics_interval_ms: float = 50.0
+    label: str = ""  # the run's name in the report (default: the policy, or the peer)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.policy))  # a name from the CLI, validated
@@ -95,6 +102,12 @@ class OfflineConfig:
             raise ValueError("event_delay_ms, cleanup_delay_ms and booking_delay_ms must be >= 0")
         if self.fused_decode_steps < 1:
             raise ValueError("fused_decode_steps must be >= 1")
+        if self.metrics_interval_ms < 0:
+            raise ValueError("metrics_interval_ms must be >= 0")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.peer or str(self.policy)
 
 
 def cost_with_overrides(entries: Sequence[str]) -> CostConfig:
@@ -157,7 +170,13 @@ class OfflineSim:
         self.candidates: list[Candidate] = candidates_from(records)
         self.index = PrefixIndex()
         self.tracker = LoadTracker(NO_EXPIRY_MS)
-        self.selector = Selector(cfg.busy, rng=random.Random(cfg.seed))
+        self._scraped: dict[Target, EngineMetrics] = {}
+        self._scraped_at = -math.inf
+        plugin = None
+        if cfg.peer is not None:
+            ctx = PeerContext(block_size=ec.block_size, kv_blocks=ec.kv_blocks, metrics=self._metrics, clock=lambda: self._now)
+            plugin = make_peer(cfg.peer, ctx)
+        self.selector = Selector(busy=cfg.busy, rng=random.Random(cfg.seed), plugin=plugin)
         # The trace's prompts were filtered by length already (`load_trace`): no limit of its own.
         self.decider = Decider(self.selector, cfg.cost, router_id=ROUTER_ID, default_block_size=ec.block_size,
                                max_request_tokens=MAX_TOKENS)
@@ -216,7 +235,7 @@ class OfflineSim:
             on_progress(n, n)
         fleet = self._fleet_stats()
         return RunResult(
-            policy=cfg.policy,
+            policy=cfg.name,
             rate_scale=cfg.rate_scale,
             speedup=1.0,
             records=records,
@@ -227,6 +246,16 @@ class OfflineSim:
         )
 
     # --- routing (the scheduler's select, minus transport) ---------------------------------------
+
+    def _metrics(self) -> dict[Target, EngineMetrics]:
+        """The engines' metrics as a gateway last scraped them (every `metrics_interval_ms`)."""
+        if self._now - self._scraped_at >= self.cfg.metrics_interval_ms:
+            self._scraped_at = self._now
+            self._scraped = {
+                (w, 0): EngineMetrics(len(e.waiting), len(e.running), e.pool.active / e.cfg.kv_blocks)
+                for w, e in self.engines.items()
+            }
+        return self._scraped
 
     def _apply_visible(self, now: float) -> None:
         vis = self._visible

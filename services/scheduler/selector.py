@@ -45,6 +45,7 @@ class CostConfig:
     host_cache_hit_weight: float = 0.75
     disk_cache_hit_weight: float = 0.25
     temperature: float = 0.0
+    decode_load_scale: float = 1.0
 
     def with_overrides(self, o: Overrides | None) -> CostConfig:
         if o is None:
@@ -240,12 +241,29 @@ def _leg_name(leg: str) -> str:
     return "prefill " if leg == "prefill" else ""
 
 
+class ChoicePlugin(Protocol):
+    """A routing policy that is not one of ours (a peer router's, `services/scheduler/peers/`),
+    plugged into the selector: it picks among the eligible targets, after the same filters, and the
+    pick is scored and booked like any other (one decision path). It may keep state of its own
+    (approximate prefix trees of routed prompts); `choose` is called once per leg decided."""
+
+    name: str
+
+    def choose(
+        self, pool: Sequence[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, rng: random.Random
+    ) -> Candidate: ...
+
+
 class Selector:
-    def __init__(self, busy: BusyThresholds | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, busy: BusyThresholds | None = None, rng: random.Random | None = None, plugin: ChoicePlugin | None = None
+    ) -> None:
         self.busy = busy or BusyThresholds()
         self._busy_enabled = self.busy.enabled
         self.rng = rng or random.Random()
         self._rr: dict[str, int] = {}
+        # When set, the plugin chooses instead of the request's policy (the offline simulator's peers).
+        self.plugin = plugin
 
     # --- eligibility ---------------------------------------------------------------------------
 
@@ -366,13 +384,16 @@ class Selector:
                 disk_extra = max(ov.disk.get(t, 0) - max(device, host), 0)
                 credit += cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
             rest = prefill_blocks - credit
-            cost = (cfg.prefill_load_scale * rest if rest > 0.0 else 0.0) + decode_blocks
+            cost = (cfg.prefill_load_scale * rest if rest > 0.0 else 0.0) + cfg.decode_load_scale * decode_blocks
         if inp.preferred_taints:
             cost *= taint_multiplier(c.taints, inp.preferred_taints)
         return Scored(c, cost, device, prefill_blocks, decode_blocks)
 
     def choose(self, pool: list[Candidate], load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
-        """The target of one leg among the eligible `pool`, by the request's policy (`_CHOOSERS`)."""
+        """The target of one leg among the eligible `pool`, by the request's policy (`_CHOOSERS`), or
+        by the selector's plug-in when it has one."""
+        if self.plugin is not None:
+            return self.score(self.plugin.choose(pool, load, ov, inp, self.rng), load, ov, inp, leg)
         chooser = _CHOOSERS.get(inp.policy)
         if chooser is None:
             raise SelectionError(ErrorCode.INVALID_REQUEST, f"unknown policy {inp.policy!r}")
