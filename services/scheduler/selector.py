@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 from schemas.api import ErrorCode, MatchReply, Overrides, Policy, WorkerScore
 
 from .candidates import Candidate
+from .cost import CostConfig, effective_credit, leg_cost
 from .load import LoadView, Target
 
 TIE_EPS = 1e-9
@@ -36,24 +37,6 @@ class LoadSource(Protocol):
     def view(self, target: Target) -> LoadView: ...
 
     def new_blocks(self, target: Target, hashes: Iterable[int]) -> int: ...
-
-
-@dataclass(frozen=True)
-class CostConfig:
-    overlap_score_credit: float = 1.0
-    prefill_load_scale: float = 1.0
-    host_cache_hit_weight: float = 0.75
-    disk_cache_hit_weight: float = 0.25
-    temperature: float = 0.0
-    decode_load_scale: float = 1.0
-
-    def with_overrides(self, o: Overrides | None) -> CostConfig:
-        if o is None:
-            return self
-        changes = {k: getattr(o, k) for k in (
-            "overlap_score_credit", "prefill_load_scale", "temperature", "host_cache_hit_weight", "disk_cache_hit_weight"
-        ) if getattr(o, k) is not None}
-        return replace(self, **changes) if changes else self
 
 
 class ReportedLoad(NamedTuple):
@@ -365,7 +348,11 @@ class Selector:
 
     # --- scoring -------------------------------------------------------------------------------
 
-    def score(self, c: Candidate, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str) -> Scored:
+    def score(
+        self, c: Candidate, load: LoadSource, ov: Overlaps, inp: SelectionInput, leg: str, credit_scale: float = 1.0
+    ) -> Scored:
+        """The cost of `c` for one leg (services/scheduler/cost.py); `credit_scale` multiplies the
+        overlap credit (the load-adaptive credit of our rule, computed once per decision)."""
         t = c.target
         view = load.view(t)
         device = ov.device.get(t, 0)
@@ -383,8 +370,7 @@ class Selector:
                 host_extra = max(host - device, 0)
                 disk_extra = max(ov.disk.get(t, 0) - max(device, host), 0)
                 credit += cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
-            rest = prefill_blocks - credit
-            cost = (cfg.prefill_load_scale * rest if rest > 0.0 else 0.0) + cfg.decode_load_scale * decode_blocks
+            cost = leg_cost(cfg, prefill_blocks, credit * credit_scale, decode_blocks)
         if inp.preferred_taints:
             cost *= taint_multiplier(c.taints, inp.preferred_taints)
         return Scored(c, cost, device, prefill_blocks, decode_blocks)
@@ -403,7 +389,8 @@ class Selector:
         """`kv`: the lowest cost (docs/protocol.md §7); ties to the smaller tree, then the lower target;
         softmax sampling at temperature > 0."""
         score = self.score
-        scored = [score(c, load, ov, inp, leg) for c in pool]
+        scale = effective_credit(inp.cost, pool, load) if leg != "decode" else 1.0
+        scored = [score(c, load, ov, inp, leg, scale) for c in pool]
         if inp.cost.temperature > 0:
             return scored[softmax_pick([s.cost for s in scored], inp.cost.temperature, self.rng)]
         best = min(scored, key=_cost).cost

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.api import Overrides
+from services.scheduler.cost import DYNAMO_COST
 from services.scheduler.load import EMPTY, LoadView
 from services.scheduler.selector import (
     BusyThresholds,
@@ -25,6 +27,11 @@ from services.scheduler.selector import (
 )
 
 from .helpers import cands, record
+
+
+def dynamo(**kw) -> CostConfig:  # type: ignore[no-untyped-def]
+    """Dynamo's exact rule (these tables are Dynamo's worked examples), with changes."""
+    return replace(DYNAMO_COST, **kw)
 
 REQ = list(range(1, 11))  # the request's 10 sequence hashes (160 tokens at block size 16)
 
@@ -45,6 +52,7 @@ def inp(**kw) -> SelectionInput:
     kw.setdefault("isl_tokens", 160)
     kw.setdefault("block_size", 16)
     kw.setdefault("hashes", REQ)
+    kw.setdefault("cost", DYNAMO_COST)
     return SelectionInput(**kw)
 
 
@@ -77,12 +85,12 @@ def test_worked_example_costs_and_winner():
 def test_tie_goes_to_smaller_tree_then_lower_id():
     cs, load, ov = worked_example()
     # prefill_load_scale 0.5 (classic overlap weight 0.5): A = 3 + 32 = 35, B = 5 + 30 = 35.
-    d = pick(cs, load, ov, cost=CostConfig(prefill_load_scale=0.5))
+    d = pick(cs, load, ov, cost=dynamo(prefill_load_scale=0.5))
     assert d.cost == pytest.approx(35.0) and d.decode.candidate.worker_id == 2  # B's tree is smaller
     ov.tree_sizes = {(1, 0): 10, (2, 0): 100}
-    assert pick(cs, load, ov, cost=CostConfig(prefill_load_scale=0.5)).decode.candidate.worker_id == 1
+    assert pick(cs, load, ov, cost=dynamo(prefill_load_scale=0.5)).decode.candidate.worker_id == 1
     ov.tree_sizes = {}
-    assert pick(cs, load, ov, cost=CostConfig(prefill_load_scale=0.5)).decode.candidate.worker_id == 1  # lower id
+    assert pick(cs, load, ov, cost=dynamo(prefill_load_scale=0.5)).decode.candidate.worker_id == 1  # lower id
 
 
 def test_idle_fleet_picks_lowest_worker_id_and_lowest_rank():
@@ -100,7 +108,7 @@ def test_dp_ranks_are_separate_candidates_with_their_endpoints():
 
 def test_overrides_credit_zero_ignores_cache():
     cs, load, ov = worked_example()
-    base = CostConfig()
+    base = dynamo()
     no_credit = base.with_overrides(Overrides(overlap_score_credit=0.0))
     d = pick(cs, load, ov, cost=no_credit)
     # A = 14 + 32 = 46, B = 10 + 30 = 40.
@@ -254,8 +262,8 @@ def test_softmax_statistics_match_the_formula():
 def test_temperature_sampling_in_select_is_seeded():
     cs, load, ov = worked_example()
     s1, s2 = Selector(rng=random.Random(11)), Selector(rng=random.Random(11))
-    seq1 = [pick(cs, load, ov, selector=s1, cost=CostConfig(temperature=1.0)).decode.candidate.worker_id for _ in range(50)]
-    seq2 = [pick(cs, load, ov, selector=s2, cost=CostConfig(temperature=1.0)).decode.candidate.worker_id for _ in range(50)]
+    seq1 = [pick(cs, load, ov, selector=s1, cost=dynamo(temperature=1.0)).decode.candidate.worker_id for _ in range(50)]
+    seq2 = [pick(cs, load, ov, selector=s2, cost=dynamo(temperature=1.0)).decode.candidate.worker_id for _ in range(50)]
     assert seq1 == seq2 and set(seq1) == {1, 2}
 
 
