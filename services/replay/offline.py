@@ -49,7 +49,13 @@ from services.scheduler.candidates import Candidate, candidates_from
 from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker, Target
 from services.scheduler.peers import EngineMetrics, PeerContext, make_peer
-from services.scheduler.selector import BusyThresholds, CostConfig, Overlaps, SelectionError, Selector
+from services.scheduler.selector import (
+    BusyThresholds,
+    CostConfig,
+    Overlaps,
+    SelectionError,
+    Selector,
+)
 
 from .runner import RequestRecord, RunResult
 from .trace import TokenExpander, TraceRequest
