@@ -33,7 +33,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -46,6 +46,7 @@ from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.admission import AdmissionQueue, Waiting
 from services.scheduler.candidates import Candidate, candidates_from
+from services.scheduler.cost import DYNAMO_COST
 from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker, Target
 from services.scheduler.peers import EngineMetrics, PeerContext, make_peer
@@ -116,25 +117,46 @@ class OfflineConfig:
         return self.label or self.peer or str(self.policy)
 
 
-def cost_with_overrides(entries: Sequence[str]) -> CostConfig:
-    """`key=value` entries (the wire `Overrides` fields, validated by it) over Dynamo's defaults."""
+# Cost-rule fields that are not per-request wire overrides (services/scheduler/cost.py).
+RULE_FIELDS = ("decode_load_scale", "credit_load_gain", "clip_prefill")
+
+
+def cost_with_overrides(entries: Sequence[str], base: CostConfig | None = None) -> CostConfig:
+    """`key=value` entries over our default rule (or `base`): the wire `Overrides` fields (validated
+    by it) and the rule's own fields (`decode_load_scale`, `credit_load_gain` ≥ 0, `clip_prefill`
+    0/1); `rule=dynamo` starts from Dynamo's exact rule instead."""
     values: dict[str, float] = {}
+    start = base or CostConfig()
     for item in entries:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ValueError(f"bad cost override {item!r} (want key=value)")
+        if key == "rule":
+            if raw.strip() not in ("kvr", "dynamo"):
+                raise ValueError(f"bad cost override {item!r}: rule is kvr or dynamo")
+            start = DYNAMO_COST if raw.strip() == "dynamo" else CostConfig()
+            continue
         try:
-            values[key.strip()] = float(raw)
+            values[key] = float(raw)
         except ValueError:
             raise ValueError(f"bad cost override {item!r}: {raw!r} is not a number") from None
-    unknown = set(values) - set(Overrides.__struct_fields__)
+    wire = {k: v for k, v in values.items() if k not in RULE_FIELDS}
+    rule = {k: v for k, v in values.items() if k in RULE_FIELDS}
+    unknown = set(wire) - set(Overrides.__struct_fields__)
     if unknown:
-        raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {', '.join(Overrides.__struct_fields__)}")
+        allowed = ", ".join((*Overrides.__struct_fields__, *RULE_FIELDS, "rule"))
+        raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {allowed}")
+    if any(v < 0 or not math.isfinite(v) for v in rule.values()):
+        raise ValueError("decode_load_scale, credit_load_gain and clip_prefill must be finite and >= 0")
     try:
-        overrides = msgspec.convert(values, Overrides) if values else None
+        overrides = msgspec.convert(wire, Overrides) if wire else None
     except msgspec.ValidationError as exc:
         raise ValueError(f"bad cost override: {exc}") from None
-    return CostConfig().with_overrides(overrides)
+    cost = start.with_overrides(overrides)
+    if "clip_prefill" in rule:
+        cost = replace(cost, clip_prefill=bool(rule.pop("clip_prefill")))
+    return replace(cost, **rule) if rule else cost
 
 
 @dataclass

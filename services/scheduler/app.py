@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -62,6 +63,7 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 from . import metrics as m
 from .admission import AdmissionQueue, Waiting
 from .candidates import Candidate, candidates_of
+from .cost import DYNAMO_COST
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
@@ -100,7 +102,8 @@ class SchedulerApp:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.router_id: str = cfg.router_id or f"sched-{uuid.uuid4().hex[:10]}"
-        self.cost = CostConfig(
+        self.cost = replace(
+            DYNAMO_COST if cfg.cost_rule == "dynamo" else CostConfig(),
             overlap_score_credit=cfg.overlap_score_credit,
             prefill_load_scale=cfg.prefill_load_scale,
             host_cache_hit_weight=cfg.host_cache_hit_weight,

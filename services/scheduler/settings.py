@@ -16,6 +16,9 @@ class SchedulerConfig(ServiceConfig):
     host_cache_hit_weight: float = setting(0.75, "credit per host-tier cached block")
     disk_cache_hit_weight: float = setting(0.25, "credit per disk-tier cached block")
     router_temperature: float = setting(0.0, "softmax temperature (0 = lowest cost wins)")
+    cost_rule: str = setting(
+        "kvr", "cost rule of the kv policy: kvr (ours) or dynamo (Dynamo's exact formula)", choices=("kvr", "dynamo")
+    )
     selection_policy: str = setting(Policy.KV.value, "default policy", choices=POLICY_NAMES)
     pool_policy: tuple[str, ...] = setting((), "per-pool default policy, e.g. llama=round_robin (repeatable)")
     seed: int = setting(-1, "RNG seed for temperature sampling / random policy (-1 = from the OS)")
