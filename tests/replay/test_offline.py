@@ -4,6 +4,7 @@ round-robin on reuse, fused decode ≡ stepping, and the `kvr replay --offline` 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from services.replay.__main__ import main as replay_main
 from services.replay.offline import OfflineConfig, OfflineSim, cost_with_overrides, run_offline
 from services.replay.report import summarize
 from services.replay.trace import TraceRequest, synthetic_trace, write_trace
-from services.scheduler.selector import CostConfig
+from services.scheduler.cost import DYNAMO_COST
+from services.scheduler.selector import BusyThresholds, CostConfig
 
 ENGINE = EngineConfig(block_size=64, kv_blocks=1_024, max_num_batched_tokens=4_096, max_num_seqs=64)
 
@@ -99,6 +101,50 @@ def test_cost_overrides() -> None:
             cost_with_overrides(bad)
     with pytest.raises(ValueError):
         OfflineConfig(rate_scale=0)
+    assert cost_with_overrides(["rule=dynamo"]) == DYNAMO_COST
+    assert cost_with_overrides(["rule=dynamo", "decode_load_scale=0.5", "clip_prefill=0"]) == replace(
+        DYNAMO_COST, decode_load_scale=0.5, clip_prefill=False
+    )
+    assert cost_with_overrides(["credit_load_gain=2"]) == replace(CostConfig(), credit_load_gain=2.0)
+    for bad in (["rule=sglang"], ["credit_load_gain=-1"], ["decode_load_scale=inf"]):
+        with pytest.raises(ValueError):
+            cost_with_overrides(bad)
+
+
+PEERS = ["sglang_cache_aware", "gaie_default", "llmd_precise"]
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_runs_complete_deterministically_through_the_same_pipeline(workload, peer) -> None:
+    a = run_offline(workload, _cfg("kv", peer=peer))
+    b = run_offline(workload, _cfg("kv", peer=peer))
+    assert _outcome(a) == _outcome(b)
+    assert a.policy == peer and not a.open_bookings
+    s = summarize(a)
+    assert s["completed"] == len(workload) and s["errors"] == 0
+    assert s["hit_rate"] == pytest.approx(s["fleet_hit_rate"])
+    assert s["hit_rate"] > summarize(run_offline(workload, _cfg("round_robin")))["hit_rate"]  # they do use the cache
+
+
+def test_dynamo_busy_threshold_runs_through_the_selector(workload) -> None:
+    # A threshold every worker exceeds as soon as it runs anything: requests are refused (overloaded)
+    # instead of queued, as Dynamo answers 529; the others complete.
+    tight = _cfg("kv", busy=BusyThresholds(active_decode_blocks=0.001), label="dynamo_busy")
+    s = summarize(run_offline(workload, tight))
+    assert s["policy"] == "dynamo_busy"
+    assert s["errors"] > 0 and set(s["error_kinds"]) == {"select:overloaded"}
+    assert s["completed"] + s["errors"] == len(workload)
+
+
+def test_gateway_metrics_are_scraped_on_their_interval(workload) -> None:
+    sim = OfflineSim(_cfg("kv", peer="gaie_default", metrics_interval_ms=50.0))
+    sim._now = 0.0
+    first = sim._metrics()
+    sim.engines[1].submit("x", [1] * 100, 4, 0.0)
+    sim._now = 49.0
+    assert sim._metrics() is first  # not scraped again yet: the new request is not seen
+    sim._now = 50.0
+    assert sim._metrics()[(1, 0)].waiting == 1
 
 
 def test_cli_offline_writes_report(tmp_path: Path) -> None:
