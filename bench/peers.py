@@ -45,7 +45,7 @@ TRACES = {
     "synthetic": ROOT / "data" / "mooncake_synthetic_trace.jsonl.gz",
 }
 # Loads from the trace's own rate until every contender saturates (checked in the report).
-LOADS = {"conversation": [1.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0], "synthetic": [1.0, 3.0, 6.0, 8.0, 10.0, 12.0, 16.0]}
+LOADS = {"conversation": [1.0, 4.0, 8.0, 10.0, 12.0, 16.0], "synthetic": [1.0, 3.0, 6.0, 8.0, 10.0, 12.0]}
 MAX_INPUT_TOKENS = 131_072
 
 
@@ -282,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_variants:
         chosen += list(variants())
     order = {c.name: i for i, c in enumerate(chosen)}
+    loads = {t: [float(x) for x in args.loads.split(",")] if args.loads else LOADS[t] for t in traces}
+    # Lower loads of both traces first: a run cut short still has whole load points to show.
     jobs = [
-        Job(t, load, c, args.start, args.limit, args.workers, args.kv_blocks, args.block_size)
+        Job(t, loads[t][i], c, args.start, args.limit, args.workers, args.kv_blocks, args.block_size)
+        for i in range(max(len(v) for v in loads.values()))
         for t in traces
-        for load in ([float(x) for x in args.loads.split(",")] if args.loads else LOADS[t])
+        if i < len(loads[t])
         for c in chosen
     ]
     out = Path(args.out)
@@ -308,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     def record(job: Job, s: dict[str, Any], wall: float, done: int) -> None:
         s["order"] = order[job.contender.name]
         results[job.trace].append(s)
+        partial = {"meta": meta, "traces": {t: {"runs": r} for t, r in results.items()}}
+        (out / "peers.partial.json").write_text(json.dumps(partial, sort_keys=True, default=str) + "\n")
         print(
             f"[{done}/{len(jobs)} {time.perf_counter() - t_start:6.0f} s] {job.trace:<12} ×{job.load:<4g} "
             f"{job.contender.name:<22} hit {100 * s['hit_rate']:5.1f} %  TTFT mean {s['ttft_ms']['mean'] or 0:9,.0f}  "
@@ -332,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(table(t, runs))
         plots(t, runs, out)
     (out / "peers.json").write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
+    (out / "peers.partial.json").unlink(missing_ok=True)
     (out / "peers.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"wrote {out}/peers.json, peers.md, " + ", ".join(f"{t}_ttft.png, {t}_hit.png" for t in traces))

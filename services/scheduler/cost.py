@@ -21,7 +21,7 @@ of `CostConfig` so that each can be measured alone (`VARIANTS`, bench/peers.py):
 - `clip_prefill` off: the prefill term may go below zero, so a larger credit keeps ordering the
   workers instead of flattening every cached worker to 0 (why a credit of 1,000 routed on decode
   load alone before).
-- `credit_load_gain` (ours 1): the credit grows with the fleet's queued prefill, ×(1 + gain ×
+- `credit_load_gain` (ours 4): the credit grows with the fleet's queued prefill, ×(1 + gain ×
   mean active prefill tokens per target / max_num_batched_tokens). A miss is recomputed by a fleet
   that is busy anyway, which delays every request queued behind it; when no worker has prefill
   queued the credit is Dynamo's.
@@ -55,7 +55,7 @@ class CostConfig:
     temperature: float = 0.0
     decode_load_scale: float = 0.02
     clip_prefill: bool = False
-    credit_load_gain: float = 1.0
+    credit_load_gain: float = 4.0
 
     def with_overrides(self, o: Overrides | None) -> CostConfig:
         if o is None:
@@ -87,13 +87,12 @@ def effective_credit(cfg: CostConfig, pool: Sequence[Candidate], load: _Loads) -
 
 
 def _variants() -> dict[str, CostConfig]:
-    """Dynamo's rule with one of our changes at a time (and all of them = our default)."""
+    """Dynamo's rule with one of our changes at a time (all of them = our default)."""
     d = DYNAMO_COST
+    ours = CostConfig()
     return {
-        "decode 0.02": replace(d, decode_load_scale=0.02),
-        "no clip, credit 2": replace(d, clip_prefill=False, overlap_score_credit=2.0),
-        "adaptive credit": replace(d, clip_prefill=False, credit_load_gain=1.0),
-        "decode 0.02 + no clip, credit 2": replace(d, decode_load_scale=0.02, clip_prefill=False, overlap_score_credit=2.0),
+        "dynamo+decode": replace(d, decode_load_scale=ours.decode_load_scale),
+        "dynamo+adaptive": replace(d, clip_prefill=False, credit_load_gain=ours.credit_load_gain),
     }
 
 

@@ -45,7 +45,7 @@ def test_adaptive_credit_grows_with_the_fleets_queued_prefill() -> None:
     load = LoadTracker()
     assert effective_credit(CostConfig(), pool, load) == 1.0  # nothing queued: Dynamo's credit
     load.add(add("a", 1, [1], isl=2000, bs=BS), 1_000)  # 2000 prefill tokens queued on worker 1
-    assert effective_credit(CostConfig(), pool, load) == pytest.approx(1 + 1.0 * (2000 / 1000) / 2)
+    assert effective_credit(CostConfig(), pool, load) == pytest.approx(1 + 4.0 * (2000 / 1000) / 2)
     assert effective_credit(DYNAMO_COST, pool, load) == 1.0
 
 
@@ -70,7 +70,7 @@ def test_a_conversation_stays_on_its_cache_when_another_worker_is_idle_but_busy_
     # Dynamo: 1 → (100 − 80) + 920 = 940; 2 → 100 + 700 = 800.
     assert chosen(DYNAMO_COST) == 2
     assert chosen(CostConfig()) == 1
-    assert chosen(VARIANTS["decode 0.02"]) == 1
+    assert chosen(VARIANTS["dynamo+decode"]) == 1
 
 
 def test_variants_are_dynamo_with_changes() -> None:
