@@ -77,3 +77,14 @@ def test_variants_are_dynamo_with_changes() -> None:
     for name, cfg in VARIANTS.items():
         assert cfg != DYNAMO_COST, name
         assert cfg.temperature == 0.0 and cfg.prefill_load_scale == 1.0
+
+
+def test_the_scheduler_service_takes_its_rule_from_settings() -> None:
+    """`--cost-rule` picks the rule; the cost flags apply over it (no NATS needed to build the app)."""
+    from services.scheduler.app import SchedulerApp
+
+    from .conftest import scheduler_cfg
+
+    assert SchedulerApp(scheduler_cfg("nats://127.0.0.1:1")).cost == CostConfig()
+    dyn = SchedulerApp(scheduler_cfg("nats://127.0.0.1:1", "--cost-rule", "dynamo", "--overlap-score-credit", "2"))
+    assert dyn.cost == replace(DYNAMO_COST, overlap_score_credit=2.0)
