@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from schemas import codec
 from schemas.api import SelectReply, SelectRequest
 from schemas.events import kv_msg_id, stored_event
@@ -48,7 +50,7 @@ async def test_select_over_nats_with_the_real_indexer_process(nats_url, nc, tmp_
         async with running_scheduler(nats_url, "--router-id", "s1"):
             r = await select_until_overlap(nc, 3)
             assert (r.decode.worker_id, r.overlap_blocks) == (2, 3)
-            assert r.cost == (4 - 3) + 4
+            assert r.cost == pytest.approx((4 - 3) + 0.02 * 4)  # kvr rule: prefill left + 0.02 × decode blocks
     finally:
         indexer.terminate()
 

@@ -64,7 +64,7 @@ async def test_discovery_booking_lifecycle_and_worker_removal(nats_url, nc, inde
         r = await select(nc, request_id="r1")
         assert (r.decode.worker_id, r.decode.dp_rank, r.decode.endpoint, r.decode.pod_name) == (2, 1, "10.0.0.2:9001", "pod-2")
         assert (r.overlap_blocks, r.isl_tokens, r.block_size, r.mode, r.policy) == (2, 64, 16, "aggregated", "kv")
-        assert r.cost == pytest.approx((64 / 16 - 2) + 4)
+        assert r.cost == pytest.approx((64 / 16 - 2) + 0.02 * 4)  # kvr rule: prefill left + 0.02 × decode blocks
         assert indexer.requests[-1].block_hashes and len(indexer.requests[-1].block_hashes) == 4
         st = await state_of(nc, "s1")
         assert st.bookings == ["r1"] and st.workers == [1, 2]
