@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -327,6 +327,21 @@ class LoadTracker:
         if rank is None:
             return len(hs)
         return len(hs.difference(rank.block_refs))
+
+    def leading_active(self, target: Target, hashes: Sequence[int]) -> int:
+        """How many leading `hashes` are active on `target`: a prefix that requests booked there will
+        have computed before a request queued behind them is prefilled (the kvr rule's in-flight
+        overlap, services/scheduler/cost.py)."""
+        rank = self.ranks.get(target)
+        if rank is None:
+            return 0
+        refs = rank.block_refs
+        n = 0
+        for h in hashes:
+            if h not in refs:
+                break
+            n += 1
+        return n
 
     def targets(self) -> list[Target]:
         return sorted(self.ranks)

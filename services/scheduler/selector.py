@@ -38,6 +38,8 @@ class LoadSource(Protocol):
 
     def new_blocks(self, target: Target, hashes: Iterable[int]) -> int: ...
 
+    def leading_active(self, target: Target, hashes: Sequence[int]) -> int: ...
+
 
 class ReportedLoad(NamedTuple):
     """A worker's own load report (`LoadReport` on `kvr.{pool}.load.{worker_id}`)."""
@@ -363,6 +365,8 @@ class Selector:
             cost = float(decode_blocks)
         else:
             cfg = inp.cost
+            if cfg.inflight_overlap:
+                device = max(device, load.leading_active(t, inp.hashes))
             prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
             credit = cfg.overlap_score_credit * device
             if ov.host or ov.disk:  # lower tiers only count where some worker reported them

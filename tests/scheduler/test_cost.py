@@ -60,6 +60,9 @@ def test_a_conversation_stays_on_its_cache_when_another_worker_is_idle_but_busy_
         def new_blocks(self, t, hashes):  # type: ignore[no-untyped-def]
             return 20 if t == (1, 0) else 100
 
+        def leading_active(self, t, hashes):  # type: ignore[no-untyped-def]
+            return 0
+
     ov = Overlaps(device={(1, 0): 80})
     hashes = list(range(100))
 
@@ -71,6 +74,24 @@ def test_a_conversation_stays_on_its_cache_when_another_worker_is_idle_but_busy_
     assert chosen(DYNAMO_COST) == 2
     assert chosen(CostConfig()) == 1
     assert chosen(VARIANTS["dynamo+decode"]) == 1
+
+
+def test_inflight_overlap_counts_a_prefix_booked_but_not_computed_yet() -> None:
+    """The next turn of a conversation arrives while the previous one is still queued on worker 1:
+    the index has none of its blocks yet, the load tracker has them all (booked there)."""
+    pool = cands(*(record(w, block_size=BS) for w in (1, 2)))
+    load = LoadTracker()
+    load.add(add("turn-1", 1, list(range(50)), bs=BS), 1_000)
+    assert load.leading_active((1, 0), list(range(60))) == 50
+    assert load.leading_active((1, 0), [999, *range(50)]) == 0 and load.leading_active((2, 0), [0]) == 0
+    inp = SelectionInput(60 * BS, BS, list(range(60)))
+
+    def chosen(cost: CostConfig) -> tuple[int, int]:
+        d = Selector(rng=random.Random(0)).select(pool, load, Overlaps(), replace(inp, cost=cost))
+        return d.decode.candidate.worker_id, d.decode.overlap_blocks
+
+    assert chosen(CostConfig()) == (1, 50)  # queued behind the prefix it will reuse
+    assert chosen(DYNAMO_COST) == (2, 0)  # Dynamo sees no overlap and 800 queued prefill tokens on worker 1
 
 
 def test_variants_are_dynamo_with_changes() -> None:

@@ -47,6 +47,14 @@ class FakeLoad:
     def new_blocks(self, t, hashes):
         return len(set(hashes) - self.active.get(t, set()))
 
+    def leading_active(self, t, hashes):  # type: ignore[no-untyped-def]
+        n = 0
+        for h in hashes:
+            if h not in self.active.get(t, set()):
+                break
+            n += 1
+        return n
+
 
 def inp(**kw) -> SelectionInput:
     kw.setdefault("isl_tokens", 160)
