@@ -118,13 +118,13 @@ class OfflineConfig:
 
 
 # Cost-rule fields that are not per-request wire overrides (services/scheduler/cost.py).
-RULE_FIELDS = ("decode_load_scale", "credit_load_gain", "clip_prefill")
+RULE_FIELDS = ("decode_load_scale", "credit_load_gain", "clip_prefill", "inflight_overlap")
 
 
 def cost_with_overrides(entries: Sequence[str], base: CostConfig | None = None) -> CostConfig:
     """`key=value` entries over our default rule (or `base`): the wire `Overrides` fields (validated
     by it) and the rule's own fields (`decode_load_scale`, `credit_load_gain` ≥ 0, `clip_prefill`
-    0/1); `rule=dynamo` starts from Dynamo's exact rule instead."""
+    and `inflight_overlap` 0/1); `rule=dynamo` starts from Dynamo's exact rule instead."""
     values: dict[str, float] = {}
     start = base or CostConfig()
     for item in entries:
@@ -148,14 +148,15 @@ def cost_with_overrides(entries: Sequence[str], base: CostConfig | None = None) 
         allowed = ", ".join((*Overrides.__struct_fields__, *RULE_FIELDS, "rule"))
         raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {allowed}")
     if any(v < 0 or not math.isfinite(v) for v in rule.values()):
-        raise ValueError("decode_load_scale, credit_load_gain and clip_prefill must be finite and >= 0")
+        raise ValueError(f"{', '.join(RULE_FIELDS)} must be finite and >= 0")
     try:
         overrides = msgspec.convert(wire, Overrides) if wire else None
     except msgspec.ValidationError as exc:
         raise ValueError(f"bad cost override: {exc}") from None
     cost = start.with_overrides(overrides)
-    if "clip_prefill" in rule:
-        cost = replace(cost, clip_prefill=bool(rule.pop("clip_prefill")))
+    for flag in ("clip_prefill", "inflight_overlap"):
+        if flag in rule:
+            cost = replace(cost, **{flag: bool(rule.pop(flag))})
     return replace(cost, **rule) if rule else cost
 
 

@@ -39,7 +39,7 @@ class ReplayCommandConfig(ClientConfig):
     offline_seed: int = setting(0, "offline: RNG seed of the random policy and softmax sampling")
     offline_overrides: tuple[str, ...] = setting((), "offline: cost-rule overrides key=value (overlap_score_credit, prefill_load_scale, "
                                                  "temperature, host_cache_hit_weight, disk_cache_hit_weight, decode_load_scale, credit_load_gain, "
-                                                 "clip_prefill; rule=dynamo for Dynamo's exact rule)")
+                                                 "clip_prefill, inflight_overlap; rule=dynamo for Dynamo's exact rule)")
     offline_fused_decode_steps: int = setting(256, "offline: max pure-decode passes committed at once")
 
 
