@@ -1,7 +1,7 @@
 """`kv` against the routers an operator could deploy instead, in the offline simulator.
 
     .venv/bin/python bench/peers.py                       # the recorded comparison (both traces)
-    .venv/bin/python bench/peers.py --limit 400 --out /tmp/peers-quick   # a quick slice (minutes)
+    .venv/bin/python bench/peers.py --limit 200 --out .kvr/peers-quick   # a quick slice (minutes)
 
 Every contender runs through the same `Decider` (services/scheduler/decide.py), the same simulated
 engines and index (`services/replay/offline.py`), on the Mooncake conversation and synthetic traces
