@@ -9,8 +9,8 @@ For one target and the prefill (or aggregated) leg, in blocks of the pool's bloc
     Dynamo:  cost = prefill_load_scale × max(prefill − credit, 0) + decode
     ours:    cost = prefill_load_scale × (prefill − credit) + decode_load_scale × decode
 
-Dynamo's rule is `DYNAMO_COST` (`clip_prefill` on, `decode_load_scale` 1, `credit_load_gain` 0,
-`inflight_overlap` off; docs/protocol.md §7), selectable with the same settings. Ours differs in four ways, each a field
+Dynamo's rule is `DYNAMO_COST` (`clip_prefill` on, `decode_load_scale` 1, `credit_load_gain` 0;
+docs/protocol.md §7), selectable with the same settings. Ours differs in three ways, each a field
 of `CostConfig` so that each can be measured alone (`VARIANTS`, bench/peers.py):
 
 - `decode_load_scale` (ours 0.02): a worker's active decode blocks slow each of its engine passes a
@@ -21,15 +21,18 @@ of `CostConfig` so that each can be measured alone (`VARIANTS`, bench/peers.py):
 - `clip_prefill` off: the prefill term may go below zero, so a larger credit keeps ordering the
   workers instead of flattening every cached worker to 0 (why a credit of 1,000 routed on decode
   load alone before).
-- `inflight_overlap` (ours on): the overlap of a target is the larger of the index's and the
-  leading blocks of the request that requests booked on the target hold (the load tracker's
-  active blocks). A conversation's next turn that arrives while the previous turn is still queued
-  finds nothing in the index yet (its blocks are not computed), but will find them computed when
-  its turn comes on the same worker (first come, first served); elsewhere it recomputes them.
 - `credit_load_gain` (ours 4): the credit grows with the fleet's queued prefill, ×(1 + gain ×
   mean active prefill tokens per target / max_num_batched_tokens). A miss is recomputed by a fleet
   that is busy anyway, which delays every request queued behind it; when no worker has prefill
   queued the credit is Dynamo's.
+
+`inflight_overlap` (off in both rules) is an option measured but not adopted: the overlap of a
+target is the larger of the index's and the request's leading blocks that requests booked on the
+target hold (the load tracker's active blocks), so a conversation's next turn arriving while the
+previous turn is still queued stays on its worker. It helps at saturation in the offline
+comparison, but identical prompts arriving together then all see the whole prompt "cached" on the
+first one's worker and pile onto it (their prefill is tracked as ~0 tokens each), which the
+scheduler's burst test catches (docs/benchmarks.md, "routing against the peers").
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class CostConfig:
     decode_load_scale: float = 0.02
     clip_prefill: bool = False
     credit_load_gain: float = 4.0
-    inflight_overlap: bool = True
+    inflight_overlap: bool = False
 
     def with_overrides(self, o: Overrides | None) -> CostConfig:
         if o is None:
@@ -72,7 +75,7 @@ class CostConfig:
         return replace(self, **changes) if changes else self
 
 
-DYNAMO_COST = CostConfig(decode_load_scale=1.0, clip_prefill=True, credit_load_gain=0.0, inflight_overlap=False)
+DYNAMO_COST = CostConfig(decode_load_scale=1.0, clip_prefill=True, credit_load_gain=0.0)
 
 
 def leg_cost(cfg: CostConfig, prefill_blocks: float, credit_blocks: float, decode_blocks: float) -> float:
@@ -99,7 +102,6 @@ def _variants() -> dict[str, CostConfig]:
     return {
         "dynamo+decode": replace(d, decode_load_scale=ours.decode_load_scale),
         "dynamo+adaptive": replace(d, clip_prefill=False, credit_load_gain=ours.credit_load_gain),
-        "dynamo+inflight": replace(d, inflight_overlap=True),
     }
 
 

@@ -90,7 +90,8 @@ def test_inflight_overlap_counts_a_prefix_booked_but_not_computed_yet() -> None:
         d = Selector(rng=random.Random(0)).select(pool, load, Overlaps(), replace(inp, cost=cost))
         return d.decode.candidate.worker_id, d.decode.overlap_blocks
 
-    assert chosen(CostConfig()) == (1, 50)  # queued behind the prefix it will reuse
+    assert not CostConfig().inflight_overlap  # an option, off by default (it herds identical bursts)
+    assert chosen(replace(CostConfig(), inflight_overlap=True)) == (1, 50)  # queued behind the prefix it will reuse
     assert chosen(DYNAMO_COST) == (2, 0)  # Dynamo sees no overlap and 800 queued prefill tokens on worker 1
 
 
