@@ -36,8 +36,8 @@ from services.mock_worker.engine import EngineConfig
 from services.replay.offline import OfflineConfig, run_offline
 from services.replay.report import summarize
 from services.replay.trace import TraceRequest, ideal_hit_rate, load_trace
-from services.scheduler.cost import DYNAMO_COST
-from services.scheduler.selector import BusyThresholds, CostConfig
+from services.scheduler.cost import DYNAMO_COST, CostConfig
+from services.scheduler.selector import BusyThresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = {
@@ -118,7 +118,7 @@ def run_job(job: Job) -> tuple[Job, dict[str, Any], float]:
     cfg = OfflineConfig(
         policy=c.policy, rate_scale=job.load, workers=job.workers, cost=c.cost, busy=c.busy, peer=c.peer, label=c.name,
         engine=EngineConfig(block_size=job.block_size, kv_blocks=job.kv_blocks),
-    )  # fmt: skip
+    )
     s = summarize(run_offline(requests_of(job.trace, job.start, job.limit), cfg))
     for k in _VOLATILE:
         s.pop(k, None)
@@ -163,7 +163,7 @@ def verdicts(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "hit_rate_over_best": ours["hit_rate"] / best_hit if best_hit else None,
             "wins": bool(m <= best_mean["ttft_ms"]["mean"] and p <= best_p99["ttft_ms"]["p99"]
                          and best_hit and ours["hit_rate"] >= 0.95 * best_hit and not ours["errors"]),
-        })  # fmt: skip
+        })
     return out
 
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                   "max_num_batched_tokens": EngineConfig().max_num_batched_tokens, "max_num_seqs": EngineConfig().max_num_seqs},
         "event_delay_ms": OfflineConfig().event_delay_ms, "metrics_interval_ms": OfflineConfig().metrics_interval_ms,
         "start": args.start, "limit": args.limit, "traces": {},
-    }  # fmt: skip
+    }
     for t in traces:
         reqs = requests_of(t, args.start, args.limit)
         meta["traces"][t] = {"file": TRACES[t].name, "requests": len(reqs), "ideal_hit_rate": round(ideal_hit_rate(reqs), 4)}

@@ -46,17 +46,11 @@ from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.admission import AdmissionQueue, Waiting
 from services.scheduler.candidates import Candidate, candidates_from
-from services.scheduler.cost import DYNAMO_COST
+from services.scheduler.cost import DYNAMO_COST, CostConfig
 from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker, Target
 from services.scheduler.peers import EngineMetrics, PeerContext, make_peer
-from services.scheduler.selector import (
-    BusyThresholds,
-    CostConfig,
-    Overlaps,
-    SelectionError,
-    Selector,
-)
+from services.scheduler.selector import BusyThresholds, Overlaps, SelectionError, Selector
 
 from .runner import RequestRecord, RunResult
 from .trace import TokenExpander, TraceRequest
@@ -154,10 +148,9 @@ def cost_with_overrides(entries: Sequence[str], base: CostConfig | None = None) 
     except msgspec.ValidationError as exc:
         raise ValueError(f"bad cost override: {exc}") from None
     cost = start.with_overrides(overrides)
-    for flag in ("clip_prefill", "inflight_overlap"):
-        if flag in rule:
-            cost = replace(cost, **{flag: bool(rule.pop(flag))})
-    return replace(cost, **rule) if rule else cost
+    flags: dict[str, bool] = {f: bool(rule.pop(f)) for f in ("clip_prefill", "inflight_overlap") if f in rule}
+    fields: dict[str, Any] = {**rule, **flags}  # numbers and flags, each checked above
+    return replace(cost, **fields) if fields else cost
 
 
 @dataclass

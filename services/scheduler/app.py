@@ -63,12 +63,12 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 from . import metrics as m
 from .admission import AdmissionQueue, Waiting
 from .candidates import Candidate, candidates_of
-from .cost import DYNAMO_COST
+from .cost import DYNAMO_COST, CostConfig
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
 from .predicted import PredictedCache
-from .selector import BusyThresholds, CostConfig, Overlaps, ReportedLoad, SelectionError, Selector
+from .selector import BusyThresholds, Overlaps, ReportedLoad, SelectionError, Selector
 from .settings import SchedulerConfig
 from .state import BookingState
 

@@ -71,7 +71,7 @@ class CostConfig:
             return self
         changes = {k: getattr(o, k) for k in (
             "overlap_score_credit", "prefill_load_scale", "temperature", "host_cache_hit_weight", "disk_cache_hit_weight"
-        ) if getattr(o, k) is not None}  # fmt: skip
+        ) if getattr(o, k) is not None}
         return replace(self, **changes) if changes else self
 
 

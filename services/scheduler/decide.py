@@ -30,8 +30,9 @@ from schemas.bookings import BookingAdd
 from schemas.hashing import effective_salt, local_block_hashes, salt_seed, sequence_hashes
 
 from .candidates import Candidate
+from .cost import CostConfig
 from .load import PREFILL_LEG, LoadTracker, Target
-from .selector import CostConfig, Decision, Overlaps, ReportedLoad, SelectionError, SelectionInput, Selector
+from .selector import Decision, Overlaps, ReportedLoad, SelectionError, SelectionInput, Selector
 
 NO_REPORTS: Mapping[Target, ReportedLoad] = {}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import NamedTuple, Protocol
 
-from schemas.api import ErrorCode, MatchReply, Overrides, Policy, WorkerScore
+from schemas.api import ErrorCode, MatchReply, Policy, WorkerScore
 
 from .candidates import Candidate
 from .cost import CostConfig, effective_credit, leg_cost

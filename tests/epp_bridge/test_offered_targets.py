@@ -32,9 +32,10 @@ from services.epp_bridge.pods import PodIndex
 from services.epp_bridge.prompt import prompt_tokens
 from services.runtime.responder import ServiceError
 from services.scheduler.candidates import candidates_from
+from services.scheduler.cost import CostConfig
 from services.scheduler.decide import Decider, PoolView
 from services.scheduler.load import LoadTracker
-from services.scheduler.selector import CostConfig, Overlaps, SelectionError, Selector
+from services.scheduler.selector import Overlaps, SelectionError, Selector
 
 pytestmark = pytest.mark.unit
 

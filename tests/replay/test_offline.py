@@ -15,8 +15,8 @@ from services.replay.__main__ import main as replay_main
 from services.replay.offline import OfflineConfig, OfflineSim, cost_with_overrides, run_offline
 from services.replay.report import summarize
 from services.replay.trace import TraceRequest, synthetic_trace, write_trace
-from services.scheduler.cost import DYNAMO_COST
-from services.scheduler.selector import BusyThresholds, CostConfig
+from services.scheduler.cost import DYNAMO_COST, CostConfig
+from services.scheduler.selector import BusyThresholds
 
 ENGINE = EngineConfig(block_size=64, kv_blocks=1_024, max_num_batched_tokens=4_096, max_num_seqs=64)
 

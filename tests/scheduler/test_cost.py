@@ -25,7 +25,7 @@ def test_dynamo_rule_is_dynamo_formula() -> None:
 
 @given(
     prefill=st.floats(0, 1e6), credit=st.floats(0, 1e6), decode=st.floats(0, 1e6), scale=st.floats(0, 10),
-)  # fmt: skip
+)
 def test_dynamo_cost_equals_the_reference(prefill: float, credit: float, decode: float, scale: float) -> None:
     cfg = replace(DYNAMO_COST, prefill_load_scale=scale)
     assert leg_cost(cfg, prefill, credit, decode) == scale * max(prefill - credit, 0.0) + decode
@@ -54,13 +54,13 @@ def test_a_conversation_stays_on_its_cache_when_another_worker_is_idle_but_busy_
     pool = cands(*(record(w, block_size=BS) for w in (1, 2)))
 
     class Load:
-        def view(self, t):  # type: ignore[no-untyped-def]
+        def view(self, t):
             return {(1, 0): LoadView(0, 900, 5), (2, 0): LoadView(0, 600, 3)}[t]
 
-        def new_blocks(self, t, hashes):  # type: ignore[no-untyped-def]
+        def new_blocks(self, t, hashes):
             return 20 if t == (1, 0) else 100
 
-        def leading_active(self, t, hashes):  # type: ignore[no-untyped-def]
+        def leading_active(self, t, hashes):
             return 0
 
     ov = Overlaps(device={(1, 0): 80})

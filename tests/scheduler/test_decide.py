@@ -8,9 +8,10 @@ import pytest
 
 from schemas.api import ErrorCode, Policy, SelectRequest
 from schemas.hashing import local_block_hashes, salt_seed, sequence_hashes
+from services.scheduler.cost import CostConfig
 from services.scheduler.decide import Decider, PoolView
 from services.scheduler.load import PREFILL_LEG, LoadTracker
-from services.scheduler.selector import CostConfig, Overlaps, SelectionError, Selector
+from services.scheduler.selector import Overlaps, SelectionError, Selector
 from services.scheduler.state import BookingState
 
 from .helpers import add, cands, record

@@ -33,7 +33,7 @@ def inp(hashes: list[int], isl: int | None = None) -> SelectionInput:
 POOL = cands(*(record(w, block_size=BS, total_kv_blocks=1000) for w in (1, 2, 3)))
 
 
-def pick(plugin, hashes: list[int], load: LoadTracker | None = None, ov: Overlaps | None = None, isl: int | None = None) -> int:  # type: ignore[no-untyped-def]
+def pick(plugin, hashes: list[int], load: LoadTracker | None = None, ov: Overlaps | None = None, isl: int | None = None) -> int:
     sel = Selector(rng=random.Random(0), plugin=plugin)
     d = sel.select(POOL, load or LoadTracker(), ov or Overlaps(), inp(hashes, isl))
     return d.decode.candidate.worker_id
@@ -147,7 +147,7 @@ def test_llmd_precise_reads_the_index_overlaps() -> None:
     busy[(3, 0)] = EngineMetrics(9, 9, 1.0)  # ... until the KV cache is full: 2 = 2, a tie
     sel = Selector(rng=random.Random(1), plugin=LlmdPrecise(ctx(busy)))
     got = {sel.select(POOL, LoadTracker(), Overlaps(device={(3, 0): 2}), inp([1, 2, 3])).decode.candidate.worker_id
-           for _ in range(20)}  # fmt: skip
+           for _ in range(20)}
     assert got == {1, 2, 3}
 
 

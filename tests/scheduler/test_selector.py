@@ -12,11 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.api import Overrides
-from services.scheduler.cost import DYNAMO_COST
+from services.scheduler.cost import DYNAMO_COST, CostConfig
 from services.scheduler.load import EMPTY, LoadView
 from services.scheduler.selector import (
     BusyThresholds,
-    CostConfig,
     Overlaps,
     ReportedLoad,
     SelectionError,
@@ -29,7 +28,7 @@ from services.scheduler.selector import (
 from .helpers import cands, record
 
 
-def dynamo(**kw) -> CostConfig:  # type: ignore[no-untyped-def]
+def dynamo(**kw) -> CostConfig:
     """Dynamo's exact rule (these tables are Dynamo's worked examples), with changes."""
     return replace(DYNAMO_COST, **kw)
 
@@ -47,7 +46,7 @@ class FakeLoad:
     def new_blocks(self, t, hashes):
         return len(set(hashes) - self.active.get(t, set()))
 
-    def leading_active(self, t, hashes):  # type: ignore[no-untyped-def]
+    def leading_active(self, t, hashes):
         n = 0
         for h in hashes:
             if h not in self.active.get(t, set()):

@@ -118,7 +118,7 @@ class GaieDefault:
             (cfg.queue_weight, queue_scores(pool, metrics)),
             (cfg.kv_utilization_weight, kv_utilization_scores(pool, metrics)),
             (cfg.prefix_weight, prefix),
-        ])  # fmt: skip
+        ])
         chosen = max_score_pick(pool, scores, rng)
         self.index.add(chosen.target, hashes)  # PreRequest: the pick is recorded
         return chosen
@@ -158,5 +158,5 @@ class LlmdPrecise:
             (cfg.prefix_weight, normalized_prefix_scores(ov.device, pool)),
             (cfg.kv_utilization_weight, kv_utilization_scores(pool, metrics)),
             (cfg.queue_weight, queue_scores(pool, metrics)),
-        ])  # fmt: skip
+        ])
         return max_score_pick(pool, scores, rng)
