@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import structlog
 
 from schemas import codec
 from schemas.discovery import WorkerRecord
@@ -127,18 +128,18 @@ async def test_a_flood_from_unregistered_workers_stays_within_the_buffer(nc, sta
     assert late.dump("p").events == app.dump("p").events
 
 
-async def test_a_failing_snapshot_is_counted_logged_and_retried(nc, start_indexer, capfd):
+async def test_a_failing_snapshot_is_counted_logged_and_retried(nc, start_indexer):
     js = nc.jetstream()
     app = await start_indexer(snapshot_every_events=1, snapshot_interval_s=0)
     await js.delete_object_store(NAMES.snapshots_bucket)
     before = m.SNAPSHOTS.labels("p", "error")._value.get()
-    seq = await publish(js, "p", stored_event(1, 0, chain(1, 1, 2)))
-    await wait_for(lambda: m.SNAPSHOTS.labels("p", "error")._value.get() > before)
-    assert app.pool_states()["p"].snapshot_failures >= 1
-    # capfd, not capsys: the log's stream was bound when logging was configured, perhaps by an earlier
-    # test in this worker process, so only the file-descriptor capture sees it for sure
-    seen: list[str] = []
-    await wait_for(lambda: seen.extend(capfd.readouterr()) or "snapshot.failed" in "".join(seen))
+    # capture_logs, not capsys: the log's stream is bound when logging is configured, perhaps by an
+    # earlier test in this pytest worker, so output capture may never see the line
+    with structlog.testing.capture_logs() as logs:
+        seq = await publish(js, "p", stored_event(1, 0, chain(1, 1, 2)))
+        await wait_for(lambda: m.SNAPSHOTS.labels("p", "error")._value.get() > before)
+        assert app.pool_states()["p"].snapshot_failures >= 1
+        await wait_for(lambda: any(e["event"] == "snapshot.failed" for e in logs))
     await js.create_object_store(NAMES.snapshots_bucket)
     await wait_for(lambda: app.pool_states()["p"].snapshot_seq >= seq, timeout=10)
     assert app.pool_states()["p"].snapshot_failures == 0
