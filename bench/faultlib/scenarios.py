@@ -87,7 +87,8 @@ class FaultResult:
             "   RSS MB before → after: " + ", ".join(
                 f"{k} {self.rss_before_mb.get(k)}→{self.rss_after_mb.get(k)}" for k in self.rss_before_mb),
             f"   RSS growth MB: {growth}",
-        ])
+        ] + ([f"   leader: {self.details.get('killed_node')} killed, {self.details['leader_while_down']} elected "
+              f"{self.details.get('new_leader_within_s')} s later"] if "leader_while_down" in self.details else []))
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -265,6 +266,17 @@ async def stream_leaders(stack: Stack, timeout: float = 15.0) -> dict[str, str |
     return out
 
 
+async def leader_other_than(stack: Stack, stream: str, node: str, timeout: float) -> str | None:
+    """The first leader of `stream` reported that is not `node` (None: none within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        leader = (await stream_leaders(stack, timeout=left))[stream]
+        if leader not in (None, node):
+            return leader
+        await asyncio.sleep(0.2)
+    return None
+
+
 async def kill_stream_leader(session: Session, stream: str = NAMES.kv_stream) -> FaultResult:
     """3-node cluster, R3 streams: SIGKILL the node leading `stream`, restart it after down_s."""
     stack = session.stack
@@ -275,15 +287,22 @@ async def kill_stream_leader(session: Session, stream: str = NAMES.kv_stream) ->
         leader = leaders[stream]
         assert leader is not None, f"{stream} has no cluster leader"
         index = int(leader.rsplit("n", 1)[1])  # nodes are named kvr-n0, kvr-n1, kvr-n2
-        victim["node"] = stack.nodes[index]
+        victim["node"], victim["leader"] = stack.nodes[index], leader
         victim["node"].kill()
+        victim["killed_at"] = time.monotonic()
         return {"leaders_before": leaders, "killed_node": leader}
 
-    async def repair() -> None:
+    async def repair() -> dict[str, Any]:
+        # The failover itself is what this scenario checks: the survivors elect a leader while the
+        # victim is still down. Once it is back it may win a later election, so leadership after the
+        # repair says nothing about failover.
+        elected = await leader_other_than(stack, stream, victim["leader"], timeout=20.0)
+        down_s = time.monotonic() - victim["killed_at"]
         await asyncio.to_thread(victim["node"].start)
+        return {"leader_while_down": elected, "new_leader_within_s": round(down_s, 2)}
 
     async def observe() -> dict[str, Any]:
         return {"leaders_after": await stream_leaders(stack)}
 
     return await session.run(f"kill-{stream}-leader", f"3-node cluster, R3 streams: SIGKILL the node leading {stream}, "
-                             f"restart it after {session.load.down_s} s", inject, repair, observe)
+                             f"restart it once the survivors elected a leader (at least {session.load.down_s} s)", inject, repair, observe)

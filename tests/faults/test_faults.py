@@ -58,6 +58,9 @@ async def test_the_node_leading_the_kv_stream_killed_in_a_3_node_cluster(tmp_pat
         res = await kill_stream_leader(Session(stack, LOAD))
         check(res, allowed_errors=TRANSIENT)
         assert res.details["killed_node"] == res.details["leaders_before"]["KVR_KV"]
-        assert res.details["leaders_after"]["KVR_KV"] not in (None, res.details["killed_node"])
+        # failover: a surviving node took the lead while the victim was down; after the repair some
+        # node leads (the restarted one may win a later election: that is not a failure)
+        assert res.details["leader_while_down"] not in (None, res.details["killed_node"])
+        assert res.details["leaders_after"]["KVR_KV"] is not None
     finally:
         await stack.stop()
