@@ -9,9 +9,10 @@ For one target and the prefill (or aggregated) leg, in blocks of the pool's bloc
     Dynamo:  cost = prefill_load_scale × max(prefill − credit, 0) + decode
     ours:    cost = prefill_load_scale × (prefill − credit) + decode_load_scale × decode
 
-Dynamo's rule is `DYNAMO_COST` (`clip_prefill` on, `decode_load_scale` 1, `credit_load_gain` 0;
-docs/protocol.md §7), selectable with the same settings. Ours differs in three ways, each a field
-of `CostConfig` so that each can be measured alone (`VARIANTS`, bench/peers.py):
+Dynamo's rule is `DYNAMO_COST` (`clip_prefill` on, `decode_load_scale` 1, `credit_load_gain` 0,
+`inflight_overlap` off; docs/protocol.md §7), selectable with the same settings. Ours differs in
+four ways, each a field of `CostConfig` so that each can be measured alone (`VARIANTS`,
+bench/peers.py):
 
 - `decode_load_scale` (ours 0.02): a worker's active decode blocks slow each of its engine passes a
   little (a decode batch costs milliseconds where a prefill chunk costs a hundred), so as a
@@ -25,14 +26,15 @@ of `CostConfig` so that each can be measured alone (`VARIANTS`, bench/peers.py):
   mean active prefill tokens per target / max_num_batched_tokens). A miss is recomputed by a fleet
   that is busy anyway, which delays every request queued behind it; when no worker has prefill
   queued the credit is Dynamo's.
-
-`inflight_overlap` (off in both rules) is an option measured but not adopted: the overlap of a
-target is the larger of the index's and the request's leading blocks that requests booked on the
-target hold (the load tracker's active blocks), so a conversation's next turn arriving while the
-previous turn is still queued stays on its worker. It helps at saturation in the offline
-comparison, but identical prompts arriving together then all see the whole prompt "cached" on the
-first one's worker and pile onto it (their prefill is tracked as ~0 tokens each), which the
-scheduler's burst test catches (docs/benchmarks.md, "routing against the peers").
+- `inflight_overlap` (ours on): the credited overlap of a target is the larger of the index's and
+  the request's leading blocks that requests booked on the target hold (the load tracker's active
+  blocks), so a conversation's next turn arriving while the previous turn is still queued stays
+  on its worker. Under load, queues last longer than the gap between turns: without it the index
+  has none of the previous turn yet, turns scatter, and the hit rate falls as the load rises
+  (docs/benchmarks.md, "routing against the peers"). The booking still assumes only the cached
+  overlap (its prefill estimate is the prompt minus what the index holds), so identical prompts
+  arriving together each add their whole prefill to the target's queue and stop piling onto it
+  once the queue outweighs the credit (an earlier form booked them at ~0 tokens and herded).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class CostConfig:
     decode_load_scale: float = 0.02
     clip_prefill: bool = False
     credit_load_gain: float = 4.0
-    inflight_overlap: bool = False
+    inflight_overlap: bool = True
 
     def with_overrides(self, o: Overrides | None) -> CostConfig:
         if o is None:
@@ -75,7 +77,7 @@ class CostConfig:
         return replace(self, **changes) if changes else self
 
 
-DYNAMO_COST = CostConfig(decode_load_scale=1.0, clip_prefill=True, credit_load_gain=0.0)
+DYNAMO_COST = CostConfig(decode_load_scale=1.0, clip_prefill=True, credit_load_gain=0.0, inflight_overlap=False)
 
 
 def leg_cost(cfg: CostConfig, prefill_blocks: float, credit_blocks: float, decode_blocks: float) -> float:
@@ -96,12 +98,17 @@ def effective_credit(cfg: CostConfig, pool: Sequence[Candidate], load: _Loads) -
 
 
 def _variants() -> dict[str, CostConfig]:
-    """Dynamo's rule with one of our changes at a time (all of them = our default)."""
+    """Dynamo's rule with one of our changes at a time (all of them = our default), and our rule
+    without its latest change."""
     d = DYNAMO_COST
     ours = CostConfig()
     return {
         "dynamo+decode": replace(d, decode_load_scale=ours.decode_load_scale),
         "dynamo+adaptive": replace(d, clip_prefill=False, credit_load_gain=ours.credit_load_gain),
+        "dynamo+inflight": replace(d, inflight_overlap=True),
+        # our previous default (all of the above but the in-flight overlap), kept in the report to
+        # show that change's effect on the whole rule
+        "kv-inflight": replace(ours, inflight_overlap=False),
     }
 
 

@@ -357,7 +357,7 @@ class Selector:
         overlap credit (the load-adaptive credit of our rule, computed once per decision)."""
         t = c.target
         view = load.view(t)
-        device = ov.device.get(t, 0)
+        device = ov.device.get(t, 0)  # cached now: what the booking's prefill estimate assumes
         decode_blocks = view.active_blocks + load.new_blocks(t, inp.hash_set)
         if leg == "decode":
             # Disaggregated decode leg (Dynamo's decode router): credit 0, no prefill tracking.
@@ -365,14 +365,17 @@ class Selector:
             cost = float(decode_blocks)
         else:
             cfg = inp.cost
-            if cfg.inflight_overlap:
-                device = max(device, load.leading_active(t, inp.hashes))
+            # Credited overlap: with `inflight_overlap`, also the leading blocks that requests booked
+            # on the target will have computed before this one is prefilled. Only the credit counts
+            # them; the booking keeps `device`, so a burst of identical prompts books its full
+            # prefill each time and stops piling onto one target once its queue outweighs the credit.
+            credited = max(device, load.leading_active(t, inp.hashes)) if cfg.inflight_overlap else device
             prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
-            credit = cfg.overlap_score_credit * device
+            credit = cfg.overlap_score_credit * credited
             if ov.host or ov.disk:  # lower tiers only count where some worker reported them
                 host = ov.host.get(t, 0)
-                host_extra = max(host - device, 0)
-                disk_extra = max(ov.disk.get(t, 0) - max(device, host), 0)
+                host_extra = max(host - credited, 0)
+                disk_extra = max(ov.disk.get(t, 0) - max(credited, host), 0)
                 credit += cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
             cost = leg_cost(cfg, prefill_blocks, credit * credit_scale, decode_blocks)
         if inp.preferred_taints:

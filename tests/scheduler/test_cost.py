@@ -90,9 +90,30 @@ def test_inflight_overlap_counts_a_prefix_booked_but_not_computed_yet() -> None:
         d = Selector(rng=random.Random(0)).select(pool, load, Overlaps(), replace(inp, cost=cost))
         return d.decode.candidate.worker_id, d.decode.overlap_blocks
 
-    assert not CostConfig().inflight_overlap  # an option, off by default (it herds identical bursts)
-    assert chosen(replace(CostConfig(), inflight_overlap=True)) == (1, 50)  # queued behind the prefix it will reuse
+    # Queued behind the prefix it will reuse. The booking's overlap is what the index holds (none
+    # yet): its prefill is estimated whole, as the engine may still have to compute it.
+    assert CostConfig().inflight_overlap
+    assert chosen(CostConfig()) == (1, 0)
+    assert chosen(replace(CostConfig(), inflight_overlap=False)) == (2, 0)
     assert chosen(DYNAMO_COST) == (2, 0)  # Dynamo sees no overlap and 800 queued prefill tokens on worker 1
+
+
+def test_identical_prompts_arriving_together_spread_once_the_queue_outweighs_the_credit() -> None:
+    """A burst of the same long prompt: each booking adds the whole prompt to its target's queue
+    (none of it is cached yet), so the in-flight credit draws only a few onto the first target and
+    the rest spread; booked at the in-flight overlap (~0 tokens each) they would all pile up."""
+    pool = cands(*(record(w, block_size=BS) for w in (1, 2, 3, 4)))
+    load = LoadTracker()
+    hashes = list(range(64))
+    picks = []
+    for i in range(16):
+        inp = SelectionInput(64 * BS, BS, hashes, cost=CostConfig())
+        d = Selector(rng=random.Random(0)).select(pool, load, Overlaps(), inp)
+        picks.append(d.decode.candidate.worker_id)
+        # booked as the scheduler books it: at the decision's overlap
+        load.add(add(f"burst-{i}", d.decode.candidate.worker_id, hashes, overlap=d.decode.overlap_blocks, bs=BS), 1_000)
+    per_worker = {w: picks.count(w) for w in (1, 2, 3, 4)}
+    assert max(per_worker.values()) - min(per_worker.values()) <= 2, per_worker
 
 
 def test_variants_are_dynamo_with_changes() -> None:

@@ -278,8 +278,9 @@ async def test_select_without_an_indexer_decides_on_load_alone(nats_url, nc):
         await put(nc, 2)
         await eventually(lambda: worker_ids(app) == {1, 2})
         started = time.monotonic()
+        # two unrelated prompts (the same prompt twice would queue behind the first's in-flight prefix)
         first = await select(nc, request_id="n1")
-        second = await select(nc, request_id="n2")
+        second = await select(nc, request_id="n2", token_ids=[t + 1_000 for t in TOKENS])
         assert (first.decode.worker_id, second.decode.worker_id) == (1, 2)  # load-balanced, no overlaps
         assert first.overlap_blocks == 0 and app.match_failures == 2
         assert time.monotonic() - started < 1.0  # "no responders" is immediate, not a timeout
