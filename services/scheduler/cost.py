@@ -3,7 +3,8 @@
 For one target and the prefill (or aggregated) leg, in blocks of the pool's block size:
 
     prefill = (active prefill tokens booked on the target + the request's tokens) / block_size
-    credit  = overlap_score_credit × device overlap (+ host and disk tiers), × the credit scale
+    credit  = overlap_score_credit × device overlap (+ host and disk tiers), × the credit scale,
+              + overlap_score_credit × in-flight overlap × (the credit scale − 1)   (ours only)
     decode  = active blocks on the target + the request's blocks not active there
 
     Dynamo:  cost = prefill_load_scale × max(prefill − credit, 0) + decode
@@ -26,15 +27,17 @@ bench/peers.py):
   mean active prefill tokens per target / max_num_batched_tokens). A miss is recomputed by a fleet
   that is busy anyway, which delays every request queued behind it; when no worker has prefill
   queued the credit is Dynamo's.
-- `inflight_overlap` (ours on): the credited overlap of a target is the larger of the index's and
-  the request's leading blocks that requests booked on the target hold (the load tracker's active
-  blocks), so a conversation's next turn arriving while the previous turn is still queued stays
-  on its worker. Under load, queues last longer than the gap between turns: without it the index
-  has none of the previous turn yet, turns scatter, and the hit rate falls as the load rises
+- `inflight_overlap` (ours on): the request's leading blocks that requests booked on the target
+  hold (the load tracker's active blocks) beyond what the caches hold are credited too, by the
+  load-adaptive part of the scale only, ×(scale − 1): a conversation's next turn arriving while
+  the previous turn is still queued stays behind it on its worker once the fleet is busy. Under
+  load, queues last longer than the gap between turns: without it the index has none of the
+  previous turn yet, turns scatter, and the hit rate falls as the load rises; at an idle fleet
+  (scale 1) waiting for a prefix still being computed does not pay, and the rule is unchanged
   (docs/benchmarks.md, "routing against the peers"). The booking still assumes only the cached
   overlap (its prefill estimate is the prompt minus what the index holds), so identical prompts
   arriving together each add their whole prefill to the target's queue and stop piling onto it
-  once the queue outweighs the credit (an earlier form booked them at ~0 tokens and herded).
+  once the queue outweighs the credit (booked at the in-flight overlap, ~0 tokens each, they herd).
 """
 
 from __future__ import annotations

@@ -365,19 +365,25 @@ class Selector:
             cost = float(decode_blocks)
         else:
             cfg = inp.cost
-            # Credited overlap: with `inflight_overlap`, also the leading blocks that requests booked
-            # on the target will have computed before this one is prefilled. Only the credit counts
-            # them; the booking keeps `device`, so a burst of identical prompts books its full
-            # prefill each time and stops piling onto one target once its queue outweighs the credit.
-            credited = max(device, load.leading_active(t, inp.hashes)) if cfg.inflight_overlap else device
             prefill_blocks = (view.active_prefill_tokens + inp.isl_tokens) / inp.block_size
-            credit = cfg.overlap_score_credit * credited
+            credit = cfg.overlap_score_credit * device
+            held = device
             if ov.host or ov.disk:  # lower tiers only count where some worker reported them
                 host = ov.host.get(t, 0)
-                host_extra = max(host - credited, 0)
-                disk_extra = max(ov.disk.get(t, 0) - max(credited, host), 0)
+                disk = ov.disk.get(t, 0)
+                host_extra = max(host - device, 0)
+                disk_extra = max(disk - max(device, host), 0)
                 credit += cfg.host_cache_hit_weight * host_extra + cfg.disk_cache_hit_weight * disk_extra
-            cost = leg_cost(cfg, prefill_blocks, credit * credit_scale, decode_blocks)
+                held = max(device, host, disk)
+            credit *= credit_scale
+            if cfg.inflight_overlap and credit_scale > 1.0:
+                # Leading blocks that requests booked on the target will have computed before this
+                # one is prefilled, credited by the load-adaptive part of the scale only (services/
+                # scheduler/cost.py). The booking keeps `device`: its prefill estimate is whole.
+                inflight = load.leading_active(t, inp.hashes) - held
+                if inflight > 0:
+                    credit += cfg.overlap_score_credit * inflight * (credit_scale - 1.0)
+            cost = leg_cost(cfg, prefill_blocks, credit, decode_blocks)
         if inp.preferred_taints:
             cost *= taint_multiplier(c.taints, inp.preferred_taints)
         return Scored(c, cost, device, prefill_blocks, decode_blocks)

@@ -78,7 +78,10 @@ def test_a_conversation_stays_on_its_cache_when_another_worker_is_idle_but_busy_
 
 def test_inflight_overlap_counts_a_prefix_booked_but_not_computed_yet() -> None:
     """The next turn of a conversation arrives while the previous one is still queued on worker 1:
-    the index has none of its blocks yet, the load tracker has them all (booked there)."""
+    the index has none of its blocks yet, the load tracker has them all (booked there). The
+    in-flight blocks are credited by the load-adaptive part of the scale only: with little queued
+    in the fleet the turn goes where it starts at once; once the fleet is busy it waits behind
+    the prefix it will reuse."""
     pool = cands(*(record(w, block_size=BS) for w in (1, 2)))
     load = LoadTracker()
     load.add(add("turn-1", 1, list(range(50)), bs=BS), 1_000)
@@ -90,12 +93,15 @@ def test_inflight_overlap_counts_a_prefix_booked_but_not_computed_yet() -> None:
         d = Selector(rng=random.Random(0)).select(pool, load, Overlaps(), replace(inp, cost=cost))
         return d.decode.candidate.worker_id, d.decode.overlap_blocks
 
-    # Queued behind the prefix it will reuse. The booking's overlap is what the index holds (none
-    # yet): its prefill is estimated whole, as the engine may still have to compute it.
     assert CostConfig().inflight_overlap
+    # 800 tokens queued on worker 1 only: credit scale 1.2, 10 of its 50 blocks' worth
+    assert chosen(CostConfig()) == (2, 0)
+    assert chosen(DYNAMO_COST) == (2, 0)  # Dynamo sees no overlap and 800 queued prefill tokens on worker 1
+    # worker 2 gets 720 tokens of its own: scale 1.37, the turn waits behind its prefix on worker 1.
+    # The booking's overlap is what the index holds (none yet): its prefill is estimated whole.
+    load.add(add("other", 2, list(range(1_000, 1_045)), bs=BS), 1_000)
     assert chosen(CostConfig()) == (1, 0)
     assert chosen(replace(CostConfig(), inflight_overlap=False)) == (2, 0)
-    assert chosen(DYNAMO_COST) == (2, 0)  # Dynamo sees no overlap and 800 queued prefill tokens on worker 1
 
 
 def test_identical_prompts_arriving_together_spread_once_the_queue_outweighs_the_credit() -> None:
