@@ -18,7 +18,10 @@ def router_stack(nats_url: str) -> Iterator[dict[str, ServiceProcess]]:
     procs = {
         "indexer": ServiceProcess("indexer", nats_url=nats_url, pools=[pool], log_path=os.path.join(logs, "indexer.log")),
         "scheduler": ServiceProcess(
-            "scheduler", ["--seed", "7"], nats_url=nats_url, pools=[pool], log_path=os.path.join(logs, "scheduler.log")
+            # Busy thresholds off: round robin then cycles over all four workers whatever the
+            # machine's load (a worker past the threshold would be skipped for a request), so the
+            # comparison's baseline is exact.
+            "scheduler", ["--seed", "7", "--active-decode-blocks-threshold", "off"], nats_url=nats_url, pools=[pool], log_path=os.path.join(logs, "scheduler.log")
         ),
         "epp-bridge": ServiceProcess("epp-bridge", nats_url=nats_url, pools=[pool], log_path=os.path.join(logs, "epp.log")),
     }

@@ -50,11 +50,10 @@ async def test_kv_beats_baselines_every_request_completes_no_booking_left(router
         assert len(s["requests_per_worker"]) == 4
     kv, rr, rnd = by_policy["kv"], by_policy["round_robin"], by_policy["random"]
     assert kv["hit_rate"] > rr["hit_rate"] and kv["hit_rate"] > rnd["hit_rate"], (kv["hit_rate"], rr["hit_rate"], rnd["hit_rate"])
-    # round robin really spreads the load evenly, so the comparison is between real policies. It
-    # cycles over the *eligible* targets, and a worker past the busy threshold (0.9 by default) is
-    # skipped for that request, so on a loaded machine the counts may differ by a few.
+    # round robin really spreads the load evenly, so the comparison is between real policies (the
+    # stack runs without busy thresholds, which would make it skip a busy worker)
     per_worker = list(rr["requests_per_worker"].values())
-    assert max(per_worker) - min(per_worker) <= max(2, 0.1 * sum(per_worker) / len(per_worker)), per_worker
+    assert max(per_worker) - min(per_worker) <= 1, per_worker
     assert outcome.paths["ttft_cdf"].exists() and outcome.paths["markdown"].exists()
     assert elapsed < 110, f"slice took {elapsed:.0f}s"
 
