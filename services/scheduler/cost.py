@@ -108,7 +108,8 @@ def _variants() -> dict[str, CostConfig]:
     return {
         "dynamo+decode": replace(d, decode_load_scale=ours.decode_load_scale),
         "dynamo+adaptive": replace(d, clip_prefill=False, credit_load_gain=ours.credit_load_gain),
-        "dynamo+inflight": replace(d, inflight_overlap=True),
+        # the in-flight overlap is credited by the adaptive part of the scale, so it comes with it
+        "dynamo+adaptive+inflight": replace(d, clip_prefill=False, credit_load_gain=ours.credit_load_gain, inflight_overlap=True),
         # our previous default (all of the above but the in-flight overlap), kept in the report to
         # show that change's effect on the whole rule
         "kv-inflight": replace(ours, inflight_overlap=False),
