@@ -45,13 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.lib.driver import drive
-from bench.lib.measure import cpu_seconds, phase_means_us, phase_totals
+from bench.lib.measure import cpu_seconds, phase_means_between
 from bench.lib.plots import plot_open_loop
 from bench.lib.stack import BLOCK, seed_fleet, start_stack
 from bench.lib.tokenizer import build_tokenizer_dir
 from services.epp_bridge.tokenizer import PoolTokenizer
 from services.runtime.embedded import NatsServer
-from services.runtime.procs import ServiceProcess
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "capital", "France", "Paris", "story", "dragon", "route", "worker", "cache", "prefix"]
 
@@ -100,6 +99,7 @@ def main() -> int:
         ids = tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
         prefixes.append(ids[: (len(ids) // BLOCK) * BLOCK])
     rows = []
+    scrape_failures = 0
     for mode in args.modes.split(","):
         server = NatsServer().start()
         logs = tmp / mode
@@ -121,23 +121,26 @@ def main() -> int:
                 book = variant == "token_data_book"
                 loads = {"light": light[mode], "target": targets[mode], "closed": None}
                 for rate in [loads[name] for name in args.loads.split(",") for _ in range(args.repeat)]:
-                    bridge = procs[-1]
-                    assert isinstance(bridge, ServiceProcess) and server.proc is not None  # started: the bridge comes last
-                    before = phase_totals(bridge)
+                    bridge = procs[-1]  # the bridge comes last (a floor's stub has no /metrics)
+                    assert server.proc is not None  # started
+                    before = bridge.scrape("/metrics")
                     cpu0, t0 = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs if p.proc is not None}, time.perf_counter()
                     gen0, nats0 = cpu_seconds(os.getpid()), cpu_seconds(server.proc.pid)
                     res = asyncio.run(drive(server.url, payloads, rate, args.concurrency, args.duration, book, args.client))
                     wall = time.perf_counter() - t0
                     res["generator_cpu_pct"] = round((cpu_seconds(os.getpid()) - gen0) / wall * 100)
                     res["nats_server_cpu_pct"] = round((cpu_seconds(server.proc.pid) - nats0) / wall * 100)
-                    res["bridge_phase_mean_us"] = phase_means_us(before, phase_totals(bridge))
+                    # A /metrics scrape that times out under load loses the phase means of this row, not the run.
+                    res["bridge_phase_mean_us"], failed = phase_means_between(before, bridge.scrape("/metrics"))
+                    res["metrics_scrape_error"] = failed
+                    scrape_failures += failed is not None
                     # CPU of each service process over the measurement (incl. warm-up), % of one core
                     res["service_cpu_pct"] = [round((cpu_seconds(pid) - c) / wall * 100) for pid, c in cpu0.items()]
                     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     row = {"mode": mode, "variant": variant, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                     rows.append(row)
                     print(f"{mode:23} {variant:16} {row['load']:14} ok/s={res['throughput_qps']:8.1f} p50={res['p50_ms']:7.3f}ms "
-                          f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us']}", flush=True)
+                          f"p99={res['p99_ms']:7.3f}ms errors={res['errors']} bridge µs={res['bridge_phase_mean_us'] if failed is None else 'missing: ' + failed}", flush=True)
         finally:
             for p in procs:
                 p.terminate()
@@ -146,14 +149,19 @@ def main() -> int:
     print()
     print(f"{'mode':23} {'variant':16} {'load':14} {'ok/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'bridge µs':>10} {'cpu %':>12} {'gen/nats %':>10} {'load1':>6} errors")
     for r in rows:
-        own = r["bridge_phase_mean_us"].get("parse", 0) + r["bridge_phase_mean_us"].get("tokenize", 0)
+        phases = r["bridge_phase_mean_us"]
+        own = "-" if phases is None else f"{phases.get('parse', 0) + phases.get('tokenize', 0):.1f}"
         cpu = "+".join(str(c) for c in r["service_cpu_pct"])
+        note = " ".join([*([str(r["errors"])] if r["errors"] else []), *([f"/metrics: {r['metrics_scrape_error']}"] if r["metrics_scrape_error"] else [])])
         print(f"{r['mode']:23} {r['variant']:16} {r['load']:14} {r['throughput_qps']:9.1f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['p99_ms']:8.3f} {own:10.1f} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")
+              f"{r['p99_ms']:8.3f} {own:>10} {cpu:>12} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} {r['loadavg_1m']:6.2f} {note}")
+    if scrape_failures:
+        print(f"\n{scrape_failures} of {len(rows)} rows lost the bridge's phase means (its /metrics did not answer; bridge µs '-')")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-            "duration_s": args.duration, "client": args.client, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK}
+            "duration_s": args.duration, "client": args.client, "workers": args.workers, "tokenize_threads": args.tokenize_threads, "prefixes": args.prefixes, "block_size": BLOCK,
+            "metrics_scrape_failures": scrape_failures}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     png = plot_open_loop(rows, targets, out.with_suffix(".png"))
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))

@@ -170,15 +170,22 @@ def start_layout(layout: str, url: str, logs: Path, extra_bridge: list[str]) -> 
     return procs, targets
 
 
-def frees_confirmed(procs: list[Any]) -> float:
+def frees_confirmed(procs: list[Any], timeout: float = 5.0) -> tuple[float, str | None]:
+    """Frees the scheduler confirmed, summed over the bridges' /metrics; (nan, why) when a scrape failed:
+    a bridge too loaded to answer in time costs this figure, not the run."""
     total = 0.0
     for p in procs:
-        for line in p.metrics().splitlines():
+        if not isinstance(p, ServiceProcess):  # the floor server has no /metrics
+            continue
+        scrape = p.scrape("/metrics", timeout)
+        if scrape.error is not None:
+            return float("nan"), f"{p.command} /metrics: {scrape.error}"
+        for line in scrape.body.splitlines():
             if line.startswith('kvr_epp_extproc_booking_updates_total{outcome="known",phase="free"}') or line.startswith(
                 'kvr_epp_extproc_booking_updates_total{phase="free",outcome="known"}'
             ):
                 total += float(line.rsplit(" ", 1)[1])
-    return total
+    return total, None
 
 
 async def open_bookings(url: str) -> int:
@@ -361,7 +368,7 @@ def main() -> int:
                 rate = {"target": args.rate, "light": args.light_rate}.get(load)
                 pids = {p.proc.pid: cpu_seconds(p.proc.pid) for p in procs}
                 gen0, nats0, t0 = cpu_seconds(os.getpid()), cpu_seconds(nats_pid), time.perf_counter()
-                frees0 = frees_confirmed(procs)
+                frees0, scrape_error = frees_confirmed(procs)
                 res = asyncio.run(drive(targets, bodies, rate, args.concurrency, args.duration))
                 wall = time.perf_counter() - t0
                 res["generator_cpu_pct"] = round((cpu_seconds(os.getpid()) - gen0) / wall * 100)
@@ -370,11 +377,14 @@ def main() -> int:
                 # Let the last frees (and any late-booking compensation) land before the next load.
                 res["open_bookings_after"] = asyncio.run(settle_bookings(server.url, 30)) if layout != "floor" else 0
                 # frees the scheduler confirmed for this load's requests (counted once they landed)
-                res["frees_per_s"] = round((frees_confirmed(procs) - frees0) / res["elapsed_s"], 1) if layout != "floor" else None
+                frees1, scrape_error_after = frees_confirmed(procs)
+                scrape_error = scrape_error or scrape_error_after
+                res["frees_per_s"] = round((frees1 - frees0) / res["elapsed_s"], 1) if layout != "floor" and scrape_error is None else None
+                res["metrics_scrape_error"] = scrape_error
                 res["loadavg_1m"] = round(os.getloadavg()[0], 2)
                 row = {"layout": layout, "load": f"open {rate:.0f}/s" if rate else f"closed c={args.concurrency}", **res}
                 rows.append(row)
-                print(f"{layout:11} {row['load']:13} lifecycles/s={res['lifecycles_per_s']:8.1f} frees/s={res['frees_per_s']} "
+                print(f"{layout:11} {row['load']:13} lifecycles/s={res['lifecycles_per_s']:8.1f} frees/s={res['frees_per_s'] if scrape_error is None else 'missing: ' + scrape_error} "
                       f"decision p50={res['decision_p50_ms']:.2f} p99={res['decision_p99_ms']:.2f} ms errors={res['errors']}", flush=True)
         finally:
             for p in procs:
@@ -388,10 +398,14 @@ def main() -> int:
         frees = "-" if r["frees_per_s"] is None else f"{r['frees_per_s']:.1f}"
         print(f"{r['layout']:11} {r['load']:13} {r['lifecycles_per_s']:8.1f} {frees:>8} {r['decision_p50_ms']:8.2f} {r['decision_p90_ms']:8.2f} "
               f"{r['decision_p99_ms']:8.2f} {r['lifecycle_p99_ms']:9.2f} {cpu:>17} {r['generator_cpu_pct']:>4}/{r['nats_server_cpu_pct']:<5} "
-              f"{r['open_bookings_after']:5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}")
+              f"{r['open_bookings_after']:5} {r['loadavg_1m']:6.2f} {r['errors'] or ''}{' ' + r['metrics_scrape_error'] if r['metrics_scrape_error'] else ''}")
+    scrape_failures = sum(1 for r in rows if r["metrics_scrape_error"])
+    if scrape_failures:
+        print(f"\n{scrape_failures} of {len(rows)} rows lost frees/s (a bridge's /metrics did not answer; frees/s '-')")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "metrics_scrape_failures": scrape_failures,
             "duration_s": args.duration, "rate": args.rate, "concurrency": args.concurrency, "workers": args.workers,
             "prefixes": args.prefixes, "block_size": BLOCK, "bridge_args": args.bridge_args,
             "modes": "FULL_DUPLEX_STREAMED request and response; body 1 chunk, response 2 chunks"}

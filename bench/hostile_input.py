@@ -491,10 +491,16 @@ def _varz(server: NatsServer) -> dict:
 
 
 def _readyz(proc: ServiceProcess) -> dict[str, Any]:
+    """/readyz's body plus `_http_status`; only `_error` while it does not answer (not listening yet,
+    or too loaded to answer in time: a poll goes on, a final figure records why it is missing)."""
+    scrape = proc.scrape("/readyz")
+    if not scrape.ok:
+        return {"_error": scrape.error}
     try:
-        return proc.readyz()
-    except OSError:  # not listening yet
-        return {}
+        data: dict[str, Any] = json.loads(scrape.body) if scrape.body else {}
+    except ValueError as exc:  # a truncated answer
+        return {"_error": f"/readyz body: {exc}"}
+    return {**data, "_http_status": scrape.status}
 
 
 def rss_mb(pid: int) -> float:
@@ -556,6 +562,7 @@ async def backlog(messages: int, blocks: int, workdir: Path) -> dict[str, Any]:
             # process start → first message applied (interpreter, imports, connect, discovery)
             "seconds_to_first_applied": round(first_applied_at, 2) if first_applied_at is not None else None,
             "ready_before_all_applied": ready_early, "applied_seq_at_ready": final.get("applied_seq"), "last_seq": last,
+            "final_readyz_error": final.get("_error"),
             "slow_consumers": _varz(server)["slow_consumers"],
             "follower_resets": (final.get("followers") or {}).get("kv", {}).get("resets"),
             "indexer_rss_mb": round(rss_mb(proc.proc.pid), 1) if proc.proc else None,
@@ -609,13 +616,14 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
                 await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         after = {"indexer": rss_mb(indexer.proc.pid), "scheduler": rss_mb(scheduler.proc.pid)}  # type: ignore[union-attr]
-        pool_status = (_readyz(indexer).get("pools") or {}).get(POOL, {})
+        final = _readyz(indexer)
+        pool_status = (final.get("pools") or {}).get(POOL, {})
         unknown, blocks = pool_status.get("unknown_workers", {}), pool_status.get("blocks", {})
         result = {
             "workers": workers, "blocks": messages * blocks_per_message, "messages": messages, "publish_s": round(publish_s, 1),
             "rss_before_mb": {k: round(v, 1) for k, v in before.items()}, "rss_after_mb": {k: round(v, 1) for k, v in after.items()},
             "rss_growth_mb": {k: round(after[k] - before[k], 1) for k in before},
-            "indexer_unknown_workers": unknown, "indexer_blocks": blocks,
+            "indexer_unknown_workers": unknown, "indexer_blocks": blocks, "final_readyz_error": final.get("_error"),
         }
         await nc.close()
         return result
@@ -626,7 +634,8 @@ async def flood(workers: int, total_blocks: int, workdir: Path, blocks_per_messa
 
 
 def _scheduler_kv_applied(proc: ServiceProcess) -> int | None:
-    for line in proc.metrics().splitlines():
+    """None while unknown, including a /metrics that does not answer in time (the caller polls on)."""
+    for line in proc.scrape("/metrics").body.splitlines():
         if line.startswith("kvr_follower_applied_seq") and 'follower="indexer-kv"' in line:
             return int(float(line.rsplit(" ", 1)[1]))
     return None

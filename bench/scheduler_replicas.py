@@ -25,6 +25,8 @@ from bench.scheduler_fleet import POOL, Workload, connect, machine, run_load, se
 from services.runtime.embedded import NatsServer
 from services.runtime.procs import ServiceProcess
 
+COLUMNS = ["replica", "remote_bookings", "lag_p50_ms", "lag_p99_ms", "lag_max_ms", "sync_timeouts"]
+
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,9 +56,14 @@ async def main() -> None:
             await asyncio.to_thread(p.wait_ready, 60)
         res = await run_load(nc, wl, args.duration, args.concurrency, True, rate=args.rate or None)
         await asyncio.sleep(0.5)
-        rows = []
-        for p in procs[1:]:
-            status = json.loads(p.get("/readyz")[1])
+        rows: list[dict[str, object]] = []
+        for i, p in enumerate(procs[1:]):
+            # a replica too loaded to answer /readyz in time loses its row's figures, not the whole table
+            scrape = p.scrape("/readyz")
+            if not scrape.ok:
+                rows.append({"replica": f"r{i}", "error": f"/readyz: {scrape.error}"})
+                continue
+            status = json.loads(scrape.body)
             lag = status["convergence_lag_ms"]
             rows.append({"replica": status["router_id"], "remote_bookings": lag["n"], "lag_p50_ms": lag["p50"],
                          "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"], "sync_timeouts": status["sync_timeouts"]})
@@ -68,7 +75,10 @@ async def main() -> None:
     load = res.summary()
     print(f"load: {load['selections_per_s']} booked selects/s (+ one free each), select p50 {load['p50_ms']} ms, "
           f"p99 {load['p99_ms']} ms, errors {load['errors']}\n")
-    print(table(rows, list(rows[0])))
+    failed = sum(1 for r in rows if "error" in r)
+    print(table(rows, COLUMNS + (["error"] if failed else [])))
+    if failed:
+        print(f"\n{failed} of {len(rows)} replicas did not answer /readyz: their lags are missing")
     path = write_result(args.out, {
         "date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "load": load, "replicas": rows,
     })

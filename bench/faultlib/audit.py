@@ -37,6 +37,8 @@ class StreamAudit:
     workers_publish_failures: int = 0  # messages they gave up on (never acknowledged)
     event_id_holes: int = 0  # event ids missing inside each simulated worker's range in the stream
     undecodable: int = 0
+    # the workers' /metrics never answered: their counts above are unknown, so is the loss
+    workers_metrics_error: str | None = None
 
     @property
     def accepted(self) -> int:
@@ -104,9 +106,26 @@ async def audit_stream(stack: Stack, probes: list[ProbePublisher]) -> StreamAudi
         ids[parsed[1]].update(ev.event.event_id for ev in events)
     res.workers_stream_events = sum(len(s) for s in ids.values())
     res.event_id_holes = sum(max(s) - min(s) + 1 - len(s) for s in ids.values() if s)
-    res.workers_acked_events = int(stack.metric("workers", "kvr_mock_worker_kv_events_total"))
-    res.workers_publish_failures = int(stack.metric("workers", "kvr_mock_worker_kv_publish_failures_total"))
+    acked = _workers_counter(stack, "kvr_mock_worker_kv_events_total")
+    failures = _workers_counter(stack, "kvr_mock_worker_kv_publish_failures_total")
+    if acked != acked or failures != failures:  # NaN: the audit goes on, the run is marked not ok
+        res.workers_metrics_error = f"the workers' /metrics did not answer in {WORKERS_SCRAPE_ATTEMPTS} attempts"
+    else:
+        res.workers_acked_events, res.workers_publish_failures = int(acked), int(failures)
     return res
+
+
+WORKERS_SCRAPE_ATTEMPTS = 3
+
+
+def _workers_counter(stack: Stack, prefix: str) -> float:
+    """A counter of the simulated workers, given a few chances (each 5 s) to answer; NaN if it never does."""
+    value = float("nan")
+    for _ in range(WORKERS_SCRAPE_ATTEMPTS):
+        value = stack.metric("workers", prefix, timeout=5.0)
+        if value == value:
+            break
+    return value
 
 
 @dataclass

@@ -69,7 +69,7 @@ class FaultResult:
 
     def ok(self) -> bool:
         return (self.lost == 0 and self.identical and self.leaked_bookings == 0 and not self.errors_outside_fault
-                and self.converge_s is not None)
+                and self.converge_s is not None and not self.stream.get("workers_metrics_error"))
 
     def summary(self) -> str:
         def fmt(d: dict[str, Any]) -> str:
@@ -79,7 +79,8 @@ class FaultResult:
         return "\n".join([
             f"== {self.scenario}: {self.fault}",
             f"   events accepted {self.accepted}, lost {self.lost}; replicas identical: {self.identical}"
-            f" (diverged: {self.replicas.get('diverged')})",
+            f" (diverged: {self.replicas.get('diverged')})"
+            + (f"; loss unknown: {self.stream['workers_metrics_error']}" if self.stream.get("workers_metrics_error") else ""),
             f"   requests {sum(self.requests.values())}: errors during the fault: {fmt(self.errors_during_fault)}; "
             f"outside it: {fmt(self.errors_outside_fault)}",
             f"   converged {self.converge_s} s after the fault ({self.ready_after_repair_s} s after the repair); "

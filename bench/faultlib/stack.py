@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 
 from schemas.subjects import Names
 from services.runtime.embedded import NatsCluster, NatsServer
-from services.runtime.procs import ServiceProcess
+from services.runtime.procs import SCRAPE_ERRORS, ServiceProcess
 
 NAMES = Names()
 INDEXERS = ("indexer-a", "indexer-b")
@@ -70,7 +70,9 @@ def http_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str
             return exc.code, json.loads(exc.read() or b"{}")
         except ValueError:
             return exc.code, {}
-    except (OSError, ValueError):
+    except SCRAPE_ERRORS:
+        return 0, {}
+    except ValueError:
         return 0, {}
 
 
@@ -210,14 +212,13 @@ class Stack:
     def digest(self, name: str) -> dict[str, Any]:
         return http_json(self.port(name), "/digest", timeout=30.0)[1]
 
-    def metric(self, name: str, prefix: str) -> float:
-        """Sum of the samples of `/metrics` lines starting with `prefix` (name plus optional labels)."""
-        proc = self.procs[name]
-        try:
-            text = proc.metrics()
-        except OSError:
+    def metric(self, name: str, prefix: str, timeout: float = 1.0) -> float:
+        """Sum of the samples of `/metrics` lines starting with `prefix` (name plus optional labels);
+        NaN when it does not answer (killed, paused, too loaded)."""
+        scrape = self.procs[name].scrape("/metrics", timeout)
+        if not scrape.ok:
             return float("nan")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in scrape.body.splitlines() if line.startswith(prefix))
 
     def rss(self) -> dict[str, float | None]:
         out = {name: rss_mb(p.proc.pid if p.proc else None) for name, p in self.procs.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.runtime.procs import ServiceProcess
+from services.runtime.procs import Scrape
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -24,10 +24,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def phase_totals(bridge: ServiceProcess) -> dict[str, tuple[float, float]]:
-    """(sum seconds, count) per phase of kvr_epp_phase_seconds, from the bridge's /metrics."""
+def phase_totals(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) per phase of kvr_epp_phase_seconds, from the text of the bridge's /metrics."""
     out: dict[str, list[float]] = {}
-    for line in bridge.metrics().splitlines():
+    for line in metrics_text.splitlines():
         for suffix, idx in (("_sum", 0), ("_count", 1)):
             prefix = f"kvr_epp_phase_seconds{suffix}{{phase=\""
             if line.startswith(prefix):
@@ -43,3 +43,13 @@ def phase_means_us(before: dict[str, tuple[float, float]], after: dict[str, tupl
         if c1 > c0:
             means[phase] = round((s1 - s0) / (c1 - c0) * 1e6, 1)
     return means
+
+
+
+def phase_means_between(before: Scrape, after: Scrape) -> tuple[dict[str, float] | None, str | None]:
+    """The bridge's per-phase means between two scrapes of its /metrics; (None, why) when either
+    failed: a bridge too loaded to answer in time costs this figure, not the run."""
+    failed = next((s.error for s in (before, after) if s.error is not None), None)
+    if failed is not None:
+        return None, failed
+    return phase_means_us(phase_totals(before.body), phase_totals(after.body)), None

@@ -27,7 +27,7 @@ from schemas.discovery import WorkerRecord
 from schemas.events import kv_msg_id
 from schemas.hashing import local_block_hashes
 from schemas.subjects import Names
-from services.runtime.procs import ServiceProcess
+from services.runtime.procs import Scrape, ServiceProcess
 from services.runtime.workers import now_ms, put_worker
 
 POOL = "bench"
@@ -104,6 +104,9 @@ class StubProcess:
 
     def metrics(self) -> str:
         return ""
+
+    def scrape(self, _path: str, _timeout: float = 5.0) -> Scrape:
+        return Scrape(200, "")  # no HTTP endpoint, nothing to measure: an empty answer
 
     def wait_ready(self, _timeout: float) -> StubProcess:
         async def probe() -> None:

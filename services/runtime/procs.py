@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import subprocess
@@ -14,6 +15,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .embedded import free_port, terminate
+
+# What a GET of a child's endpoint raises besides an HTTP status: URLError (refused), TimeoutError
+# (no answer within the timeout: a loaded or stopped process), other OSErrors (reset), and
+# HTTPException (a truncated or garbled answer from a process being killed).
+SCRAPE_ERRORS: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One GET of a child's endpoint that never raises: `error` says why nothing came back."""
+
+    status: int  # the HTTP status; 0 when nothing answered
+    body: str = ""
+    error: str | None = None  # e.g. "TimeoutError: timed out"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass
@@ -55,6 +74,14 @@ class ServiceProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
+    def scrape(self, path: str, timeout: float = 5.0) -> Scrape:
+        """`get` for a long run (benchmarks): a failure is returned with its reason, never raised."""
+        try:
+            status, body = self.get(path, timeout)
+        except SCRAPE_ERRORS as exc:
+            return Scrape(0, "", f"{type(exc).__name__}: {exc}")
+        return Scrape(status, body)
+
     def readyz(self) -> dict:
         status, body = self.get("/readyz")
         data = json.loads(body) if body else {}
@@ -70,7 +97,7 @@ class ServiceProcess:
                 status, _ = self.get("/readyz", timeout=0.5)
                 if status == 200:
                     return self
-            except OSError:
+            except SCRAPE_ERRORS:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"kvr {self.command} not ready after {timeout}s")
