@@ -131,7 +131,7 @@ class FakeEngine:
         self.seq = 0
         self.buffer: list[tuple[int, bytes]] = []
         self.drop_next = 0  # batches to number and buffer but not send (a PUB-side drop)
-        self.ctx = zmq.asyncio.Context()
+        self.ctx: zmq.asyncio.Context | None = None  # made by start(): an engine that only encodes events opens nothing
         self.pub: zmq.asyncio.Socket | None = None
         self.router: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
@@ -142,14 +142,20 @@ class FakeEngine:
     # -- sockets -------------------------------------------------------------------------------
 
     def start(self) -> FakeEngine:
-        self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, even a repeated one
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
-        if self.replay_port is not None:
-            self.router = self.ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            self.router.bind(f"tcp://127.0.0.1:{self.replay_port}")
+        self.ctx = ctx = zmq.asyncio.Context()
+        try:
+            self.pub = ctx.socket(zmq.XPUB)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, even a repeated one
+            self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
+            if self.replay_port is not None:
+                self.router = ctx.socket(zmq.ROUTER)
+                self.router.setsockopt(zmq.LINGER, 0)
+                self.router.bind(f"tcp://127.0.0.1:{self.replay_port}")
+        except BaseException:  # a port taken: nothing may stay open
+            ctx.destroy(linger=0)
+            raise
+        if self.router is not None:
             self._replay_task = asyncio.create_task(self._serve_replay())
         return self
 
@@ -164,14 +170,17 @@ class FakeEngine:
                 return
 
     async def close(self) -> None:
-        if self._replay_task is not None:
-            self._replay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._replay_task
-        for sock in (self.pub, self.router):
-            if sock is not None:
-                sock.close(linger=0)
-        self.ctx.term()
+        try:
+            if self._replay_task is not None:
+                self._replay_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._replay_task
+        finally:
+            # destroy: closes (linger 0) every socket still open, even one of a failed start, which
+            # would make term() block forever
+            if self.ctx is not None:
+                self.ctx.destroy(linger=0)
+            self.pub = self.router = None
 
     def restart_numbering(self) -> None:
         """What a process restart looks like on the wire: seq from 0, empty replay buffer and cache."""

@@ -155,27 +155,12 @@ class RelayApp:
             await self._heartbeat_once()
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
         self.ctx = zmq.asyncio.Context()
-        if self.dynamo:
-            self.plane = PlaneIntake(
-                self.ctx, list(cfg.zmq), set(self.endpoints), self.worker_id, topic=cfg.topic,
-                events=self.apply_events, clear=self.clear_rank, clear_on_start=cfg.clear_on_start, hwm=cfg.zmq_hwm,
-            )
-            self.plane.start()
-        for rank, endpoint in ({} if self.dynamo else self.endpoints).items():
-            intake = RankIntake(
-                self.ctx,
-                rank,
-                endpoint,
-                self.replay_endpoints.get(rank),
-                topic=cfg.topic,
-                apply=self.apply_batch,
-                clear=self.clear_rank,
-                clear_on_start=cfg.clear_on_start,
-                replay_timeout_s=cfg.replay_timeout_s,
-                hwm=cfg.zmq_hwm,
-            )
-            intake.start()
-            self.intakes.append(intake)
+        try:
+            self._open_intakes(self.ctx)
+        except BaseException:
+            # A bad endpoint of a later rank: the ranks already open are closed with the context.
+            await self._close_zmq()
+            raise
         rt.log.info(
             "relay.started",
             pool=self.pool,
@@ -187,12 +172,47 @@ class RelayApp:
         )
         self._ready = True
 
+    def _open_intakes(self, ctx: zmq.asyncio.Context) -> None:
+        cfg = self.cfg
+        if self.dynamo:
+            self.plane = PlaneIntake(
+                ctx, list(cfg.zmq), set(self.endpoints), self.worker_id, topic=cfg.topic,
+                events=self.apply_events, clear=self.clear_rank, clear_on_start=cfg.clear_on_start, hwm=cfg.zmq_hwm,
+            )
+            self.plane.start()
+        for rank, endpoint in ({} if self.dynamo else self.endpoints).items():
+            intake = RankIntake(
+                ctx,
+                rank,
+                endpoint,
+                self.replay_endpoints.get(rank),
+                topic=cfg.topic,
+                apply=self.apply_batch,
+                clear=self.clear_rank,
+                clear_on_start=cfg.clear_on_start,
+                replay_timeout_s=cfg.replay_timeout_s,
+                hwm=cfg.zmq_hwm,
+            )
+            self.intakes.append(intake)  # before it opens: whatever it opened is closed on failure
+            intake.start()
+
+    async def _close_zmq(self) -> None:
+        """The intakes' tasks cancelled and sockets closed, then the context destroyed. `term()`
+        blocks (the event loop with it) while any socket of the context is open, so `destroy`
+        closes, with linger 0, whatever is left (a socket of a failed start or of a stop that was
+        itself cancelled). Idempotent; the context stays, closed, in `self.ctx`."""
+        try:
+            for intake in self.intakes:
+                await intake.stop()
+            if self.plane is not None:
+                await self.plane.stop()
+        finally:
+            if self.ctx is not None and not self.ctx.closed:
+                self.ctx.destroy(linger=0)
+
     async def stop(self) -> None:
         self._ready = False
-        for intake in self.intakes:
-            await intake.stop()
-        if self.plane is not None:
-            await self.plane.stop()
+        await self._close_zmq()  # first: nothing new reaches the publisher, and a cancelled stop leaves no socket
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self.publisher is not None:
@@ -205,8 +225,6 @@ class RelayApp:
                 self.rt.log.info("relay.deregistered", worker_id=self.worker_id)
             except Exception as exc:  # noqa: BLE001 - the record then expires by TTL
                 self.rt.log.warning("relay.deregister_failed", error=str(exc))
-        if self.ctx is not None:
-            self.ctx.term()
 
     def ready(self) -> bool:
         return self._ready

@@ -115,10 +115,14 @@ class RankIntake:
 
     def open(self) -> None:
         sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, self.hwm)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        attach(sub, self.endpoint)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, self.hwm)
+            sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+            attach(sub, self.endpoint)  # a malformed endpoint raises ZMQError
+        except BaseException:
+            sub.close(linger=0)  # an open socket would block the context's term() forever
+            raise
         self.sub = sub
 
     def start(self) -> None:
@@ -238,8 +242,12 @@ class RankIntake:
         """Every batch the engine still buffers from `start` on; None on timeout / no answer."""
         if self._dealer is None:
             dealer = self.ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(self.replay_endpoint)  # type: ignore[arg-type]
+            try:
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.connect(self.replay_endpoint)  # type: ignore[arg-type]
+            except BaseException:
+                dealer.close(linger=0)
+                raise
             self._dealer = dealer
         dealer = self._dealer
         # REQ-style envelope: vLLM's ROUTER expects [identity, b"", start_seq].

@@ -67,12 +67,16 @@ class PlaneIntake:
 
     def start(self) -> None:
         sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, self.hwm)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        for endpoint in self.endpoints:
-            attach(sub, endpoint)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, self.hwm)
+            sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+            for endpoint in self.endpoints:
+                attach(sub, endpoint)  # a malformed endpoint raises ZMQError
+        except BaseException:
+            sub.close(linger=0)  # an open socket would block the context's term() forever
+            raise
         self.sub = sub
         self._task = asyncio.create_task(self._run(), name="relay-dynamo-plane")
 

@@ -33,16 +33,22 @@ class RunningRelay:
     rt: Runtime
 
     async def stop(self) -> None:
-        await self.app.stop()
-        await self.rt.nc.close()
+        try:
+            await self.app.stop()
+        finally:
+            await self.rt.nc.close()
 
 
 async def start_relay(cfg) -> RunningRelay:
     nc = await connect(cfg.nats_url, "test-relay", max_wait_s=10)
     rt = Runtime("relay", cfg, nc)
-    await provision(rt.js, rt.names, stream_settings(cfg))
     app = RelayApp(cfg)
-    await app.start(rt)
+    try:
+        await provision(rt.js, rt.names, stream_settings(cfg))
+        await app.start(rt)
+    except BaseException:
+        await RunningRelay(app, rt).stop()  # as `kvr relay` does after a failed start
+        raise
     return RunningRelay(app, rt)
 
 

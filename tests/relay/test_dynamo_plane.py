@@ -71,7 +71,12 @@ class FakeDynamoPublisher:
     def __init__(self, port: int) -> None:
         self.ctx = zmq.asyncio.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub.bind(f"tcp://127.0.0.1:{port}")
+        self.pub.setsockopt(zmq.LINGER, 0)
+        try:
+            self.pub.bind(f"tcp://127.0.0.1:{port}")
+        except zmq.ZMQError:
+            self.close()
+            raise
         self.publisher_id = random.getrandbits(64)
         self.sequence = 0
 
@@ -92,14 +97,17 @@ class FakeDynamoPublisher:
         self.sequence = 0
 
     def close(self) -> None:
-        self.pub.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # the socket too: term() would block while it is open
 
 
 async def test_dynamo_publisher_feeds_kvr_kv_with_gaps_restarts_and_bad_frames(nats_url, nc):
     (port,) = ports(1)
     dyn = FakeDynamoPublisher(port)
-    relay = await start_relay(relay_cfg(nats_url, port, None, "--source", "dynamo", "--topic", "namespace.dynamo"))
+    try:
+        relay = await start_relay(relay_cfg(nats_url, port, None, "--source", "dynamo", "--topic", "namespace.dynamo"))
+    except BaseException:
+        dyn.close()
+        raise
     js = nc.jetstream()
     before = {
         "frames": metric("kvr_relay_invalid_total", reason="frames"),

@@ -432,12 +432,14 @@ async def test_replay_timeout_becomes_cleared_and_the_intake_continues(nats_url,
     zp, rp = ports()
     eng = FakeEngine(zp).start()  # no replay server of its own
     ctx = zmq.asyncio.Context()
-    silent = ctx.socket(zmq.ROUTER)  # accepts replay requests, never answers
-    silent.bind(f"tcp://127.0.0.1:{rp}")
-    relay = await start_relay(relay_cfg(nats_url, zp, rp, "--replay-timeout-s", "0.3"))
-    lost = metric("kvr_relay_unrecoverable_gaps_total", dp_rank="0")
-    js = nc.jetstream()
+    relay = None
     try:
+        silent = ctx.socket(zmq.ROUTER)  # accepts replay requests, never answers
+        silent.setsockopt(zmq.LINGER, 0)
+        silent.bind(f"tcp://127.0.0.1:{rp}")
+        relay = await start_relay(relay_cfg(nats_url, zp, rp, "--replay-timeout-s", "0.3"))
+        lost = metric("kvr_relay_unrecoverable_gaps_total", dp_rank="0")
+        js = nc.jetstream()
         await eng.wait_subscribed()
         await eng.publish([eng.stored(P1)[0]])
         eng.drop_next = 2
@@ -448,10 +450,10 @@ async def test_replay_timeout_becomes_cleared_and_the_intake_continues(nats_url,
         assert metric("kvr_relay_unrecoverable_gaps_total", dp_rank="0") - lost == 1
         assert len(await silent.recv_multipart()) == 3  # the request did arrive: [identity, b"", start]
     finally:
-        await relay.stop()
+        if relay is not None:
+            await relay.stop()
         await eng.close()
-        silent.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 async def test_a_failed_heartbeat_is_retried_at_once_not_an_interval_later(nats_url, nc):
