@@ -217,7 +217,10 @@ def main_for(
 ) -> int:
     parser = build_parser(f"kvr {name}", description, config.settings())
     args = parser.parse_args(argv)
-    cfg = resolve(args, config)
+    try:
+        cfg = resolve(args, config)
+    except ValueError as exc:  # a value out of its setting's range (the config refuses it when built)
+        parser.error(str(exc))
     try:
         return asyncio.run(run_app(name, cfg, make_app(cfg)))
     except KeyboardInterrupt:

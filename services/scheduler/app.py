@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -63,12 +62,11 @@ from services.runtime.workers import WorkerEntry, WorkerWatcher, now_ms
 from . import metrics as m
 from .admission import AdmissionQueue, Waiting
 from .candidates import Candidate, candidates_of
-from .cost import DYNAMO_COST, CostConfig
 from .decide import Decider, PoolView, Prepared
 from .load import LoadTracker
 from .overlap import EmbeddedOverlap, LocalOverlaps, NatsOverlap, PredictedOverlap
 from .predicted import PredictedCache
-from .selector import BusyThresholds, Overlaps, ReportedLoad, SelectionError, Selector
+from .selector import Overlaps, ReportedLoad, SelectionError, Selector
 from .settings import SchedulerConfig
 from .state import BookingState
 
@@ -102,21 +100,10 @@ class SchedulerApp:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.router_id: str = cfg.router_id or f"sched-{uuid.uuid4().hex[:10]}"
-        self.cost = replace(
-            DYNAMO_COST if cfg.cost_rule == "dynamo" else CostConfig(),
-            overlap_score_credit=cfg.overlap_score_credit,
-            prefill_load_scale=cfg.prefill_load_scale,
-            host_cache_hit_weight=cfg.host_cache_hit_weight,
-            disk_cache_hit_weight=cfg.disk_cache_hit_weight,
-            temperature=cfg.router_temperature,
-        )
-        busy = BusyThresholds(
-            active_decode_blocks=cfg.active_decode_blocks_threshold,
-            active_prefill_tokens=cfg.active_prefill_tokens_threshold,
-            active_prefill_tokens_frac=cfg.active_prefill_tokens_threshold_frac,
-        )
+        # The rule and the busy thresholds from the routing settings, as the offline simulator builds them.
+        self.cost = cfg.routing.cost()
         rng = random.Random(cfg.seed) if cfg.seed >= 0 else random.Random()
-        self.selector = Selector(busy, rng)
+        self.selector = Selector(cfg.routing.busy(), rng)
         self.decider = Decider(
             self.selector, self.cost, router_id=self.router_id, default_block_size=cfg.block_size,
             max_request_tokens=cfg.max_request_tokens,
@@ -164,7 +151,7 @@ class SchedulerApp:
         discovery first, then the bookings stream, then serve."""
         self.rt = rt
         self.states = {pool: BookingState(self.ttl_ms, self.unconfirmed_ttl_ms) for pool in rt.pools}
-        self.queues = {pool: AdmissionQueue(self.cfg.queue_max_size) for pool in rt.pools}
+        self.queues = {pool: AdmissionQueue(self.cfg.routing.queue_max_size) for pool in rt.pools}
         self._queued = {pool: {} for pool in rt.pools}
         self.watcher = rt.discovery()
         self.watcher.listen(self._on_worker_put, self._on_worker_remove, expire=True)
@@ -619,7 +606,7 @@ class SchedulerApp:
         """A queue ticket for `p`: its priorities, prompt and best cached prefix (Dynamo's WSPT
         input), and its deadline (the select's `queue_timeout_ms`, else --queue-timeout-s)."""
         req = p.request
-        timeout_ms = req.queue_timeout_ms if req.queue_timeout_ms is not None else int(self.cfg.queue_timeout_s * 1000)
+        timeout_ms = req.queue_timeout_ms if req.queue_timeout_ms is not None else self.cfg.routing.queue_timeout_ms
         self._tickets += 1
         cached = max(overlaps.device.values(), default=0) * p.block_size
         return Waiting(self._tickets, req.request_id, now, now + timeout_ms, req.strict_priority, req.priority, p.isl, cached)

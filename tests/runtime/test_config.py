@@ -67,8 +67,8 @@ def test_env_then_flags():
 def test_a_threshold_on_by_default_can_be_turned_off_by_flag():
     from services.scheduler.settings import SchedulerConfig
 
-    assert SchedulerConfig.from_argv([], env={}).active_decode_blocks_threshold == 0.9
-    assert SchedulerConfig.from_argv(["--active-decode-blocks-threshold", "off"], env={}).active_decode_blocks_threshold is None
+    assert SchedulerConfig.from_argv([], env={}).routing.active_decode_blocks_threshold == 0.9
+    assert SchedulerConfig.from_argv(["--active-decode-blocks-threshold", "off"], env={}).routing.active_decode_blocks_threshold is None
     assert parse(["--early-exit"], {}).early_exit is True
 
 
@@ -128,6 +128,9 @@ def test_the_services_embed_each_other():
     assert bridge.scheduler.pool == bridge.scheduler.index.pool == ("p",)
     assert bridge.scheduler.block_size == bridge.scheduler.index.block_size == 32
     assert bridge.scheduler.index.snapshot_interval_s == 5.0
+    # the routing settings (shared with `kvr replay --offline`) follow the bridge's flags too
+    assert EppBridgeConfig.build(queue_max_size=3, cost_rule="dynamo").scheduler.routing.cost().clip_prefill
+    assert EppBridgeConfig.build(queue_max_size=3).scheduler.routing.queue_max_size == 3
     # A scheduler's index replica writes no snapshots unless asked; the indexer service does.
     assert SchedulerConfig().index.snapshot_interval_s == 0.0 and IndexerConfig().snapshot_interval_s > 0
 
@@ -154,7 +157,7 @@ def test_mypy_sees_the_setting_types(tmp_path: Path):
         cfg = EppBridgeConfig.build()
         reveal_type(cfg.grpc_port)
         reveal_type(cfg.scheduler.index.snapshot_interval_s)
-        reveal_type(cfg.scheduler.active_decode_blocks_threshold)
+        reveal_type(cfg.scheduler.routing.active_decode_blocks_threshold)
         reveal_type(cfg.pool)
         cfg.grpc_port = 1
         cfg.grpc_prot
