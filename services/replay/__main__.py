@@ -22,9 +22,10 @@ from services.runtime.config import add_settings, resolve
 from services.runtime.logs import setup_logging
 from services.runtime.natsauth import NatsAuth
 from services.runtime.natsio import NatsUnreachable, StreamSettings, connect, provision
+from services.scheduler.settings import RoutingConfig
 
 from .fleets import InProcessFleet, SpawnedFleet
-from .offline import OfflineConfig, cost_with_overrides, run_offline
+from .offline import SERVICE_ROUTING, OfflineConfig, routing_of, run_offline
 from .report import LAG_ADVICE, lag_warnings, markdown_table, summarize, write_report
 from .runner import FleetHandle, ReplayConfig, RunResult, run_policy
 from .settings import ReplayCommandConfig
@@ -97,6 +98,9 @@ async def replay(cfg: ReplayCommandConfig, trace: str, console: Console, log_dir
             + fleet_text
         )
         console.print(f"  ideal hit rate of this slice (infinite shared cache): {100 * ideal_hit_rate(requests):.1f} %")
+        if cfg.routing != SERVICE_ROUTING:
+            console.print("  [yellow]note:[/] the routing settings (cost rule and weights, busy thresholds, admission queue) "
+                          "apply to --offline runs; online, the running scheduler's own settings decide")
         for rate in cfg.rate_scale:
             for policy in policies:
                 fleet: FleetHandle | None
@@ -162,7 +166,8 @@ def replay_offline(cfg: ReplayCommandConfig, trace: str, console: Console) -> Re
     """`--offline`: every (policy, load) pair in the discrete-event simulator; same report."""
     requests, skipped = select_requests(cfg, trace)
     policies = [Policy(p) for p in cfg.compare or (cfg.policy,)]
-    cost = cost_with_overrides(cfg.offline_overrides)
+    # The scheduler's routing flags, built as the service builds them; --offline-overrides over the rule.
+    routing = routing_of(cfg.routing, cfg.offline_overrides)
     engine = EngineConfig(
         block_size=cfg.block_size,
         kv_blocks=cfg.kv_blocks,
@@ -175,6 +180,7 @@ def replay_offline(cfg: ReplayCommandConfig, trace: str, console: Console) -> Re
         f"policies {', '.join(policies)}, load × {', '.join(f'{x:g}' for x in cfg.rate_scale)}, "
         f"{cfg.workers} workers × {cfg.kv_blocks} blocks of {cfg.block_size} tokens, event delay {cfg.offline_event_delay_ms:g} ms"
     )
+    console.print(f"  cost rule {cfg.routing.cost_rule}, {busy_text(cfg.routing)}")
     console.print(f"  ideal hit rate of this slice (infinite shared cache): {100 * ideal_hit_rate(requests):.1f} %")
     runs: list[RunResult] = []
     for rate in cfg.rate_scale:
@@ -182,8 +188,8 @@ def replay_offline(cfg: ReplayCommandConfig, trace: str, console: Console) -> Re
             ocfg = OfflineConfig(
                 policy=policy, rate_scale=rate, workers=cfg.workers, engine=engine, event_delay_ms=cfg.offline_event_delay_ms,
                 cleanup_delay_ms=cfg.offline_cleanup_delay_ms, booking_delay_ms=cfg.offline_booking_delay_ms, seed=cfg.offline_seed,
-                cost=cost, max_output_tokens=cfg.max_output_tokens or None,
-                fused_decode_steps=cfg.offline_fused_decode_steps, salt=cfg.salt,
+                max_output_tokens=cfg.max_output_tokens or None, fused_decode_steps=cfg.offline_fused_decode_steps, salt=cfg.salt,
+                **routing,
             )
             with Progress(
                 TextColumn(f"  {policy:<12} load ×{rate:<4g}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -213,12 +219,31 @@ def replay_offline(cfg: ReplayCommandConfig, trace: str, console: Console) -> Re
         "cleanup_delay_ms": cfg.offline_cleanup_delay_ms,
         "booking_delay_ms": cfg.offline_booking_delay_ms,
         "seed": cfg.offline_seed,
-        "cost": vars(cost),
+        "cost": vars(routing["cost"]),
+        "busy": vars(routing["busy"]),
+        "queue_max_size": routing["queue_max_size"],
+        "queue_timeout_ms": routing["queue_timeout_ms"],
         "ideal_hit_rate": round(ideal_hit_rate(requests), 4),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     paths = write_report(runs, cfg.out, meta)
     return ReplayOutcome(runs, [summarize(r) for r in runs], paths, skipped)
+
+
+def busy_text(routing: RoutingConfig) -> str:
+    """The busy thresholds and the admission queue, in a line."""
+    limits = [
+        f"{label} > {value:g}"
+        for label, value in (
+            ("active blocks / KV blocks", routing.active_decode_blocks_threshold),
+            ("active prefill tokens", routing.active_prefill_tokens_threshold),
+            ("active prefill tokens / batch budget", routing.active_prefill_tokens_threshold_frac),
+        )
+        if value is not None
+    ]
+    if not limits:
+        return "no busy thresholds (the admission queue stays empty)"
+    return f"busy when {' or '.join(limits)}, admission queue {routing.queue_max_size} for {routing.queue_timeout_s:g} s"
 
 
 def print_lag_warnings(console: Console, summaries: Sequence[dict[str, Any]]) -> bool:
@@ -233,7 +258,10 @@ def print_lag_warnings(console: Console, summaries: Sequence[dict[str, Any]]) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = resolve(args, ReplayCommandConfig)
+    try:
+        cfg = resolve(args, ReplayCommandConfig)
+    except ValueError as exc:  # a routing setting out of its range, refused as `kvr scheduler` refuses it
+        parser.error(str(exc))
     bad = [p for p in cfg.compare if p not in POLICY_NAMES]
     if bad:
         parser.error(f"--compare: unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
@@ -244,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if min(delays) < 0 or cfg.offline_fused_decode_steps < 1:
             parser.error("--offline-*-delay-ms must be >= 0, --offline-fused-decode-steps >= 1")
         try:
-            cost_with_overrides(cfg.offline_overrides)
+            routing_of(cfg.routing, cfg.offline_overrides)
         except ValueError as exc:
             parser.error(f"--offline-overrides: {exc}")
     setup_logging(cfg.log_format if cfg.log_format != "auto" else "console", "warning" if cfg.log_level == "info" else cfg.log_level)

@@ -36,9 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgspec
-
-from schemas.api import ErrorCode, Overrides, Policy, SelectRequest
+from schemas.api import ErrorCode, Policy, SelectRequest
 from schemas.discovery import WorkerRecord
 from schemas.events import RouterEvent
 from schemas.types import MAX_TOKENS
@@ -46,11 +44,12 @@ from services.indexer.index import PrefixIndex
 from services.mock_worker.engine import Engine, EngineConfig, PassResult
 from services.scheduler.admission import AdmissionQueue, Waiting
 from services.scheduler.candidates import Candidate, candidates_from
-from services.scheduler.cost import DYNAMO_COST, CostConfig
+from services.scheduler.cost import CostConfig
 from services.scheduler.decide import Decider, PoolView, Prepared
 from services.scheduler.load import LoadTracker, Target
 from services.scheduler.peers import EngineMetrics, PeerContext, make_peer
 from services.scheduler.selector import BusyThresholds, Overlaps, SelectionError, Selector
+from services.scheduler.settings import WEIGHT_OVERRIDES, RoutingConfig
 
 from .runner import RequestRecord, RunResult
 from .trace import TokenExpander, TraceRequest
@@ -58,6 +57,8 @@ from .trace import TokenExpander, TraceRequest
 ROUTER_ID = "offline"
 POOL = "offline"
 NO_EXPIRY_MS = 10**15  # bookings end with their request; a TTL sweep would only hide leaks
+# The scheduler service's routing defaults (its settings' declarations): the simulator's too.
+SERVICE_ROUTING = RoutingConfig()
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,18 @@ class OfflineConfig:
     # applying the booking from the stream).
     booking_delay_ms: float = 0.0
     seed: int = 0  # RNG of the `random` policy and of softmax sampling (temperature > 0)
-    cost: CostConfig = field(default_factory=CostConfig)
+    # The cost rule, busy thresholds and admission queue default to the scheduler service's
+    # (`SERVICE_ROUTING`; `routing_of` builds them from other settings as the service does).
+    cost: CostConfig = field(default_factory=SERVICE_ROUTING.cost)
     max_output_tokens: int | None = None
     fused_decode_steps: int = 256
     salt: int = 0  # hash id → tokens expansion
     # Busy thresholds and the admission queue, as the scheduler service has them (docs/scheduler.md,
     # "Admission queue"): a request that finds every worker busy waits (in simulated time) for a
-    # freed slot, in the queue's order, until its deadline. Off by default here (no thresholds), so
-    # the published comparisons are unchanged.
-    busy: BusyThresholds = field(default_factory=BusyThresholds)
-    queue_max_size: int = 256
-    queue_timeout_ms: float = 500.0
+    # freed slot, in the queue's order, until its deadline. `BusyThresholds()` turns them off.
+    busy: BusyThresholds = field(default_factory=SERVICE_ROUTING.busy)
+    queue_max_size: int = SERVICE_ROUTING.queue_max_size
+    queue_timeout_ms: float = SERVICE_ROUTING.queue_timeout_ms
     # A peer router's policy (`services/scheduler/peers`, by name) choosing instead of `policy`.
     peer: str | None = None
     # How often a gateway scrapes the engines' metrics (the peers' queue and KV-usage scorers read
@@ -105,52 +107,66 @@ class OfflineConfig:
             raise ValueError("fused_decode_steps must be >= 1")
         if self.metrics_interval_ms < 0:
             raise ValueError("metrics_interval_ms must be >= 0")
+        if self.queue_max_size < 0 or not (self.queue_timeout_ms >= 0 and math.isfinite(self.queue_timeout_ms)):
+            raise ValueError("queue_max_size must be >= 0 and queue_timeout_ms a finite number >= 0")
 
     @property
     def name(self) -> str:
         return self.label or self.peer or str(self.policy)
 
 
-# Cost-rule fields that are not per-request wire overrides (services/scheduler/cost.py).
+# The cost rule's own fields, which are neither scheduler flags nor per-request overrides
+# (services/scheduler/cost.py): `--offline-overrides` sets them, to measure a rule's variants.
 RULE_FIELDS = ("decode_load_scale", "credit_load_gain", "clip_prefill", "inflight_overlap")
+_FLAGS = ("clip_prefill", "inflight_overlap")
 
 
-def cost_with_overrides(entries: Sequence[str], base: CostConfig | None = None) -> CostConfig:
-    """`key=value` entries over our default rule (or `base`): the wire `Overrides` fields (validated
-    by it) and the rule's own fields (`decode_load_scale`, `credit_load_gain` ≥ 0, `clip_prefill`
-    and `inflight_overlap` 0/1); `rule=dynamo` starts from Dynamo's exact rule instead."""
-    values: dict[str, float] = {}
-    start = base or CostConfig()
+def cost_with_overrides(entries: Sequence[str], routing: RoutingConfig = SERVICE_ROUTING) -> CostConfig:
+    """The cost rule of the scheduler's routing settings (`RoutingConfig.cost`: `--cost-rule` and
+    the weights, exactly as the service builds it), with `--offline-overrides` `key=value` entries
+    over it: `rule=kvr|dynamo` (what `--cost-rule` says; the weights are kept) and the rule's own
+    fields `decode_load_scale`, `credit_load_gain` (finite, >= 0), `clip_prefill` and
+    `inflight_overlap` (0/1), which win over the rule's values whatever their order. The weights
+    themselves are the scheduler's flags (`--overlap-score-credit`, ...), not overrides."""
+    rule = routing.cost_rule
+    values: dict[str, Any] = {}
     for item in entries:
         key, sep, raw = item.partition("=")
-        key = key.strip()
+        key, raw = key.strip(), raw.strip()
         if not sep:
             raise ValueError(f"bad cost override {item!r} (want key=value)")
         if key == "rule":
-            if raw.strip() not in ("kvr", "dynamo"):
+            if raw not in ("kvr", "dynamo"):
                 raise ValueError(f"bad cost override {item!r}: rule is kvr or dynamo")
-            start = DYNAMO_COST if raw.strip() == "dynamo" else CostConfig()
+            rule = raw
             continue
+        weight = next((name for name, wire in WEIGHT_OVERRIDES.items() if key in (name, wire)), None)
+        if weight is not None:
+            raise ValueError(f"{key} is a scheduler setting: set it with --{weight.replace('_', '-')}, as for `kvr scheduler`")
+        if key not in RULE_FIELDS:
+            raise ValueError(f"unknown cost override {key!r}; choose from {', '.join((*RULE_FIELDS, 'rule'))}")
         try:
-            values[key] = float(raw)
+            value = float(raw)
         except ValueError:
             raise ValueError(f"bad cost override {item!r}: {raw!r} is not a number") from None
-    wire = {k: v for k, v in values.items() if k not in RULE_FIELDS}
-    rule = {k: v for k, v in values.items() if k in RULE_FIELDS}
-    unknown = set(wire) - set(Overrides.__struct_fields__)
-    if unknown:
-        allowed = ", ".join((*Overrides.__struct_fields__, *RULE_FIELDS, "rule"))
-        raise ValueError(f"unknown cost override(s) {sorted(unknown)}; choose from {allowed}")
-    if any(v < 0 or not math.isfinite(v) for v in rule.values()):
-        raise ValueError(f"{', '.join(RULE_FIELDS)} must be finite and >= 0")
-    try:
-        overrides = msgspec.convert(wire, Overrides) if wire else None
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"bad cost override: {exc}") from None
-    cost = start.with_overrides(overrides)
-    flags: dict[str, bool] = {f: bool(rule.pop(f)) for f in ("clip_prefill", "inflight_overlap") if f in rule}
-    fields: dict[str, Any] = {**rule, **flags}  # numbers and flags, each checked above
-    return replace(cost, **fields) if fields else cost
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"bad cost override {item!r}: {', '.join(RULE_FIELDS)} are finite and >= 0")
+        values[key] = bool(value) if key in _FLAGS else value
+    base = routing if rule == routing.cost_rule else routing.with_values(cost_rule=rule)
+    cost = base.cost()
+    return replace(cost, **values) if values else cost
+
+
+def routing_of(routing: RoutingConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """`OfflineConfig`'s cost rule, busy thresholds and admission queue from the scheduler's routing
+    settings, built by the functions the scheduler service builds its own with, plus `overrides`
+    over the cost rule (`cost_with_overrides`)."""
+    return {
+        "cost": cost_with_overrides(overrides, routing),
+        "busy": routing.busy(),
+        "queue_max_size": routing.queue_max_size,
+        "queue_timeout_ms": routing.queue_timeout_ms,
+    }
 
 
 @dataclass
@@ -497,6 +513,9 @@ class OfflineSim:
             "cleanup_delay_ms": self.cfg.cleanup_delay_ms,
             "booking_delay_ms": self.cfg.booking_delay_ms,
             "cost": vars(self.cfg.cost) if hasattr(self.cfg.cost, "__dict__") else str(self.cfg.cost),
+            "busy": vars(self.cfg.busy),
+            "queue_max_size": self.cfg.queue_max_size,
+            "queue_timeout_ms": self.cfg.queue_timeout_ms,
             "workers": per,
         }
 

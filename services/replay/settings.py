@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from schemas.api import POLICY_NAMES, Policy
-from services.runtime.config import REGISTRY, ClientConfig, config, setting
+from services.runtime.config import REGISTRY, ClientConfig, config, embed, setting
+from services.scheduler.settings import RoutingConfig
 
 
 @config
@@ -37,10 +38,14 @@ class ReplayCommandConfig(ClientConfig):
     offline_booking_delay_ms: float = setting(0.0, "offline: simulated ms before a decision's own booking reaches the load view "
                                               "(selects within it do not see each other)")
     offline_seed: int = setting(0, "offline: RNG seed of the random policy and softmax sampling")
-    offline_overrides: tuple[str, ...] = setting((), "offline: cost-rule overrides key=value (overlap_score_credit, prefill_load_scale, "
-                                                 "temperature, host_cache_hit_weight, disk_cache_hit_weight, decode_load_scale, credit_load_gain, "
-                                                 "clip_prefill, inflight_overlap; rule=dynamo for Dynamo's exact rule)")
+    offline_overrides: tuple[str, ...] = setting((), "offline: the cost rule's own fields over the one the scheduler's flags build, "
+                                                 "key=value (decode_load_scale, credit_load_gain, clip_prefill, inflight_overlap; "
+                                                 "rule=dynamo = --cost-rule dynamo)")
     offline_fused_decode_steps: int = setting(256, "offline: max pure-decode passes committed at once")
+    # The scheduler's routing settings (cost rule, busy thresholds, admission queue), under its flag
+    # names and defaults: the offline simulator decides as `kvr scheduler` with the same flags does.
+    # Online, the running scheduler's own settings decide.
+    routing: RoutingConfig = embed(RoutingConfig)
 
 
 SETTINGS = REGISTRY.register("replay", ReplayCommandConfig.own_settings())

@@ -95,8 +95,8 @@ def test_rate_scale_compresses_arrivals(workload) -> None:
 
 def test_cost_overrides() -> None:
     assert cost_with_overrides([]) == CostConfig()
-    assert cost_with_overrides(["overlap_score_credit=2", "temperature=0.5"]) == CostConfig(overlap_score_credit=2.0, temperature=0.5)
-    for bad in (["bogus=1"], ["overlap_score_credit"], ["prefill_load_scale=x"], ["temperature=-1"]):
+    # the weights are the scheduler's flags (tests/replay/test_routing_settings.py), not overrides
+    for bad in (["bogus=1"], ["decode_load_scale"], ["credit_load_gain=x"], ["overlap_score_credit=2"], ["temperature=0.5"]):
         with pytest.raises(ValueError):
             cost_with_overrides(bad)
     with pytest.raises(ValueError):
@@ -205,5 +205,33 @@ def test_busy_workers_queue_in_the_simulator_as_in_the_service() -> None:
     assert ttft[-1] > max(r.ttft_ms for r in refused.records if r.error is None)
     short = run(queue_timeout_ms=1.0)
     assert sum(r.error == "select:overloaded" for r in short.records) == 5 and not short.open_bookings
-    # Without thresholds (the default) nothing is ever busy: the queue stays empty.
-    assert all(r.error is None for r in run_offline(burst, OfflineConfig(policy=Policy.KV, workers=1, engine=small, max_output_tokens=8)).records)
+    # The service's defaults are the simulator's: the 0.9 threshold and a 256 × 500 ms queue.
+    default = run_offline(burst, OfflineConfig(policy=Policy.KV, workers=1, engine=small, max_output_tokens=8))
+    assert [r.error for r in default.records] == [r.error for r in run(queue_timeout_ms=500.0).records]
+    # Without thresholds nothing is ever busy: the queue stays empty.
+    off = OfflineConfig(policy=Policy.KV, workers=1, engine=small, max_output_tokens=8, busy=BusyThresholds())
+    assert all(r.error is None for r in run_offline(burst, off).records)
+
+
+def test_busy_flags_queue_and_refuse_through_the_cli(tmp_path: Path) -> None:
+    """The same burst through `kvr replay --offline` with the scheduler's flags: what
+    `--active-decode-blocks-threshold`, `--queue-max-size` and `--queue-timeout-s` do to the service's
+    selects (wait for a freed slot, or `overloaded`) they do here, and the default is the service's."""
+    burst = [TraceRequest(i, 0, 2_000, 8, tuple(range(100 * i, 100 * i + 32))) for i in range(8)]
+    trace = write_trace(burst, tmp_path / "burst.jsonl")
+    fleet = ["--workers", "1", "--block-size", "64", "--kv-blocks", "80", "--max-num-batched-tokens", "4096",
+             "--max-num-seqs", "64", "--max-output-tokens", "8", "--progress", "false"]
+
+    def run(name: str, *flags: str) -> tuple[int, list[str | None]]:
+        out = tmp_path / name
+        rc = replay_main([str(trace), "--offline", "true", *fleet, "--out", str(out), *flags])
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        return rc, [r["error"] for r in records]
+
+    # All eight wait for freed slots (three fit at once: 0, 32, 64 of 80 blocks are <= 0.9).
+    assert run("queued", "--active-decode-blocks-threshold", "0.9", "--queue-timeout-s", "600") == (0, [None] * 8)
+    rc, errors = run("refused", "--active-decode-blocks-threshold", "0.9", "--queue-max-size", "0")
+    assert rc == 1 and errors.count("select:overloaded") == 5 and errors[:3] == [None] * 3
+    rc, errors = run("deadline", "--queue-timeout-s", "0.001")  # the default threshold: 0.9
+    assert rc == 1 and errors.count("select:overloaded") == 5
+    assert run("off", "--active-decode-blocks-threshold", "off", "--queue-max-size", "0") == (0, [None] * 8)
