@@ -7,7 +7,8 @@ garbage-collects the context."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -133,29 +134,30 @@ async def test_a_relay_whose_start_fails_leaves_no_socket_and_a_closed_context(
         await rt.nc.close()
 
 
-async def test_a_relay_that_stops_closes_every_socket_and_its_context(nats_url: str, recording: list[RecordingContext]) -> None:
+@asynccontextmanager
+async def started_relay(nats_url: str, recording: list[RecordingContext]) -> AsyncIterator[tuple[RelayApp, RecordingContext]]:
     zp, rp = ports()
     rt = await relay_runtime(relay_cfg(nats_url, zp, rp))
     app = RelayApp(rt.cfg)  # type: ignore[arg-type]
     try:
         await app.start(rt)
         (ctx,) = recording
+        yield app, ctx
+    finally:
+        await rt.nc.close()
+
+
+async def test_a_relay_that_stops_closes_every_socket_and_its_context(nats_url: str, recording: list[RecordingContext]) -> None:
+    async with started_relay(nats_url, recording) as (app, ctx):
         assert open_sockets(ctx)
         await app.stop()
         assert open_sockets(ctx) == [] and ctx.closed
-    finally:
-        await rt.nc.close()
 
 
 async def test_a_relay_whose_stop_is_cancelled_still_closes_its_sockets_and_context(
     nats_url: str, recording: list[RecordingContext]
 ) -> None:
-    zp, rp = ports()
-    rt = await relay_runtime(relay_cfg(nats_url, zp, rp))
-    app = RelayApp(rt.cfg)  # type: ignore[arg-type]
-    try:
-        await app.start(rt)
-        (ctx,) = recording
+    async with started_relay(nats_url, recording) as (app, ctx):
         stopping = asyncio.create_task(app.stop())
         await asyncio.sleep(0)  # inside the stop: waiting for the intake's task to go
         stopping.cancel()  # e.g. the runtime's stop timeout
@@ -163,5 +165,3 @@ async def test_a_relay_whose_stop_is_cancelled_still_closes_its_sockets_and_cont
             await stopping
         assert open_sockets(ctx) == [] and ctx.closed
         await asyncio.wait_for(app.stop(), 15)  # the rest of the stop, once more
-    finally:
-        await rt.nc.close()
