@@ -97,8 +97,8 @@ def test_machine_paths_are_caught(line: str) -> None:
         "mountPath: /etc/kvr",
         "COPY --from=build /opt/kvr /opt/kvr",
         "kvr replay data/mooncake_conversation_trace.jsonl.gz",
-        "https://example.com/work/tmp/x",
-        "bench/tmp/out.json and docs/work/notes",
+        f"https://example.com{W}{T}/x",
+        f"bench{T}/out.json and docs{W}/notes",
         "nats-server -js -sd /data -m 8222",
     ],
 )
