@@ -122,41 +122,20 @@ class EppBridgeApp:
         else:
             self.link = NatsSchedulerLink(rt)
         self.watcher.start()
+        inline = self._answers_inline if self._embedded is not None else None
         for pool in rt.pools:
-            self._subs.append(
-                await serve(
-                    rt.nc,
-                    rt.names.epp_query(pool),
-                    EppQueryTyped,
-                    self._query_handler(pool),
-                    queue=QUEUE,
-                    endpoint="epp.query",
-                    max_inflight=self.cfg.epp_max_inflight,
-                    inline=self._answers_inline if self._embedded is not None else None,
+            endpoints: list[tuple[str, Any, Any, str, Any]] = [
+                (rt.names.epp_query(pool), EppQueryTyped, self._query_handler(pool), "epp.query", inline),
+                (rt.names.epp_book(pool), EppBookRequest, self._book_handler(pool), "epp.book", None),
+                (rt.names.epp_cleanup(pool), CleanupRequest, self._cleanup_handler(pool), "epp.cleanup", None),
+            ]
+            for subject, request_type, handler, endpoint, answers_inline in endpoints:
+                self._subs.append(
+                    await serve(
+                        rt.nc, subject, request_type, handler, queue=QUEUE, endpoint=endpoint,
+                        max_inflight=self.cfg.epp_max_inflight, inline=answers_inline,
+                    )
                 )
-            )
-            self._subs.append(
-                await serve(
-                    rt.nc,
-                    rt.names.epp_book(pool),
-                    EppBookRequest,
-                    self._book_handler(pool),
-                    queue=QUEUE,
-                    endpoint="epp.book",
-                    max_inflight=self.cfg.epp_max_inflight,
-                )
-            )
-            self._subs.append(
-                await serve(
-                    rt.nc,
-                    rt.names.epp_cleanup(pool),
-                    CleanupRequest,
-                    self._cleanup_handler(pool),
-                    queue=QUEUE,
-                    endpoint="epp.cleanup",
-                    max_inflight=self.cfg.epp_max_inflight,
-                )
-            )
         await asyncio.wait_for(self.watcher.caught_up.wait(), 60)
         self._ready = True
 
