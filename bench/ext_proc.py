@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.lib.measure import cpu_seconds, percentile
+from bench.lib.plots import save_figure
 from bench.lib.stack import BLOCK, NAMES, POOL, seed_fleet
 from schemas.api import StateReply, StateRequest
 from services.epp_bridge import extproc_protocol as xp
@@ -324,10 +325,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:

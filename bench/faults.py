@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench import hostile_input
 from bench.faultlib.scenarios import FaultResult, LoadConfig, Session, kill_nats, kill_process, kill_stream_leader
 from bench.faultlib.stack import NAMES, Stack, StackConfig
+from bench.lib.plots import save_figure
 from services.runtime.logs import setup_logging
 
 SINGLE = ("kill-indexer", "kill-scheduler", "kill-nats")
@@ -132,10 +133,8 @@ def plot(results: list[FaultResult], path: Path) -> None:
         ax.set_ylabel("requests sent / 0.5 s", fontsize=8)
     axes[-1, 0].set_xlabel("seconds since the load started")
     axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def machine() -> dict[str, Any]:

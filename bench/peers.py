@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.lib.plots import save_figure
 from schemas.api import Policy
 from services.mock_worker.engine import EngineConfig
 from services.replay.offline import OfflineConfig, run_offline
@@ -228,11 +229,7 @@ def plots(trace: str, runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(f"{trace}: {what} TTFT vs load")
         ax.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"{trace}_ttft.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / f"{trace}_ttft.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for name in names:
@@ -245,11 +242,7 @@ def plots(trace: str, runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     ax.set_title(f"{trace}: hit rate vs load")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"{trace}_hit.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / f"{trace}_hit.png"))
     return written
 
 

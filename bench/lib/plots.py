@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # p99 targets of issue #5, by mode (ms)
 P99_TARGET_MS = {"separate": 10.0, "separate-embedded-index": 10.0, "one-process": 5.0}
@@ -36,7 +37,14 @@ def plot_open_loop(rows: list[dict], targets: dict[str, float], path: Path) -> P
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay `fig` out, write it to `path` and release it (pyplot keeps every open figure)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
