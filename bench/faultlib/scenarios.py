@@ -248,13 +248,16 @@ async def kill_nats(session: Session) -> FaultResult:
                              f"{session.load.down_s} s", inject, repair, observe)
 
 
-async def stream_leaders(stack: Stack, timeout: float = 15.0) -> dict[str, str | None]:
-    """The node leading each stream (None: no leader within `timeout`, e.g. an election running)."""
+ALL_STREAMS = (NAMES.kv_stream, NAMES.bookings_stream, f"KV_{NAMES.workers_bucket}")
+
+
+async def stream_leaders(stack: Stack, timeout: float = 15.0, streams: tuple[str, ...] = ALL_STREAMS) -> dict[str, str | None]:
+    """The node leading each of `streams` (None: no leader within `timeout`, e.g. an election running)."""
     assert stack.nc is not None
     js = stack.nc.jetstream()
     out: dict[str, str | None] = {}
     deadline = time.monotonic() + timeout
-    for stream in (NAMES.kv_stream, NAMES.bookings_stream, f"KV_{NAMES.workers_bucket}"):
+    for stream in streams:
         out[stream] = None
         while time.monotonic() < deadline:
             try:
@@ -271,7 +274,7 @@ async def leader_other_than(stack: Stack, stream: str, node: str, timeout: float
     """The first leader of `stream` reported that is not `node` (None: none within `timeout`)."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
-        leader = (await stream_leaders(stack, timeout=left))[stream]
+        leader = (await stream_leaders(stack, timeout=left, streams=(stream,)))[stream]
         if leader not in (None, node):
             return leader
         await asyncio.sleep(0.2)
